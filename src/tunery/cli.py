@@ -1,0 +1,233 @@
+"""The `tunery` command: a thin typer layer over the plain functions.
+
+`tunery train`'s flags are generated from `TrainingInputs`, so the CLI, the HTTP body and the
+manifest can never drift apart: same names (with dashes), same defaults, same help text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from tunery.errors import TuneryError
+
+app = typer.Typer(
+    name="tunery",
+    help="Fine-tune Llama-family models on a JSONL file, evaluate them and serve them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: Exception) -> typing.NoReturn:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+# -- train --------------------------------------------------------------------------------
+
+def _spec_parameters() -> list[inspect.Parameter]:
+    """One typer option per TrainingInputs field: --train-data, --num-train-epochs, ..."""
+    from tunery.spec import TrainingInputs
+
+    params = []
+    for name, field in TrainingInputs.model_fields.items():
+        ann = field.annotation
+        origin = typing.get_origin(ann)
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        kwargs: dict[str, Any] = {"help": field.description, "rich_help_panel": _panel(name)}
+        if origin is typing.Literal:
+            py_type: Any = ann
+        elif args and typing.get_origin(args[0]) is None and origin is not None:  # X | None
+            py_type = Optional[args[0]]  # noqa: UP045 - typer needs typing.Optional
+        else:
+            py_type = ann
+        flag = "--" + name.replace("_", "-")
+        if py_type is bool:
+            decl = [f"{flag}/--no-{name.replace('_', '-')}"]
+        else:
+            decl = [flag]
+        default = ... if field.is_required() else field.default
+        option = typer.Option(*decl, **kwargs)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=Annotated[py_type, option]))
+    return params
+
+
+def _panel(name: str) -> str:
+    from tunery.spec import REPLICATE_INPUTS
+
+    return "Training inputs (Replicate)" if name in REPLICATE_INPUTS else "Training options"
+
+
+def _train_command(
+    ctx: typer.Context,
+    *,
+    base: Annotated[str, typer.Option("--base", help="Base model: registry name, HF id, model dir or .gguf.",
+                                      rich_help_panel="Run")] = "smollm2-135m",
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory "  # noqa: UP045
+                                                       "(default: $TUNERY_HOME/runs/run-<time>).",
+                                                       rich_help_panel="Run")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last "
+                                         "checkpoint.", rich_help_panel="Run")] = False,
+    events: Annotated[Optional[str], typer.Option("--events", help="Also write JSON-lines events to this "  # noqa: UP045
+                                                  "file ('-' for stdout).", rich_help_panel="Run")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.",
+                                           rich_help_panel="Run")] = True,
+    **spec: Any,
+) -> None:
+    """Fine-tune a base model on a JSONL file (LoRA, QLoRA or full) and write a run directory."""
+    from tunery.spec import parse_inputs
+    from tunery.train.recipe import train
+
+    given = {k: v for k, v in spec.items() if _was_given(ctx, k)}
+    try:
+        inputs = parse_inputs(given)
+        result = train(inputs, base=base, output_dir=output_dir, resume=resume, events=events, progress=progress)
+    except TuneryError as exc:
+        _fail(exc)
+    m = result.manifest["metrics"]
+    err.print(
+        f"[green]done[/] {result.run_dir}  steps={m['steps']} loss={_fmt(m['train_loss'])} "
+        f"val_loss={_fmt(m['val_loss'])} {m['tokens_per_second']:.1f} tok/s "
+        f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _was_given(ctx: typer.Context, name: str) -> bool:
+    """True when the user set this option (so the manifest records inputs as given, not defaults)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+_sig = inspect.signature(_train_command)
+_train_command.__signature__ = _sig.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    + _spec_parameters()
+)
+_train_command.__annotations__ = {p.name: p.annotation for p in _train_command.__signature__.parameters.values()}
+app.command("train", no_args_is_help=True)(_train_command)
+
+
+# -- predict ------------------------------------------------------------------------------
+
+@app.command()
+def predict(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text ('-' reads stdin).")],
+    weights: Annotated[Optional[str], typer.Option(help="Run directory, weights archive or adapter dir.")] = None,  # noqa: UP045
+    base: Annotated[Optional[str], typer.Option(help="Base model (default: the one the weights were trained on).")] = None,  # noqa: UP045, E501
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.75,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the top tokens with this much mass.")] = 0.9,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    stop_sequences: Annotated[Optional[str], typer.Option(help="Comma-separated; output ends before the first.")] = None,  # noqa: UP045, E501
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
+) -> None:
+    """Generate from a base model or a tuned run; tokens stream to stdout as they are generated."""
+    from tunery.infer.predict import Predictor, SamplingParams, resolve_weights
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    try:
+        if weights is None and base is None:
+            base = "smollm2-135m"
+        if base is None:
+            base = resolve_weights(weights).base
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, stop_sequences=stop_sequences, seed=seed)
+        predictor = Predictor(base)
+        for piece in predictor.stream(prompt, weights=weights, params=params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (TuneryError, ValueError) as exc:
+        _fail(exc)
+
+
+# -- data check ---------------------------------------------------------------------------
+
+@data_app.command("check")
+def data_check(
+    file: Annotated[str, typer.Argument(help="JSONL file (path or http(s) URL).")],
+    base: Annotated[str, typer.Option(help="Base model whose tokenizer to use.")] = "smollm2-135m",
+    chunk_size: Annotated[int, typer.Option(help="Packed sequence length.")] = 2048,
+    max_seq_length: Annotated[Optional[int], typer.Option(help="Truncation length (default chunk_size).")] = None,  # noqa: UP045, E501
+    micro_batch_size: Annotated[int, typer.Option(help="Micro batch size for the padding estimate.")] = 4,
+    train_batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 4,
+    num_train_epochs: Annotated[int, typer.Option(help="Epochs, for the time estimate.")] = 3,
+    pack_sequences: Annotated[bool, typer.Option(help="Estimate with packing.")] = False,
+    peft_method: Annotated[str, typer.Option(help="lora, qlora or full, for the time estimate.")] = "lora",
+    estimate: Annotated[bool, typer.Option(help="Time a few real training steps to estimate duration.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate a JSONL file and report rows, tokens, truncation, packing fill and estimated training time."""
+    from tunery.data.check import check_data, render_report
+
+    try:
+        report = check_data(
+            file, base=base, chunk_size=chunk_size, max_seq_length=max_seq_length,
+            micro_batch_size=micro_batch_size, train_batch_size=train_batch_size,
+            num_train_epochs=num_train_epochs, pack_sequences=pack_sequences,
+            peft_method=peft_method, estimate=estimate,
+        )
+    except TuneryError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_report(report, out)
+
+
+# -- models -------------------------------------------------------------------------------
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered base model names (any HF id, model directory or .gguf path also works)."""
+    from tunery.models.registry import REGISTRY
+
+    for e in REGISTRY.values():
+        where = f"embedded via {e.install_hint}" if e.gguf_package else e.hf_id
+        out.print(f"{e.name:24} {e.description}  [dim]({where})[/]")
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o")] = None,  # noqa: UP045
+    max_steps: Annotated[int, typer.Option(help="Cap on optimizer steps (-1: all epochs).")] = -1,
+) -> None:
+    """The main job on the embedded defaults: fine-tune SmolLM2-135M on the bundled sample, then predict."""
+    from tunery.demo import run_demo
+
+    try:
+        run_demo(output_dir=output_dir, max_steps=max_steps, console=err)
+    except TuneryError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

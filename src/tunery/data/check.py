@@ -1,0 +1,136 @@
+"""`tunery data check`: the training's own validation and tokenization, without training.
+
+Reports rows, tokens, tokens trained per row (after prompt masking), rows truncated, the
+fill of packed sequences at the given chunk_size, padding, and an estimate of the training
+time on this machine measured by timing a few real optimizer steps on the real base.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def check_data(
+    source: str,
+    *,
+    base: str = "smollm2-135m",
+    chunk_size: int = 2048,
+    max_seq_length: int | None = None,
+    micro_batch_size: int = 4,
+    train_batch_size: int = 4,
+    num_train_epochs: int = 3,
+    pack_sequences: bool = False,
+    peft_method: str = "lora",
+    estimate: bool = True,
+    probe_steps: int = 3,
+) -> dict[str, Any]:
+    """Validate every line of `source` (raises DataError), then tokenize with `base`'s tokenizer and
+    return the report as a dict."""
+    from tunery.data import fetch, pack, padding_fraction, read_jsonl, tokenize_rows, unpacked
+    from tunery.models.load import load_tokenizer
+    from tunery.models.resolve import resolve_base
+    from tunery.settings import get_settings
+
+    settings = get_settings()
+    settings.download_dir.mkdir(parents=True, exist_ok=True)
+    ds = read_jsonl(fetch(source, settings.download_dir), name=source)
+    resolved = resolve_base(base, settings)
+    tokenizer = load_tokenizer(resolved)
+    max_length = max_seq_length or chunk_size
+    examples = tokenize_rows(ds.rows, ds.format, tokenizer, max_length=max_length)
+    lengths = [len(e.input_ids) for e in examples]
+    trained = [sum(lab != -100 for lab in e.labels) for e in examples]
+    packed = pack(examples, chunk_size)
+    packed_fill = sum(len(s.input_ids) for s in packed) / (len(packed) * chunk_size)
+    sequences = packed if pack_sequences else unpacked(examples)
+    report: dict[str, Any] = {
+        "file": source,
+        "format": ds.format,
+        "sha256": ds.sha256,
+        "rows": len(ds.rows),
+        "base": base,
+        "tokens": sum(lengths),
+        "tokens_per_row": {"mean": round(statistics.fmean(lengths), 1), "min": min(lengths),
+                           "max": max(lengths)},
+        "trained_tokens": sum(trained),
+        "trained_tokens_per_row": {"mean": round(statistics.fmean(trained), 1), "min": min(trained),
+                                   "max": max(trained)},
+        "rows_truncated": sum(e.truncated for e in examples),
+        "max_length": max_length,
+        "chunk_size": chunk_size,
+        "packed_sequences": len(packed),
+        "packed_fill": round(packed_fill, 4),
+        "padding_fraction": round(padding_fraction(unpacked(examples), micro_batch_size), 4),
+        "steps_per_epoch": -(-len(sequences) // train_batch_size),
+    }
+    if estimate:
+        tps = _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size, peft_method, probe_steps,
+                                       packed=pack_sequences)
+        total = sum(len(s.input_ids) for s in sequences) * num_train_epochs
+        report["estimate"] = {
+            "tokens_per_second": round(tps, 1),
+            "epochs": num_train_epochs,
+            "seconds": round(total / tps, 0) if tps > 0 else None,
+            "peft_method": peft_method,
+            "pack_sequences": pack_sequences,
+        }
+    return report
+
+
+def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: int, peft_method: str,
+                             steps: int, *, packed: bool) -> float:
+    """Real tokens/s of a few LoRA/QLoRA/full optimizer steps on the first micro batches (after a warm-up
+    step that is not timed)."""
+    import torch
+
+    from tunery.data import Collator
+    from tunery.models.load import adapt, load_model
+
+    model = load_model(resolved, quantize_4bit=peft_method == "qlora")
+    model.config.use_cache = False
+    model = adapt(model, method=peft_method, rank=8, alpha=16, dropout=0.05, target_modules="all-linear",
+                  gradient_checkpointing=False)
+    model.train()
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    collate = Collator(tokenizer.pad_token_id, packed=packed)
+    feats = [{"input_ids": s.input_ids, "labels": s.labels, "position_ids": s.position_ids} for s in sequences]
+    batches = [feats[i:i + micro_batch_size] for i in range(0, len(feats), micro_batch_size)][: steps + 1]
+    tokens, elapsed = 0, 0.0
+    for i, batch in enumerate(batches):
+        inputs = {k: v.to(device) for k, v in collate(batch).items()}
+        t = time.perf_counter()
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i > 0:
+            elapsed += time.perf_counter() - t
+            tokens += sum(len(f["input_ids"]) for f in batch)
+    return tokens / elapsed if elapsed > 0 else 0.0
+
+
+def render_report(r: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"data check: {r['file']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("format", r["format"])
+    t.add_row("rows", str(r["rows"]))
+    t.add_row("tokens", f"{r['tokens']:,} ({r['tokens_per_row']['mean']} per row, "
+              f"min {r['tokens_per_row']['min']}, max {r['tokens_per_row']['max']})")
+    t.add_row("trained tokens", f"{r['trained_tokens']:,} ({r['trained_tokens_per_row']['mean']} per row "
+              "after prompt masking)")
+    t.add_row("rows truncated", f"{r['rows_truncated']} (at {r['max_length']} tokens)")
+    t.add_row("packed", f"{r['packed_sequences']} sequences of ≤{r['chunk_size']} tokens, fill {r['packed_fill']:.1%}")
+    t.add_row("padding (unpacked)", f"{r['padding_fraction']:.1%}")
+    t.add_row("steps per epoch", str(r["steps_per_epoch"]))
+    if est := r.get("estimate"):
+        secs = est["seconds"]
+        when = f"{secs / 60:.1f} min" if secs is not None else "unknown"
+        t.add_row("estimated training time", f"{when} for {est['epochs']} epochs at {est['tokens_per_second']} "
+                  f"tokens/s ({est['peft_method']}, measured here)")
+    console.print(t)

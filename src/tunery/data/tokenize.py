@@ -1,0 +1,198 @@
+"""Turn validated rows into token ids and loss labels.
+
+A label of ``IGNORE_INDEX`` (-100, what PyTorch's cross-entropy and transformers' loss skip)
+marks a token the model is not trained to predict. Labels are aligned with ``input_ids``
+(not shifted): the model's loss shifts them itself.
+
+What is labelled, by format (``train_on_inputs=True`` labels every token instead):
+
+* text: every token, plus the end-of-sequence token appended to each row;
+* prompt_completion: the completion's tokens and the appended end-of-sequence token;
+* messages: each assistant turn's content and the template's end-of-turn marker after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunery.data.jsonl import Format
+from tunery.errors import TuneryError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One tokenized row: ``labels[i]`` is ``input_ids[i]`` or IGNORE_INDEX (no loss).
+
+    ``truncated`` is True when the row was longer than the limit and lost its tail.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def labelled_tokens(self) -> int:
+        """How many tokens carry a loss (0 means the row trains nothing, e.g. truncated away)."""
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def tokenize_rows(
+    rows: list[dict],
+    fmt: Format,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    train_on_inputs: bool = False,
+) -> list[Example]:
+    """Tokenize rows of one format into Examples, one per row, in order.
+
+    Every Example has at most ``max_length`` tokens: a longer row keeps its head and is
+    marked ``truncated`` (never dropped, so the caller can count and report them).
+
+    Raises TuneryError if the tokenizer has no end-of-sequence token, or for chat rows if it
+    has no chat template (or one whose renderings are not prefixes of each other, which the
+    assistant spans are found from).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    eos = eos_token_id(tokenizer)
+    if fmt == "text":
+        texts = [row["text"] for row in rows]
+        examples = [
+            _example(ids + [eos], None, train_on_inputs=True) for ids in _batch_ids(tokenizer, texts, True)
+        ]
+    elif fmt == "prompt_completion":
+        prompts = _batch_ids(tokenizer, [row["prompt"] for row in rows], True)
+        completions = _batch_ids(tokenizer, [row["completion"] for row in rows], False)
+        examples = [
+            _example(p + c + [eos], len(p), train_on_inputs=train_on_inputs)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    elif fmt == "messages":
+        _require_chat_template(tokenizer)
+        examples = [_chat_example(tokenizer, row["messages"], eos, train_on_inputs) for row in rows]
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return [_truncate(example, max_length) for example in examples]
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The ids a prompt had in training (with the tokenizer's special tokens, e.g. BOS).
+
+    Generation from a prompt_completion-tuned model must start from exactly these ids: the
+    prompt was tokenized on its own in training, so a prompt's last token is never merged
+    with the completion's first.
+    """
+    return list(tokenizer(prompt, add_special_tokens=True).input_ids)
+
+
+def eos_token_id(tokenizer: Any) -> int:
+    """The tokenizer's end-of-sequence id; TuneryError if it has none."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise TuneryError(
+            "the base model's tokenizer has no end-of-sequence token, so a tuned model "
+            "could not learn where an answer stops"
+        )
+    return int(eos)
+
+
+def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts in one call (a fast tokenizer runs the batch in Rust)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
+
+
+def _example(ids: list[int], n_unlabelled: int | None, *, train_on_inputs: bool) -> Example:
+    """An Example whose first ``n_unlabelled`` tokens carry no loss (None or train_on_inputs: all do)."""
+    if train_on_inputs or not n_unlabelled:
+        return Example(ids, list(ids))
+    return Example(ids, [IGNORE_INDEX] * n_unlabelled + ids[n_unlabelled:])
+
+
+def _truncate(example: Example, max_length: int) -> Example:
+    if len(example.input_ids) <= max_length:
+        return example
+    return Example(example.input_ids[:max_length], example.labels[:max_length], truncated=True)
+
+
+def _require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TuneryError(
+            'this data has chat rows ({"messages": [...]}), which need a base model whose tokenizer '
+            "has a chat template; this one has none: use an instruct/chat base model, or convert the "
+            'rows to {"prompt", "completion"} or {"text"}'
+        )
+
+
+def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat and find the character span of each assistant turn in the text.
+
+    A turn's span starts where the generation prompt before it ends (what the model sees at
+    inference) and ends after the template's end-of-turn marker (``<|im_end|>``,
+    ``<|eot_id|>``, ...), without the whitespace templates put between turns: a model never
+    needs to produce that, generation stops at the marker.
+
+    The spans come from rendering prefixes of the chat, which works for any template whose
+    rendering of ``messages[:i+1]`` starts the rendering of the whole chat; TuneryError if not.
+    """
+    text = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        upto = _render(tokenizer, messages[: i + 1])
+        if not text.startswith(upto):
+            raise TuneryError(
+                "the base model's chat template renders a chat's first turns differently from the "
+                "whole chat, so assistant turns cannot be located for the loss mask; use "
+                '{"prompt", "completion"} rows with this base model'
+            )
+        start = -1
+        if i > 0:
+            before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            if upto.startswith(before):
+                start = len(before)
+        if start < 0:
+            # A chat that opens with an assistant turn: an empty chat's generation prompt is not
+            # a prefix when the template adds a default system prompt. Templates may trim content.
+            start = upto.rfind(message["content"].strip())
+        if start < 0:
+            raise TuneryError(
+                f"the base model's chat template does not reproduce assistant message {i} verbatim, "
+                'so its tokens cannot be labelled; use {"prompt", "completion"} rows with this base model'
+            )
+        spans.append((start, len(upto.rstrip())))
+    return text, spans
+
+
+def _chat_example(tokenizer: Any, messages: list[dict], eos: int, train_on_inputs: bool) -> Example:
+    text, spans = assistant_spans(tokenizer, messages)
+    # No special tokens added: chat templates write their own BOS where the model wants one.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding.input_ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (start, end) in enumerate(encoding.offset_mapping):
+        # A token that holds any character of an assistant turn is labelled: it must be produced
+        # for the turn to appear. Added special tokens have empty (0, 0) spans and never match.
+        if start < end and any(start < span_end and end > span_start for span_start, span_end in spans):
+            labels[k] = ids[k]
+    eos_text = tokenizer.eos_token
+    if not (eos_text and text.rstrip().endswith(eos_text)):
+        ids.append(eos)
+        # The appended EOS ends the answer when the chat ends with one; after a final user turn
+        # it is not something the model should learn to say.
+        labels.append(eos if messages[-1]["role"] == "assistant" else IGNORE_INDEX)
+    if train_on_inputs:
+        labels = list(ids)
+    return Example(ids, labels)

@@ -1,0 +1,1 @@
+"""Bundled sample datasets, generated deterministically (seeded, no network)."""

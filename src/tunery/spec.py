@@ -1,0 +1,161 @@
+"""The one typed spec of a training's inputs.
+
+The first block of fields is Replicate's Llama 2 training input list: same names, same
+defaults, same meaning. The second block holds the knobs practitioners expect from SWIFT,
+axolotl and LLaMA-Factory. This model is the CLI's flags (names with dashes), the HTTP
+body's `input` and the manifest's `inputs`; each field's description is its help text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunery.errors import SpecError
+
+PeftMethod = Literal["lora", "qlora", "full"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+class TrainingInputs(BaseModel):
+    """Inputs of one training. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # -- Replicate's Llama 2 training inputs ------------------------------------------
+    train_data: str = Field(
+        description="URL or path of a JSONL file; each row is {\"text\": ...}, "
+        "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}.",
+    )
+    num_train_epochs: int = Field(3, ge=1, description="Number of epochs (passes over the training data).")
+    train_batch_size: int = Field(
+        4, ge=1, description="Global batch size: the number of examples used to compute each gradient."
+    )
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Micro batch size: examples per forward pass; smaller than train_batch_size "
+        "turns on gradient accumulation. Must divide train_batch_size.",
+    )
+    num_validation_samples: int = Field(
+        50,
+        ge=0,
+        description="Validation samples: taken from the tail of train_data when validation_data is not "
+        "given, else from the head of validation_data.",
+    )
+    validation_data: str | None = Field(None, description="URL or path of a JSONL file of validation rows.")
+    validation_batch_size: int = Field(1, ge=1, description="Batch size for validation.")
+    run_validation: bool = Field(True, description="Whether to run validation during training.")
+    validation_prompt: str | None = Field(
+        None, description="A prompt whose generation is logged at each validation."
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    pack_sequences: bool = Field(
+        False,
+        description="Pack whole examples into sequences of up to chunk_size tokens; examples never "
+        "attend to each other.",
+    )
+    wrap_packed_sequences: bool = Field(
+        False,
+        description="With pack_sequences: concatenate all examples and cut at exactly chunk_size "
+        "(constant length, breaks example boundaries).",
+    )
+    chunk_size: int = Field(2048, ge=16, description="Packed sequence length in tokens.")
+    peft_method: PeftMethod = Field(
+        "lora", description="lora, qlora (4-bit NF4 base + LoRA) or full (all weights)."
+    )
+    seed: int = Field(42, ge=0, description="Random seed for shuffling, dropout and initialisation.")
+    lora_rank: int = Field(8, ge=1, description="Rank of the LoRA matrices.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha; weights are scaled by alpha/rank.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+
+    # -- Practitioner knobs (SWIFT / axolotl / LLaMA-Factory) -------------------------
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Rows longer than this many tokens are truncated (default: chunk_size)."
+    )
+    train_on_inputs: bool = Field(
+        False, description="Compute the loss on prompt tokens too (default: completion tokens only)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validate every N steps (default: at the end of each epoch)."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (default: at the end of each epoch)."
+    )
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    lora_target_modules: str = Field(
+        "all-linear",
+        description="Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear.",
+    )
+    lr_scheduler_type: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    precision: Precision = Field(
+        "auto", description="Compute precision: fp32, bf16, fp16 or auto (bf16 on a bf16-capable GPU)."
+    )
+    attn_implementation: Attention = Field(
+        "auto", description="Attention kernel: sdpa, eager, flash_attention_2 or auto."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingInputs:
+        if self.train_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size "
+                f"({self.train_batch_size})"
+            )
+        if self.wrap_packed_sequences and not self.pack_sequences:
+            raise ValueError("wrap_packed_sequences needs pack_sequences=true")
+        if self.max_seq_length is not None and self.pack_sequences and self.max_seq_length > self.chunk_size:
+            raise ValueError(
+                f"max_seq_length ({self.max_seq_length}) cannot exceed chunk_size ({self.chunk_size}) "
+                "when packing"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.train_batch_size // self.micro_batch_size
+
+    @property
+    def max_length(self) -> int:
+        return self.max_seq_length or self.chunk_size
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        if self.lora_target_modules.strip() in ("all-linear", "all_linear", "all"):
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+REPLICATE_INPUTS = (
+    "train_data num_train_epochs train_batch_size micro_batch_size num_validation_samples "
+    "validation_data validation_batch_size run_validation validation_prompt learning_rate "
+    "pack_sequences wrap_packed_sequences chunk_size peft_method seed lora_rank lora_alpha lora_dropout"
+).split()
+
+
+def parse_inputs(data: dict[str, Any]) -> TrainingInputs:
+    """Validate a dict of inputs; raise SpecError naming every bad field and why."""
+    try:
+        return TrainingInputs.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "input"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown input (not a training input of this model)"
+        parts.append(f"{field}: {msg}")
+    return "invalid training input: " + "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Training: the recipe (one function, top to bottom) and its event stream."""

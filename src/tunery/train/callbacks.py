@@ -1,0 +1,161 @@
+"""Trainer callbacks: events (step metrics, validation, samples, checkpoints) and the progress bar."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback
+
+from tunery.train.events import EventSink
+
+
+class TokenMeter:
+    """Counts real (non-padding) and trained (labelled) tokens as batches go through the model."""
+
+    def __init__(self) -> None:
+        self.real = 0
+        self.trained = 0
+        self.started = time.perf_counter()
+        self._last_real = 0
+        self._last_time = self.started
+
+    def rate_since_last(self) -> float:
+        """Real tokens per second since the previous call."""
+        now = time.perf_counter()
+        dt = now - self._last_time
+        rate = (self.real - self._last_real) / dt if dt > 0 else 0.0
+        self._last_real, self._last_time = self.real, now
+        return rate
+
+    def overall_rate(self) -> float:
+        dt = time.perf_counter() - self.started
+        return self.real / dt if dt > 0 else 0.0
+
+
+class EventsCallback(TrainerCallback):
+    """Turns the Trainer's logs into tunery events and keeps the metric history for the manifest."""
+
+    def __init__(self, sink: EventSink, meter: TokenMeter, *, tokenizer, validation_prompt: str | None,
+                 sample_max_new_tokens: int = 64):
+        self.sink = sink
+        self.meter = meter
+        self.tokenizer = tokenizer
+        self.validation_prompt = validation_prompt
+        self.sample_max_new_tokens = sample_max_new_tokens
+        self.history: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" in logs:
+            record = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs.get("loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_second": round(self.meter.rate_since_last(), 2),
+                "tokens_seen": self.meter.real,
+                "max_steps": state.max_steps,
+            }
+            self.history.append(record)
+            self.sink.emit("step", **record)
+        elif "eval_loss" in logs:
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "val_loss": logs["eval_loss"]}
+            self.history.append(record)
+            self.sink.emit("validation", **record)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.validation_prompt or model is None:
+            return
+        text = generate_sample(model, self.tokenizer, self.validation_prompt, self.sample_max_new_tokens)
+        sample = {"step": state.global_step, "prompt": self.validation_prompt, "output": text}
+        self.samples.append(sample)
+        self.sink.emit("sample", **sample)
+
+    def on_save(self, args, state, control, **kwargs):
+        path = f"{args.output_dir}/checkpoint-{state.global_step}"
+        self.sink.emit("checkpoint", step=state.global_step, path=path)
+
+
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy generation used for the validation_prompt sample; leaves the model in its prior mode."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        if was_training:
+            model.train()
+
+
+class ProgressCallback(TrainerCallback):
+    """A rich progress bar: step M/N, epoch, loss, real tokens/s, elapsed and ETA (on stderr)."""
+
+    def __init__(self, meter: TokenMeter, console: Console | None = None):
+        self.meter = meter
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]:.2f}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[val]}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, epoch=0.0, loss="-", val="-", tps=0.0
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=state.global_step, epoch=state.epoch or 0.0, tps=self.meter.overall_rate()
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+        if "eval_loss" in logs:
+            self.progress.update(self.task, val=f"{logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

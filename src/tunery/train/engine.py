@@ -1,0 +1,114 @@
+"""Builds transformers' Trainer from a TrainingInputs: the spec turned into flat arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from tunery.spec import TrainingInputs
+from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
+from tunery.train.events import EventSink
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Plain list of packed/unpacked sequences as the dicts the collator expects."""
+
+    def __init__(self, sequences):
+        self.items = [
+            {"input_ids": s.input_ids, "labels": s.labels, "position_ids": s.position_ids} for s in sequences
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class CountingCollator:
+    """Wraps the padding collator and records, per batch, how many real and labelled tokens it holds
+    (padding excluded), so tokens/s means useful tokens."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        batch["_real_tokens"] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+
+class TuneryTrainer(Trainer):
+    """Trainer that counts real and trained tokens as batches pass through compute_loss."""
+
+    meter: TokenMeter
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        real = inputs.pop("_real_tokens", None)
+        if model.training and real is not None:
+            self.meter.real += int(real)
+            self.meter.trained += int((inputs["labels"] != -100).sum())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
+                  progress: bool, device: str, extra_callbacks: list | None = None):
+    """A ready Trainer plus the token meter and the events callback (whose history feeds the manifest)."""
+    from tunery.data import Collator
+
+    has_val = bool(data.validation) and inputs.run_validation
+    eval_strategy = ("steps" if inputs.eval_steps else "epoch") if has_val else "no"
+    bf16 = inputs.precision == "bf16" or (
+        inputs.precision == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    )
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=inputs.num_train_epochs,
+        max_steps=inputs.max_steps,
+        per_device_train_batch_size=inputs.micro_batch_size,
+        per_device_eval_batch_size=inputs.validation_batch_size,
+        gradient_accumulation_steps=inputs.gradient_accumulation_steps,
+        learning_rate=inputs.learning_rate,
+        lr_scheduler_type=inputs.lr_scheduler_type,
+        warmup_steps=inputs.warmup_ratio,
+        weight_decay=inputs.weight_decay,
+        max_grad_norm=inputs.max_grad_norm,
+        logging_steps=inputs.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=inputs.eval_steps,
+        save_strategy="steps" if inputs.save_steps else "epoch",
+        save_steps=inputs.save_steps or 500,
+        save_total_limit=inputs.save_total_limit,
+        seed=inputs.seed,
+        data_seed=inputs.seed,
+        bf16=bf16 and inputs.peft_method != "qlora",
+        fp16=inputs.precision == "fp16",
+        use_cpu=device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device != "cpu",
+        optim="adamw_torch",
+        gradient_checkpointing=False,  # already enabled by models.load.adapt when asked for
+    )
+    meter = TokenMeter()
+    events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
+    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
+    collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
+                                         and not inputs.wrap_packed_sequences))
+    trainer = TuneryTrainer(
+        model=model,
+        args=args,
+        train_dataset=SequenceDataset(data.train),
+        eval_dataset=SequenceDataset(data.validation) if has_val else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.meter = meter
+    return trainer, meter, events_cb

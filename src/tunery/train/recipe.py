@@ -1,0 +1,264 @@
+"""The training recipe: JSONL in, tuned adapter out. Reads top to bottom:
+
+  validate data → resolve base → tokenize/pack → load + adapt model → train (HF Trainer)
+  → save adapter, tokenizer, manifest, archive.
+
+Every file is fetched and validated before a model is loaded, so a bad line costs
+milliseconds, not a model load. The loop itself is transformers' Trainer (accelerate
+underneath), so `accelerate launch -m tunery.cli train ...` runs on several GPUs unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunery.errors import TuneryError
+from tunery.settings import Settings, get_settings
+from tunery.spec import TrainingInputs
+from tunery.train.events import EventSink
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs, and its headline metrics."""
+
+    run_dir: Path
+    adapter_dir: Path
+    archive: Path
+    manifest: dict[str, Any]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized, packed training and validation sequences plus the numbers a user wants to see."""
+
+    train: list  # list[data.packing.Sequence]
+    validation: list
+    stats: dict[str, Any]
+    files: dict[str, Any]
+
+
+def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink: EventSink | None = None,
+                 datasets=None) -> PreparedData:
+    """Tokenize (masking prompts), truncate, pack and split the already-validated datasets."""
+    from tunery.data import pack, padding_fraction, split_train_validation, tokenize_rows, unpacked, wrap
+
+    train_ds, val_ds = datasets if datasets is not None else load_datasets(inputs, settings)
+    train_rows, val_rows = split_train_validation(
+        train_ds,
+        val_ds,
+        num_validation_samples=inputs.num_validation_samples,
+        run_validation=inputs.run_validation,
+    )
+    kw = {"max_length": inputs.max_length, "train_on_inputs": inputs.train_on_inputs}
+    train_ex = tokenize_rows(train_rows, train_ds.format, tokenizer, **kw)
+    val_ex = tokenize_rows(val_rows, (val_ds or train_ds).format, tokenizer, **kw) if val_rows else []
+    truncated = sum(e.truncated for e in train_ex) + sum(e.truncated for e in val_ex)
+    if truncated and sink is not None:
+        sink.emit("warning", message=f"{truncated} rows were longer than {inputs.max_length} tokens and were "
+                  "truncated (raise max_seq_length / chunk_size to keep them whole)")
+    no_label = [i for i, e in enumerate(train_ex) if all(lab == -100 for lab in e.labels)]
+    if len(no_label) == len(train_ex):
+        raise TuneryError("no training row has a token to learn from after truncation: raise max_seq_length")
+
+    if inputs.pack_sequences and inputs.wrap_packed_sequences:
+        train_seq = wrap(train_ex, inputs.chunk_size)
+    elif inputs.pack_sequences:
+        train_seq = pack(train_ex, inputs.chunk_size, seed=inputs.seed)
+    else:
+        train_seq = unpacked(train_ex)
+    val_seq = unpacked(val_ex)
+
+    tokens = sum(len(e.input_ids) for e in train_ex)
+    trained = sum(sum(lab != -100 for lab in e.labels) for e in train_ex)
+    seq_tokens = sum(len(s.input_ids) for s in train_seq)
+    stats = {
+        "train_rows": len(train_rows),
+        "validation_rows": len(val_rows),
+        "train_tokens": tokens,
+        "trained_tokens": trained,
+        "trained_tokens_per_row": round(trained / max(1, len(train_ex)), 2),
+        "rows_truncated": truncated,
+        "rows_without_labels": len(no_label),
+        "sequences": len(train_seq),
+        "packing_fill": round(seq_tokens / (len(train_seq) * inputs.chunk_size), 4) if inputs.pack_sequences else None,
+        "padding_fraction": round(padding_fraction(train_seq, inputs.micro_batch_size), 4),
+        "max_length": inputs.max_length,
+    }
+    files = {"train_data": file_info(train_ds)}
+    if val_ds is not None:
+        files["validation_data"] = file_info(val_ds)
+    return PreparedData(train_seq, val_seq, stats, files)
+
+
+def file_info(ds) -> dict[str, Any]:
+    return {"source": ds.name, "sha256": ds.sha256, "rows": len(ds.rows), "format": ds.format}
+
+
+def load_datasets(inputs: TrainingInputs, settings: Settings):
+    """Fetch and fully validate train_data (and validation_data): raises before any compute."""
+    from tunery.data import fetch, read_jsonl
+
+    settings.download_dir.mkdir(parents=True, exist_ok=True)
+    train_ds = read_jsonl(fetch(inputs.train_data, settings.download_dir), name=inputs.train_data)
+    val_ds = None
+    if inputs.validation_data and inputs.run_validation:
+        val_ds = read_jsonl(fetch(inputs.validation_data, settings.download_dir), name=inputs.validation_data)
+    return train_ds, val_ds
+
+
+def train(
+    inputs: TrainingInputs | dict,
+    *,
+    base: str = "smollm2-135m",
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    events: EventSink | str | Path | None = None,
+    progress: bool = True,
+    settings: Settings | None = None,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Fine-tune `base` on `inputs.train_data` and write a run directory (see module docstring).
+
+    `resume=True` continues from the newest checkpoint in `output_dir/checkpoints`.
+    Emits events to `events` and always to `output_dir/events.jsonl`. `callbacks` are extra
+    transformers TrainerCallbacks (e.g. a notebook's own logging).
+    """
+    from tunery.spec import parse_inputs
+
+    settings = settings or get_settings()
+    if isinstance(inputs, dict):
+        inputs = parse_inputs(inputs)
+    run_dir = Path(output_dir) if output_dir else settings.runs_dir / time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sink = events if isinstance(events, EventSink) else EventSink(events)
+    sink.add(run_dir / "events.jsonl")
+    try:
+        result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [])
+    except BaseException as exc:
+        sink.emit("failed", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
+        raise
+    finally:
+        if not isinstance(events, EventSink):
+            sink.close()
+    return result
+
+
+def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink: EventSink, progress: bool,
+           settings: Settings, callbacks: list) -> TrainResult:
+    from tunery.models.load import adapt, load_model, load_tokenizer, pick_device
+    from tunery.models.resolve import resolve_base
+
+    started = time.time()
+    sink.emit("started", run_dir=str(run_dir), base=base, inputs=inputs.model_dump(exclude_unset=True))
+
+    # 1. Data: fetched and validated line by line before anything heavy happens.
+    datasets = load_datasets(inputs, settings)
+    # 2. Base model and tokenizer.
+    resolved = resolve_base(base, settings)
+    tokenizer = load_tokenizer(resolved)
+    data = prepare_data(inputs, tokenizer, settings=settings, sink=sink, datasets=datasets)
+    sink.emit("data", **data.stats)
+    sink.emit("log", message=_describe_data(data.stats))
+
+    # 3. Model.
+    device = pick_device()
+    model = load_model(
+        resolved,
+        precision=inputs.precision,
+        quantize_4bit=inputs.peft_method == "qlora",
+        attn_implementation=inputs.attn_implementation,
+        device=device,
+    )
+    # A KV cache during training would also disable packed-sequence detection in the mask code.
+    model.config.use_cache = False
+    model = adapt(
+        model,
+        method=inputs.peft_method,
+        rank=inputs.lora_rank,
+        alpha=inputs.lora_alpha,
+        dropout=inputs.lora_dropout,
+        target_modules=inputs.target_modules,
+        gradient_checkpointing=inputs.gradient_checkpointing,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    sink.emit("log", message=f"{inputs.peft_method}: {trainable:,} trainable of {total:,} parameters on {device}")
+
+    # 4. Train.
+    from tunery.train.engine import build_trainer
+
+    trainer, meter, events_cb = build_trainer(
+        model, tokenizer, data, inputs, run_dir=run_dir, sink=sink, progress=progress, device=device,
+        extra_callbacks=callbacks,
+    )
+    checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and checkpoint is None:
+        sink.emit("log", message="no checkpoint to resume from; starting from step 0")
+    if checkpoint:
+        sink.emit("log", message=f"resuming from {checkpoint}")
+    train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    final_val = None
+    if data.validation and inputs.run_validation:
+        final_val = trainer.evaluate().get("eval_loss")
+
+    # 5. Save: adapter (or full model), tokenizer, manifest, archive.
+    from tunery.artifacts import build_manifest, write_archive, write_manifest
+
+    out_name = "model" if inputs.peft_method == "full" else "adapter"
+    out_dir = run_dir / out_name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    train_losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
+    metrics = {
+        "train_loss": train_losses[-1] if train_losses else None,
+        "train_loss_mean": train_out.training_loss,
+        "val_loss": final_val,
+        "tokens_per_second": round(meter.overall_rate(), 2),
+        "real_tokens": meter.real,
+        "trained_tokens": meter.trained,
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(train_out.metrics.get("train_runtime", 0.0), 2),
+        "total_runtime_s": round(time.time() - started, 2),
+        "padding_fraction": data.stats["padding_fraction"],
+        "packing_fill": data.stats["packing_fill"],
+        "history": events_cb.history,
+    }
+    manifest = build_manifest(
+        inputs=inputs, base=base, resolved=resolved, files=data.files, data_stats=data.stats,
+        metrics=metrics, samples=events_cb.samples, output=out_name, device=device,
+    )
+    write_manifest(run_dir, manifest)
+    archive = write_archive(run_dir, out_name)
+    summary = (
+        f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: "
+        f"{metrics['tokens_per_second']:.1f} real tokens/s, padding {data.stats['padding_fraction']:.1%}, "
+        f"final loss {metrics['train_loss']}, val loss {final_val}"
+    )
+    sink.emit("log", message=summary)
+    sink.emit("succeeded", run_dir=str(run_dir), weights=str(archive), adapter=str(out_dir),
+              metrics={k: v for k, v in metrics.items() if k != "history"})
+    return TrainResult(run_dir=run_dir, adapter_dir=out_dir, archive=archive, manifest=manifest)
+
+
+def _describe_data(s: dict) -> str:
+    fill = f", packing fill {s['packing_fill']:.1%}" if s.get("packing_fill") is not None else ""
+    return (
+        f"data: {s['train_rows']} train rows, {s['validation_rows']} validation rows, {s['train_tokens']} tokens "
+        f"({s['trained_tokens']} trained), {s['sequences']} sequences, padding {s['padding_fraction']:.1%}{fill}, "
+        f"{s['rows_truncated']} truncated"
+    )
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder))
+
