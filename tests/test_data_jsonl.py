@@ -6,8 +6,8 @@ import hashlib
 import json
 
 import pytest
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from tunery.data import read_jsonl
 from tunery.errors import DataError, LineError, TuneryError
 
@@ -81,7 +81,11 @@ BAD_LINES = [
     (_msgs("Hi", BOT), "messages[0]", "expected an object with role and content, got a string"),
     (_msgs({"content": "Hi"}, BOT), "messages[0].role", "missing"),
     (_msgs(USER, {"role": "assistant"}), "messages[1].content", "missing"),
-    (_msgs({"role": "tool", "content": "42"}, BOT), "messages[0].role", "must be one of system, user, assistant"),
+    (
+        _msgs({"role": "tool", "content": "42"}, BOT),
+        "messages[0].role",
+        "must be one of system, user, assistant",
+    ),
     (_msgs({"role": 1, "content": "Hi"}, BOT), "messages[0].role", "got a number"),
     (_msgs(USER, {"role": "assistant", "content": ""}), "messages[1].content", "is empty"),
     (_msgs(USER, {"role": "assistant", "content": 7}), "messages[1].content", "must be a string"),

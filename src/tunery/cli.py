@@ -10,6 +10,7 @@ import inspect
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,6 +19,10 @@ from rich.console import Console
 
 from tunery.errors import TuneryError
 
+# Deprecation chatter from the libraries is for their developers, not for our users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 app = typer.Typer(
     name="tunery",
     help="Fine-tune Llama-family models on a JSONL file, evaluate them and serve them.",
@@ -25,8 +30,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
-models_app = typer.Typer(help="Base models.", no_args_is_help=True)
+data_# Deprecation chatter from the libraries is for their developers, not for our users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
+models_# Deprecation chatter from the libraries is for their developers, not for our users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+app = typer.Typer(help="Base models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
@@ -119,7 +132,7 @@ def _was_given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
-_sig = inspect.signature(_train_command)
+_sig = inspect.signature(_train_command, eval_str=True)
 _train_command.__signature__ = _sig.replace(  # type: ignore[attr-defined]
     parameters=[p for p in _sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     + _spec_parameters()

@@ -18,10 +18,13 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.home() / ".tunery",
         description="Data directory: model cache, runs, database, artifacts (TUNERY_HOME).",
     )
+    model_cache_dir: Path | None = Field(
+        None, description="Where converted base models are cached (TUNERY_MODEL_CACHE_DIR; default HOME/models)."
+    )
 
     @property
     def model_cache(self) -> Path:
-        return self.home / "models"
+        return self.model_cache_dir or self.home / "models"
 
     @property
     def runs_dir(self) -> Path:

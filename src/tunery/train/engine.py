@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
@@ -110,5 +110,8 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # Our events and progress bar replace the Trainer's dict printing (which would also corrupt
+    # `--events -` on stdout).
+    trainer.remove_callback(PrinterCallback)
     trainer.meter = meter
     return trainer, meter, events_cb

@@ -176,6 +176,11 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     )
     # A KV cache during training would also disable packed-sequence detection in the mask code.
     model.config.use_cache = False
+    # LoRA's A matrices are initialised from the global RNG: seed it so the same inputs give the
+    # same adapter (the Trainer seeds again for shuffling and dropout).
+    from transformers import set_seed
+
+    set_seed(inputs.seed)
     model = adapt(
         model,
         method=inputs.peft_method,

@@ -1,0 +1,195 @@
+"""Find the trained weights a prediction should use, from whatever the user passed as `weights`.
+
+Accepted forms:
+
+- a run directory, as training leaves it: manifest.json plus adapter/ (lora, qlora) or model/
+  (full fine-tune), and tokenizer/;
+- the run's training_output.zip (the same layout at the archive root), extracted once into
+  `<home>/weights/<sha256 of the archive>` so every later request reuses the extracted copy;
+- a bare adapter directory (adapter_config.json), whose base then comes from the adapter
+  config's `base_model_name_or_path`;
+- a whole model directory (config.json), e.g. a run's model/ passed on its own.
+
+Nothing here imports torch; resolving is cheap enough to do on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from tunery.errors import TuneryError
+from tunery.settings import Settings, get_settings
+
+RUN_MARKERS = ("manifest.json", "adapter", "model")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Trained weights ready to load.
+
+    `path` is the adapter directory (kind "adapter") or the whole-model directory (kind "full").
+    `tokenizer` is the tokenizer directory saved with the run, or None to use the base's (or, for
+    a full model, the model directory's). `base` is the base model name as training recorded it
+    (manifest, else adapter_config), None when unknown; `base_sha256` is the manifest's hash of
+    the base weights, used to refuse an adapter trained on a different base. `source` is what
+    the user passed, for messages.
+    """
+
+    kind: Literal["adapter", "full"]
+    path: Path
+    tokenizer: Path | None
+    base: str | None
+    base_sha256: str | None = None
+    source: str = ""
+
+
+def resolve_weights(weights: str | Path, settings: Settings | None = None) -> Weights:
+    """Resolve `weights` (see the module docstring for the accepted forms).
+
+    Raises TuneryError naming the path when it does not exist, is a file that is not a zip
+    archive, or holds no adapter or model in a recognised layout.
+    """
+    raw = str(weights)
+    if not raw.strip():
+        raise TuneryError("weights: empty path (leave weights unset to use the base model alone)")
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise TuneryError(f"weights {raw!r}: no such file or directory ({path.absolute()})")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise TuneryError(
+                f"weights {raw!r}: {path} is a file but not a zip archive; expected a run directory, "
+                "its training_output.zip, or an adapter directory"
+            )
+        root = _run_root(_extract_archive(path, settings or get_settings()))
+        return _from_run_dir(root, raw, where=f"weights archive {raw!r}", at=" at its root")
+    path = path.resolve()
+    # A run's adapter/ or model/ passed directly: use the run, whose manifest names the base
+    # as the user gave it and whose tokenizer/ is the one training used.
+    if path.name in ("adapter", "model") and (path.parent / "manifest.json").is_file():
+        return _from_run_dir(path.parent, raw, where=f"run directory {str(path.parent)!r}")
+    if (path / "adapter_config.json").is_file():
+        config = _read_json(path / "adapter_config.json", raw)
+        return Weights("adapter", path, _tokenizer_in(path), config.get("base_model_name_or_path"), None, raw)
+    if any((path / m).exists() for m in RUN_MARKERS):
+        return _from_run_dir(path, raw, where=f"run directory {raw!r}")
+    if (path / "config.json").is_file():
+        return Weights("full", path, _tokenizer_in(path), None, None, raw)
+    raise TuneryError(
+        f"weights {raw!r}: {path} is not a run directory (manifest.json with adapter/ or model/), "
+        "an adapter directory (adapter_config.json) or a model directory (config.json)"
+    )
+
+
+def _from_run_dir(run: Path, raw: str, *, where: str, at: str = "") -> Weights:
+    """Weights of a run directory laid out as training writes it."""
+    manifest = _read_json(run / "manifest.json", raw) if (run / "manifest.json").is_file() else {}
+    method = manifest.get("peft_method")
+    base_info = manifest.get("base") if isinstance(manifest.get("base"), dict) else {}
+    adapter, model = run / "adapter", run / "model"
+    tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
+
+    full = method == "full" or (method is None and not adapter.is_dir() and model.is_dir())
+    if full:
+        if not (model / "config.json").is_file():
+            raise TuneryError(f"{where} is a full fine-tune but has no model/config.json{at}{_listing(run)}")
+        return Weights("full", model, tokenizer or _tokenizer_in(model), base_info.get("name"),
+                       base_info.get("sha256"), raw)
+    if not (adapter / "adapter_config.json").is_file():
+        what = f"peft_method {method!r} needs" if method else "expected"
+        raise TuneryError(
+            f"{where} has no adapter: {what} adapter/adapter_config.json{at}{_listing(run)}"
+        )
+    base = base_info.get("name") or _read_json(adapter / "adapter_config.json", raw).get("base_model_name_or_path")
+    return Weights("adapter", adapter, tokenizer, base, base_info.get("sha256"), raw)
+
+
+def _run_root(folder: Path) -> Path:
+    """The run inside an extracted archive: its root, or the single folder it holds when the
+    archive was made with a top-level directory (zip -r run.zip run/)."""
+    if any((folder / m).exists() for m in RUN_MARKERS):
+        return folder
+    children = [c for c in folder.iterdir() if not c.name.startswith(".")]
+    if len(children) == 1 and children[0].is_dir() and any((children[0] / m).exists() for m in RUN_MARKERS):
+        return children[0]
+    return folder
+
+
+# (resolved path, size, mtime_ns) -> sha256, so an archive is hashed once per process, not on
+# every request (a full fine-tune archive can be gigabytes).
+_ARCHIVE_HASHES: dict[tuple[str, int, int], str] = {}
+_ARCHIVE_LOCK = threading.Lock()
+
+
+def _extract_archive(archive: Path, settings: Settings) -> Path:
+    """Extract `archive` once into `<home>/weights/<sha256>` and return that folder.
+
+    Extraction goes to a temporary sibling that is renamed into place, so a folder under its
+    final name is always complete, even if two processes extract the same archive at once.
+    """
+    stat = archive.stat()
+    key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _ARCHIVE_LOCK:
+        digest = _ARCHIVE_HASHES.get(key)
+        if digest is None:
+            digest = _ARCHIVE_HASHES[key] = _sha256(archive)
+    dest = settings.home / "weights" / digest
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(f".{digest}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                # zipfile already drops ".." and leading "/" on extraction; refusing such names
+                # outright makes a tampered archive an error rather than a silently altered tree.
+                parts = PurePosixPath(name.replace("\\", "/")).parts
+                if name.startswith(("/", "\\")) or ".." in parts:
+                    raise TuneryError(f"weights archive {str(archive)!r}: unsafe member path {name!r}")
+            zf.extractall(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first; its copy is identical
+            pass
+    except zipfile.BadZipFile as e:
+        raise TuneryError(f"weights archive {str(archive)!r} is corrupt: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _tokenizer_in(folder: Path) -> Path | None:
+    """`folder` when it holds a saved tokenizer, else None."""
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return f" (it holds: {', '.join(names) or 'nothing'})"
+
+
+def _read_json(path: Path, raw: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TuneryError(f"weights {raw!r}: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise TuneryError(f"weights {raw!r}: {path} is not a JSON object")
+    return data
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,176 @@
+"""The training recipe on a tiny random Llama: outputs, determinism, accumulation, resume, methods, events."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tunery.errors import DataError, SpecError, TuneryError
+from tunery.train.events import read_events
+from tunery.train.recipe import train
+
+FAST = {"run_validation": False, "save_steps": 1000, "logging_steps": 1}
+
+
+@pytest.fixture
+def data_file(tmp_path, qa_rows):
+    return write_jsonl(tmp_path / "train.jsonl", qa_rows)
+
+
+def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def run(tmp_path, name, data_file, tiny_model_dir, **inputs):
+    spec = {"train_data": str(data_file), **FAST, **inputs}
+    return train(spec, base=str(tiny_model_dir), output_dir=tmp_path / name, progress=False)
+
+
+def test_run_directory_manifest_and_archive(tmp_path, data_file, tiny_model_dir):
+    result = run(tmp_path, "r", data_file, tiny_model_dir, max_steps=3, run_validation=True,
+                 num_validation_samples=4, eval_steps=2, validation_prompt="Item: the red cat.\nAnimal:")
+    d = result.run_dir
+    assert {"adapter", "tokenizer", "manifest.json", "events.jsonl", "training_output.zip"} <= {
+        p.name for p in d.iterdir()}
+    assert (d / "adapter" / "adapter_config.json").is_file()
+    assert (d / "tokenizer" / "tokenizer.json").is_file()
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["base"]["name"] == str(tiny_model_dir) and len(m["base"]["sha256"]) == 64
+    assert m["inputs"]["max_steps"] == 3 and "num_train_epochs" not in m["inputs"]  # as given
+    assert m["resolved_inputs"]["num_train_epochs"] == 3 and m["resolved_inputs"]["lora_rank"] == 8
+    assert m["data"]["train_data"]["rows"] == 24 and len(m["data"]["train_data"]["sha256"]) == 64
+    assert m["data_stats"]["train_rows"] == 20 and m["data_stats"]["validation_rows"] == 4
+    steps = [h for h in m["metrics"]["history"] if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3]
+    assert all(h["tokens_per_second"] > 0 and h["learning_rate"] is not None for h in steps)
+    assert any("val_loss" in h for h in m["metrics"]["history"])
+    assert m["samples"] and m["samples"][0]["prompt"].startswith("Item: the red cat")
+    assert set(m["versions"]) >= {"tunery", "torch", "transformers", "peft"}
+    with zipfile.ZipFile(result.archive) as zf:
+        names = set(zf.namelist())
+    assert {"manifest.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "tokenizer/tokenizer.json"} <= names
+
+
+def test_adapter_loads_with_peft(tmp_path, data_file, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run(tmp_path, "r", data_file, tiny_model_dir, max_steps=2, learning_rate=1e-2)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    x = torch.tensor([[1, 2, 3, 4]])
+    before = base(input_ids=x).logits
+    tuned = PeftModel.from_pretrained(base, result.run_dir / "adapter")
+    assert not torch.allclose(tuned(input_ids=x).logits, before, atol=1e-6)
+
+
+def test_same_seed_same_weights(tmp_path, data_file, tiny_model_dir):
+    a = adapter_weights(run(tmp_path, "a", data_file, tiny_model_dir, max_steps=3).run_dir)
+    b = adapter_weights(run(tmp_path, "b", data_file, tiny_model_dir, max_steps=3).run_dir)
+    c = adapter_weights(run(tmp_path, "c", data_file, tiny_model_dir, max_steps=3, seed=7).run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, data_file, tiny_model_dir):
+    common = {"max_steps": 2, "train_batch_size": 8, "lora_dropout": 0.0, "learning_rate": 1e-2}
+    acc = adapter_weights(run(tmp_path, "acc", data_file, tiny_model_dir, micro_batch_size=4, **common).run_dir)
+    full = adapter_weights(run(tmp_path, "full", data_file, tiny_model_dir, micro_batch_size=8, **common).run_dir)
+    init = adapter_weights(run(tmp_path, "zero", data_file, tiny_model_dir, micro_batch_size=8,
+                               **{**common, "learning_rate": 1e-9}).run_dir)
+    for k in acc:
+        assert torch.allclose(acc[k], full[k], atol=2e-5), k
+    assert any(not torch.allclose(full[k], init[k], atol=1e-4) for k in full)  # the steps did move weights
+
+
+class StopAt(TrainerCallback):
+    """Simulates a crash right after a step (the checkpoint before it is on disk)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_file, tiny_model_dir):
+    spec = {"train_data": str(data_file), **FAST, "max_steps": 4, "save_steps": 2}
+    straight = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False, callbacks=[StopAt(3)])
+    assert (tmp_path / "crash" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "crash" / "adapter").exists()
+    resumed = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False, resume=True)
+    a, b = adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    events = [e["type"] for e in read_events(tmp_path / "crash" / "events.jsonl")]
+    assert events.count("failed") == 1 and events[-1] == "succeeded"
+    assert resumed.manifest["metrics"]["steps"] == 4
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_other_methods_train(tmp_path, data_file, tiny_model_dir, method):
+    result = run(tmp_path, method, data_file, tiny_model_dir, max_steps=2, peft_method=method, learning_rate=1e-3)
+    out = result.run_dir / ("model" if method == "full" else "adapter")
+    assert out.is_dir() and result.manifest["peft_method"] == method
+    losses = [h["loss"] for h in result.manifest["metrics"]["history"] if "loss" in h]
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+        assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    else:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
+
+
+def test_packing_trains_and_reports_fill(tmp_path, data_file, tiny_model_dir):
+    result = run(tmp_path, "p", data_file, tiny_model_dir, max_steps=2, pack_sequences=True, chunk_size=64)
+    stats = result.manifest["data_stats"]
+    assert stats["sequences"] < stats["train_rows"]  # several examples per sequence
+    assert 0.5 < stats["packing_fill"] <= 1.0
+
+
+def test_events_in_order(tmp_path, data_file, tiny_model_dir):
+    events_file = tmp_path / "events.jsonl"
+    spec = {"train_data": str(data_file), **FAST, "max_steps": 2, "run_validation": True,
+            "num_validation_samples": 4, "eval_steps": 1, "save_steps": 1, "validation_prompt": "Item:"}
+    train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False, events=events_file)
+    types = [e["type"] for e in read_events(events_file)]
+    assert types[0] == "started" and types[-1] == "succeeded"
+    for t in ("data", "step", "validation", "sample", "checkpoint"):
+        assert t in types, t
+    assert types.index("step") < types.index("validation") < types.index("sample")
+
+
+def test_bad_data_fails_before_model_load(tmp_path, tiny_model_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "not json", {"text": "x"}])
+    with pytest.raises(DataError) as info:
+        train({"train_data": str(bad)}, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False)
+    assert [e.line for e in info.value.errors] == [2, 3]
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    assert [e["type"] for e in events] == ["started", "failed"]
+    assert "bad.jsonl:2" in events[-1]["error"]
+
+
+def test_invalid_inputs_are_rejected():
+    with pytest.raises(SpecError, match="micro_batch_size"):
+        train({"train_data": "x.jsonl", "train_batch_size": 6, "micro_batch_size": 4})
+    with pytest.raises(SpecError, match="unknown input"):
+        train({"train_data": "x.jsonl", "epochs": 3})
+
+
+def test_too_few_rows_for_validation(tmp_path, data_file, tiny_model_dir):
+    with pytest.raises(TuneryError, match="num_validation_samples"):
+        train({"train_data": str(data_file)}, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False)
