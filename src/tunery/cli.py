@@ -30,16 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_# Deprecation chatter from the libraries is for their developers, not for our users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
-models_# Deprecation chatter from the libraries is for their developers, not for our users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-app = typer.Typer(help="Base models.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 

@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tunery.errors import TuneryError
+
 
 def check_data(
     source: str,
@@ -45,8 +47,12 @@ def check_data(
     examples = tokenize_rows(ds.rows, ds.format, tokenizer, max_length=max_length)
     lengths = [len(e.input_ids) for e in examples]
     trained = [sum(lab != -100 for lab in e.labels) for e in examples]
-    packed = pack(examples, chunk_size)
-    packed_fill = sum(len(s.input_ids) for s in packed) / (len(packed) * chunk_size)
+    # Packing needs every example to fit a chunk; without packing, rows may be longer than chunk_size.
+    fits = max_length <= chunk_size
+    packed = pack(examples, chunk_size) if fits else []
+    packed_fill = sum(len(s.input_ids) for s in packed) / (len(packed) * chunk_size) if packed else None
+    if pack_sequences and not fits:
+        raise TuneryError(f"max_seq_length ({max_length}) cannot exceed chunk_size ({chunk_size}) when packing")
     sequences = packed if pack_sequences else unpacked(examples)
     report: dict[str, Any] = {
         "file": source,
@@ -64,7 +70,7 @@ def check_data(
         "max_length": max_length,
         "chunk_size": chunk_size,
         "packed_sequences": len(packed),
-        "packed_fill": round(packed_fill, 4),
+        "packed_fill": round(packed_fill, 4) if packed_fill is not None else None,
         "padding_fraction": round(padding_fraction(unpacked(examples), micro_batch_size), 4),
         "steps_per_epoch": -(-len(sequences) // train_batch_size),
     }
@@ -125,7 +131,9 @@ def render_report(r: dict[str, Any], console: Console) -> None:
     t.add_row("trained tokens", f"{r['trained_tokens']:,} ({r['trained_tokens_per_row']['mean']} per row "
               "after prompt masking)")
     t.add_row("rows truncated", f"{r['rows_truncated']} (at {r['max_length']} tokens)")
-    t.add_row("packed", f"{r['packed_sequences']} sequences of ≤{r['chunk_size']} tokens, fill {r['packed_fill']:.1%}")
+    if r["packed_fill"] is not None:
+        t.add_row("packed", f"{r['packed_sequences']} sequences of ≤{r['chunk_size']} tokens, "
+                  f"fill {r['packed_fill']:.1%}")
     t.add_row("padding (unpacked)", f"{r['padding_fraction']:.1%}")
     t.add_row("steps per epoch", str(r["steps_per_epoch"]))
     if est := r.get("estimate"):

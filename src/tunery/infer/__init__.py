@@ -1,25 +1,6 @@
 """Inference: run a base model, a LoRA adapter on it, or a full fine-tune, and stream the text.
 
-The public API lives in `tunery.infer.predict`; it is re-exported here. Importing this package
-does not import torch (that happens on the first prediction).
+The public API is `tunery.infer.predict` (Predictor, SamplingParams, predict, resolve_weights,
+StopCutter). It is deliberately not re-exported here: a package attribute named `predict` would
+shadow the `predict` module. Importing this package does not import torch.
 """
-
-from tunery.infer.predict import (
-    Predictor,
-    SamplingParams,
-    StopCutter,
-    Weights,
-    parse_stop_sequences,
-    predict,
-    resolve_weights,
-)
-
-__all__ = [
-    "Predictor",
-    "SamplingParams",
-    "StopCutter",
-    "Weights",
-    "parse_stop_sequences",
-    "predict",
-    "resolve_weights",
-]

@@ -62,7 +62,9 @@ class SamplingParams:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}"
+            )
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
@@ -83,10 +85,20 @@ class SamplingParams:
         """Arguments for `model.generate`. Unused knobs are set to None explicitly so values in a
         model's generation_config.json (e.g. temperature 0.6) neither apply nor warn."""
         if self.greedy:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False,
-                    "temperature": None, "top_p": None, "top_k": None}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True,
-                "temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": self.top_k}
+            return {
+                "max_new_tokens": self.max_new_tokens,
+                "do_sample": False,
+                "temperature": None,
+                "top_p": None,
+                "top_k": None,
+            }
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": self.top_k,
+        }
 
 
 @dataclass
@@ -110,8 +122,15 @@ class Predictor:
     Counters for callers and tests: `base_loads`, `adapter_loads`, `full_loads`.
     """
 
-    def __init__(self, base: str, *, precision: str = "auto", device: str | None = None,
-                 max_adapters: int = 8, lazy: bool = False):
+    def __init__(
+        self,
+        base: str,
+        *,
+        precision: str = "auto",
+        device: str | None = None,
+        max_adapters: int = 8,
+        lazy: bool = False,
+    ):
         from tunery.models.load import pick_device
 
         if not _is_int(max_adapters) or max_adapters < 1:
@@ -138,9 +157,15 @@ class Predictor:
         """Adapter directories currently loaded, least recently used first."""
         return list(self._adapters)
 
-    def stream(self, prompt: str, *, weights: str | Path | Weights | None = None,
-               params: SamplingParams | None = None, cancel: threading.Event | None = None,
-               metrics: dict | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        *,
+        weights: str | Path | Weights | None = None,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        metrics: dict | None = None,
+    ) -> Iterator[str]:
         """Generate a continuation of `prompt`, yielding text pieces as they are produced.
 
         `weights` (a run directory, its zip archive, an adapter directory, or a resolved
@@ -164,14 +189,26 @@ class Predictor:
             weights = resolve_weights(weights)
         return self._stream(prompt, weights, params, cancel, metrics)
 
-    def generate(self, prompt: str, *, weights: str | Path | Weights | None = None,
-                 params: SamplingParams | None = None, cancel: threading.Event | None = None,
-                 metrics: dict | None = None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        weights: str | Path | Weights | None = None,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        metrics: dict | None = None,
+    ) -> str:
         """The whole text `stream` would yield, joined."""
         return "".join(self.stream(prompt, weights=weights, params=params, cancel=cancel, metrics=metrics))
 
-    def _stream(self, prompt: str, weights: Weights | None, params: SamplingParams,
-                cancel: threading.Event | None, metrics: dict | None) -> Iterator[str]:
+    def _stream(
+        self,
+        prompt: str,
+        weights: Weights | None,
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        metrics: dict | None,
+    ) -> Iterator[str]:
         from tunery.infer.stream import GenerationStream
 
         called = time.perf_counter()
@@ -181,7 +218,9 @@ class Predictor:
                 model, tokenizer, context = self._select(weights)
                 input_ids = tokenizer(prompt, add_special_tokens=True, return_tensors="pt").input_ids
                 if input_ids.shape[1] == 0:
-                    raise TuneryError("prompt is empty and the tokenizer adds no BOS token: nothing to continue")
+                    raise TuneryError(
+                        "prompt is empty and the tokenizer adds no BOS token: nothing to continue"
+                    )
                 eos = _eos_ids(model, tokenizer)
                 kwargs = params.generate_kwargs() | {
                     "eos_token_id": sorted(eos) or None,
@@ -189,8 +228,15 @@ class Predictor:
                 }
                 seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
                 run = GenerationStream(
-                    model, tokenizer, input_ids.to(model.device), generate_kwargs=kwargs, stops=params.stops,
-                    eos_ids=eos, seed=seed, cancel=cancel, context=context,
+                    model,
+                    tokenizer,
+                    input_ids.to(model.device),
+                    generate_kwargs=kwargs,
+                    stops=params.stops,
+                    eos_ids=eos,
+                    seed=seed,
+                    cancel=cancel,
+                    context=context,
                 )
                 yield from run
             finally:
@@ -254,7 +300,9 @@ class Predictor:
                     self.base_model, key, adapter_name=name, is_trainable=False, torch_device=str(self.device)
                 )
             else:
-                self._peft.load_adapter(key, adapter_name=name, is_trainable=False, torch_device=str(self.device))
+                self._peft.load_adapter(
+                    key, adapter_name=name, is_trainable=False, torch_device=str(self.device)
+                )
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             if self._peft is None:
                 # from_pretrained may have injected LoRA layers before failing: reload the base
@@ -317,7 +365,9 @@ def predict(prompt: str, *, base: str | None = None, weights: str | Path | None 
         # A full fine-tune needs no base, so with base unset any cached predictor will do. The
         # predictor is lazy: it loads on first use, after the one it replaces was released.
         if _LAST is None or (base is not None and _LAST.base != base):
-            _LAST = Predictor(base or (resolved.base if resolved and resolved.base else DEFAULT_BASE), lazy=True)
+            _LAST = Predictor(
+                base or (resolved.base if resolved and resolved.base else DEFAULT_BASE), lazy=True
+            )
         predictor = _LAST
     return predictor.generate(prompt, weights=resolved, params=params)
 

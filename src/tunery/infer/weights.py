@@ -101,14 +101,20 @@ def _from_run_dir(run: Path, raw: str, *, where: str, at: str = "") -> Weights:
     if full:
         if not (model / "config.json").is_file():
             raise TuneryError(f"{where} is a full fine-tune but has no model/config.json{at}{_listing(run)}")
-        return Weights("full", model, tokenizer or _tokenizer_in(model), base_info.get("name"),
-                       base_info.get("sha256"), raw)
+        return Weights(
+            "full",
+            model,
+            tokenizer or _tokenizer_in(model),
+            base_info.get("name"),
+            base_info.get("sha256"),
+            raw,
+        )
     if not (adapter / "adapter_config.json").is_file():
         what = f"peft_method {method!r} needs" if method else "expected"
-        raise TuneryError(
-            f"{where} has no adapter: {what} adapter/adapter_config.json{at}{_listing(run)}"
-        )
-    base = base_info.get("name") or _read_json(adapter / "adapter_config.json", raw).get("base_model_name_or_path")
+        raise TuneryError(f"{where} has no adapter: {what} adapter/adapter_config.json{at}{_listing(run)}")
+    base = base_info.get("name") or _read_json(adapter / "adapter_config.json", raw).get(
+        "base_model_name_or_path"
+    )
     return Weights("adapter", adapter, tokenizer, base, base_info.get("sha256"), raw)
 
 
