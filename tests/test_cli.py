@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from tunery.spec import REPLICATE_INPUTS, TrainingInputs
 
 
@@ -23,7 +23,7 @@ def tunery(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 def test_train_flags_are_the_spec():
     help_text = tunery("train", "--help").stdout
-    for name, field in TrainingInputs.model_fields.items():
+    for name in TrainingInputs.model_fields:
         assert "--" + name.replace("_", "-") in help_text, name
     # Replicate's defaults, exactly.
     defaults = {k: TrainingInputs.model_fields[k].default for k in REPLICATE_INPUTS if k != "train_data"}

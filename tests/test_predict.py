@@ -212,6 +212,16 @@ def test_lru_evicts_beyond_max_adapters(tiny_model_dir, adapters, outputs):
     assert small.loaded_adapters == [str(adapters["c"].resolve()), str(adapters["a"].resolve())]
 
 
+def test_adapter_retrained_in_place_is_reloaded(predictor, adapters, outputs, tmp_path):
+    adapter = shutil.copytree(adapters["a"], tmp_path / "adapter")
+    assert predictor.generate(PROMPT, weights=adapter, params=GREEDY) == outputs["a"]
+    adapters_before = len(predictor._peft.peft_config)
+    weights_file = adapter / "adapter_model.safetensors"
+    shutil.copyfile(adapters["b"] / weights_file.name, weights_file)
+    assert predictor.generate(PROMPT, weights=adapter, params=GREEDY) == outputs["b"]
+    assert len(predictor._peft.peft_config) == adapters_before  # the stale copy was deleted
+
+
 @pytest.mark.parametrize("form", ["run_dir", "zip", "bare_adapter", "run_adapter_subdir"])
 def test_every_weights_form_gives_the_adapters_output(
     predictor, run_dir, adapters, outputs, form, isolated_home

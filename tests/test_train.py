@@ -7,10 +7,10 @@ import zipfile
 
 import pytest
 import torch
-from conftest import write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from conftest import write_jsonl
 from tunery.errors import DataError, SpecError, TuneryError
 from tunery.train.events import read_events
 from tunery.train.recipe import train

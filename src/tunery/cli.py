@@ -148,19 +148,20 @@ def predict(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
 ) -> None:
     """Generate from a base model or a tuned run; tokens stream to stdout as they are generated."""
-    from tunery.infer.predict import Predictor, SamplingParams, resolve_weights
+    from tunery.infer.predict import Predictor, SamplingParams
+    from tunery.infer.weights import resolve_weights
+    from tunery.models.registry import DEFAULT_BASE
 
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        if weights is None and base is None:
-            base = "smollm2-135m"
-        if base is None:
-            base = resolve_weights(weights).base
+        resolved = resolve_weights(weights) if weights else None
+        base = base or (resolved.base if resolved else None) or DEFAULT_BASE
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stop_sequences=stop_sequences, seed=seed)
-        predictor = Predictor(base)
-        for piece in predictor.stream(prompt, weights=weights, params=params):
+        # Lazy: a full fine-tune needs no base, so none is loaded unless the request uses it.
+        predictor = Predictor(base, lazy=True)
+        for piece in predictor.stream(prompt, weights=resolved, params=params):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -170,7 +170,8 @@ class Predictor:
 
         `weights` (a run directory, its zip archive, an adapter directory, or a resolved
         `Weights`) is resolved now, so a bad path raises TuneryError before anything is yielded;
-        None uses the bare base. The joined pieces are the text up to, never including, the first
+        None uses the bare base (errors loading the weights surface on the first iteration, which
+        is when the model lock is taken). The joined pieces are the text up to, never including, the first
         stop sequence; generation ends there, at eos, after `max_new_tokens`, or within one token
         of `cancel.set()`. The same seed and inputs give the same text.
 
@@ -272,16 +273,17 @@ class Predictor:
     def _adapter(self, weights: Weights) -> _Adapter:
         """Make `weights` the active adapter, loading it (and evicting the oldest) if needed."""
         key, stamp = str(weights.path), _stamp(weights.path)
-        entry = self._adapters.get(key)
+        entry = stale = self._adapters.get(key)
         if entry is None or entry.stamp != stamp:
             self._check_base(weights)
-            fresh = self._load_adapter(weights, key, stamp)
-            if entry is not None:  # retrained in place: the fresh copy replaces the stale one
-                self._peft.delete_adapter(entry.name)
-            entry = self._adapters[key] = fresh
+            entry = self._adapters[key] = self._load_adapter(weights, key, stamp)
+        else:
+            stale = None
         self._adapters.move_to_end(key)
         # inference_mode=True keeps the adapter frozen; peft's default makes it trainable.
         self._peft.set_adapter(entry.name, inference_mode=True)
+        if stale is not None:  # retrained in place: drop the old copy once the new one is active
+            self._peft.delete_adapter(stale.name)
         while len(self._adapters) > self.max_adapters:
             _, old = self._adapters.popitem(last=False)
             self._peft.delete_adapter(old.name)

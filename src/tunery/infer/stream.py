@@ -64,6 +64,7 @@ class IncrementalDecoder:
         return ""
 
     def _decode(self, ids: list[int]) -> str:
+        # No clean-up: it rewrites " ." as "." and so would make a piece depend on what follows it.
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
