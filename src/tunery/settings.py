@@ -22,6 +22,36 @@ class Settings(BaseSettings):
         None, description="Where converted base models are cached (TUNERY_MODEL_CACHE_DIR; default HOME/models)."
     )
 
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL (TUNERY_DATABASE_URL): sqlite:///... or postgresql+psycopg://...; "
+        "default: a SQLite file under HOME."
+    )
+    host: str = Field("127.0.0.1", description="Address `tunery serve` listens on (TUNERY_HOST).")
+    port: int = Field(8000, description="Port `tunery serve` listens on (TUNERY_PORT).")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach the server at, for urls in responses (default: from the request)."
+    )
+    allow_local_paths: bool = Field(
+        False, description="Let train_data name a path on the server's disk (TUNERY_ALLOW_LOCAL_PATHS)."
+    )
+    max_upload_bytes: int = Field(1024**3, description="Largest accepted file upload / download, in bytes.")
+    lease_seconds: float = Field(
+        30.0, description="A worker's claim on a training lapses this long after its last heartbeat."
+    )
+    embedded_workers: int = Field(1, description="Training workers `tunery serve` runs itself (0: none).")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'tunery.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
     @property
     def model_cache(self) -> Path:
         return self.model_cache_dir or self.home / "models"

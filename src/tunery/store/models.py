@@ -1,0 +1,203 @@
+"""Table models of the service. The HTTP shapes (Replicate's) live in server/schemas.py; these are rows.
+
+Ids are Replicate-style: 26 lowercase base32 characters for trainings, predictions and files;
+64 hex characters for versions. Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """26 characters of base32, like Replicate's prediction/training ids."""
+    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()[:26]
+
+
+def new_version_id() -> str:
+    return secrets.token_hex(32)
+
+
+class Status(str, enum.Enum):
+    """Lifecycle of a training or prediction. Who moves it:
+
+    starting   → processing (a worker claims it), canceled (a cancel before it was claimed)
+    processing → succeeded | failed (the worker), canceled (the worker, after a cancel request);
+                 a processing job whose lease expired is claimed again by any worker and resumed
+    """
+
+    starting = "starting"
+    processing = "processing"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.succeeded, Status.failed, Status.canceled)
+
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token; only its sha256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("owners.name"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Model(Base):
+    """A model: a base model (owner "tunery", listed to everyone) or a user's destination model."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("owner", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    visibility: Mapped[str] = mapped_column(String(16), default="private")
+    hardware: Mapped[str] = mapped_column(String(64), default="cpu")
+    is_base: Mapped[bool] = mapped_column(Boolean, default=False)
+    run_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Version(Base):
+    """A runnable version of a model: a base model, or an adapter (or full model) trained on one."""
+
+    __tablename__ = "versions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_version_id)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    base_name: Mapped[str] = mapped_column(String(500))  # what models.resolve_base accepts
+    weights_path: Mapped[str | None] = mapped_column(Text)  # run directory; None for a base version
+    training_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class File(Base):
+    """An uploaded file (Replicate's /v1/files)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(500))
+    content_type: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    md5: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Training(Base):
+    """A training job. `lease_owner`/`lease_expires_at` say which worker holds it and until when."""
+
+    __tablename__ = "trainings"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(300))  # "owner/name" of the base being trained
+    version_id: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(300))  # "owner/name"
+    status: Mapped[str] = mapped_column(String(16), default="starting", index=True)
+    input: Mapped[dict[str, Any]] = mapped_column(default=dict)  # as the client sent it
+    # What the worker runs: the validated TrainingInputs with train_data/validation_data turned
+    # into local paths, plus {"base": <name for models.resolve_base>}.
+    job: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    logs: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    webhook: Mapped[str | None] = mapped_column(Text)
+    webhook_events_filter: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    run_dir: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Prediction(Base):
+    """A prediction. Run by the server's predictor thread; its output is a list of text pieces."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(300))
+    version_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="starting", index=True)
+    input: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    output: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    logs: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    webhook: Mapped[str | None] = mapped_column(Text)
+    webhook_events_filter: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Secret(Base):
+    """Service-wide secrets (the webhook signing key)."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class WebhookDelivery(Base):
+    """Outbox of webhook calls: written in the same transaction as the state change they report,
+    delivered (and retried with backoff) by a sender thread, so none is lost on a restart."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(16))  # start | output | logs | completed
+    object_id: Mapped[str] = mapped_column(String(32), index=True)
+    body: Mapped[str] = mapped_column(Text)  # the JSON body, exactly as signed and sent
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
