@@ -10,6 +10,7 @@ underneath), so `accelerate launch -m tunery.cli train ...` runs on several GPUs
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -135,8 +136,13 @@ def train(
         inputs = parse_inputs(inputs)
     run_dir = Path(output_dir) if output_dir else settings.runs_dir / time.strftime("run-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    sink = events if isinstance(events, EventSink) else EventSink(events)
-    sink.add(run_dir / "events.jsonl")
+    # Under `accelerate launch` every process runs this function; only rank 0 reports and writes.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        sink = events if isinstance(events, EventSink) else EventSink(events)
+        sink.add(run_dir / "events.jsonl")
+    else:
+        sink, progress = EventSink(), False
     try:
         result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [])
     except BaseException as exc:
@@ -210,6 +216,10 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     final_val = None
     if data.validation and inputs.run_validation:
         final_val = trainer.evaluate().get("eval_loss")
+
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", archive=run_dir / "training_output.zip",
+                           manifest={})
 
     # 5. Save: adapter (or full model), tokenizer, manifest, archive.
     from tunery.artifacts import build_manifest, write_archive, write_manifest
