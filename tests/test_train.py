@@ -108,6 +108,10 @@ def test_resume_equals_uninterrupted(tmp_path, data_file, tiny_model_dir):
         train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False, callbacks=[StopAt(3)])
     assert (tmp_path / "crash" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "crash" / "adapter").exists()
+    # A save cut short by the crash: a newer checkpoint folder without trainer_state.json.
+    torn = tmp_path / "crash" / "checkpoints" / "checkpoint-3"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"partial")
     resumed = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False, resume=True)
     a, b = adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir)
     for k in a:

@@ -231,6 +231,21 @@ def demo(
         _fail(exc)
 
 
+# -- the service ----------------------------------------------------------------------------
+# These modules import neither torch nor transformers at load, so the CLI stays quick to start.
+
+from tunery.server.cli import predictions_app, serve_command, trainings_app  # noqa: E402
+from tunery.worker.cli import tokens_create, worker_command  # noqa: E402
+
+tokens_app = typer.Typer(help="API tokens for the server.", no_args_is_help=True)
+tokens_app.command("create")(tokens_create)
+app.command("serve")(serve_command)
+app.command("worker")(worker_command)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(trainings_app, name="trainings")
+app.add_typer(predictions_app, name="predictions")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

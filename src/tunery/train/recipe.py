@@ -271,9 +271,11 @@ def _describe_data(s: dict) -> str:
 
 
 def _last_checkpoint(folder: Path) -> str | None:
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder
+    without it is a checkpoint a crash cut short: skip it rather than resume from half a save."""
     if not folder.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder))
+    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 

@@ -1,0 +1,122 @@
+"""The FastAPI application: Replicate's /v1 API over the store, the prediction runner, and
+(optionally) training workers running inside the server process.
+
+Nothing heavy is imported here: the API starts in about a second and keeps answering while a
+worker trains; torch is loaded by the prediction runner on the first prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tunery import __version__
+from tunery.server import errors
+from tunery.server.routes import ROUTERS
+from tunery.server.runner import PredictionRunner
+from tunery.settings import Settings, get_settings
+from tunery.store.store import Store
+
+#: Blocking routes run on worker threads; `Prefer: wait` holds one for up to a minute, so allow many.
+THREADS = 100
+#: What a multipart body may carry beyond the file itself (boundaries, headers, small fields).
+MULTIPART_SLACK = 64 * 1024
+
+
+def base_model_entries() -> list[tuple[str, str | None, str]]:
+    """(name, description, base_name) of every registered base model, listed as tunery/<name>."""
+    from tunery.models.registry import REGISTRY
+
+    return [(entry.name, entry.description, entry.name) for entry in REGISTRY.values()]
+
+
+def create_app(
+    settings: Settings | None = None, *, store: Store | None = None, start_workers: bool | None = None
+) -> FastAPI:
+    """The API application. At startup it opens the store (`store`, or one on settings.db_url,
+    migrated to the newest schema), registers the base models, starts the prediction runner and,
+    unless `start_workers` is False, the webhook sender and settings.embedded_workers training
+    workers (at least one when `start_workers` is True); at shutdown it stops them all. A store
+    passed in is not closed."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        own = store is None
+        the_store = store or Store(settings.db_url, base_url=_store_base_url(settings))
+        the_store.ensure_base_models(base_model_entries())
+        runner = PredictionRunner(the_store)
+        runner.start()
+        workers = _start_workers(the_store, settings, start_workers)
+        app.state.store, app.state.runner = the_store, runner
+        try:
+            yield
+        finally:
+            if workers is not None:
+                workers.stop()
+            runner.stop()
+            if own:
+                the_store.close()
+
+    app = FastAPI(
+        title="tunery",
+        version=__version__,
+        description="Fine-tune Llama-family models and run them, through Replicate's HTTP API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes + MULTIPART_SLACK)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, Any]:
+        """Unauthenticated liveness probe."""
+        return {"status": "ok", "version": __version__}
+
+    return app
+
+
+def _store_base_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return (settings.public_url or f"http://{host}:{settings.port}").rstrip("/")
+
+
+def _start_workers(store: Store, settings: Settings, start: bool | None) -> Any:
+    """The embedded training workers plus the webhook sender, started; None when `start` is False.
+    With settings.embedded_workers == 0 only the sender runs (trainings go to `tunery worker`s)."""
+    if start is False:
+        return None
+    from tunery.worker.service import EmbeddedWorkers
+
+    count = max(1, settings.embedded_workers) if start else max(0, settings.embedded_workers)
+    return EmbeddedWorkers(store, settings, count=count).start()
+
+
+class UploadLimit:
+    """Refuse an upload (413) by its Content-Length before reading it, so an oversized body never
+    reaches the disk. (A body without a length is counted while it is saved instead.)"""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                response = errors.problem(
+                    413,
+                    f"file too large: the limit is {self.limit - MULTIPART_SLACK} bytes",
+                    title="Payload too large",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

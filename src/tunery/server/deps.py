@@ -1,0 +1,128 @@
+"""The typed dependencies every route declares: settings, store, predictions runner, the public
+base URL, the authenticated owner, and list paging. Routes take these and nothing global."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
+
+from fastapi import Depends, Query, Request
+
+from tunery.server.errors import ApiError, not_found
+from tunery.server.runner import PredictionRunner
+from tunery.settings import Settings
+from tunery.store.models import Model, Version
+from tunery.store.pages import Page
+from tunery.store.store import Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_runner(request: Request) -> PredictionRunner:
+    return request.app.state.runner
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+RunnerDep = Annotated[PredictionRunner, Depends(get_runner)]
+
+
+def public_base_url(request: Request, settings: SettingsDep) -> str:
+    """Where clients reach this server, without a trailing slash: settings.public_url when set
+    (behind a proxy), else the scheme and host the request came in on."""
+    return (settings.public_url or str(request.base_url)).rstrip("/")
+
+
+BaseUrl = Annotated[str, Depends(public_base_url)]
+
+_SCHEMES = ("bearer", "token")
+
+
+def current_owner(request: Request, store: StoreDep) -> str:
+    """The owner whose token authorizes this request (`Authorization: Bearer <token>` or
+    `Token <token>`). Raises a 401 problem when the header is missing, malformed or unknown."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    owner = store.owner_for_token(token.strip()) if scheme.lower() in _SCHEMES and token.strip() else None
+    if owner is None:
+        raise ApiError(
+            401,
+            "You did not pass a valid authentication token: send 'Authorization: Bearer <token>' "
+            "(create one with `tunery tokens create --owner NAME`)",
+            title="Unauthenticated",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return owner
+
+
+Owner = Annotated[str, Depends(current_owner)]
+
+
+class Paging:
+    """The `cursor` and `limit` of a list request, and the rendering of a store Page as
+    Replicate's `{"next", "previous", "results"}` with absolute URLs the client follows as given."""
+
+    def __init__(
+        self,
+        request: Request,
+        base: BaseUrl,
+        cursor: Annotated[str | None, Query(description="Opaque cursor from a previous page's URLs.")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Results per page.")] = 100,
+    ):
+        self.cursor = cursor
+        self.limit = limit
+        self._url = base + request.url.path
+        self._explicit_limit = "limit" in request.query_params
+
+    def render(self, page: Page, item: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "next": self._link(page.next_cursor),
+            "previous": self._link(page.previous_cursor),
+            "results": [item(row) for row in page.items],
+        }
+
+    def _link(self, cursor: str | None) -> str | None:
+        if cursor is None:
+            return None
+        query = {"cursor": cursor} | ({"limit": self.limit} if self._explicit_limit else {})
+        return f"{self._url}?{urlencode(query)}"
+
+
+PagingDep = Annotated[Paging, Depends()]
+
+
+def own_hosts(request: Request, base: BaseUrl) -> set[str]:
+    """The host[:port] names this server is reached by (its public URL's and this request's), to
+    recognise URLs that point back at it."""
+    return {urlsplit(base).netloc, request.url.netloc}
+
+
+OwnHosts = Annotated[set[str], Depends(own_hosts)]
+
+
+def path_model(model_owner: str, model_name: str, owner: Owner, store: StoreDep) -> Model:
+    """The model named by the path, if the caller may see it (its own, or public); else 404."""
+    model = store.get_model(owner, model_owner, model_name)
+    if model is None:
+        raise not_found(f"model {model_owner}/{model_name}")
+    return model
+
+
+PathModel = Annotated[Model, Depends(path_model)]
+
+
+def path_version(model: PathModel, version_id: str, store: StoreDep) -> Version:
+    """The version named by the path, of the path's model; else 404."""
+    version = store.get_version(model.id, version_id)
+    if version is None:
+        raise not_found(f"version {model.owner}/{model.name}:{version_id}")
+    return version
+
+
+PathVersion = Annotated[Version, Depends(path_version)]

@@ -1,0 +1,7 @@
+"""The /v1 routers, one module per kind of object."""
+
+from tunery.server.routes import account, files, models, predictions, trainings
+
+ROUTERS = [models.router, trainings.router, files.router, predictions.router, account.router]
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,56 @@
+"""Models and their versions: base models (owner "tunery", public) and the callers' own
+destination models, which trainings push new versions to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, PathVersion, StoreDep
+from tunery.server.errors import ApiError, invalid
+from tunery.server.schemas import ModelCreate
+from tunery.store.objects import model_json, version_json
+from tunery.store.store import Conflict
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("", status_code=201)
+def create_model(body: ModelCreate, owner: Owner, store: StoreDep, base: BaseUrl) -> dict[str, Any]:
+    """Create an empty model under the caller's own name (409 if it exists)."""
+    if body.owner != owner:
+        raise invalid(
+            f"owner {body.owner!r}: you can only create models under your own name {owner!r}",
+            [{"field": "owner", "reason": f"must be {owner!r}"}],
+        )
+    try:
+        model = store.create_model(
+            owner, body.name, description=body.description, visibility=body.visibility, hardware=body.hardware
+        )
+    except Conflict as exc:
+        raise ApiError(409, str(exc), title="Conflict") from None
+    return model_json(model, None, base)
+
+
+@router.get("")
+def list_models(owner: Owner, store: StoreDep, paging: PagingDep, base: BaseUrl) -> dict[str, Any]:
+    """The models the caller can see: its own and the public (base) ones, newest first."""
+    page = store.list_models(owner, cursor=paging.cursor, limit=paging.limit)
+    return paging.render(page, lambda m: model_json(m, store.latest_version(m.id), base))
+
+
+@router.get("/{model_owner}/{model_name}")
+def get_model(model: PathModel, store: StoreDep, base: BaseUrl) -> dict[str, Any]:
+    return model_json(model, store.latest_version(model.id), base)
+
+
+@router.get("/{model_owner}/{model_name}/versions")
+def list_versions(model: PathModel, store: StoreDep, paging: PagingDep) -> dict[str, Any]:
+    page = store.list_versions(model.id, cursor=paging.cursor, limit=paging.limit)
+    return paging.render(page, version_json)
+
+
+@router.get("/{model_owner}/{model_name}/versions/{version_id}")
+def get_version(version: PathVersion) -> dict[str, Any]:
+    return version_json(version)

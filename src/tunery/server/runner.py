@@ -1,0 +1,238 @@
+"""Predictions run inside the server process: one thread takes them from a queue in order and
+streams each through a `Predictor` (one per base model, created on first use, kept loaded).
+
+Each prediction has a `Channel`: the events produced so far and the live listeners (the SSE
+streams), so a client that connects late gets the output so far and then the live events.
+The row is updated at most every FLUSH_SECONDS while text streams and once at the end; the end
+is committed to the store before the channel says "done", so a client that sees "done" and then
+GETs the prediction finds it finished. Nothing here imports torch until the first prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tunery.store.store import Store
+
+if TYPE_CHECKING:
+    from tunery.infer.predict import Predictor, SamplingParams
+
+log = logging.getLogger("tunery.server.predictions")
+
+FLUSH_SECONDS = 0.5
+KEEP_FINISHED = 256  # finished channels kept in memory for late SSE clients (older ones: from the row)
+
+#: Prediction inputs and their SamplingParams names (max_tokens is the newer Replicate models' name).
+SAMPLING_INPUTS = {
+    "max_new_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop_sequences": "stop_sequences",
+    "seed": "seed",
+}
+
+
+def sampling_params(inputs: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a prediction's input (unknown keys are ignored, as Cog does). Raises
+    ValueError naming the first bad value, or a missing / non-string prompt."""
+    from tunery.infer.predict import SamplingParams
+
+    if not isinstance(inputs.get("prompt"), str):
+        raise ValueError("prompt: required, and must be a string")
+    given = {SAMPLING_INPUTS[k]: v for k, v in inputs.items() if k in SAMPLING_INPUTS and v is not None}
+    return SamplingParams(**given)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: `kind` is output | error | done; `data` is the text piece, the error
+    detail, or the done reason ("" when it succeeded, "canceled", "error")."""
+
+    id: int
+    kind: str
+    data: str
+
+
+class Channel:
+    """The events of one prediction, in order, and the callbacks listening for new ones."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.finished = threading.Event()  # set once "done" is published (the row is final by then)
+        self._listeners: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, kind: str, data: str) -> None:
+        with self._lock:
+            event = Event(len(self.events) + 1, kind, data)
+            self.events.append(event)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(event)
+        if kind == "done":
+            self.finished.set()
+
+    def subscribe(self, listener: Callable[[Event], None]) -> list[Event]:
+        """Register `listener` for future events; returns the events published before it (no
+        event is missed or repeated between the two)."""
+        with self._lock:
+            self._listeners.append(listener)
+            return list(self.events)
+
+    def unsubscribe(self, listener: Callable[[Event], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+@dataclass
+class _Job:
+    id: str
+    base: str
+    weights: str | None
+    input: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class PredictionRunner:
+    """Runs predictions one at a time on a background thread. `start()` it once, `stop()` on shutdown."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: dict[str, _Job] = {}
+        self._channels: OrderedDict[str, Channel] = OrderedDict()
+        self._predictors: dict[str, Predictor] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tunery-predictions", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is running and what is queued (both end as "canceled", so no prediction is
+        left unfinished by a clean shutdown), and wait for the thread to end."""
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancel.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(
+        self, prediction_id: str, *, base: str, weights: str | None, inputs: dict[str, Any]
+    ) -> Channel:
+        """Queue a prediction (its row exists, status "starting"); returns its channel."""
+        job = _Job(prediction_id, base, weights, dict(inputs))
+        with self._lock:
+            self._jobs[prediction_id] = job
+            channel = self._channels[prediction_id] = Channel()
+        self._queue.put(job)
+        return channel
+
+    def use_predictor(self, base: str, predictor: Any) -> None:
+        """Serve the base model named `base` with `predictor` (anything with Predictor.stream's
+        signature): a model loaded elsewhere, or a scripted one in tests."""
+        self._predictors[base] = predictor
+
+    def channel(self, prediction_id: str) -> Channel | None:
+        """The live channel of a prediction submitted since this server started; None otherwise."""
+        with self._lock:
+            return self._channels.get(prediction_id)
+
+    def cancel(self, prediction_id: str) -> None:
+        """Stop the prediction within one token if it is running; a queued one is skipped."""
+        with self._lock:
+            job = self._jobs.get(prediction_id)
+        if job is not None:
+            job.cancel.set()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                self._run(job)
+            except Exception:  # the thread must survive anything one prediction does
+                log.exception("prediction %s crashed the runner", job.id)
+                self._finish(job, "failed", None, {}, "internal error in the prediction runner")
+            finally:
+                with self._lock:
+                    self._jobs.pop(job.id, None)
+                    self._forget_finished()
+
+    def _run(self, job: _Job) -> None:
+        if job.cancel.is_set() or self.store.start_prediction(job.id) is None:
+            self._finish(job, "canceled", None, {})  # canceled (or gone) before it started
+            return
+        pieces: list[str] = []
+        metrics: dict[str, Any] = {}
+        channel = self.channel(job.id)
+        flushed = time.monotonic()
+        try:
+            params = sampling_params(job.input)
+            predictor = self._predictor(job.base)
+            stream = predictor.stream(
+                job.input["prompt"], weights=job.weights, params=params, cancel=job.cancel, metrics=metrics
+            )
+            for piece in stream:
+                pieces.append(piece)
+                if channel is not None:
+                    channel.publish("output", piece)
+                if time.monotonic() - flushed >= FLUSH_SECONDS:
+                    flushed = time.monotonic()
+                    self.store.set_prediction_output(job.id, pieces)
+                    if self.store.is_cancel_requested_prediction(job.id):  # canceled by another process
+                        job.cancel.set()
+        except Exception as exc:  # a bad adapter, a model that fails to load, ...
+            log.warning("prediction %s failed: %s", job.id, exc)
+            self._finish(job, "failed", pieces, metrics, str(exc) or type(exc).__name__)
+            return
+        self._finish(job, "canceled" if job.cancel.is_set() else "succeeded", pieces, metrics)
+
+    def _finish(
+        self,
+        job: _Job,
+        status: str,
+        pieces: list[str] | None,
+        metrics: dict[str, Any],
+        error: str | None = None,
+    ) -> None:
+        """Commit the end to the store, then tell the listeners."""
+        self.store.finish_prediction(
+            job.id,
+            status=status,
+            output=pieces,
+            error=error,
+            metrics={k: v for k, v in metrics.items() if v is not None},
+        )
+        channel = self.channel(job.id)
+        if channel is None:
+            return
+        if error is not None:
+            channel.publish("error", error)
+        channel.publish("done", {"succeeded": "", "canceled": "canceled"}.get(status, "error"))
+
+    def _predictor(self, base: str) -> Predictor:
+        predictor = self._predictors.get(base)
+        if predictor is None:
+            from tunery.infer.predict import Predictor
+
+            predictor = self._predictors[base] = Predictor(base, lazy=True)
+        return predictor
+
+    def _forget_finished(self) -> None:
+        """Drop the oldest finished channels beyond KEEP_FINISHED (called with the lock held)."""
+        finished = [pid for pid, ch in self._channels.items() if ch.finished.is_set()]
+        for pid in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._channels[pid]

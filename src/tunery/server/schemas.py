@@ -1,0 +1,62 @@
+"""Request bodies of the API, as Replicate's clients send them. (Responses are built by
+`tunery.store.objects`, which the webhooks share.) Fields the official client sends that
+tunery has no use for (webhook_completed, github_url, ...) are accepted and ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+
+#: Owner and model names: what Replicate allows in a model's URL.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Webhooks(_Body):
+    webhook: str | None = Field(None, description="http(s) URL to POST the object to as it changes.")
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        None, description="Which events to send: start, output, logs, completed (default: all)."
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class ModelCreate(_Body):
+    """POST /v1/models."""
+
+    owner: str = Field(description="Must be the caller's own account name.")
+    name: str = Field(pattern=NAME_PATTERN, description="Lowercase letters, digits, '.', '_' and '-'.")
+    visibility: Literal["public", "private"] = "private"
+    hardware: str = Field("cpu", max_length=64)
+    description: str | None = None
+
+
+class TrainingCreate(_Webhooks):
+    """POST /v1/models/{owner}/{name}/versions/{id}/trainings."""
+
+    destination: str = Field(description="The model ('owner/name') the trained version is pushed to.")
+    input: dict[str, Any] = Field(default_factory=dict, description="The training inputs (TrainingInputs).")
+
+
+class PredictionCreate(_Webhooks):
+    """POST /v1/predictions (with `version`) and POST /v1/models/{owner}/{name}/predictions."""
+
+    version: str | None = Field(None, description="A version id, or 'owner/name:id', or 'owner/name'.")
+    input: dict[str, Any] = Field(
+        description="prompt, max_new_tokens, temperature, top_p, top_k, stop_sequences, seed."
+    )
+    stream: bool = False

@@ -1,0 +1,201 @@
+"""Check a training request completely before anything is queued.
+
+`prepare_job` runs every check a worker would otherwise fail on minutes later: destination,
+base version, the typed inputs, and the data itself (fetched, every line validated, enough rows
+left to train on). It writes no row; it returns the `job` the worker runs (the validated inputs
+with the data as local paths, plus the base model), or raises an ApiError naming every problem.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ValidationError
+
+from tunery.errors import DataError, TuneryError
+from tunery.server.errors import ApiError, invalid, not_found
+from tunery.server.schemas import TrainingCreate
+from tunery.settings import Settings
+from tunery.spec import TrainingInputs, format_validation_error
+from tunery.store.models import Model, Version
+from tunery.store.store import Store
+
+_FILE_PATH = re.compile(r"^/v1/files/([A-Za-z0-9]+)(?:/download)?/?$")
+_MAX_LISTED = 1000  # line errors returned in one answer (the detail shows the first 20)
+
+
+def prepare_job(
+    store: Store,
+    settings: Settings,
+    *,
+    owner: str,
+    base: Model,
+    version: Version,
+    body: TrainingCreate,
+    own_hosts: set[str],
+) -> dict[str, Any]:
+    """The job for a valid request to train `base` at `version`; raises ApiError otherwise.
+
+    `own_hosts` are the host:port names this server answers to, so a URL of one of the caller's
+    uploaded files is read from disk instead of downloaded. Downloads go to a folder of this
+    request's own (two trainings never share a downloaded file), removed again if it fails.
+    """
+    check_destination(store, owner, body.destination)
+    if not base.is_base or version.weights_path is not None:
+        raise invalid(
+            f"version {base.owner}/{base.name}:{version.id} is a trained version; "
+            "train a base model's version (GET /v1/models lists them)"
+        )
+    inputs = parse_training_inputs(body.input)
+    downloads = settings.download_dir / secrets.token_hex(8)
+    try:
+        job = inputs.model_dump()
+        train_path = _resolve(store, settings, owner, "train_data", inputs.train_data, own_hosts, downloads)
+        job["train_data"] = str(train_path[0])
+        val_path = None
+        if inputs.validation_data and inputs.run_validation:
+            val_path = _resolve(
+                store, settings, owner, "validation_data", inputs.validation_data, own_hosts, downloads
+            )
+            job["validation_data"] = str(val_path[0])
+        _check_data(inputs, train_path, val_path)
+    except BaseException:
+        shutil.rmtree(downloads, ignore_errors=True)
+        raise
+    job["base"] = version.base_name
+    return job
+
+
+def check_destination(store: Store, owner: str, destination: str) -> Model:
+    """The caller's own model named by `destination` ("owner/name"); 422 when malformed, 404
+    when it does not exist or belongs to someone else."""
+    dest_owner, slash, dest_name = destination.partition("/")
+    if not slash or not dest_owner or not dest_name or "/" in dest_name:
+        raise invalid(
+            f"destination {destination!r} must be 'owner/name'",
+            [{"field": "destination", "reason": "must be 'owner/name'"}],
+        )
+    model = store.get_model(owner, dest_owner, dest_name)
+    if model is None or model.owner != owner or model.is_base:
+        raise not_found(
+            f"destination model {destination} (create it first with POST /v1/models; "
+            "it must be one of your own models)"
+        )
+    return model
+
+
+def parse_training_inputs(data: dict[str, Any]) -> TrainingInputs:
+    """The typed inputs; a 422 listing every bad field (unknown, wrong type, out of range,
+    inconsistent) otherwise."""
+    try:
+        return TrainingInputs.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            reason = err["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                reason = "unknown input (not a training input of this model)"
+            if not field:  # a check across fields: name the field its message starts with
+                first = reason.split(" ", 1)[0]
+                field = first if first in TrainingInputs.model_fields else "input"
+            errors.append({"field": field, "reason": reason})
+        raise invalid(format_validation_error(exc), errors, title="Invalid training input") from None
+
+
+def _resolve(
+    store: Store,
+    settings: Settings,
+    owner: str,
+    field: str,
+    source: str,
+    own_hosts: set[str],
+    downloads: Path,
+) -> tuple[Path, str]:
+    """(local path, name for messages) of a data source: one of the caller's uploaded files (by
+    its URL), an http(s) URL (downloaded now, size-capped), or a local path if the server allows."""
+    from tunery.data import fetch
+
+    parts = urlsplit(source) if "://" in source else None
+    if parts is not None and parts.scheme in ("http", "https"):
+        own = _FILE_PATH.match(parts.path)
+        if own and parts.netloc in own_hosts:
+            row = store.get_file(owner, own.group(1))
+            if row is None or not Path(row.path).is_file():
+                raise invalid(
+                    f"{field}: no file {own.group(1)} among your uploaded files",
+                    [{"field": field, "reason": f"no uploaded file {own.group(1)}"}],
+                )
+            return Path(row.path), row.name
+        # Named in messages without credentials (user:password@, signed-URL query strings).
+        shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        try:
+            path = fetch(source, downloads, max_bytes=settings.max_upload_bytes, allow_local=False)
+        except TuneryError as exc:
+            raise invalid(f"{field}: {exc}", [{"field": field, "reason": str(exc)}]) from None
+        return path, shown
+    if not settings.allow_local_paths:
+        reason = (
+            "local paths are not allowed on this server: upload the file with POST /v1/files and "
+            "pass its URL, or give an http(s):// URL"
+        )
+        raise invalid(f"{field}: {reason}", [{"field": field, "reason": reason}])
+    try:
+        return fetch(source, settings.download_dir, allow_local=True), source
+    except TuneryError as exc:
+        raise invalid(f"{field}: {exc}", [{"field": field, "reason": str(exc)}]) from None
+
+
+def _check_data(inputs: TrainingInputs, train: tuple[Path, str], validation: tuple[Path, str] | None) -> None:
+    """Every line of the data valid, and enough rows to train on; a 422 listing the problems."""
+    from tunery.data import read_jsonl, split_train_validation
+
+    datasets = []
+    errors = []
+    details = []
+    for path, name in [train] + ([validation] if validation else []):
+        try:
+            datasets.append(read_jsonl(path, name=name))
+        except DataError as exc:
+            errors += [e.as_dict() for e in exc.errors]
+            details.append(str(exc))
+        except TuneryError as exc:
+            errors.append({"file": name, "line": None, "field": None, "reason": str(exc)})
+            details.append(str(exc))
+    if errors:
+        raise ApiError(
+            422,
+            "invalid training data:\n" + "\n".join(details),
+            title="Invalid training data",
+            errors=errors[:_MAX_LISTED],
+        )
+    if validation and datasets[1].format != datasets[0].format:
+        reason = (
+            f"{validation[1]} has {datasets[1].format} rows but {train[1]} has {datasets[0].format} rows; "
+            "training and validation data must use the same format"
+        )
+        raise ApiError(
+            422,
+            reason,
+            title="Invalid training data",
+            errors=[{"file": validation[1], "line": None, "field": "validation_data", "reason": reason}],
+        )
+    try:
+        split_train_validation(
+            datasets[0],
+            datasets[1] if validation else None,
+            num_validation_samples=inputs.num_validation_samples,
+            run_validation=inputs.run_validation,
+        )
+    except TuneryError as exc:
+        raise ApiError(
+            422,
+            str(exc),
+            title="Invalid training data",
+            errors=[{"file": train[1], "line": None, "field": "num_validation_samples", "reason": str(exc)}],
+        ) from None

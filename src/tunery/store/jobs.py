@@ -1,0 +1,308 @@
+"""The job lifecycle: trainings (claimed by workers under a lease) and predictions.
+
+Who moves a job where is in `models.Status`. Every change a webhook reports queues its
+delivery in the same transaction (see outbox.py). A worker's writes are ignored once it no
+longer holds the lease, so a worker that was presumed dead can not overwrite the work of
+the one that took its job over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from tunery.store import outbox
+from tunery.store.models import TERMINAL, Model, Prediction, Training, Version, utcnow
+from tunery.store.pages import Page, paginate
+
+# A job whose worker died this many times is failed rather than claimed again: it is
+# probably what kills them (out of memory, say).
+MAX_TRAINING_ATTEMPTS = 5
+
+
+class JobsMixin:
+    """Trainings and predictions; mixed into Store, whose sessions and base_url it uses."""
+
+    base_url: str
+
+    def session(self) -> contextlib.AbstractContextManager[Session]:  # provided by Store
+        raise NotImplementedError
+
+    def _reading(self) -> contextlib.AbstractContextManager[Session]:  # provided by Store
+        raise NotImplementedError
+
+    # -- trainings: the API's side ------------------------------------------------------------
+
+    def create_training(self, owner: str, *, model: str, version_id: str, destination: str,
+                        input: dict[str, Any], job: dict[str, Any], webhook: str | None = None,
+                        webhook_events_filter: list[str] | None = None) -> Training:
+        """Queue a training (status "starting") of `model`'s version `version_id` into `destination`."""
+        with self.session() as s:
+            row = Training(owner=owner, model=model, version_id=version_id, destination=destination,
+                           input=input, job=job, webhook=webhook, webhook_events_filter=webhook_events_filter)
+            s.add(row)
+            _count_run(s, model)
+        return row
+
+    def get_training(self, owner: str, training_id: str) -> Training | None:
+        with self._reading() as s:
+            return s.scalar(select(Training).where(Training.id == training_id, Training.owner == owner))
+
+    def load_training(self, training_id: str) -> Training | None:
+        """A training whoever owns it (for workers and tests, never for the API)."""
+        with self._reading() as s:
+            return s.get(Training, training_id)
+
+    def list_trainings(self, owner: str, *, cursor: str | None = None, limit: int = 100) -> Page:
+        with self._reading() as s:
+            stmt = select(Training).where(Training.owner == owner)
+            return paginate(s, stmt, Training.created_at, Training.id, cursor, limit)
+
+    def cancel_training(self, owner: str, training_id: str) -> Training | None:
+        """Cancel: a queued training is canceled at once; a running one is flagged, and its worker
+        stops it and marks it canceled; a finished one is left as it is. None if not found."""
+        with self.session() as s:
+            row = s.scalar(select(Training).where(Training.id == training_id, Training.owner == owner)
+                           .with_for_update())
+            if row is None or row.status in TERMINAL:
+                return row
+            row.cancel_requested = True
+            if row.status == "starting":
+                self._end_training(s, row, "canceled")
+            return row
+
+    # -- trainings: the worker's side ---------------------------------------------------------
+
+    def claim_training(self, worker_id: str, lease_seconds: float) -> Training | None:
+        """Atomically take the oldest queued training, or a running one whose lease expired (its
+        worker died), for `worker_id` until now + `lease_seconds`. None when there is no work.
+
+        Two workers never get the same job: PostgreSQL locks the row (FOR UPDATE SKIP LOCKED, so
+        the other worker takes the next one), SQLite runs the whole claim under its write lock.
+        """
+        now = utcnow()
+        claimable = or_(Training.status == "starting",
+                        and_(Training.status == "processing", Training.lease_expires_at < now))
+        with self.session() as s:
+            while True:
+                row = s.scalar(select(Training).where(claimable).order_by(Training.created_at, Training.id)
+                               .limit(1).with_for_update(skip_locked=True))
+                if row is None:
+                    return None
+                # Its worker died after a cancel was asked for, or it keeps killing its workers.
+                if row.cancel_requested:
+                    self._end_training(s, row, "canceled")
+                    continue
+                if row.attempts >= MAX_TRAINING_ATTEMPTS:
+                    lost = f"the worker running this training was lost {row.attempts} times"
+                    self._end_training(s, row, "failed", error=lost)
+                    continue
+                first_start = row.started_at is None
+                row.status = "processing"
+                row.lease_owner = worker_id
+                row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+                row.attempts += 1
+                if first_start:
+                    row.started_at = now
+                    outbox.enqueue(s, row, "start", self.base_url)
+                return row
+
+    def _held(self, s: Session, training_id: str, worker_id: str) -> Training | None:
+        """The training, locked, if `worker_id` holds its lease and it is still running."""
+        row = s.get(Training, training_id, with_for_update=True)
+        if row is None or row.status != "processing" or row.lease_owner != worker_id:
+            return None
+        return row
+
+    def heartbeat(self, training_id: str, worker_id: str, lease_seconds: float) -> str:
+        """Extend the worker's lease. Returns "ok"; "cancel" when a cancel was asked for (the lease
+        is still extended, to let the worker stop the job); "lost" when the worker no longer holds
+        the job (another worker took it over, or it is finished): the worker must drop it."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return "lost"
+            row.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+            return "cancel" if row.cancel_requested else "ok"
+
+    def append_training_logs(self, training_id: str, worker_id: str, text: str, *,
+                             metrics: dict[str, Any] | None = None) -> None:
+        """Append `text` (as is: end lines with "\\n") to the logs and merge `metrics` into the
+        metrics; ignored when `worker_id` does not hold the lease."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return
+            if metrics:
+                row.metrics = {**(row.metrics or {}), **metrics}
+            if text:
+                row.logs = (row.logs or "") + text
+                outbox.enqueue(s, row, "logs", self.base_url)
+
+    def release_training(self, training_id: str, worker_id: str) -> bool:
+        """Give a running training back, for another worker (or this one, restarted) to resume at
+        once: the worker is shutting down. Its claim does not count as a lost attempt. False when
+        `worker_id` did not hold it."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return False
+            row.lease_owner = None
+            row.lease_expires_at = utcnow()
+            row.attempts = max(row.attempts - 1, 0)
+            return True
+
+    def set_training_run_dir(self, training_id: str, worker_id: str, run_dir: str) -> None:
+        """Record where the training's files are (ignored without the lease)."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is not None:
+                row.run_dir = run_dir
+
+    def finish_training(self, training_id: str, worker_id: str, *, status: str, error: str | None = None,
+                        metrics: dict[str, Any] | None = None, output: dict[str, Any] | None = None,
+                        ) -> Training | None:
+        """End the training as `status` (failed, canceled or succeeded) and release its lease.
+        None, and nothing changed, when `worker_id` does not hold the lease."""
+        if status not in TERMINAL:
+            raise ValueError(f"not a final status: {status}")
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return None
+            if metrics:
+                row.metrics = {**(row.metrics or {}), **metrics}
+            if output is not None:
+                row.output = output
+            self._end_training(s, row, status, error=error)
+            return row
+
+    def succeed_training(self, training_id: str, worker_id: str, *, run_dir: str, weights_url: str,
+                         metrics: dict[str, Any]) -> tuple[Training, Version] | None:
+        """In one transaction: add a version (the weights in `run_dir`) to the destination model,
+        set the output to {"weights": weights_url, "version": "owner/name:id"} and mark the training
+        succeeded. None, and nothing changed, when `worker_id` does not hold the lease; LookupError
+        when the destination model is gone."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return None
+            dest_owner, _, dest_name = row.destination.partition("/")
+            dest = s.scalar(select(Model).where(Model.owner == dest_owner, Model.name == dest_name))
+            if dest is None:
+                raise LookupError(f"destination model {row.destination} does not exist")
+            trained = s.get(Version, row.version_id)
+            base_name = trained.base_name if trained is not None else str(row.job.get("base", ""))
+            version = Version(model_id=dest.id, base_name=base_name, weights_path=run_dir, training_id=row.id)
+            s.add(version)
+            s.flush()
+            row.run_dir = run_dir
+            row.output = {"weights": weights_url, "version": f"{dest.owner}/{dest.name}:{version.id}"}
+            if metrics:
+                row.metrics = {**(row.metrics or {}), **metrics}
+            self._end_training(s, row, "succeeded")
+            return row, version
+
+    def _end_training(self, s: Session, row: Training, status: str, *, error: str | None = None) -> None:
+        row.status = status
+        if error is not None:
+            row.error = error
+        row.completed_at = utcnow()
+        row.lease_owner = None
+        row.lease_expires_at = None
+        outbox.enqueue(s, row, "completed", self.base_url)
+
+    # -- predictions --------------------------------------------------------------------------
+
+    def create_prediction(self, owner: str, *, model: str, version_id: str, input: dict[str, Any],
+                          stream: bool = False, webhook: str | None = None,
+                          webhook_events_filter: list[str] | None = None) -> Prediction:
+        """Queue a prediction (status "starting") on `model`'s version `version_id`."""
+        with self.session() as s:
+            row = Prediction(owner=owner, model=model, version_id=version_id, input=input, stream=stream,
+                             webhook=webhook, webhook_events_filter=webhook_events_filter)
+            s.add(row)
+            _count_run(s, model)
+        return row
+
+    def get_prediction(self, owner: str, prediction_id: str) -> Prediction | None:
+        with self._reading() as s:
+            return s.scalar(select(Prediction).where(Prediction.id == prediction_id,
+                                                     Prediction.owner == owner))
+
+    def list_predictions(self, owner: str, *, cursor: str | None = None, limit: int = 100) -> Page:
+        with self._reading() as s:
+            stmt = select(Prediction).where(Prediction.owner == owner)
+            return paginate(s, stmt, Prediction.created_at, Prediction.id, cursor, limit)
+
+    def start_prediction(self, prediction_id: str) -> Prediction | None:
+        """starting → processing; None when it is not waiting to start (canceled meanwhile)."""
+        with self.session() as s:
+            row = s.get(Prediction, prediction_id, with_for_update=True)
+            if row is None or row.status != "starting":
+                return None
+            row.status = "processing"
+            row.started_at = utcnow()
+            outbox.enqueue(s, row, "start", self.base_url)
+            return row
+
+    def set_prediction_output(self, prediction_id: str, output: list[str]) -> None:
+        """Replace the output produced so far (a running prediction only)."""
+        with self.session() as s:
+            row = s.get(Prediction, prediction_id, with_for_update=True)
+            if row is None or row.status != "processing":
+                return
+            row.output = list(output)
+            outbox.enqueue(s, row, "output", self.base_url)
+
+    def finish_prediction(self, prediction_id: str, *, status: str, output: list[str] | None = None,
+                          error: str | None = None, metrics: dict[str, Any] | None = None,
+                          ) -> Prediction | None:
+        """End the prediction as `status`; a prediction already finished is returned unchanged."""
+        if status not in TERMINAL:
+            raise ValueError(f"not a final status: {status}")
+        with self.session() as s:
+            row = s.get(Prediction, prediction_id, with_for_update=True)
+            if row is None or row.status in TERMINAL:
+                return row
+            if output is not None:
+                row.output = list(output)
+            if metrics:
+                row.metrics = {**(row.metrics or {}), **metrics}
+            self._end_prediction(s, row, status, error=error)
+            return row
+
+    def cancel_prediction(self, owner: str, prediction_id: str) -> Prediction | None:
+        """Ask to cancel: a prediction not started yet is canceled at once; a running one is
+        flagged for its runner to stop. None if not found."""
+        with self.session() as s:
+            row = s.scalar(select(Prediction).where(Prediction.id == prediction_id, Prediction.owner == owner)
+                           .with_for_update())
+            if row is None or row.status in TERMINAL:
+                return row
+            row.cancel_requested = True
+            if row.status == "starting":
+                self._end_prediction(s, row, "canceled")
+            return row
+
+    def is_cancel_requested_prediction(self, prediction_id: str) -> bool:
+        with self._reading() as s:
+            return bool(s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)))
+
+    def _end_prediction(self, s: Session, row: Prediction, status: str, *, error: str | None = None) -> None:
+        row.status = status
+        if error is not None:
+            row.error = error
+        row.completed_at = utcnow()
+        outbox.enqueue(s, row, "completed", self.base_url)
+
+
+def _count_run(s: Session, model: str) -> None:
+    owner, _, name = model.partition("/")
+    s.execute(update(Model).where(Model.owner == owner, Model.name == name)
+              .values(run_count=Model.run_count + 1))
+

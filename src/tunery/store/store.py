@@ -1,0 +1,261 @@
+"""The store: every query of the service behind one class, so routes and workers never write SQL.
+
+This module holds the catalog (owners and tokens, models, versions, files), secrets and the
+webhook outbox's delivery side; the job lifecycle (trainings, predictions) is in `jobs.py`.
+Every method runs in its own transaction and returns rows that stay readable afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import secrets
+from collections.abc import Iterator
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tunery.store import db, outbox
+from tunery.store.jobs import JobsMixin
+from tunery.store.models import ApiToken, File, Model, Owner, Secret, Version, WebhookDelivery, utcnow
+from tunery.store.pages import Page, paginate
+
+BASE_OWNER = "tunery"
+
+
+class Conflict(Exception):
+    """The row already exists (the API answers 409)."""
+
+
+def base_version_id(name: str) -> str:
+    """The version id of a base model: the same on every installation and after every restart."""
+    return hashlib.sha256(f"tunery-base:{name}".encode()).hexdigest()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store(JobsMixin):
+    """All of the service's state, in the database at `url` (SQLite file or PostgreSQL).
+
+    `base_url` is where clients reach the API; it goes into webhook bodies. With `migrate`, the
+    schema is brought to the newest alembic revision before anything else happens.
+    """
+
+    def __init__(self, url: str, *, base_url: str = "http://127.0.0.1:8000", migrate: bool = True):
+        self.url = url
+        self.base_url = base_url.rstrip("/")
+        self.engine = db.make_engine(url)
+        self._read, self._write = db.session_factories(self.engine)
+        if migrate:
+            db.upgrade(self.engine)
+
+    def close(self) -> None:
+        """Close the database connections (the store can not be used afterwards)."""
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A write transaction: commits when the block ends, rolls back if it raises."""
+        with db.transaction(self._write) as session:
+            yield session
+
+    def _reading(self):
+        return db.transaction(self._read)
+
+    # -- owners and tokens -------------------------------------------------------------------
+
+    def create_token(self, owner: str, label: str | None = None) -> str:
+        """Create an API token for `owner` (creating the owner if new); returns the token itself,
+        which is never stored: only its sha256 is."""
+        token = "tny_" + secrets.token_urlsafe(30)
+        with self.session() as s:
+            if s.get(Owner, owner) is None:
+                s.add(Owner(name=owner))
+                s.flush()
+            s.add(ApiToken(owner=owner, token_hash=hash_token(token), label=label))
+        return token
+
+    def owner_for_token(self, token: str) -> str | None:
+        """The owner a token belongs to; None for an unknown token."""
+        with self._reading() as s:
+            return s.scalar(select(ApiToken.owner).where(ApiToken.token_hash == hash_token(token)))
+
+    # -- models and versions -----------------------------------------------------------------
+
+    def ensure_base_models(self, entries: list[tuple[str, str | None, str]]) -> None:
+        """Make sure each (name, description, base_name) exists as a public base model of owner
+        "tunery" with one version whose id is `base_version_id(name)`. Safe to call at every start,
+        from several processes at once."""
+        for name, description, base_name in entries:
+            for attempt in range(2):
+                try:
+                    self._ensure_base_model(name, description, base_name)
+                    break
+                except IntegrityError:
+                    if attempt:  # the other process's insert won twice: something else is wrong
+                        raise
+
+    def _ensure_base_model(self, name: str, description: str | None, base_name: str) -> None:
+        with self.session() as s:
+            model = s.scalar(select(Model).where(Model.owner == BASE_OWNER, Model.name == name))
+            if model is None:
+                model = Model(owner=BASE_OWNER, name=name, description=description, visibility="public",
+                              is_base=True)
+                s.add(model)
+                s.flush()
+            elif description is not None:
+                model.description = description
+            version = s.get(Version, base_version_id(name))
+            if version is None:
+                s.add(Version(id=base_version_id(name), model_id=model.id, base_name=base_name))
+            else:
+                version.base_name = base_name
+
+    def create_model(self, owner: str, name: str, *, description: str | None = None,
+                     visibility: str = "private", hardware: str = "cpu") -> Model:
+        """Create the model `owner/name`; raises Conflict if it exists."""
+        try:
+            with self.session() as s:
+                if s.scalar(select(Model.id).where(Model.owner == owner, Model.name == name)) is not None:
+                    raise Conflict(f"model {owner}/{name} already exists")
+                model = Model(owner=owner, name=name, description=description, visibility=visibility,
+                              hardware=hardware)
+                s.add(model)
+        except IntegrityError as exc:
+            raise Conflict(f"model {owner}/{name} already exists") from exc
+        return model
+
+    @staticmethod
+    def _visible(viewer: str):
+        return or_(Model.owner == viewer, Model.visibility == "public")
+
+    def get_model(self, viewer: str, owner: str, name: str) -> Model | None:
+        """The model `owner/name`, or None when it does not exist or is private to someone else."""
+        with self._reading() as s:
+            return s.scalar(select(Model).where(Model.owner == owner, Model.name == name,
+                                                self._visible(viewer)))
+
+    def list_models(self, viewer: str, *, cursor: str | None = None, limit: int = 100) -> Page:
+        """The models `viewer` may see (its own and public ones), newest first."""
+        with self._reading() as s:
+            stmt = select(Model).where(self._visible(viewer))
+            return paginate(s, stmt, Model.created_at, Model.id, cursor, limit)
+
+    def latest_version(self, model_id: int) -> Version | None:
+        """The model's newest version; None when it has none yet."""
+        with self._reading() as s:
+            return s.scalar(select(Version).where(Version.model_id == model_id)
+                            .order_by(Version.created_at.desc(), Version.id.desc()).limit(1))
+
+    def list_versions(self, model_id: int, *, cursor: str | None = None, limit: int = 100) -> Page:
+        """The model's versions, newest first."""
+        with self._reading() as s:
+            stmt = select(Version).where(Version.model_id == model_id)
+            return paginate(s, stmt, Version.created_at, Version.id, cursor, limit)
+
+    def get_version(self, model_id: int, version_id: str) -> Version | None:
+        """The version `version_id` of this model; None if it belongs to another model."""
+        with self._reading() as s:
+            return s.scalar(select(Version).where(Version.model_id == model_id, Version.id == version_id))
+
+    def find_version(self, viewer: str, version_id: str) -> tuple[Model, Version] | None:
+        """A version by its bare id, with its model, if `viewer` may see that model."""
+        with self._reading() as s:
+            row = s.execute(select(Model, Version).join(Version, Version.model_id == Model.id)
+                            .where(Version.id == version_id, self._visible(viewer))).first()
+            return (row[0], row[1]) if row else None
+
+    # -- files -------------------------------------------------------------------------------
+
+    def create_file(self, owner: str, *, name: str, content_type: str, size: int, sha256: str, md5: str,
+                    path: str, meta: dict | None = None) -> File:
+        """Record an uploaded file already written to `path`."""
+        with self.session() as s:
+            row = File(owner=owner, name=name, content_type=content_type, size=size, sha256=sha256, md5=md5,
+                       path=path, meta=meta or {})
+            s.add(row)
+        return row
+
+    def get_file(self, owner: str, file_id: str) -> File | None:
+        with self._reading() as s:
+            return s.scalar(select(File).where(File.id == file_id, File.owner == owner))
+
+    def list_files(self, owner: str, *, cursor: str | None = None, limit: int = 100) -> Page:
+        with self._reading() as s:
+            stmt = select(File).where(File.owner == owner)
+            return paginate(s, stmt, File.created_at, File.id, cursor, limit)
+
+    def delete_file(self, owner: str, file_id: str) -> bool:
+        """Delete the file's row (its bytes on disk are the caller's); False if there was none."""
+        with self.session() as s:
+            row = s.scalar(select(File).where(File.id == file_id, File.owner == owner))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    # -- secrets and webhook deliveries ------------------------------------------------------
+
+    def webhook_secret(self) -> str:
+        """The key webhooks are signed with ("whsec_" + base64 of 32 random bytes), made once."""
+        with self._reading() as s:
+            row = s.get(Secret, "webhook")
+            if row is not None:
+                return row.value
+        value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        try:
+            with self.session() as s:
+                s.add(Secret(name="webhook", value=value))
+        except IntegrityError:  # another process made it first: use theirs
+            pass
+        with self._reading() as s:
+            return s.get(Secret, "webhook").value
+
+    def due_webhooks(self, limit: int = 50) -> list[WebhookDelivery]:
+        """Deliveries due now, oldest first. Each is held for this caller for a minute, so that
+        several senders (server, worker processes) do not post the same one twice."""
+        now = utcnow()
+        with self.session() as s:
+            rows = list(s.scalars(
+                select(WebhookDelivery)
+                .where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.attempts < outbox.MAX_ATTEMPTS,
+                       WebhookDelivery.next_attempt_at <= now)
+                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ))
+            for row in rows:
+                row.next_attempt_at = now + outbox.CLAIM
+        return rows
+
+    def mark_webhook(self, delivery_id: int, *, ok: bool, error: str | None = None,
+                     final: bool = False) -> None:
+        """Record a delivery attempt: done when `ok`, else retried after an exponential backoff,
+        and given up after MAX_ATTEMPTS attempts (at once when `final`: retrying can not help)."""
+        with self.session() as s:
+            row = s.get(WebhookDelivery, delivery_id, with_for_update=True)
+            if row is None or row.delivered_at is not None:
+                return
+            now = utcnow()
+            row.attempts += 1
+            if ok:
+                row.delivered_at = now
+                row.last_error = None
+            else:
+                row.last_error = (error or "failed")[:2000]
+                row.next_attempt_at = now + outbox.backoff(row.attempts)
+                if final:
+                    row.attempts = max(row.attempts, outbox.MAX_ATTEMPTS)
+
+    def webhook_deliveries(self, object_id: str) -> list[WebhookDelivery]:
+        """Every delivery queued for a training or prediction, oldest first (for tests and debugging)."""
+        with self._reading() as s:
+            return list(s.scalars(select(WebhookDelivery).where(WebhookDelivery.object_id == object_id)
+                                  .order_by(WebhookDelivery.id)))
+
+
+__all__ = ["BASE_OWNER", "Conflict", "Page", "Store", "base_version_id"]

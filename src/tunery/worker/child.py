@@ -1,0 +1,58 @@
+"""The child process that runs one training: `python -m tunery.worker.child JOB.json`.
+
+The worker starts it in its own process group, so that a cancel can stop it with everything
+it started, and so that a crash or an out-of-memory kill fails the job, not the worker. The job
+file holds the training inputs, the base, the run directory, whether to resume, where to write
+events, the settings, and the worker's pid. Exit status 0 means the training succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Stop this process when its worker is gone (killed with SIGKILL, say): another worker
+    resumes the job after the lease expires, and must not find this one still writing."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m tunery.worker.child JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    _die_with_parent(job["parent_pid"])
+
+    from tunery.settings import Settings
+    from tunery.train.recipe import train
+
+    train(
+        job["inputs"],
+        base=job["base"],
+        output_dir=job["run_dir"],
+        resume=job["resume"],
+        events=job["events"],
+        progress=False,
+        settings=Settings(**job["settings"]),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    # An exception's traceback goes to stderr, which the worker keeps; the `failed` event has
+    # already been written by train() itself.
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,262 @@
+"""The training worker: claims a training, runs it in a child process, reports as it goes.
+
+One worker runs one training at a time. While the child trains, the worker tails its event
+file into the training's logs and metrics, and heartbeats to keep its lease; the heartbeat's
+answer is how a cancel (or the loss of the job to another worker) reaches it. A worker that
+dies stops heartbeating; when its lease expires another worker claims the training again and
+the child resumes from the last checkpoint in the same run directory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tunery.settings import Settings
+from tunery.store.models import Training
+from tunery.store.store import Store
+from tunery.worker.progress import Progress
+
+log = logging.getLogger("tunery.worker")
+
+FLUSH_INTERVAL = 1.0  # seconds between writes of new logs/metrics to the store
+POLL = 0.2  # seconds between looks at the child
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def drop_torn_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete checkpoints that a killed run left half-written, so that a resume starts from the
+    newest complete one. The Trainer writes trainer_state.json last: a folder without it is torn."""
+    torn = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+            if p.is_dir() and not (p / "trainer_state.json").is_file()]
+    for path in torn:
+        shutil.rmtree(path, ignore_errors=True)
+    return torn
+
+
+class Worker:
+    """Runs trainings from `store`, one at a time, with files under `settings.artifacts_dir`.
+
+    `heartbeat_interval` defaults to a third of the lease, at most 2 s (the heartbeat is how a
+    cancel arrives); `kill_grace` is how long a stopped child gets between SIGTERM and SIGKILL.
+    """
+
+    def __init__(self, store: Store, settings: Settings, *, worker_id: str | None = None,
+                 poll_interval: float = 1.0, heartbeat_interval: float | None = None,
+                 kill_grace: float = 3.0):
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self.poll_interval = poll_interval
+        self.lease_seconds = settings.lease_seconds
+        self.heartbeat_interval = heartbeat_interval or max(0.2, min(2.0, self.lease_seconds / 3))
+        self.kill_grace = kill_grace
+        self.child: subprocess.Popen | None = None  # the training process running now, if any
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Run trainings until `stop_event` is set. A training still running then is stopped and
+        handed back at once, for another worker (or this one, restarted) to resume."""
+        log.info("worker %s started", self.worker_id)
+        while not stop_event.is_set():
+            try:
+                ran = self.run_once(stop_event)
+            except Exception:  # the database went away, say: keep polling until it is back
+                log.exception("worker %s: claiming a training failed", self.worker_id)
+                ran = False
+            if not ran:
+                stop_event.wait(self.poll_interval)
+        log.info("worker %s stopped", self.worker_id)
+
+    def run_once(self, stop_event: threading.Event | None = None) -> bool:
+        """Claim one training and run it to its end; False when there was none to claim."""
+        training = self.store.claim_training(self.worker_id, self.lease_seconds)
+        if training is None:
+            return False
+        log.info("worker %s: running training %s (attempt %d)", self.worker_id, training.id,
+                 training.attempts)
+        try:
+            _Run(self, training, stop_event or threading.Event()).run()
+        except Exception as exc:
+            log.exception("worker %s: training %s", self.worker_id, training.id)
+            self.store.finish_training(training.id, self.worker_id, status="failed",
+                                       error=f"worker error: {type(exc).__name__}: {exc}")
+        return True
+
+
+class _Run:
+    """One attempt at one training, from starting the child to the final state."""
+
+    def __init__(self, worker: Worker, training: Training, stop_event: threading.Event):
+        self.worker = worker
+        self.store = worker.store
+        self.id = training.id
+        self.training = training
+        self.stop_event = stop_event
+        self.run_dir = worker.settings.artifacts_dir / "trainings" / training.id
+        attempt_dir = self.run_dir / "attempts"
+        prefix = f"{training.attempts}-{secrets.token_hex(2)}"
+        self.job_path = attempt_dir / f"{prefix}.job.json"
+        self.events_path = attempt_dir / f"{prefix}.events.jsonl"
+        self.output_path = attempt_dir / f"{prefix}.output.log"
+        self.progress = Progress(training.metrics)
+
+    def run(self) -> None:
+        worker, training = self.worker, self.training
+        # No child of an earlier attempt still runs here: it dies with its worker (see child.py),
+        # well before that worker's lease expires and this attempt could begin.
+        torn = drop_torn_checkpoints(self.run_dir)
+        resume = training.attempts > 1 or has_checkpoints(self.run_dir)
+        self.job_path.parent.mkdir(parents=True, exist_ok=True)
+        self.events_path.touch()
+        job = dict(training.job)
+        base = str(job.pop("base", "") or "smollm2-135m")
+        self.job_path.write_text(json.dumps({
+            "inputs": job, "base": base, "run_dir": str(self.run_dir), "resume": resume,
+            "events": str(self.events_path), "settings": worker.settings.model_dump(mode="json"),
+            "parent_pid": os.getpid(),
+        }), encoding="utf-8")
+        self.store.set_training_run_dir(self.id, worker.worker_id, str(self.run_dir))
+        how = "resuming from the last checkpoint" if resume else "starting"
+        note = "".join(f"dropped the incomplete checkpoint {p.name}\n" for p in torn)
+        header = f"worker {worker.worker_id}: attempt {training.attempts}, {how}\n"
+        self.store.append_training_logs(self.id, worker.worker_id, header + note)
+
+        with open(self.output_path, "wb") as output:
+            proc = subprocess.Popen([sys.executable, "-m", "tunery.worker.child", str(self.job_path)],
+                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        worker.child = proc
+        try:
+            ending = self._watch(proc)
+        finally:
+            self._kill(proc)
+            worker.child = None
+        if ending is None:
+            self._finish(proc.returncode)
+
+    def _watch(self, proc: subprocess.Popen) -> str | None:
+        """Follow the child until it exits (None), or until the job is canceled, lost, or the
+        worker stops ("canceled", "lost", "released"), having dealt with each of those."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        worker = self.worker
+        next_beat = time.monotonic() + worker.heartbeat_interval
+        next_flush = time.monotonic()
+        with open(self.events_path, "rb") as events:
+            while True:
+                exited = proc.poll() is not None
+                self.progress.feed_text(decoder.decode(events.read()))
+                if exited:
+                    self._flush()
+                    return None
+                if time.monotonic() >= next_flush:
+                    self._flush()
+                    next_flush = time.monotonic() + FLUSH_INTERVAL
+                if self.stop_event.is_set():
+                    self._kill(proc)
+                    self._flush()
+                    self.store.release_training(self.id, worker.worker_id)
+                    return "released"
+                if time.monotonic() >= next_beat:
+                    answer = self._heartbeat()
+                    next_beat = time.monotonic() + worker.heartbeat_interval
+                    if answer == "lost":
+                        log.warning("worker %s: training %s was taken over; stopping it here",
+                                    worker.worker_id, self.id)
+                        self._kill(proc)
+                        return "lost"
+                    if answer == "cancel":
+                        self._kill(proc)
+                        self.progress.feed_text(decoder.decode(events.read()))
+                        self.progress.note("canceled")
+                        self._flush()
+                        self.store.finish_training(self.id, worker.worker_id, status="canceled")
+                        return "canceled"
+                time.sleep(POLL)
+
+    def _heartbeat(self) -> str:
+        try:
+            return self.store.heartbeat(self.id, self.worker.worker_id, self.worker.lease_seconds)
+        except Exception:  # a database hiccup: try again next time; the lease outlasts a few misses
+            log.exception("worker %s: heartbeat for training %s failed", self.worker.worker_id, self.id)
+            return "ok"
+
+    def _flush(self) -> None:
+        text, metrics = self.progress.take()
+        if not (text or metrics):
+            return
+        try:
+            self.store.append_training_logs(self.id, self.worker.worker_id, text, metrics=metrics)
+        except Exception:  # a database hiccup must not cost the training: write it next time
+            log.exception("worker %s: writing logs of training %s failed", self.worker.worker_id, self.id)
+            self.progress.untake(text)
+
+    def _finish(self, returncode: int) -> None:
+        worker, progress = self.worker, self.progress
+        if progress.succeeded is not None and returncode == 0:
+            metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
+            try:
+                done = self.store.succeed_training(
+                    self.id, worker.worker_id, run_dir=str(self.run_dir),
+                    weights_url=f"{self.store.base_url}/v1/trainings/{self.id}/weights", metrics=metrics)
+            except LookupError as exc:
+                self.store.finish_training(self.id, worker.worker_id, status="failed", error=str(exc))
+                return
+            if done is not None:
+                log.info("worker %s: training %s succeeded: %s", worker.worker_id, self.id, done[0].output)
+            return
+        error = progress.failed_error or self._exit_reason(returncode)
+        self.store.finish_training(self.id, worker.worker_id, status="failed", error=error)
+        log.info("worker %s: training %s failed: %s", worker.worker_id, self.id, error)
+
+    def _exit_reason(self, returncode: int) -> str:
+        """Why the child ended without a `failed` event: the tail of its output, or its signal."""
+        try:
+            tail = self.output_path.read_bytes()[-2000:].decode("utf-8", errors="replace").strip()
+        except OSError:
+            tail = ""
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+            reason = f"the training process was killed by {name}{hint}"
+        else:
+            reason = f"the training process exited with status {returncode}"
+        return f"{reason}: {tail}" if tail else reason
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        """Stop the child's whole process group if it still runs: SIGTERM, then SIGKILL for
+        whatever is left after the grace period (processes the child started included)."""
+        if proc.poll() is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(self.worker.kill_grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)  # the child leads its own group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,286 @@
+"""Predictions: Prefer: wait, polling, server-sent events (format, late clients, errors),
+cancel, stop sequences, webhooks' bodies, tenancy. A scripted predictor makes the stream exact;
+the tiny random Llama checks the real thing end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from replicate.stream import EventSource
+
+from test_api_models import assert_problem
+from test_api_support import LiveServer, ScriptedPredictor, wait_for
+from tunery.server.sse import encode, events_from_row
+from tunery.store.models import Prediction, Version
+from tunery.store.store import base_version_id
+
+PIECES = ["Hello", " world", ",\nsecond line", "  two spaces", "!"]
+SCRIPTED = ScriptedPredictor(PIECES)
+FAKE = base_version_id("fake")
+SLOW = base_version_id("slow")
+
+
+class Broken:
+    def stream(self, prompt, **kwargs):
+        raise RuntimeError("the model exploded")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    live = LiveServer(tmp_path_factory.mktemp("api-predictions"))
+    live.store.ensure_base_models(
+        [
+            ("fake", "scripted", "fake-base"),
+            ("slow", "scripted, slow", "slow-base"),
+            ("broken", "always fails", "broken-base"),
+            ("tiny", "tiny test model", str(tiny_model_dir)),
+        ]
+    )
+    live.runner.use_predictor("fake-base", SCRIPTED)
+    live.runner.use_predictor("slow-base", ScriptedPredictor([f"w{i} " for i in range(40)], delay=0.1))
+    live.runner.use_predictor("broken-base", Broken())
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(server):
+    with server.client("alice") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    with server.client("bob") as client:
+        yield client
+
+
+def predict(client, version=FAKE, wait: str | None = "wait", **input):
+    headers = {"Prefer": wait} if wait else {}
+    response = client.post(
+        "/v1/predictions", json={"version": version, "input": {"prompt": "Hi", **input}}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def finished(client, prediction_id: str) -> dict:
+    return wait_for(
+        lambda: client.get(f"/v1/predictions/{prediction_id}").json(),
+        lambda p: p["status"] in ("succeeded", "failed", "canceled"),
+    )
+
+
+def sse_text(client, url: str) -> str:
+    with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return response.read().decode()
+
+
+def decode(text: str) -> list:
+    """Events as the official client decodes them."""
+    decoder, events = EventSource.Decoder(), []
+    for line in text.split("\n"):
+        event = decoder.decode(line)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_prefer_wait_returns_the_finished_prediction(server, alice):
+    p = predict(alice)
+    assert p["status"] == "succeeded" and p["output"] == PIECES
+    assert p["model"] == "tunery/fake" and p["version"] == FAKE
+    assert p["metrics"]["predict_time"] >= 0
+    assert p["completed_at"] and p["started_at"] and p["created_at"]
+    assert p["urls"] == {
+        "get": f"{server.url}/v1/predictions/{p['id']}",
+        "cancel": p["urls"]["get"] + "/cancel",
+        "stream": p["urls"]["get"] + "/stream",
+    }
+    assert alice.get(p["urls"]["get"]).json() == p
+
+
+def test_version_forms_and_the_model_route(alice):
+    assert predict(alice, version=f"tunery/fake:{FAKE}")["output"] == PIECES
+    assert predict(alice, version="tunery/fake")["output"] == PIECES
+    response = alice.post(
+        "/v1/models/tunery/fake/predictions", json={"input": {"prompt": "x"}}, headers={"Prefer": "wait=5"}
+    )
+    assert response.status_code == 201 and response.json()["output"] == PIECES
+
+
+def test_without_wait_it_answers_starting_then_polls(alice):
+    p = predict(alice, version=SLOW, wait=None, max_new_tokens=5)
+    assert p["status"] == "starting" and p["output"] is None
+    done = finished(alice, p["id"])
+    assert done["status"] == "succeeded" and "".join(done["output"]) == "w0 w1 w2 w3 w4 "
+
+
+def test_a_wait_that_runs_out_answers_starting_without_output(alice):
+    # The official client polls only on "starting" (any other status of a waited request is final).
+    t0 = time.monotonic()
+    p = predict(alice, version=SLOW, wait="wait=2")
+    assert time.monotonic() - t0 < 5
+    assert p["status"] == "starting" and p["output"] is None
+    assert finished(alice, p["id"])["status"] == "succeeded"
+
+
+def test_sse_wire_format(alice):
+    p = predict(alice)
+    text = sse_text(alice, p["urls"]["stream"])
+    assert text.startswith("event: output\nid: 1\ndata: Hello\n\n")
+    assert "event: output\nid: 2\ndata:  world\n\n" in text  # a leading space survives the client's strip
+    assert "id: 3\ndata: ,\ndata: second line\n\n" in text  # line breaks: one data line each
+    assert text.endswith("event: done\nid: 6\ndata: {}\n\n")
+    events = decode(text)
+    assert [e.event.value for e in events] == ["output"] * 5 + ["done"]
+    assert [e.id for e in events] == [str(i) for i in range(1, 7)]
+    assert "".join(e.data for e in events[:-1]) == "".join(PIECES)
+
+
+def test_sse_encoding_round_trips_through_the_official_decoder():
+    from tunery.server.runner import Event
+
+    for piece in [" a", "  b", "", "\n", "x\r\ny", "tab\t", "data: z", ": not a comment"]:
+        (event,) = decode(encode(Event(7, "output", piece)))
+        assert (event.data, event.id) == (piece.replace("\r\n", "\n"), "7")
+
+
+def test_a_late_client_gets_the_output_so_far_then_live_events(alice):
+    p = predict(alice, version=SLOW, wait=None, max_new_tokens=20)
+    wait_for(lambda: alice.get(p["urls"]["get"]).json(), lambda q: len(q["output"] or []) >= 3)
+    events = decode(sse_text(alice, p["urls"]["stream"]))
+    assert [e.id for e in events] == [str(i) for i in range(1, 22)]
+    assert "".join(e.data for e in events[:-1]) == "".join(f"w{i} " for i in range(20))
+    after = decode(sse_text(alice, p["urls"]["stream"]))  # once finished: the same events again
+    assert [(e.id, e.data) for e in after] == [(e.id, e.data) for e in events]
+
+
+def test_failures_are_reported_everywhere(alice):
+    p = predict(alice, version=base_version_id("broken"))
+    assert p["status"] == "failed" and "exploded" in p["error"]
+    text = sse_text(alice, p["urls"]["stream"])
+    assert 'event: error\nid: 1\ndata: {"detail": "the model exploded"}' in text
+    assert text.endswith('event: done\nid: 2\ndata: {"reason": "error"}\n\n')
+
+
+def test_events_from_a_row_without_a_channel():
+    row = Prediction(id="x", output=["a", " b"], status="canceled")
+    assert [(e.kind, e.data) for e in events_from_row(row)] == [
+        ("output", "a"),
+        ("output", " b"),
+        ("done", "canceled"),
+    ]
+    row = Prediction(id="y", output=None, status="processing")
+    kinds = [e.kind for e in events_from_row(row)]
+    assert kinds == ["error", "done"]
+
+
+def test_cancel_running_and_queued(alice):
+    running = predict(alice, version=SLOW, wait=None)
+    queued = predict(alice, version=SLOW, wait=None)
+    wait_for(lambda: alice.get(running["urls"]["get"]).json(), lambda q: q["status"] == "processing")
+    canceled = alice.post(queued["urls"]["cancel"])
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert alice.post(running["urls"]["cancel"]).status_code == 200
+    done = finished(alice, running["id"])
+    assert done["status"] == "canceled" and len(done["output"] or []) < 40
+    assert sse_text(alice, running["urls"]["stream"]).endswith('data: {"reason": "canceled"}\n\n')
+    assert finished(alice, queued["id"])["output"] is None
+
+
+def test_stop_sequences(alice):
+    p = predict(alice, stop_sequences="ond,xyz")
+    assert "".join(p["output"]) == "Hello world,\nsec"
+
+
+def test_real_model_with_stop_sequences(alice):
+    tiny = base_version_id("tiny")
+    p = predict(alice, version=tiny, max_new_tokens=12, temperature=0)
+    assert p["status"] == "succeeded", p["error"]
+    text = "".join(p["output"])
+    assert all(isinstance(piece, str) for piece in p["output"]) and len(text) > 4
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = predict(alice, version=tiny, max_new_tokens=12, temperature=0, stop_sequences=stop)
+    assert "".join(cut["output"]) == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"version": FAKE, "input": {}}, "prompt"),
+        ({"version": FAKE, "input": {"prompt": 3}}, "prompt"),
+        ({"version": FAKE, "input": {"prompt": "a", "temperature": "hot"}}, "temperature"),
+        ({"version": FAKE, "input": {"prompt": "a", "top_p": 2}}, "top_p"),
+        ({"version": FAKE, "input": {"prompt": "a", "max_new_tokens": 0}}, "max_new_tokens"),
+        ({"version": "0" * 64, "input": {"prompt": "a"}}, "version"),
+        ({"version": "tunery/missing", "input": {"prompt": "a"}}, "version"),
+        ({"input": {"prompt": "a"}}, "version"),
+        ({"version": FAKE}, "input"),
+        ({"version": FAKE, "input": {"prompt": "a"}, "webhook": "ftp://x"}, "webhook"),
+    ],
+)
+def test_bad_requests_are_422_and_create_nothing(server, alice, body, field):
+    before = server.counts()
+    problem = assert_problem(alice.post("/v1/predictions", json=body), 422)
+    assert field in problem["detail"]
+    assert server.counts() == before
+
+
+def test_a_model_without_versions_cannot_run(alice):
+    alice.post(
+        "/v1/models", json={"owner": "alice", "name": "empty", "visibility": "private", "hardware": "cpu"}
+    )
+    assert_problem(alice.post("/v1/models/alice/empty/predictions", json={"input": {"prompt": "a"}}), 422)
+
+
+def test_tenancy_and_listing(server, alice, bob):
+    mine = [predict(alice)["id"] for _ in range(3)]
+    for method, path in [
+        ("GET", f"/v1/predictions/{mine[0]}"),
+        ("POST", f"/v1/predictions/{mine[0]}/cancel"),
+        ("GET", f"/v1/predictions/{mine[0]}/stream"),
+    ]:
+        assert_problem(bob.request(method, path), 404)
+    assert mine[0] not in {p["id"] for p in bob.get("/v1/predictions").json()["results"]}
+    seen, url = [], "/v1/predictions?limit=2"
+    while url:
+        page = alice.get(url).json()
+        seen += [p["id"] for p in page["results"]]
+        url = page["next"]
+    assert set(mine) <= set(seen) and len(seen) == len(set(seen))
+
+
+def test_webhook_bodies_are_the_api_objects(server, alice):
+    response = alice.post(
+        "/v1/predictions",
+        json={"version": FAKE, "input": {"prompt": "x"}, "webhook": "https://example.com/hook"},
+        headers={"Prefer": "wait"},
+    )
+    p = response.json()
+    deliveries = server.store.webhook_deliveries(p["id"])
+    assert [d.event for d in deliveries][0] == "start" and deliveries[-1].event == "completed"
+    assert json.loads(deliveries[-1].body) == alice.get(p["urls"]["get"]).json()
+
+
+def test_a_private_trained_version_runs_for_its_owner_only(server, alice, bob, tmp_path):
+    model = server.store.create_model("alice", "private-m")
+    with server.store.session() as s:
+        s.add(Version(id="e" * 64, model_id=model.id, base_name="fake-base", weights_path=str(tmp_path)))
+    p = predict(alice, version="e" * 64)
+    assert p["status"] == "succeeded" and p["model"] == "alice/private-m"
+    assert SCRIPTED.calls[-1]["weights"] == str(tmp_path)
+    assert alice.get("/v1/models/alice/private-m").json()["latest_version"]["id"] == "e" * 64
+    assert_problem(bob.post("/v1/predictions", json={"version": "e" * 64, "input": {"prompt": "a"}}), 422)
+    assert_problem(
+        bob.post(
+            "/v1/predictions", json={"version": f"alice/private-m:{'e' * 64}", "input": {"prompt": "a"}}
+        ),
+        422,
+    )
+    assert_problem(bob.post("/v1/models/alice/private-m/predictions", json={"input": {"prompt": "a"}}), 404)
+    assert_problem(bob.get(f"/v1/models/alice/private-m/versions/{'e' * 64}"), 404)

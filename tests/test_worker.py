@@ -1,0 +1,151 @@
+"""Workers end to end on the tiny model: two workers share a queue, each training runs once in a
+child process and creates a version; a killed child fails its job; a canceled job stops within seconds."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import write_jsonl
+from tunery.settings import Settings
+from tunery.store import Store, base_version_id
+from tunery.store.testing import fresh_database, pg_url
+from tunery.train.events import read_events
+from tunery.worker.runner import Worker
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    """PostgreSQL when the tests have one (as in CI), else a SQLite file: each training here costs
+    seconds of CPU, so they run once, on the backend that matters most where they run."""
+    backend = "postgresql" if pg_url() else "sqlite"
+    with fresh_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(home=tmp_path / "home", lease_seconds=3.0)
+
+
+@pytest.fixture
+def store(db_url, tiny_model_dir):
+    s = Store(db_url, base_url="http://tunery.test")
+    s.ensure_base_models([("tiny", "a tiny random Llama", str(tiny_model_dir))])
+    s.create_model("alice", "dest")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def data_file(tmp_path, qa_rows):
+    return write_jsonl(tmp_path / "train.jsonl", qa_rows)
+
+
+def queue(store: Store, data_file, tiny_model_dir, **inputs):
+    job = {"train_data": str(data_file), "max_steps": 4, "num_validation_samples": 4, "save_steps": 1,
+           "logging_steps": 1, **inputs}
+    return store.create_training("alice", model="tunery/tiny", version_id=base_version_id("tiny"),
+                                 destination="alice/dest", input={**job, "train_data": "file"},
+                                 job={**job, "base": str(tiny_model_dir)})
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_two_workers_run_each_training_once(store, settings, data_file, tiny_model_dir):
+    trainings = [queue(store, data_file, tiny_model_dir) for _ in range(3)]
+    workers = [Worker(store, settings, worker_id=f"w{i}", poll_interval=0.1) for i in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run_forever, args=(stop,)) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: all(store.load_training(t.id).status in ("succeeded", "failed") for t in trainings),
+                 150, "three trainings to finish")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(w.run_once() for w in workers)  # nothing left
+    dest = store.get_model("alice", "alice", "dest")
+    versions = {v.training_id: v for v in store.list_versions(dest.id).items}
+    assert sorted(versions) == sorted(t.id for t in trainings)
+    for training in trainings:
+        _check_succeeded(store, settings, training.id, versions[training.id], tiny_model_dir)
+
+
+def _check_succeeded(store, settings, training_id, version, tiny_model_dir):
+    row = store.get_training("alice", training_id)
+    assert row.status == "succeeded", row.error
+    assert row.attempts == 1 and row.lease_owner is None and row.completed_at is not None
+    assert row.output == {"weights": f"http://tunery.test/v1/trainings/{training_id}/weights",
+                          "version": f"alice/dest:{version.id}"}
+    run_dir = settings.artifacts_dir / "trainings" / training_id
+    assert (version.weights_path, version.base_name) == (str(run_dir), str(tiny_model_dir))
+    assert (run_dir / "adapter").is_dir() and (run_dir / "training_output.zip").is_file()
+    assert row.run_dir == str(run_dir)
+    assert [e["type"] for e in read_events(run_dir / "events.jsonl")].count("started") == 1
+
+    assert re.match(r"worker w[01]: attempt 1, starting\n", row.logs) and row.logs.count("attempt 1") == 1
+    assert "step 4/4 loss " in row.logs and "tok/s" in row.logs and "data: " in row.logs
+    m = row.metrics
+    assert (m["step"], m["max_steps"]) == (4, 4) and m["loss"] > 0 and m["val_loss"] > 0
+    assert [h["step"] for h in m["history"]] == [1, 2, 3, 4]
+    assert all({"loss", "learning_rate", "tokens_per_second"} <= h.keys() for h in m["history"])
+    assert m["steps"] == 4 and "train_loss" in m  # the run's summary, from the succeeded event
+
+
+def _run_in_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    return thread
+
+
+def test_a_killed_child_fails_its_training(store, settings, data_file, tiny_model_dir):
+    training = queue(store, data_file, tiny_model_dir, max_steps=200, save_steps=1000)
+    worker = Worker(store, settings, worker_id="w1")
+    thread = _run_in_thread(worker)
+    child = wait_for(lambda: worker.child, 30, "the child to start")
+    wait_for(lambda: "step 1/" in store.load_training(training.id).logs, 60, "the first step")
+    os.kill(child.pid, signal.SIGKILL)
+    thread.join(30)
+    row = store.load_training(training.id)
+    assert row.status == "failed" and "killed by SIGKILL" in row.error
+    assert row.lease_owner is None
+
+
+def test_cancel_stops_a_running_training_within_seconds(store, settings, data_file, tiny_model_dir):
+    training = queue(store, data_file, tiny_model_dir, max_steps=200, save_steps=1000)
+    worker = Worker(store, settings, worker_id="w1")
+    thread = _run_in_thread(worker)
+    child = wait_for(lambda: worker.child, 30, "the child to start")
+    wait_for(lambda: "step 1/" in store.load_training(training.id).logs, 60, "the first step")
+
+    asked = time.monotonic()
+    assert store.cancel_training("alice", training.id).status == "processing"
+    wait_for(lambda: store.load_training(training.id).status == "canceled", 10, "the cancel")
+    took = time.monotonic() - asked
+    thread.join(10)
+    assert not thread.is_alive()
+    assert took < 8, took
+    assert child.poll() is not None  # the training process is gone
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.pid, 0)  # and so is its whole process group
+    row = store.load_training(training.id)
+    assert row.logs.endswith("canceled\n") and row.completed_at is not None
+    assert 1 <= row.metrics["step"] < 200
+    events = read_events(settings.artifacts_dir / "trainings" / training.id / "events.jsonl")
+    assert not any(e["type"] == "succeeded" for e in events)
