@@ -53,6 +53,9 @@ def create_app(
         the_store.ensure_base_models(base_model_entries())
         runner = PredictionRunner(the_store)
         runner.start()
+        # Predictions run in this process: any a previous server left unfinished run again now.
+        for row, version in the_store.requeue_unfinished_predictions():
+            runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=row.input)
         workers = _start_workers(the_store, settings, start_workers)
         app.state.store, app.state.runner = the_store, runner
         try:

@@ -293,6 +293,25 @@ class JobsMixin:
         with self._reading() as s:
             return bool(s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)))
 
+    def requeue_unfinished_predictions(self) -> list[tuple[Prediction, Version]]:
+        """Predictions that a server stopped without finishing (a crash, a kill): each goes back to
+        "starting" with its output cleared, for the restarted server to run again, so none is left
+        hanging; one whose cancel was asked for ends as canceled instead. Returns them with their
+        versions, oldest first. Call once at server start."""
+        again: list[tuple[Prediction, Version]] = []
+        with self.session() as s:
+            rows = s.scalars(select(Prediction).where(Prediction.status.in_(("starting", "processing")))
+                             .order_by(Prediction.created_at).with_for_update()).all()
+            for row in rows:
+                version = s.get(Version, row.version_id)
+                if row.cancel_requested or version is None:
+                    self._end_prediction(s, row, "canceled" if row.cancel_requested else "failed",
+                                         error=None if row.cancel_requested else "its version was deleted")
+                    continue
+                row.status, row.output, row.started_at = "starting", None, None
+                again.append((row, version))
+        return again
+
     def _end_prediction(self, s: Session, row: Prediction, status: str, *, error: str | None = None) -> None:
         row.status = status
         if error is not None:
