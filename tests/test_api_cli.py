@@ -137,3 +137,16 @@ def test_serve_command_starts_the_api(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_models_create(server, env):
+    from tunery.cli import models_app
+
+    out = run(models_app, ["create", "alice/summarizer", "--description", "SAMSum summaries"], env).output
+    model = json.loads(out)
+    assert (model["owner"], model["name"], model["visibility"]) == ("alice", "summarizer", "private")
+    assert server.store.get_model("alice", "alice", "summarizer") is not None
+    taken = run(models_app, ["create", "alice/summarizer"], env, code=2).output
+    assert "HTTP 409" in taken
+    wrong = run(models_app, ["create", "bob/x"], env, code=2).output
+    assert "HTTP 422" in wrong

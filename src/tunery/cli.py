@@ -234,11 +234,12 @@ def demo(
 # -- the service ----------------------------------------------------------------------------
 # These modules import neither torch nor transformers at load, so the CLI stays quick to start.
 
-from tunery.server.cli import predictions_app, serve_command, trainings_app  # noqa: E402
+from tunery.server.cli import models_create, predictions_app, serve_command, trainings_app  # noqa: E402
 from tunery.worker.cli import tokens_create, worker_command  # noqa: E402
 
 tokens_app = typer.Typer(help="API tokens for the server.", no_args_is_help=True)
 tokens_app.command("create")(tokens_create)
+models_app.command("create")(models_create)
 app.command("serve")(serve_command)
 app.command("worker")(worker_command)
 app.add_typer(tokens_app, name="tokens")

@@ -251,3 +251,22 @@ def predictions_create(
         sys.stdout.write("\n")
     except TuneryError as exc:
         _fail(exc)
+
+
+def models_create(
+    model: Annotated[str, typer.Argument(help="The new model, 'owner/name' (owner: your token's).")],
+    visibility: Annotated[str, typer.Option(help="private or public.")] = "private",
+    description: Annotated[str | None, typer.Option(help="A line about the model.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Create a destination model on a server (trainings push their versions to it)."""
+    owner, _, name = model.partition("/")
+    try:
+        if not owner or not name:
+            raise TuneryError(f"model must be 'owner/name', got {model!r}")
+        body = {"owner": owner, "name": name, "visibility": visibility, "hardware": "cpu",
+                "description": description}
+        _print(_api(url, token).request("POST", "/v1/models", json=body))
+    except TuneryError as exc:
+        _fail(exc)
