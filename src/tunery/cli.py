@@ -94,6 +94,9 @@ def _train_command(
                                                   "file ('-' for stdout).", rich_help_panel="Run")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.",
                                            rich_help_panel="Run")] = True,
+    test_data: Annotated[Optional[str], typer.Option("--test-data", help="JSONL test set: after the last step "  # noqa: UP045
+                                                     "the tuned model is evaluated against the base on it.",
+                                                     rich_help_panel="Run")] = None,
     **spec: Any,
 ) -> None:
     """Fine-tune a base model on a JSONL file (LoRA, QLoRA or full) and write a run directory."""
@@ -103,7 +106,8 @@ def _train_command(
     given = {k: v for k, v in spec.items() if _was_given(ctx, k)}
     try:
         inputs = parse_inputs(given)
-        result = train(inputs, base=base, output_dir=output_dir, resume=resume, events=events, progress=progress)
+        result = train(inputs, base=base, output_dir=output_dir, resume=resume, events=events, progress=progress,
+                       test_data=test_data)
     except TuneryError as exc:
         _fail(exc)
     m = result.manifest["metrics"]
@@ -112,6 +116,10 @@ def _train_command(
         f"val_loss={_fmt(m['val_loss'])} {m['tokens_per_second']:.1f} tok/s "
         f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
     )
+    if (result.run_dir / "eval.json").is_file():
+        from tunery.eval.report import render
+
+        render(json.loads((result.run_dir / "eval.json").read_text()), err)
 
 
 def _fmt(x: float | None) -> str:
@@ -167,6 +175,48 @@ def predict(
         sys.stdout.write("\n")
     except (TuneryError, ValueError) as exc:
         _fail(exc)
+
+
+# -- eval ---------------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_command(
+    test_data: Annotated[str, typer.Option("--test-data", "-t", help="JSONL test file (path or URL).")],
+    weights: Annotated[Optional[str], typer.Option(help="Run directory, weights archive or adapter dir.")] = None,  # noqa: UP045
+    base: Annotated[Optional[str], typer.Option(help="Base model (default: the weights' base).")] = None,  # noqa: UP045
+    compare: Annotated[bool, typer.Option("--compare", help="Score the base too, side by side.")] = False,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where eval.json/eval.md go "  # noqa: UP045
+                                                       "(default: the run directory).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation length (default: longest reference + 16).")] = None,  # noqa: UP045, E501
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    stop_sequences: Annotated[Optional[str], typer.Option(help="Comma-separated stop sequences.")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,  # noqa: UP045
+    examples: Annotated[int, typer.Option(help="Examples to show.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Evaluate a tuned run, a base model, or both (--compare): loss, perplexity, exact match,
+    ROUGE, chrF, BLEU; writes eval.json and eval.md."""
+    from tunery.eval.evaluate import evaluate
+    from tunery.eval.report import render
+    from tunery.infer.predict import SamplingParams
+
+    if weights is None and base is None:
+        base = "smollm2-135m"
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, stop_sequences=stop_sequences,
+                                seed=seed, max_new_tokens=max_new_tokens or 256)
+        report = evaluate(test_data, weights=weights, base=base, compare=compare, params=params,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=examples,
+                          output_dir=output_dir, progress=not as_json, console=err)
+    except (TuneryError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render(report, out)
 
 
 # -- data check ---------------------------------------------------------------------------

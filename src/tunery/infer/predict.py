@@ -222,10 +222,10 @@ class Predictor:
                     raise TuneryError(
                         "prompt is empty and the tokenizer adds no BOS token: nothing to continue"
                     )
-                eos = _eos_ids(model, tokenizer)
+                eos = eos_ids(model, tokenizer)
                 kwargs = params.generate_kwargs() | {
                     "eos_token_id": sorted(eos) or None,
-                    "pad_token_id": _pad_id(model, tokenizer, eos),
+                    "pad_token_id": pad_id(model, tokenizer, eos),
                 }
                 seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
                 run = GenerationStream(
@@ -374,7 +374,7 @@ def predict(prompt: str, *, base: str | None = None, weights: str | Path | None 
     return predictor.generate(prompt, weights=resolved, params=params)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     """Token ids that end generation: the model's configured eos plus the tokenizer's. Training
     appends the tokenizer's eos to each completion, and an instruct base's generation config may
     name a different one (e.g. an end-of-turn token), so both must stop."""
@@ -385,7 +385,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _pad_id(model, tokenizer, eos: set[int]) -> int | None:
+def pad_id(model, tokenizer, eos: set[int]) -> int | None:
     """A pad id, so generate does not warn about picking one itself."""
     for candidate in (model.generation_config.pad_token_id, tokenizer.pad_token_id):
         if candidate is not None:

@@ -122,12 +122,15 @@ def train(
     progress: bool = True,
     settings: Settings | None = None,
     callbacks: list | None = None,
+    test_data: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune `base` on `inputs.train_data` and write a run directory (see module docstring).
 
     `resume=True` continues from the newest checkpoint in `output_dir/checkpoints`.
     Emits events to `events` and always to `output_dir/events.jsonl`. `callbacks` are extra
-    transformers TrainerCallbacks (e.g. a notebook's own logging).
+    transformers TrainerCallbacks (e.g. a notebook's own logging). With `test_data` (a JSONL
+    path or URL) the tuned model is evaluated against the base after the last step (eval.json,
+    eval.md, loss.png, and the manifest's "eval").
     """
     from tunery.spec import parse_inputs
 
@@ -144,7 +147,7 @@ def train(
     else:
         sink, progress = EventSink(), False
     try:
-        result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [])
+        result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [], test_data)
     except BaseException as exc:
         sink.emit("failed", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         raise
@@ -155,7 +158,7 @@ def train(
 
 
 def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink: EventSink, progress: bool,
-           settings: Settings, callbacks: list) -> TrainResult:
+           settings: Settings, callbacks: list, test_data: str | Path | None) -> TrainResult:
     from tunery.models.load import adapt, load_model, load_tokenizer, pick_device
     from tunery.models.resolve import resolve_base
 
@@ -164,6 +167,11 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
 
     # 1. Data: fetched and validated line by line before anything heavy happens.
     datasets = load_datasets(inputs, settings)
+    test_ds = None
+    if test_data is not None:
+        from tunery.data import fetch, read_jsonl
+
+        test_ds = read_jsonl(fetch(str(test_data), settings.download_dir), name=str(test_data))
     # 2. Base model and tokenizer.
     resolved = resolve_base(base, settings)
     tokenizer = load_tokenizer(resolved)
@@ -222,13 +230,16 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
                            manifest={})
 
     # 5. Save: adapter (or full model), tokenizer, manifest, archive.
-    from tunery.artifacts import build_manifest, write_archive, write_manifest
+    from tunery.artifacts import build_manifest, read_manifest, write_archive, write_manifest
 
     out_name = "model" if inputs.peft_method == "full" else "adapter"
     out_dir = run_dir / out_name
     shutil.rmtree(out_dir, ignore_errors=True)
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")
+    report = None
+    if test_ds is not None:
+        report = _evaluate_after_training(trainer.model, tokenizer, test_ds, inputs, sink, progress)
     train_losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
     metrics = {
         "train_loss": train_losses[-1] if train_losses else None,
@@ -249,6 +260,11 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         metrics=metrics, samples=events_cb.samples, output=out_name, device=device,
     )
     write_manifest(run_dir, manifest)
+    if report is not None:
+        from tunery.eval.report import write_report
+
+        write_report(report, run_dir)  # eval.json, eval.md, loss.png, and the manifest's "eval"
+        manifest["eval"] = read_manifest(run_dir)["eval"]
     archive = write_archive(run_dir, out_name)
     summary = (
         f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: "
@@ -256,9 +272,31 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         f"final loss {metrics['train_loss']}, val loss {final_val}"
     )
     sink.emit("log", message=summary)
-    sink.emit("succeeded", run_dir=str(run_dir), weights=str(archive), adapter=str(out_dir),
-              metrics={k: v for k, v in metrics.items() if k != "history"})
+    final = {k: v for k, v in metrics.items() if k != "history"}
+    if report is not None:
+        final["eval"] = report["metrics"]
+    sink.emit("succeeded", run_dir=str(run_dir), weights=str(archive), adapter=str(out_dir), metrics=final)
     return TrainResult(run_dir=run_dir, adapter_dir=out_dir, archive=archive, manifest=manifest)
+
+
+def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, sink: EventSink,
+                             progress: bool) -> dict:
+    """Tuned vs base on the test set, from the model in memory (the base column runs with the
+    adapter disabled; a full fine-tune has no base in memory, so only its own column)."""
+    import contextlib
+
+    from tunery.eval.evaluate import evaluate_model
+
+    columns = [("tuned", contextlib.nullcontext)]
+    if inputs.peft_method != "full":
+        columns.insert(0, ("base", model.disable_adapter))
+    sink.emit("log", message=f"evaluating on {test_ds.name} ({len(test_ds.rows)} rows)")
+    report = evaluate_model(model, tokenizer, test_ds.rows, test_ds.format, columns=columns,
+                            batch_size=max(8, inputs.validation_batch_size), max_length=inputs.max_length,
+                            progress=progress)
+    report.update({"test_data": test_ds.name, "test_sha256": test_ds.sha256})
+    sink.emit("eval", test_data=test_ds.name, rows=report["rows"], metrics=report["metrics"])
+    return report
 
 
 def _describe_data(s: dict) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation: base vs tuned, measured (loss, perplexity, exact match, ROUGE, chrF, BLEU)."""

@@ -1,0 +1,256 @@
+"""Evaluate a base model, a tuned model, or both side by side, on a JSONL test file.
+
+Two kinds of numbers: loss and perplexity on the completion (assistant) tokens, masked exactly
+as in training; and, for prompt/completion and chat data, metrics of greedy (by default)
+generations against the references. With a LoRA run both columns come from one loaded model:
+the base column runs with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunery.eval.metrics import generation_metrics
+
+Column = tuple[str, Callable[[], contextlib.AbstractContextManager]]
+
+
+def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[int]], list[str]]:
+    """Prompt token ids (as training tokenized prompts) and reference texts, for generation.
+    Text rows have neither: they are scored by loss only."""
+    from tunery.data.tokenize import prompt_ids
+
+    if fmt == "prompt_completion":
+        return [prompt_ids(tokenizer, r["prompt"]) for r in rows], [r["completion"].strip() for r in rows]
+    if fmt == "messages":
+        prompts, refs = [], []
+        for r in rows:
+            msgs = r["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            text = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            prompts.append(list(tokenizer(text, add_special_tokens=False).input_ids))
+            refs.append(msgs[last]["content"].strip())
+        return prompts, refs
+    return [], []
+
+
+def completion_loss(model, tokenizer, examples, *, batch_size: int, advance: Callable[[int], None]) -> float:
+    """Mean cross-entropy per labelled token (completion tokens only, as in training)."""
+    import torch
+
+    from tunery.data import Collator, unpacked
+
+    collate = Collator(tokenizer.pad_token_id, packed=False)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    seqs = unpacked(examples)
+    for i in range(0, len(seqs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(seqs[i:i + batch_size]).items()}
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((target != -100).sum())
+        advance(len(batch["input_ids"]))
+    return total / max(1, count)
+
+
+def generate_batched(model, tokenizer, prompts: list[list[int]], *, params, max_new_tokens: int,
+                     stops: list[str], batch_size: int, advance: Callable[[int], None]) -> list[str]:
+    """Left-padded batched generation; each output cut before its first stop sequence."""
+    import torch
+
+    from tunery.infer.predict import eos_ids, pad_id
+
+    eos = eos_ids(model, tokenizer)
+    pad = pad_id(model, tokenizer, eos)
+    device = next(model.parameters()).device
+    kwargs = params.generate_kwargs()
+    for key in ("max_new_tokens", "eos_token_id", "pad_token_id"):  # set here, per batch
+        kwargs.pop(key, None)
+    kwargs["use_cache"] = True  # training turned the KV cache off in the config
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    outputs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=sorted(eos), pad_token_id=pad, **kwargs)
+        for row in out[:, width:].tolist():
+            row = row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            outputs.append(text[:cut] if cut >= 0 else text)
+        advance(len(chunk))
+    return [o.strip() for o in outputs]
+
+
+def evaluate_model(model, tokenizer, rows: list[dict], fmt: str, *, columns: list[Column], params=None,
+                   batch_size: int = 8, max_new_tokens: int | None = None, max_length: int = 2048,
+                   n_examples: int = 5, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
+    """Score `model` under each column's context (e.g. base = adapter disabled, tuned = as is).
+
+    Generation stops at EOS, at the given stop sequences, and — when no reference contains a
+    newline — at the first newline, so a base model that rambles on is judged on its first line.
+    """
+    from tunery.data import tokenize_rows
+    from tunery.infer.predict import SamplingParams
+
+    params = params or SamplingParams(temperature=0)
+    started = time.time()
+    examples = tokenize_rows(rows, fmt, tokenizer, max_length=max_length)
+    prompts, refs = prompts_and_references(rows, fmt, tokenizer)
+    stops = list(params.stops)
+    if refs and not any("\n" in r for r in refs) and "\n" not in stops:
+        stops.append("\n")
+    if max_new_tokens is None:
+        longest = max((len(tokenizer(r, add_special_tokens=False).input_ids) for r in refs), default=0)
+        max_new_tokens = min(params.max_new_tokens if params.max_new_tokens else 256, longest + 16) or 32
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, dict[str, float]] = {}
+    outputs: dict[str, list[str]] = {}
+    work = len(columns) * (len(examples) + len(prompts))
+    with _progress(progress, console, work) as advance:
+        for name, context in columns:
+            with context():
+                loss = completion_loss(model, tokenizer, examples, batch_size=batch_size, advance=advance)
+                m = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+                if prompts:
+                    outs = generate_batched(model, tokenizer, prompts, params=params, max_new_tokens=max_new_tokens,
+                                            stops=stops, batch_size=batch_size, advance=advance)
+                    outputs[name] = outs
+                    m.update(generation_metrics(outs, refs))
+            metrics[name] = m
+    if was_training:
+        model.train()
+    shown = []
+    for i in range(min(n_examples, len(refs))):
+        ex = {"prompt": _prompt_text(rows[i], fmt), "reference": refs[i]}
+        ex.update({name: outs[i] for name, outs in outputs.items()})
+        shown.append(ex)
+    return {
+        "rows": len(rows),
+        "format": fmt,
+        "columns": [name for name, _ in columns],
+        "metrics": metrics,
+        "examples": shown,
+        "settings": {"max_new_tokens": max_new_tokens, "temperature": params.temperature, "stops": stops,
+                     "batch_size": batch_size},
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: str | None = None,
+             compare: bool = False, params=None, batch_size: int = 8, max_new_tokens: int | None = None,
+             n_examples: int = 5, output_dir: str | Path | None = None, progress: bool = True,
+             console: Console | None = None) -> dict[str, Any]:
+    """Evaluate `weights` (a run, archive or adapter), a `base`, or both (`compare`), on `test_data`;
+    write eval.json / eval.md (into `output_dir`, default the run directory) and return the report."""
+    from tunery.data import fetch, read_jsonl
+    from tunery.eval.report import write_report
+    from tunery.infer.weights import resolve_weights
+    from tunery.models.load import load_model, load_tokenizer, pick_device
+    from tunery.models.registry import DEFAULT_BASE
+    from tunery.models.resolve import resolve_base
+    from tunery.settings import get_settings
+
+    settings = get_settings()
+    settings.download_dir.mkdir(parents=True, exist_ok=True)
+    ds = read_jsonl(fetch(str(test_data), settings.download_dir), name=str(test_data))
+    w = resolve_weights(weights) if weights is not None else None
+    base_name = base or (w.base if w else None) or DEFAULT_BASE
+    resolved = resolve_base(base_name, settings)
+    columns: list[Column] = []
+    if w is None:
+        model, tokenizer = load_model(resolved), load_tokenizer(resolved)
+        columns.append(("base", contextlib.nullcontext))
+    elif w.kind == "full":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(w.path).to(pick_device())
+        tokenizer = AutoTokenizer.from_pretrained(w.tokenizer or w.path)
+        if compare:
+            report_base = evaluate_model(load_model(resolved), load_tokenizer(resolved), ds.rows, ds.format,
+                                         columns=[("base", contextlib.nullcontext)], params=params,
+                                         batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                         n_examples=n_examples, progress=progress, console=console)
+        columns.append(("tuned", contextlib.nullcontext))
+    else:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        model = PeftModel.from_pretrained(load_model(resolved), str(w.path))
+        tokenizer = AutoTokenizer.from_pretrained(w.tokenizer) if w.tokenizer else load_tokenizer(resolved)
+        if compare:
+            columns.append(("base", model.disable_adapter))
+        columns.append(("tuned", contextlib.nullcontext))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    report = evaluate_model(model, tokenizer, ds.rows, ds.format, columns=columns, params=params,
+                            batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples,
+                            progress=progress, console=console)
+    if w is not None and w.kind == "full" and compare:
+        report = merge_columns(report_base, report)
+    report.update({"test_data": str(test_data), "test_sha256": ds.sha256, "base": base_name,
+                   "weights": str(weights) if weights is not None else None})
+    folder = Path(output_dir) if output_dir else _run_dir_of(weights)
+    if folder is not None:
+        write_report(report, folder)
+    return report
+
+
+def merge_columns(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """One report from two single-column reports on the same rows (base first)."""
+    merged = dict(second)
+    merged["columns"] = first["columns"] + second["columns"]
+    merged["metrics"] = {**first["metrics"], **second["metrics"]}
+    merged["examples"] = [{**a, **b} for a, b in zip(first["examples"], second["examples"], strict=True)]
+    merged["seconds"] = round(first["seconds"] + second["seconds"], 1)
+    return merged
+
+
+def _run_dir_of(weights: str | Path | None) -> Path | None:
+    if weights is None:
+        return None
+    p = Path(weights)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return p
+    if p.is_dir() and (p.parent / "manifest.json").is_file():  # the run's adapter/ folder
+        return p.parent
+    return None
+
+
+def _prompt_text(row: dict, fmt: str) -> str:
+    if fmt == "prompt_completion":
+        return row["prompt"]
+    if fmt == "messages":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1])
+    return row.get("text", "")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, console: Console | None, total: int) -> Iterator[Callable[[int], None]]:
+    if not enabled:
+        yield lambda n: None
+        return
+    bar = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console or Console(stderr=True))
+    task = bar.add_task("eval", total=total)
+    with bar:
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,126 @@
+"""The evaluation report: a metric | base | tuned | change table with examples, in the terminal,
+as eval.json and eval.md, in the run's manifest, and a PNG of the loss curves beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Metrics where lower is better (their change is shown as an improvement when negative).
+LOWER_IS_BETTER = {"loss", "perplexity"}
+ORDER = ["loss", "perplexity", "exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "chrf", "bleu"]
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[float | None], float | None]]:
+    """(metric, value per column, change from the first column to the last) in a fixed order."""
+    cols = report["columns"]
+    names = [m for m in ORDER if any(m in report["metrics"][c] for c in cols)]
+    rows = []
+    for name in names:
+        values = [report["metrics"][c].get(name) for c in cols]
+        change = values[-1] - values[0] if len(values) > 1 and None not in values else None
+        rows.append((name, values, change))
+    return rows
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    cols = report["columns"]
+    table = Table(title=f"evaluation on {report.get('test_data', 'test data')} ({report['rows']} rows)")
+    table.add_column("metric")
+    for c in cols:
+        table.add_column(c, justify="right")
+    if len(cols) > 1:
+        table.add_column("change", justify="right")
+    for name, values, change in metric_rows(report):
+        cells = [_fmt(v) for v in values]
+        if len(cols) > 1:
+            better = change is not None and ((change < 0) if name in LOWER_IS_BETTER else (change > 0))
+            colour = "green" if better else "red"
+            cells.append(f"[{colour}]{change:+.4f}[/]" if change is not None else "-")
+        table.add_row(name, *cells)
+    console.print(table)
+    if report["examples"]:
+        ex = Table(title="examples", show_lines=True)
+        for c in ["prompt", "reference", *cols]:
+            ex.add_column(c, overflow="fold", max_width=60 if c == "prompt" else 40)
+        for e in report["examples"]:
+            ex.add_row(_tail(e["prompt"]), e["reference"], *[e.get(c, "") for c in cols])
+        console.print(ex)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    cols = report["columns"]
+    head = ["metric", *cols] + (["change"] if len(cols) > 1 else [])
+    lines = [f"# Evaluation on {report.get('test_data', 'test data')}", "",
+             f"{report['rows']} rows, {report['format']}; settings: {json.dumps(report['settings'])}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, values, change in metric_rows(report):
+        cells = [_fmt(v) for v in values] + ([f"{change:+.4f}" if change is not None else "-"] if len(cols) > 1 else [])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["examples"]:
+        lines += ["", "## Examples", ""]
+        for i, e in enumerate(report["examples"], 1):
+            lines += [f"### {i}", "", "```", e["prompt"], "```", "", f"- reference: `{e['reference']}`"]
+            lines += [f"- {c}: `{e.get(c, '')}`" for c in cols]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """eval.json + eval.md in `folder`; when it is a run directory, also the manifest's "eval" and
+    loss.png (training and validation loss over steps)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(report, indent=2))
+    (folder / "eval.md").write_text(to_markdown(report))
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        from tunery.artifacts import read_manifest, write_manifest
+
+        manifest = read_manifest(folder)
+        manifest["eval"] = summary(report)
+        write_manifest(folder, manifest)
+        plot_losses(manifest.get("metrics", {}).get("history", []), folder / "loss.png")
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest (and the service's training.metrics) keep of a report: metrics per column."""
+    return {"test_data": report.get("test_data"), "rows": report["rows"], "metrics": report["metrics"]}
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss (and validation loss, where measured) against the step, as a PNG."""
+    steps = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    vals = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*steps, strict=True), label="train loss", linewidth=1.2)
+    if vals:
+        ax.plot(*zip(*vals, strict=True), "o-", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _tail(prompt: str, limit: int = 300) -> str:
+    return prompt if len(prompt) <= limit else "…" + prompt[-limit:]

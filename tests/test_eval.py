@@ -1,0 +1,111 @@
+"""Evaluation: metric functions against hand-computed values, reports on a tiny model, the
+automatic end-of-training evaluation, and (slow) the real sample on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from tunery.eval import metrics as M
+from tunery.train.events import read_events
+from tunery.train.recipe import train
+
+
+def test_exact_match_ignores_surrounding_and_repeated_space():
+    assert M.exact_match([" a  b ", "x"], ["a b", "y"]) == 0.5
+    assert M.exact_match(["A b"], ["a b"]) == 0.0  # case matters for exact match
+
+
+def test_label_accuracy_only_for_label_like_references():
+    refs = ["positive", "negative", "positive", "negative"]
+    assert M.is_label_like(refs)
+    assert M.label_accuracy(["Positive.", "negative", "neutral", "NEGATIVE"], refs) == 0.75
+    assert not M.is_label_like(["a long free text answer here", "another one"])
+    assert "accuracy" not in M.generation_metrics(["x y z w"], ["one two three four"])
+    assert M.generation_metrics(["negative", "positive", "positive", "negative"], refs)["accuracy"] == 0.5
+
+
+def test_rouge_hand_computed():
+    r = M.rouge(["the cat sat"], ["the cat sat on the mat"])
+    # unigrams: 3 of 3 predicted are in the reference, 3 of 6 reference found: F1 = 2*1*0.5/1.5
+    assert r["rouge1"] == pytest.approx(2 / 3)
+    # bigrams: 2 of 2 predicted, 2 of 5 reference: F1 = 2*1*0.4/1.4
+    assert r["rouge2"] == pytest.approx(0.8 / 1.4)
+    assert r["rougeL"] == pytest.approx(2 / 3)
+    assert M.rouge(["completely different"], ["the cat sat"])["rouge1"] == 0.0
+
+
+def test_chrf_and_bleu_bounds():
+    assert M.chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert M.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert 0 < M.chrf(["the cat sat on a mat"], ["the cat sat on the mat"]) < 1
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        M.bleu(["a", "b"], ["a"])
+
+
+@pytest.fixture
+def split(tmp_path, qa_rows):
+    return write_jsonl(tmp_path / "train.jsonl", qa_rows), write_jsonl(tmp_path / "test.jsonl", qa_rows[:6])
+
+
+def test_training_with_test_data_evaluates_at_the_end(tmp_path, split, tiny_model_dir):
+    train_file, test_file = split
+    result = train({"train_data": str(train_file), "max_steps": 3, "run_validation": False, "learning_rate": 1e-2},
+                   base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False, test_data=test_file)
+    d = result.run_dir
+    report = json.loads((d / "eval.json").read_text())
+    assert report["columns"] == ["base", "tuned"] and report["rows"] == 6
+    for col in ("base", "tuned"):
+        m = report["metrics"][col]
+        assert {"loss", "perplexity", "exact_match", "rouge1", "rouge2", "rougeL", "chrf", "bleu"} <= set(m)
+        assert m["perplexity"] == pytest.approx(2.718281828 ** m["loss"], rel=1e-6)
+    # the adapter moved the loss; base and tuned columns are really different models
+    assert report["metrics"]["base"]["loss"] != pytest.approx(report["metrics"]["tuned"]["loss"], abs=1e-6)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["eval"]["metrics"] == report["metrics"]
+    assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (d / "eval.md").read_text()
+    assert "| metric | base | tuned | change |" in md and "| exact_match |" in md
+    assert len(report["examples"]) == 5 and {"prompt", "reference", "base", "tuned"} <= set(report["examples"][0])
+    types = [e["type"] for e in read_events(d / "events.jsonl")]
+    assert types.index("eval") < types.index("succeeded")
+    succeeded = read_events(d / "events.jsonl")[-1]
+    assert succeeded["metrics"]["eval"]["tuned"]["loss"] == report["metrics"]["tuned"]["loss"]
+
+
+def test_eval_compare_cli_writes_both_columns(tmp_path, split, tiny_model_dir):
+    from test_cli import tunery
+
+    train_file, test_file = split
+    run_dir = tmp_path / "run"
+    tunery("train", "--base", tiny_model_dir, "--train-data", train_file, "--max-steps", 2, "--no-run-validation",
+           "--learning-rate", 1e-2, "-o", run_dir)
+    out = tunery("eval", "--weights", run_dir, "--test-data", test_file, "--compare", "--json")
+    report = json.loads(out.stdout)
+    assert report["columns"] == ["base", "tuned"] and report["weights"] == str(run_dir)
+    assert json.loads((run_dir / "eval.json").read_text())["metrics"] == report["metrics"]
+    base_only = json.loads(tunery("eval", "--base", tiny_model_dir, "--test-data", test_file, "--json",
+                                  "-o", tmp_path / "b").stdout)
+    assert base_only["columns"] == ["base"]
+    # the base column of --compare (adapter disabled) is the plain base model
+    assert base_only["metrics"]["base"]["loss"] == pytest.approx(report["metrics"]["base"]["loss"], rel=1e-5)
+    table = tunery("eval", "--weights", run_dir, "--test-data", test_file, "--compare")
+    assert "change" in table.stdout and "exact_match" in table.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_extraction_sample_beats_the_base(tmp_path):
+    """The bundled sample on the real base, few steps: the tuned loss on the test split is lower."""
+    from tunery.samples.extraction import splits
+
+    train_rows, test_rows = splits(n_train=64, n_test=16)
+    train_file = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    result = train({"train_data": str(train_file), "max_steps": 6, "train_batch_size": 8, "micro_batch_size": 8,
+                    "learning_rate": 1e-3, "run_validation": False},
+                   output_dir=tmp_path / "run", progress=False, test_data=test_file)
+    m = result.manifest["eval"]["metrics"]
+    assert m["tuned"]["loss"] < m["base"]["loss"]
+    assert m["tuned"]["exact_match"] >= m["base"]["exact_match"]
