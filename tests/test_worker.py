@@ -149,3 +149,16 @@ def test_cancel_stops_a_running_training_within_seconds(store, settings, data_fi
     assert 1 <= row.metrics["step"] < 200
     events = read_events(settings.artifacts_dir / "trainings" / training.id / "events.jsonl")
     assert not any(e["type"] == "succeeded" for e in events)
+
+
+def test_validation_data_is_evaluated_into_the_training_metrics(store, settings, tmp_path, qa_rows,
+                                                                  tiny_model_dir):
+    train_file = write_jsonl(tmp_path / "t.jsonl", qa_rows)
+    val_file = write_jsonl(tmp_path / "v.jsonl", qa_rows[:5])
+    training = queue(store, train_file, tiny_model_dir, validation_data=str(val_file), max_steps=2)
+    assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
+    done = store.load_training(training.id)
+    assert done.status == "succeeded", done.error
+    ev = done.metrics["eval"]
+    assert set(ev) == {"base", "tuned"} and "exact_match" in ev["tuned"] and "loss" in ev["base"]
+    assert "evaluation on" in done.logs and "exact_match" in done.logs

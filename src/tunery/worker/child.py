@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
         events=job["events"],
         progress=False,
         settings=Settings(**job["settings"]),
+        # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
+        # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
+        test_data=job["inputs"].get("validation_data"),
     )
     return 0
 

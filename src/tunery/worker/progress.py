@@ -80,6 +80,8 @@ class Progress:
         elif kind == "failed":
             self.failed_error = str(event.get("error") or "training failed")
             self.note(f"failed: {self.failed_error}")
+        elif kind == "eval":
+            self.note(eval_line(event))
         elif kind == "succeeded":
             self.succeeded = event
 
@@ -126,3 +128,15 @@ class Progress:
         """Put back what `take()` returned when it could not be written; the next take has it."""
         self.lines[:0] = text.splitlines()
         self.changed = True
+
+
+def eval_line(event: dict[str, Any]) -> str:
+    """One log line for the end-of-training evaluation: each metric as base → tuned."""
+    cols = event.get("metrics") or {}
+    base, tuned = cols.get("base", {}), cols.get("tuned", {})
+    parts = []
+    for name in ("loss", "exact_match", "rougeL"):
+        if name in tuned:
+            before = f"{_num(base.get(name), '.4f')} → " if name in base else ""
+            parts.append(f"{name} {before}{_num(tuned[name], '.4f')}")
+    return f"evaluation on {event.get('test_data')} ({event.get('rows')} rows): " + ", ".join(parts)
