@@ -178,3 +178,39 @@ def test_invalid_inputs_are_rejected():
 def test_too_few_rows_for_validation(tmp_path, data_file, tiny_model_dir):
     with pytest.raises(TuneryError, match="num_validation_samples"):
         train({"train_data": str(data_file)}, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False)
+
+
+def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_rows):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunery.data import Collator, pack, tokenize_rows, unpacked
+    from tunery.train.loss import labelled_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    examples = tokenize_rows(qa_rows[:6], "prompt_completion", tokenizer, max_length=64)
+    for packed, seqs in ((False, unpacked(examples)), (True, pack(examples, 64))):
+        batch = Collator(tokenizer.pad_token_id, packed=packed)(seqs)
+        reference = model(**batch).loss
+        ours = labelled_loss(model, batch)
+        assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
+        # the gradients agree too
+        ours.backward()
+        g1 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        model(**batch).loss.backward()
+        g2 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2, strict=True))
+    # chunked (with recomputation) gives the same value as one chunk
+    import tunery.train.loss as L
+
+    batch = Collator(tokenizer.pad_token_id, packed=False)(unpacked(examples))
+    whole = labelled_loss(model, batch).item()
+    L.CHUNK_ROWS, saved = 3, L.CHUNK_ROWS
+    try:
+        assert labelled_loss(model, batch).item() == pytest.approx(whole, abs=1e-6)
+    finally:
+        L.CHUNK_ROWS = saved

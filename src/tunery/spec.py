@@ -100,6 +100,11 @@ class TrainingInputs(BaseModel):
     precision: Precision = Field(
         "auto", description="Compute precision: fp32, bf16, fp16 or auto (bf16 on a bf16-capable GPU)."
     )
+    loss_computation: Literal["labelled", "full"] = Field(
+        "labelled",
+        description="labelled: LM head and loss only at positions with a label (same loss, less compute); "
+        "full: the model's own forward over every position.",
+    )
     attn_implementation: Attention = Field(
         "auto", description="Attention kernel: sdpa, eager, flash_attention_2 or auto."
     )

@@ -10,6 +10,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
 from tunery.train.events import EventSink
+from tunery.train.loss import labelled_loss, supports_labelled_loss
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -41,17 +42,26 @@ class CountingCollator:
 
 
 class TuneryTrainer(Trainer):
-    """Trainer that counts real and trained tokens as batches pass through compute_loss."""
+    """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
+    the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
 
     meter: TokenMeter
+    labelled_only: bool = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("_real_tokens", None)
         if model.training and real is not None:
             self.meter.real += int(real)
             self.meter.trained += int((inputs["labels"] != -100).sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        if not self.labelled_only or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss = labelled_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        # prediction_step wants outputs: a dict holding only the loss (no logits were made).
+        return (loss, {"loss": loss}) if return_outputs else loss
 
 
 def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
@@ -114,4 +124,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
     # `--events -` on stdout).
     trainer.remove_callback(PrinterCallback)
     trainer.meter = meter
+    if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
+        trainer.labelled_only = True
+        trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
     return trainer, meter, events_cb

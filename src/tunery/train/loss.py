@@ -1,0 +1,63 @@
+"""Causal-LM loss computed only where a label exists.
+
+A causal LM's forward computes logits for every position: batch × length × vocabulary floats
+(8 × 64 × 49,152 for SmolLM2 — 100 MB in fp32) and a matmul of the same size, although prompt
+masking leaves most positions without a label (in the extraction sample, 15 of 58 tokens carry
+one). Here the decoder runs to its last hidden state, the positions whose *next* token is
+labelled are gathered, and only those rows go through the LM head and the cross-entropy — in
+chunks under activation checkpointing when there are many, so the logits tensor is never
+materialized whole. The result equals the model's own loss (tested to 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+CHUNK_ROWS = 2048  # rows of logits alive at once: 2048 × 49,152 fp32 = 400 MB worst case
+
+
+def causal_lm(model):
+    """The *ForCausalLM module inside a peft wrapper (LoRA layers are injected into it in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports_labelled_loss(model) -> bool:
+    """Llama-style models: a decoder at `.model`, an `lm_head`, and no logit soft-capping or scaling."""
+    lm = causal_lm(model)
+    cfg = lm.config
+    return (
+        hasattr(lm, "model") and hasattr(lm, "lm_head")
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) in (None, 1.0)
+    )
+
+
+def _chunk_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
+def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+    """Mean cross-entropy over labelled next-token positions (sum / num_items_in_batch when given,
+    so gradient accumulation weighs every token equally, as the Trainer's default loss does)."""
+    lm = causal_lm(model)
+    labels = inputs["labels"]
+    decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = lm.model(**decoder_inputs, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    rows = hidden[:, :-1][keep]
+    tgt = target[keep]
+    if rows.shape[0] <= CHUNK_ROWS:
+        total = _chunk_loss(lm.lm_head, rows, tgt)
+    else:
+        total = rows.new_zeros((), dtype=torch.float32)
+        for h, t in zip(rows.split(CHUNK_ROWS), tgt.split(CHUNK_ROWS), strict=True):
+            total = total + checkpoint(_chunk_loss, lm.lm_head, h, t, use_reentrant=False)
+    denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
+    # A batch without a single label contributes 0, not 0/0.
+    return total / denominator.to(total.device).clamp(min=1)
