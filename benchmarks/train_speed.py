@@ -63,6 +63,37 @@ def tiny_base(folder: Path) -> str:
     return str(folder)
 
 
+RANDOM_CONFIGS = {
+    # name: (hidden, intermediate, layers, heads, kv heads) — Llama shapes with random weights, for
+    # machines (a GPU box) that have the compute but not the real weights.
+    "llama-1b": (2048, 8192, 16, 32, 8),
+    "llama-7b": (4096, 11008, 32, 32, 32),
+}
+
+
+def random_llama(name: str, folder: Path) -> str:
+    """A Llama-shaped model with random weights and SmolLM2's tokenizer, saved to `folder`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunery.models.registry import smollm2_gguf_path
+
+    hidden, inter, layers, heads, kv = RANDOM_CONFIGS[name]
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def exact_match(model, tokenizer, test_rows) -> float:
     from tunery.eval.evaluate import evaluate_model
 
@@ -164,6 +195,8 @@ def child_main(args) -> None:
     base = args.base
     if args.quick:
         base = tiny_base(Path(tempfile.mkdtemp()) / "tiny")
+    elif args.random_config:
+        base = random_llama(args.random_config, Path(tempfile.mkdtemp()) / args.random_config)
     if args.child == "baseline":
         from tunery.models.resolve import resolve_base
 
@@ -193,6 +226,8 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--max-steps", type=int, default=-1, help="cap optimizer steps (-1: one epoch)")
     parser.add_argument("--tunery-inputs", default="", help="JSON of extra tunery training inputs")
+    parser.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
+                        help="a Llama-shaped model with random weights instead of --base (for GPUs)")
     parser.add_argument("--label", default="", help="a note stored with the result")
     parser.add_argument("--child", choices=["baseline", "tunery"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,7 +236,13 @@ def main() -> None:
     if args.quick and args.max_steps == -1:
         args.max_steps = 4
     common = ["--base", args.base, "--max-steps", str(args.max_steps)] + (["--quick"] if args.quick else [])
-    peaks = {"fp32": matmul_gflops("fp32"), "bf16": matmul_gflops("bf16")}
+    if args.random_config:
+        common += ["--random-config", args.random_config]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 4096 if device == "cuda" else 1024
+    peaks = {"fp32": matmul_gflops("fp32", n=n, device=device), "bf16": matmul_gflops("bf16", n=n, device=device)}
     print(f"machine: fp32 matmul {peaks['fp32']:.0f} GFLOP/s, bf16 matmul {peaks['bf16']:.0f} GFLOP/s")
     script = Path(__file__)
     baseline = run_child(script, ["--child", "baseline", *common])

@@ -162,3 +162,25 @@ def test_validation_data_is_evaluated_into_the_training_metrics(store, settings,
     ev = done.metrics["eval"]
     assert set(ev) == {"base", "tuned"} and "exact_match" in ev["tuned"] and "loss" in ev["base"]
     assert "evaluation on" in done.logs and "exact_match" in done.logs
+
+
+def test_progress_keeps_data_stats_samples_and_step_times():
+    import json
+
+    from tunery.worker.progress import Progress
+
+    events = [
+        {"type": "data", "time": 1.0, "train_rows": 20, "train_tokens": 400, "padding_fraction": 0.1},
+        {"type": "step", "time": 2.0, "step": 1, "loss": 2.0, "learning_rate": 1e-4, "max_steps": 2},
+        {"type": "sample", "time": 2.5, "step": 1, "prompt": "p", "output": "it's \"quoted\""},
+        {"type": "step", "time": 3.0, "step": 2, "loss": 1.5, "learning_rate": 5e-5, "max_steps": 2},
+    ]
+    p = Progress()
+    p.feed_text("".join(json.dumps(e) + "\n" for e in events))
+    m = p.metrics()
+    assert m["data"] == {"train_rows": 20, "train_tokens": 400, "padding_fraction": 0.1}
+    assert m["samples"] == [{"step": 1, "output": "it's \"quoted\""}]
+    assert [h["time"] for h in m["history"]] == [2.0, 3.0]
+    # a resumed attempt starts from the stored metrics and keeps them
+    again = Progress(m).metrics()
+    assert again["data"] == m["data"] and again["samples"] == m["samples"] and again["history"] == m["history"]

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunery import __version__
-from tunery.server import errors
+from tunery.server import dashboard, errors
 from tunery.server.routes import ROUTERS
 from tunery.server.runner import PredictionRunner
 from tunery.settings import Settings, get_settings
@@ -77,6 +77,7 @@ def create_app(
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    dashboard.install(app)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes + MULTIPART_SLACK)
 
     @app.get("/health", tags=["health"])

@@ -40,6 +40,9 @@ class Progress:
         }
         self.latest: dict[str, Any] = {k: v for k, v in metrics.items()
                                        if k in HISTORY_KEYS or k == "max_steps"}
+        # The data statistics and the validation_prompt samples, for the dashboard.
+        self.data: dict[str, Any] | None = metrics.get("data")
+        self.samples: list[dict[str, Any]] = list(metrics.get("samples") or [])
         self.lines: list[str] = []
         self.changed = False
         self.failed_error: str | None = None
@@ -75,6 +78,12 @@ class Progress:
             self.note(f"step {event.get('step')} validation loss {_num(event.get('val_loss'), '.4f')}")
         elif kind == "sample":
             self.note(f"sample at step {event.get('step')}: {event.get('output', '')!r}")
+            self.samples = [s for s in self.samples if s.get("step") != event.get("step")]
+            self.samples.append({"step": event.get("step"), "output": event.get("output", "")})
+            self.changed = True
+        elif kind == "data":
+            self.data = {k: v for k, v in event.items() if k not in ("type", "time")}
+            self.changed = True
         elif kind == "checkpoint":
             self.note(f"saved checkpoint at step {event.get('step')}")
         elif kind == "failed":
@@ -98,7 +107,7 @@ class Progress:
         for later in [s for s in self.history if s > step]:
             del self.history[later]
         self._record(step, loss=event.get("loss"), learning_rate=event.get("learning_rate"),
-                     tokens_per_second=event.get("tokens_per_second"))
+                     tokens_per_second=event.get("tokens_per_second"), time=event.get("time"))
         if event.get("max_steps"):
             self.latest["max_steps"] = event["max_steps"]
 
@@ -114,7 +123,10 @@ class Progress:
 
     def metrics(self) -> dict[str, Any]:
         """The metrics to merge into the training: latest values plus the history, oldest first."""
-        return {**self.latest, "history": [self.history[s] for s in sorted(self.history)]}
+        extra = {"data": self.data} if self.data is not None else {}
+        if self.samples:
+            extra["samples"] = self.samples[-20:]
+        return {**self.latest, **extra, "history": [self.history[s] for s in sorted(self.history)]}
 
     def take(self) -> tuple[str, dict[str, Any] | None]:
         """(new log text, metrics) since the last call; metrics None when nothing changed."""
