@@ -109,3 +109,21 @@ def test_smollm2_on_the_extraction_sample_beats_the_base(tmp_path):
     m = result.manifest["eval"]["metrics"]
     assert m["tuned"]["loss"] < m["base"]["loss"]
     assert m["tuned"]["exact_match"] >= m["base"]["exact_match"]
+
+
+@pytest.mark.parametrize("task", ["extraction", "summarization"])
+def test_bundled_examples_are_what_their_seeded_generators_write(task, tmp_path):
+    import importlib
+    from pathlib import Path
+
+    from tunery.data import read_jsonl
+    from tunery.samples import write_splits
+
+    module = importlib.import_module(f"tunery.samples.{task}")
+    folder = Path(__file__).resolve().parents[1] / "examples" / task
+    for committed, fresh in zip((folder / "train.jsonl", folder / "test.jsonl"),
+                                write_splits(tmp_path, *module.splits()), strict=True):
+        assert committed.read_text() == fresh.read_text()
+        assert read_jsonl(committed).format == "prompt_completion"
+    train_prompts = {r["prompt"] for r in read_jsonl(folder / "train.jsonl").rows}
+    assert not train_prompts & {r["prompt"] for r in read_jsonl(folder / "test.jsonl").rows}

@@ -5,19 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from tunery.samples import write_splits
 from tunery.samples.summarization import splits
 
-
-def main() -> None:
-    here = Path(__file__).resolve().parent
-    train, test = splits()
-    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-        (here / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        print(f"{here / name}: {len(rows)} rows")
-
-
 if __name__ == "__main__":
-    main()
+    for path in write_splits(Path(__file__).resolve().parent, *splits()):
+        print(f"{path}: {sum(1 for _ in path.open())} rows")

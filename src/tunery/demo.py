@@ -25,16 +25,10 @@ DEMO_INPUTS = {
 
 def write_sample(folder: Path) -> tuple[Path, Path]:
     """The extraction sample's train and test splits as JSONL files in `folder`."""
+    from tunery.samples import write_splits
     from tunery.samples.extraction import splits
 
-    folder.mkdir(parents=True, exist_ok=True)
-    train_rows, test_rows = splits()
-    paths = []
-    for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
-        p = folder / name
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        paths.append(p)
-    return paths[0], paths[1]
+    return write_splits(folder, *splits())
 
 
 def run_demo(*, output_dir: Path | None = None, max_steps: int = -1, console: Console | None = None) -> dict:

@@ -15,7 +15,6 @@ Nothing here imports torch; resolving is cheap enough to do on every request.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from tunery.data.sources import sha256_file
 from tunery.errors import TuneryError
 from tunery.settings import Settings, get_settings
 
@@ -146,7 +146,7 @@ def _extract_archive(archive: Path, settings: Settings) -> Path:
     with _ARCHIVE_LOCK:
         digest = _ARCHIVE_HASHES.get(key)
         if digest is None:
-            digest = _ARCHIVE_HASHES[key] = _sha256(archive)
+            digest = _ARCHIVE_HASHES[key] = sha256_file(archive)
     dest = settings.home / "weights" / digest
     if dest.is_dir():
         return dest
@@ -192,10 +192,3 @@ def _read_json(path: Path, raw: str) -> dict:
         raise TuneryError(f"weights {raw!r}: {path} is not a JSON object")
     return data
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

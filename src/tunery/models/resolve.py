@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunery.data.sources import sha256_file
 from tunery.errors import ModelNotFoundError
 from tunery.models.registry import REGISTRY, package_dir
 from tunery.settings import Settings, get_settings
@@ -110,8 +111,8 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
     weights = tmp / "model.safetensors"
     info = {
         "source": str(gguf),
-        "source_sha256": _sha256(gguf),
-        "sha256": _sha256(weights) if weights.is_file() else None,
+        "source_sha256": sha256_file(gguf),
+        "sha256": sha256_file(weights) if weights.is_file() else None,
         "converted_in_s": round(time.time() - started, 2),
     }
     (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2))
@@ -132,16 +133,9 @@ def _dir_hash(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     for f in files:
         h.update(f.name.encode())
-        h.update(_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class quiet_transformers:
