@@ -214,3 +214,12 @@ def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_
         assert labelled_loss(model, batch).item() == pytest.approx(whole, abs=1e-6)
     finally:
         L.CHUNK_ROWS = saved
+
+
+def test_step_rates_leave_out_validation_time(tmp_path, data_file, tiny_model_dir):
+    """A validation with a long sample generation between steps must not show up as a slow step."""
+    result = run(tmp_path, "r", data_file, tiny_model_dir, max_steps=4, run_validation=True,
+                 num_validation_samples=4, eval_steps=2, validation_prompt="Item:")
+    steps = {h["step"]: h["tokens_per_second"] for h in result.manifest["metrics"]["history"] if "loss" in h}
+    # step 3 comes right after the validation at step 2; its rate is of the same order as the others
+    assert steps[3] > 0.3 * min(steps[1], steps[2], steps[4])

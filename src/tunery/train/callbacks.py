@@ -37,6 +37,10 @@ class TokenMeter:
         self._last_real, self._last_time = self.real, now
         return rate
 
+    def skip(self) -> None:
+        """Start the next interval now: time spent validating or saving is not training time."""
+        self._last_real, self._last_time = self.real, time.perf_counter()
+
     def overall_rate(self) -> float:
         dt = time.perf_counter() - self.started
         return self.real / dt if dt > 0 else 0.0
@@ -54,6 +58,9 @@ class EventsCallback(TrainerCallback):
         self.sample_max_new_tokens = sample_max_new_tokens
         self.history: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.skip()  # the first interval starts with training, not with the Trainer's setup
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -76,16 +83,17 @@ class EventsCallback(TrainerCallback):
             self.sink.emit("validation", **record)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not self.validation_prompt or model is None:
-            return
-        text = generate_sample(model, self.tokenizer, self.validation_prompt, self.sample_max_new_tokens)
-        sample = {"step": state.global_step, "prompt": self.validation_prompt, "output": text}
-        self.samples.append(sample)
-        self.sink.emit("sample", **sample)
+        if self.validation_prompt and model is not None:
+            text = generate_sample(model, self.tokenizer, self.validation_prompt, self.sample_max_new_tokens)
+            sample = {"step": state.global_step, "prompt": self.validation_prompt, "output": text}
+            self.samples.append(sample)
+            self.sink.emit("sample", **sample)
+        self.meter.skip()
 
     def on_save(self, args, state, control, **kwargs):
         path = f"{args.output_dir}/checkpoint-{state.global_step}"
         self.sink.emit("checkpoint", step=state.global_step, path=path)
+        self.meter.skip()
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
