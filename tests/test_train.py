@@ -223,3 +223,29 @@ def test_step_rates_leave_out_validation_time(tmp_path, data_file, tiny_model_di
     steps = {h["step"]: h["tokens_per_second"] for h in result.manifest["metrics"]["history"] if "loss" in h}
     # step 3 comes right after the validation at step 2; its rate is of the same order as the others
     assert steps[3] > 0.3 * min(steps[1], steps[2], steps[4])
+
+
+class CrashAfterSave(TrainerCallback):
+    """Simulates a crash right after the checkpoint of `step` was written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash after the final checkpoint")
+
+
+def test_resume_from_the_final_checkpoint_trains_no_extra_step(tmp_path, data_file, tiny_model_dir):
+    spec = {"train_data": str(data_file), **FAST, "max_steps": 4, "save_steps": 2}
+    straight = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False,
+              callbacks=[CrashAfterSave(4)])
+    resumed = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "crash", progress=False, resume=True)
+    events = read_events(tmp_path / "crash" / "events.jsonl")
+    assert max(e["step"] for e in events if e["type"] == "step") == 4  # no step 5
+    assert resumed.manifest["metrics"]["steps"] == 4
+    assert [h["step"] for h in resumed.manifest["metrics"]["history"] if "loss" in h] == [1, 2, 3, 4]
+    a, b = adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -10,6 +10,7 @@ underneath), so `accelerate launch -m tunery.cli train ...` runs on several GPUs
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -220,7 +221,26 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         sink.emit("log", message="no checkpoint to resume from; starting from step 0")
     if checkpoint:
         sink.emit("log", message=f"resuming from {checkpoint}")
-    train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    state = _checkpoint_state(checkpoint)
+    if state is not None:
+        # The metric history of the steps before the checkpoint, so the manifest covers the whole run.
+        events_cb.history = history_from_log(state.get("log_history", []))
+        # Replayed, so a reader that missed them (its process died with the previous attempt) has them.
+        for record in events_cb.history:
+            kind = "step" if "loss" in record else "validation"
+            extra = {"max_steps": state.get("max_steps")} if kind == "step" else {}
+            sink.emit(kind, **record, **extra, replayed=True)
+    if state is not None and 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+        # The crash came after the last step's checkpoint: the Trainer would run one step past
+        # max_steps on resume, so take the final weights as they are instead.
+        sink.emit("log", message=f"{checkpoint} holds the final step; saving its weights")
+        load_checkpoint_weights(trainer.model, checkpoint)
+        trainer.state.global_step = state["global_step"]
+        losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
+        train_loss_mean, train_runtime = (sum(losses) / len(losses) if losses else None), 0.0
+    else:
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+        train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
     final_val = None
     if data.validation and inputs.run_validation:
         final_val = trainer.evaluate().get("eval_loss")
@@ -243,13 +263,13 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     train_losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
     metrics = {
         "train_loss": train_losses[-1] if train_losses else None,
-        "train_loss_mean": train_out.training_loss,
+        "train_loss_mean": train_loss_mean,
         "val_loss": final_val,
         "tokens_per_second": round(meter.overall_rate(), 2),
         "real_tokens": meter.real,
         "trained_tokens": meter.trained,
         "steps": trainer.state.global_step,
-        "train_runtime_s": round(train_out.metrics.get("train_runtime", 0.0), 2),
+        "train_runtime_s": round(train_runtime, 2),
         "total_runtime_s": round(time.time() - started, 2),
         "padding_fraction": data.stats["padding_fraction"],
         "packing_fill": data.stats["packing_fill"],
@@ -306,6 +326,45 @@ def _describe_data(s: dict) -> str:
         f"({s['trained_tokens']} trained), {s['sequences']} sequences, padding {s['padding_fraction']:.1%}{fill}, "
         f"{s['rows_truncated']} truncated"
     )
+
+
+def _checkpoint_state(checkpoint: str | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def history_from_log(log_history: list[dict]) -> list[dict]:
+    """The Trainer's saved log history in the shape of our step/validation records."""
+    out = []
+    for h in log_history:
+        if "loss" in h:
+            out.append({"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["loss"],
+                        "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")})
+        elif "eval_loss" in h:
+            out.append({"step": h.get("step"), "epoch": h.get("epoch"), "val_loss": h["eval_loss"]})
+    return out
+
+
+def load_checkpoint_weights(model, checkpoint: str) -> None:
+    """Load a checkpoint's trained weights into `model`: the adapter of a peft model, else the
+    whole model (safetensors, possibly sharded)."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint)
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    state = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any("embed" not in m and "lm_head" not in m for m in missing):
+        raise TuneryError(f"{checkpoint}: its weights do not fit the model ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected tensors)")
 
 
 def _last_checkpoint(folder: Path) -> str | None:
