@@ -85,3 +85,16 @@ def qa_rows() -> list[dict]:
         c, a = colors[i % 8], animals[(i * 3) % 8]
         rows.append({"prompt": f"Item: the {c} {a}.\nAnimal:", "completion": f" {a}"})
     return rows
+
+
+# API tests: a module defines a `server` fixture (a LiveServer); these are its two tenants.
+@pytest.fixture(scope="module")
+def alice(server):
+    with server.client("alice") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    with server.client("bob") as client:
+        yield client

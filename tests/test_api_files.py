@@ -23,18 +23,6 @@ def server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    with server.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def bob(server):
-    with server.client("bob") as client:
-        yield client
-
-
 def test_upload_get_download_delete(server, alice):
     data = b'{"text": "hello"}\n'
     response = alice.post(

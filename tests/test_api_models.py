@@ -23,18 +23,6 @@ def server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    with server.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def bob(server):
-    with server.client("bob") as client:
-        yield client
-
-
 def assert_problem(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith(PROBLEM)

@@ -45,18 +45,6 @@ def server(tmp_path_factory, tiny_model_dir):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    with server.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def bob(server):
-    with server.client("bob") as client:
-        yield client
-
-
 def predict(client, version=FAKE, wait: str | None = "wait", **input):
     headers = {"Prefer": wait} if wait else {}
     response = client.post(

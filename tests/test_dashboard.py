@@ -26,12 +26,6 @@ def server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    with server.client("alice") as client:
-        yield client
-
-
 def upload(client: httpx.Client, lines: list[str], name: str = "data.jsonl") -> dict:
     body = "".join(line + "\n" for line in lines).encode()
     response = client.post("/v1/files", files={"content": (name, body, "application/jsonl")})
