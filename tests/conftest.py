@@ -98,3 +98,16 @@ def alice(server):
 def bob(server):
     with server.client("bob") as client:
         yield client
+
+
+# Store tests: each runs on a fresh SQLite file and, where TUNERY_TEST_PG_URL is set (as in CI),
+# on a fresh PostgreSQL schema. A module may override it (test_worker picks one backend).
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    from tunery.store.testing import BACKENDS, PG_SKIP_REASON, fresh_database, pg_url
+
+    assert request.param in BACKENDS
+    if request.param == "postgresql" and pg_url() is None:
+        pytest.skip(PG_SKIP_REASON)
+    with fresh_database(request.param, tmp_path) as url:
+        yield url

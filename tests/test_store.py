@@ -10,15 +10,6 @@ from sqlalchemy import select
 
 from tunery.store import BadCursor, Conflict, Store, base_version_id
 from tunery.store.models import ApiToken, Base, Training
-from tunery.store.testing import BACKENDS, PG_SKIP_REASON, fresh_database, pg_url
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    if request.param == "postgresql" and pg_url() is None:
-        pytest.skip(PG_SKIP_REASON)
-    with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

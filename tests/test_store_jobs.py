@@ -13,15 +13,6 @@ from sqlalchemy import update
 
 from tunery.store import Store, base_version_id
 from tunery.store.models import Training, WebhookDelivery, utcnow
-from tunery.store.testing import BACKENDS, PG_SKIP_REASON, fresh_database, pg_url
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    if request.param == "postgresql" and pg_url() is None:
-        pytest.skip(PG_SKIP_REASON)
-    with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

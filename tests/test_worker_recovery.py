@@ -11,20 +11,11 @@ import sys
 import time
 
 from conftest import write_jsonl
+from test_worker import wait_for
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.train.events import read_events
 from tunery.worker.runner import Worker, drop_torn_checkpoints
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _complete_checkpoint(checkpoints):
