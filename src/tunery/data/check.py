@@ -81,7 +81,7 @@ def check_data(
         report["estimate"] = {
             "tokens_per_second": round(tps, 1),
             "epochs": num_train_epochs,
-            "seconds": round(total / tps, 0) if tps > 0 else None,
+            "seconds": round(total / tps, 2) if tps > 0 else None,
             "peft_method": peft_method,
             "pack_sequences": pack_sequences,
         }
@@ -138,7 +138,12 @@ def render_report(r: dict[str, Any], console: Console) -> None:
     t.add_row("steps per epoch", str(r["steps_per_epoch"]))
     if est := r.get("estimate"):
         secs = est["seconds"]
-        when = f"{secs / 60:.1f} min" if secs is not None else "unknown"
+        if secs is None:
+            when = "unknown"
+        elif secs < 90:
+            when = f"{secs:.1f} s"
+        else:
+            when = f"{secs / 60:.1f} min"
         t.add_row("estimated training time", f"{when} for {est['epochs']} epochs at {est['tokens_per_second']} "
                   f"tokens/s ({est['peft_method']}, measured here)")
     console.print(t)
