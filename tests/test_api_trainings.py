@@ -108,6 +108,10 @@ GOOD = {"num_validation_samples": 4, "max_steps": 2}
         ),
         ({"micro_batch_size": 3}, {"micro_batch_size"}),
         ({"wrap_packed_sequences": True}, {"wrap_packed_sequences"}),
+        (  # errors of single fields and across fields, in one answer
+            {"seed": "x", "micro_batch_size": 3, "wrap_packed_sequences": True},
+            {"seed", "micro_batch_size", "wrap_packed_sequences"},
+        ),
     ],
 )
 def test_bad_inputs_are_422_listing_every_field(server, alice, good_file, nothing_left, input, fields):

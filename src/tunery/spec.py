@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from tunery.errors import SpecError
 
@@ -110,19 +112,11 @@ class TrainingInputs(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainingInputs:
-        if self.train_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size "
-                f"({self.train_batch_size})"
-            )
-        if self.wrap_packed_sequences and not self.pack_sequences:
-            raise ValueError("wrap_packed_sequences needs pack_sequences=true")
-        if self.max_seq_length is not None and self.pack_sequences and self.max_seq_length > self.chunk_size:
-            raise ValueError(
-                f"max_seq_length ({self.max_seq_length}) cannot exceed chunk_size ({self.chunk_size}) "
-                "when packing"
-            )
+    def _consistent(self, info: ValidationInfo) -> TrainingInputs:
+        if info.context and info.context.get("skip_cross_field_checks"):
+            return self
+        if problems := cross_field_errors(self):
+            raise ValueError("; ".join(f"{field}: {reason}" for field, reason in problems))
         return self
 
     @property
@@ -147,20 +141,88 @@ REPLICATE_INPUTS = (
 ).split()
 
 
-def parse_inputs(data: dict[str, Any]) -> TrainingInputs:
-    """Validate a dict of inputs; raise SpecError naming every bad field and why."""
+# Checks across fields: (field named in the error, every field the check reads, check).
+_CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
+    ("micro_batch_size", ("micro_batch_size", "train_batch_size"),
+     lambda m: f"micro_batch_size ({m.micro_batch_size}) must divide train_batch_size ({m.train_batch_size})"
+     if m.train_batch_size % m.micro_batch_size else None),
+    ("wrap_packed_sequences", ("wrap_packed_sequences", "pack_sequences"),
+     lambda m: "wrap_packed_sequences needs pack_sequences=true"
+     if m.wrap_packed_sequences and not m.pack_sequences else None),
+    ("max_seq_length", ("max_seq_length", "pack_sequences", "chunk_size"),
+     lambda m: f"max_seq_length ({m.max_seq_length}) cannot exceed chunk_size ({m.chunk_size}) when packing"
+     if m.max_seq_length is not None and m.pack_sequences and m.max_seq_length > m.chunk_size else None),
+]
+
+
+def cross_field_errors(inputs: TrainingInputs, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """(field, reason) for each inconsistency between fields, leaving out checks that read a
+    field in `skip` (one that is itself invalid)."""
+    out = []
+    for field, reads, check in _CROSS_CHECKS:
+        if skip.isdisjoint(reads) and (reason := check(inputs)):
+            out.append((field, reason))
+    return out
+
+
+@dataclass(frozen=True)
+class InputError:
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason if self.reason.startswith(self.field) else f"{self.field}: {self.reason}"
+
+
+def input_errors(data: dict[str, Any]) -> list[InputError]:
+    """Every problem of a dict of inputs at once: each bad field (unknown, missing, wrong type,
+    out of range) and each inconsistency among the fields that are valid on their own. Empty
+    when the inputs are valid."""
     try:
-        return TrainingInputs.model_validate(data)
+        TrainingInputs.model_validate(data)
+        return []
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc)) from None
+        errors = _field_errors(exc)
+    if any(e.field == "input" for e in errors):  # not a dict at all
+        return errors
+    bad = {e.field.split(".", 1)[0] for e in errors}
+    # Validate what is valid on its own, then run the cross-field checks on it.
+    clean = {k: v for k, v in data.items() if k in TrainingInputs.model_fields and k not in bad}
+    clean.setdefault("train_data", "-")
+    try:
+        partial = TrainingInputs.model_validate(clean, context={"skip_cross_field_checks": True})
+    except ValidationError:  # each remaining field was valid on its own; nothing more to add
+        return errors
+    return errors + [InputError(f, r) for f, r in cross_field_errors(partial, skip=bad)]
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    parts = []
+def _field_errors(exc: ValidationError) -> list[InputError]:
+    out = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "input"
-        msg = err["msg"].removeprefix("Value error, ")
+        field = ".".join(str(p) for p in err["loc"])
+        reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown input (not a training input of this model)"
-        parts.append(f"{field}: {msg}")
-    return "invalid training input: " + "; ".join(parts)
+            reason = "unknown input (not a training input of this model)"
+        elif err["type"] == "missing":
+            reason = "required"
+        if field:
+            out.append(InputError(field, reason))
+        elif err["type"] == "model_type":
+            out.append(InputError("input", "must be an object of training inputs"))
+        else:  # the cross-field validator: "field: reason; field: reason"
+            for part in reason.split("; "):
+                name, _, why = part.partition(": ")
+                out.append(InputError(name, part) if why else InputError("input", part))
+    return out
+
+
+def format_input_errors(errors: list[InputError]) -> str:
+    return "invalid training input: " + "; ".join(str(e) for e in errors)
+
+
+def parse_inputs(data: dict[str, Any]) -> TrainingInputs:
+    """Validate a dict of inputs; raise SpecError naming every bad field and why, and every
+    inconsistency between fields, in one message."""
+    if errors := input_errors(data):
+        raise SpecError(format_input_errors(errors))
+    return TrainingInputs.model_validate(data)

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError
 
 from tunery.errors import DataError, TuneryError
 from tunery.server.errors import ApiError, invalid, not_found
 from tunery.server.schemas import TrainingCreate
 from tunery.settings import Settings
-from tunery.spec import TrainingInputs, format_validation_error
+from tunery.spec import TrainingInputs, format_input_errors, input_errors
 from tunery.store.models import Model, Version
 from tunery.store.store import Store
 
@@ -90,22 +89,12 @@ def check_destination(store: Store, owner: str, destination: str) -> Model:
 
 
 def parse_training_inputs(data: dict[str, Any]) -> TrainingInputs:
-    """The typed inputs; a 422 listing every bad field (unknown, wrong type, out of range,
-    inconsistent) otherwise."""
-    try:
-        return TrainingInputs.model_validate(data)
-    except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            reason = err["msg"].removeprefix("Value error, ")
-            field = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                reason = "unknown input (not a training input of this model)"
-            if not field:  # a check across fields: name the field its message starts with
-                first = reason.split(" ", 1)[0]
-                field = first if first in TrainingInputs.model_fields else "input"
-            errors.append({"field": field, "reason": reason})
-        raise invalid(format_validation_error(exc), errors, title="Invalid training input") from None
+    """The typed inputs; a 422 listing every bad field (unknown, wrong type, out of range) and
+    every inconsistency between fields otherwise."""
+    if errors := input_errors(data):
+        raise invalid(format_input_errors(errors), [{"field": e.field, "reason": e.reason} for e in errors],
+                      title="Invalid training input")
+    return TrainingInputs.model_validate(data)
 
 
 def _resolve(
