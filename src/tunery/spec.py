@@ -8,9 +8,8 @@ body's `input` and the manifest's `inputs`; each field's description is its help
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 

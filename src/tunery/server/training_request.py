@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-
 from tunery.errors import DataError, TuneryError
 from tunery.server.errors import ApiError, invalid, not_found
 from tunery.server.schemas import TrainingCreate
