@@ -21,14 +21,16 @@ from tunery.worker.webhooks import WebhookSender, sign
 class Receiver:
     """A loopback HTTP server that records each POST and answers with the next queued status."""
 
-    def __init__(self, statuses: list[int]):
+    def __init__(self, statuses: list[int], delay: float = 0.0):
         self.statuses = list(statuses)
+        self.delay = delay
         self.requests: list[tuple[float, dict[str, str], str]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"])).decode()
+                time.sleep(receiver.delay)
                 receiver.requests.append((time.monotonic(), dict(self.headers), body))
                 self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
                 self.end_headers()
@@ -107,6 +109,48 @@ def test_only_http_urls_are_called(store):
         assert sender.deliver_due(client) == 0
     (delivery,) = store.webhook_deliveries(training.id)
     assert delivery.delivered_at is None and "http(s)" in delivery.last_error
+
+
+def test_a_slow_receiver_holds_up_only_its_own_webhooks(store):
+    slow, fast = Receiver([], delay=3.0), Receiver([])
+    ids = {}
+    for name, receiver in (("slow", slow), ("fast", fast)):
+        ids[name] = store.create_training("alice", model="m/n", version_id="v", destination="alice/dest", input={},
+                                          job={}, webhook=receiver.url, webhook_events_filter=["start"]).id
+        store.claim_training(f"w-{name}", 30)
+    sender = WebhookSender(store, interval=0.05).start()
+    try:
+        wait_for(lambda: len(fast.requests) == 1, 2.5, "the fast receiver's webhook while the slow one answers")
+        (pending,) = store.webhook_deliveries(ids["slow"])
+        assert pending.delivered_at is None
+        wait_for(lambda: store.webhook_deliveries(ids["slow"])[0].delivered_at is not None, 10, "the slow one")
+    finally:
+        sender.stop()
+        slow.close()
+        fast.close()
+    assert len(slow.requests) == 1 and len(fast.requests) == 1
+
+
+def test_old_deliveries_are_pruned(store):
+    from datetime import timedelta
+
+    from tunery.store.models import WebhookDelivery, utcnow
+
+    now = utcnow()
+    long_ago = now - timedelta(days=30)
+    rows = {
+        "delivered long ago": dict(delivered_at=long_ago, attempts=1, created_at=long_ago),
+        "given up long ago": dict(delivered_at=None, attempts=8, created_at=long_ago),
+        "still retrying": dict(delivered_at=None, attempts=3, created_at=long_ago),
+        "delivered just now": dict(delivered_at=now, attempts=1, created_at=now),
+    }
+    with store.session() as s:
+        for name, fields in rows.items():
+            s.add(WebhookDelivery(url="http://127.0.0.1:9/hook", event="start", object_id=name, body="{}",
+                                  next_attempt_at=now + timedelta(hours=1), **fields))
+    assert WebhookSender(store).prune() == 2
+    left = {name for name in rows if store.webhook_deliveries(name)}
+    assert left == {"still retrying", "delivered just now"}
 
 
 def test_signature_matches_the_documented_scheme():

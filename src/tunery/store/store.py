@@ -12,8 +12,9 @@ import contextlib
 import hashlib
 import secrets
 from collections.abc import Iterator
+from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -250,6 +251,26 @@ class Store(JobsMixin):
                 row.next_attempt_at = now + outbox.backoff(row.attempts)
                 if final:
                     row.attempts = max(row.attempts, outbox.MAX_ATTEMPTS)
+
+    def release_webhooks(self, ids: list[int]) -> None:
+        """Hand undelivered deliveries a sender held back: due again now, for any sender."""
+        if not ids:
+            return
+        with self.session() as s:
+            s.execute(update(WebhookDelivery)
+                      .where(WebhookDelivery.id.in_(ids), WebhookDelivery.delivered_at.is_(None))
+                      .values(next_attempt_at=utcnow()))
+
+    def prune_webhooks(self, before: datetime) -> int:
+        """Delete deliveries delivered before `before`, and those given up on (every attempt
+        failed) that were created before it; returns how many."""
+        with self.session() as s:
+            result = s.execute(delete(WebhookDelivery).where(or_(
+                WebhookDelivery.delivered_at < before,
+                and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.attempts >= outbox.MAX_ATTEMPTS,
+                     WebhookDelivery.created_at < before),
+            )))
+            return result.rowcount or 0
 
     def webhook_deliveries(self, object_id: str) -> list[WebhookDelivery]:
         """Every delivery queued for a training or prediction, oldest first (for tests and debugging)."""
