@@ -311,3 +311,33 @@ def test_list_get_cancel_and_tenancy(server, alice, bob, good_file):
     assert again["status"] == "canceled" and again["completed_at"]
     assert_problem(alice.get(f"/v1/trainings/{tid}/weights"), 404)
     assert_problem(alice.get("/v1/trainings/doesnotexist"), 404)
+
+
+def test_summary_view_of_the_list_is_small_and_keeps_what_a_list_shows(server, alice, good_file):
+    from tunery.store.models import Training
+
+    ids = [create(alice, {"train_data": good_file["urls"]["get"], **GOOD}).json()["id"] for _ in range(2)]
+    history = [{"step": s, "loss": 2.0 / s, "time": 1000.0 + s} for s in range(1, 501)]
+    with server.store.session() as s:
+        row = s.get(Training, ids[0])
+        row.logs = "step line\n" * 5000
+        row.metrics = {"step": 500, "max_steps": 900, "loss": 0.004, "history": history,
+                       "samples": [{"step": 100, "output": "x" * 1000}], "data": {"rows": 24},
+                       "eval": {"tuned": {"exact_match": 0.9}}}
+
+    full = alice.get(f"/v1/trainings/{ids[0]}").json()
+    page = alice.get("/v1/trainings?view=summary&limit=1").json()
+    (summary,) = page["results"]
+    if summary["id"] != ids[0]:  # newest first: follow the next link, which keeps the view
+        assert "view=summary" in page["next"] and "limit=1" in page["next"]
+        (summary,) = alice.get(page["next"]).json()["results"]
+    assert summary["id"] == ids[0] and "logs" not in summary
+    assert summary["metrics"] == {"step": 500, "max_steps": 900, "loss": 0.004, "history": history[-20:],
+                                  "eval": {"tuned": {"exact_match": 0.9}}}
+    assert {k: v for k, v in summary.items() if k != "metrics"} == {
+        k: v for k, v in full.items() if k not in ("metrics", "logs")}
+    assert len(json.dumps(summary)) < 3000 < len(json.dumps(full)) // 10
+
+    listed = {t["id"]: t for t in alice.get("/v1/trainings").json()["results"]}
+    assert listed[ids[0]] == full  # the default view is the whole object, as on Replicate
+    assert_problem(alice.get("/v1/trainings?view=tiny"), 422)

@@ -43,6 +43,9 @@ export interface Training {
   completed_at: string | null;
 }
 
+/** A training as a list with view=summary gives it: no logs, recent metric history only. */
+export type TrainingSummary = Omit<Training, "logs">;
+
 export interface Prediction {
   id: string;
   status: Status;

@@ -1,6 +1,6 @@
 // Pure helpers: what the views compute from API objects (no DOM, unit-tested in test/).
 
-import type { HistoryPoint, JsonSchema, Metrics, Training } from "./api";
+import type { HistoryPoint, JsonSchema, Metrics, Training, TrainingSummary } from "./api";
 
 /** "12s", "4m 05s", "2h 03m". */
 export function duration(seconds: number | null | undefined): string {
@@ -71,7 +71,7 @@ export class StepClock {
 /** Seconds left, or null when unknown. From the history's own times when it has them, else the
  * page's observations, else the average since the training started (pessimistic: includes
  * loading the model and the data). */
-export function eta(t: Training, now: number, observedSecondsPerStep: number | null = null): number | null {
+export function eta(t: TrainingSummary, now: number, observedSecondsPerStep: number | null = null): number | null {
   const { step, maxSteps } = progress(t.metrics);
   if (t.status !== "processing" || !maxSteps || step <= 0) return null;
   const remaining = maxSteps - step;

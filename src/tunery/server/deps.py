@@ -78,7 +78,8 @@ class Paging:
         self.cursor = cursor
         self.limit = limit
         self._url = base + request.url.path
-        self._explicit_limit = "limit" in request.query_params
+        # The other query parameters (limit, view, ...) carry over to the next/previous links.
+        self._keep = {k: v for k, v in request.query_params.items() if k != "cursor"}
 
     def render(self, page: Page, item: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -90,7 +91,7 @@ class Paging:
     def _link(self, cursor: str | None) -> str | None:
         if cursor is None:
             return None
-        query = {"cursor": cursor} | ({"limit": self.limit} if self._explicit_limit else {})
+        query = {"cursor": cursor} | self._keep
         return f"{self._url}?{urlencode(query)}"
 
 

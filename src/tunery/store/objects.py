@@ -100,14 +100,27 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def training_json(row: Training, base_url: str) -> dict[str, Any]:
+# What a summary keeps of the metric history: enough recent points for a rate and an ETA.
+SUMMARY_HISTORY = 20
+
+
+def training_json(row: Training, base_url: str, *, summary: bool = False) -> dict[str, Any]:
     """Replicate's training object. `output.weights` is always this server's download URL
-    for the run's archive, whatever the worker recorded, so it follows `base_url`."""
+    for the run's archive, whatever the worker recorded, so it follows `base_url`.
+
+    `summary` (lists with `view=summary`) leaves out the logs and, of the metrics, the sample
+    generations, the data statistics and all but the last SUMMARY_HISTORY history points: what
+    a page listing many trainings needs (status, progress, latest loss, ETA), in a few hundred
+    bytes each however long the trainings ran."""
     url = f"{base_url}/v1/trainings/{row.id}"
     output = dict(row.output) if row.output else None
     if output is not None:
         output["weights"] = f"{url}/weights"
-    return {
+    metrics = row.metrics or {}
+    if summary:
+        metrics = {k: v for k, v in metrics.items() if k not in ("samples", "data", "history")}
+        metrics["history"] = list((row.metrics or {}).get("history") or [])[-SUMMARY_HISTORY:]
+    body = {
         "id": row.id,
         "model": row.model,
         "version": row.version_id,
@@ -117,7 +130,7 @@ def training_json(row: Training, base_url: str) -> dict[str, Any]:
         "output": output,
         "error": row.error,
         "logs": row.logs or "",
-        "metrics": row.metrics or {},
+        "metrics": metrics,
         "source": "api",
         "webhook": row.webhook,
         "webhook_events_filter": row.webhook_events_filter,
@@ -126,6 +139,9 @@ def training_json(row: Training, base_url: str) -> dict[str, Any]:
         "completed_at": iso(row.completed_at),
         "urls": {"get": url, "cancel": f"{url}/cancel"},
     }
+    if summary:
+        del body["logs"]
+    return body
 
 
 def prediction_json(row: Prediction, base_url: str) -> dict[str, Any]:

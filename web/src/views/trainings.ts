@@ -1,4 +1,4 @@
-import { api, Page, Training } from "../api";
+import { api, Page, TrainingSummary } from "../api";
 import { every, fill, go, h } from "../dom";
 import { ago, duration, eta, num, progress, runTime, StepClock } from "../format";
 import type { View } from "../main";
@@ -31,7 +31,7 @@ export function trainingsView(): View {
 
   const refresh = async () => {
     try {
-      const page = await api.get<Page<Training>>("/v1/trainings?limit=50");
+      const page = await api.get<Page<TrainingSummary>>("/v1/trainings?limit=50&view=summary");
       const now = Date.now() / 1000;
       fill(body, page.results.map((t) => row(t, now)));
       if (!page.results.length) {
@@ -45,7 +45,7 @@ export function trainingsView(): View {
   return { el, destroy: every(POLL_MS, refresh) };
 }
 
-function row(t: Training, now: number): HTMLElement {
+function row(t: TrainingSummary, now: number): HTMLElement {
   const p = progress(t.metrics, t.status);
   clock.observe(t.id, p.step, now);
   const left = eta(t, now, clock.secondsPerStep(t.id));

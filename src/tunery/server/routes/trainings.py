@@ -4,9 +4,9 @@ queued), run by the workers, pushed as a new version of the destination model.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from tunery.artifacts import ARCHIVE_NAME
@@ -56,9 +56,18 @@ def create_training(
 
 
 @router.get("/v1/trainings")
-def list_trainings(owner: Owner, store: StoreDep, paging: PagingDep, base: BaseUrl) -> dict[str, Any]:
+def list_trainings(
+    owner: Owner,
+    store: StoreDep,
+    paging: PagingDep,
+    base: BaseUrl,
+    view: Annotated[Literal["full", "summary"], Query(
+        description="full: each training as GET /v1/trainings/{id} answers it; summary: without logs, "
+        "samples, data statistics and all but the last 20 metric history points (for pages that poll)."
+    )] = "full",
+) -> dict[str, Any]:
     page = store.list_trainings(owner, cursor=paging.cursor, limit=paging.limit)
-    return paging.render(page, lambda row: training_json(row, base))
+    return paging.render(page, lambda row: training_json(row, base, summary=view == "summary"))
 
 
 @router.get("/v1/trainings/{training_id}")
