@@ -1,9 +1,15 @@
-"""A server that dies mid-prediction loses nothing: the restarted server runs it again."""
+"""A server that dies mid-prediction loses nothing: the restarted server, or another on the same
+database, runs it again; a prediction a live server holds is never run twice."""
 
 from __future__ import annotations
 
-from test_api_support import LiveServer, wait_for
+from datetime import timedelta
+
+import httpx
+
+from test_api_support import LiveServer, ScriptedPredictor, wait_for
 from tunery.store import base_version_id
+from tunery.store.models import Prediction, utcnow
 
 
 def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_dir):
@@ -27,8 +33,6 @@ def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_d
 
     second = LiveServer(tmp_path)
     try:
-        import httpx
-
         with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             results = {}
             for p in (running, queued, doomed):
@@ -41,3 +45,51 @@ def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_d
         assert results[doomed.id]["status"] == "canceled"
     finally:
         second.stop()
+
+
+def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
+    """Server A runs one prediction and has a second queued behind it (waiting several lease
+    periods) when server B starts on the same database: B takes neither. A prediction held by a
+    server that died is taken over by a live one once its lease runs out, and not before."""
+    home = tmp_path / "home"
+    home.mkdir()
+    a = LiveServer(home, lease_seconds=2.0)
+    a.store.ensure_base_models([("slow", "scripted, slow", "slow-base")])
+    script = [f"w{i} " for i in range(30)]
+    a_predictor = ScriptedPredictor(script, delay=0.1)
+    a.runner.use_predictor("slow-base", a_predictor)
+    token = a.store.create_token("alice")
+    version = base_version_id("slow")
+    b = None
+    try:
+        with httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as ca:
+            ids = [ca.post("/v1/predictions", json={"version": version, "input": {"prompt": p}}).json()["id"]
+                   for p in ("first", "second")]
+            wait_for(lambda: ca.get(f"/v1/predictions/{ids[0]}").json(), lambda p: p["status"] == "processing")
+
+            b = LiveServer(home, lease_seconds=2.0)
+            b_predictor = ScriptedPredictor(script, delay=0.01)
+            b.runner.use_predictor("slow-base", b_predictor)
+            # A prediction held by a server that died a moment ago: its lease runs 3 s more.
+            lost = b.store.create_prediction("alice", model="tunery/slow", version_id=version,
+                                             input={"prompt": "lost"}, runner="dead-server", lease_seconds=3.0)
+            b.store.start_prediction(lost.id, "dead-server")
+            b.store.set_prediction_output(lost.id, ["half"], "dead-server")
+            assert b.runner.keep_leases() == 0 and a.runner.keep_leases() == 0  # not before its lease ends
+
+            for pid in ids:  # ~6 s in all: many lease periods of A, renewed all along
+                body = wait_for(lambda pid=pid: ca.get(f"/v1/predictions/{pid}").json(),
+                                lambda p: p["status"] == "succeeded", timeout=30)
+                assert "".join(body["output"]) == "".join(script)
+            assert [c["prompt"] for c in a_predictor.calls][:2] == ["first", "second"]
+            assert not {"first", "second"} & {c["prompt"] for c in b_predictor.calls}  # B never ran A's
+
+            taken = wait_for(lambda: ca.get(f"/v1/predictions/{lost.id}").json(),
+                             lambda p: p["status"] == "succeeded", timeout=30)
+            assert taken["output"] and "half" not in "".join(taken["output"])
+            runs = [c for c in a_predictor.calls + b_predictor.calls if c["prompt"] == "lost"]
+            assert len(runs) == 1  # taken over by one live server, run once
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()

@@ -260,3 +260,56 @@ def test_a_released_training_is_resumed_at_once(store):
     assert store.heartbeat(training.id, "w1", 30) == "lost"
     again = store.claim_training("w2", 30)
     assert (again.id, again.attempts, again.status) == (training.id, 1, "processing")  # not counted as lost
+
+
+def test_prediction_leases_are_taken_over_only_when_expired_and_by_one_server(store, db_url):
+    from tunery.store.models import Prediction
+
+    version = base_version_id("smollm2-135m")
+
+    def prediction(runner, lease_seconds=30.0, start=False):
+        row = store.create_prediction("alice", model="tunery/smollm2-135m", version_id=version,
+                                      input={"prompt": "p"}, runner=runner, lease_seconds=lease_seconds)
+        if start:
+            store.start_prediction(row.id, runner)
+            store.set_prediction_output(row.id, ["half"], runner)
+        return row.id
+
+    live = prediction("live-server", start=True)
+    expired = prediction("dead-server", start=True)
+    legacy = prediction(None)  # from before leases: no holder
+    with store.session() as s:
+        s.execute(update(Prediction).where(Prediction.id == expired)
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    canceled = prediction("dead-server", lease_seconds=-1, start=True)
+    store.cancel_prediction("alice", canceled)
+
+    # Another server's writes to a prediction it does not hold are ignored.
+    store.set_prediction_output(live, ["intruder"], "other-server")
+    assert store.finish_prediction(live, status="succeeded", runner="other-server") is None
+
+    servers = [Store(db_url, migrate=False) for _ in range(4)]
+    taken: dict[int, list[str]] = {}
+    barrier = threading.Barrier(len(servers))
+
+    def adopt(i: int, server: Store) -> None:
+        barrier.wait()
+        taken[i] = [row.id for row, _ in server.adopt_orphaned_predictions(f"server-{i}", 30)]
+
+    threads = [threading.Thread(target=adopt, args=(i, s)) for i, s in enumerate(servers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in servers:
+        s.close()
+    everything = [pid for ids in taken.values() for pid in ids]
+    assert sorted(everything) == sorted([expired, legacy])  # each once; never the live one
+    with store.session() as s:
+        rows = {pid: s.get(Prediction, pid) for pid in (live, expired, legacy, canceled)}
+        assert rows[live].lease_owner == "live-server" and rows[live].output == ["half"]
+        assert rows[live].status == "processing"
+        assert rows[expired].status == "starting" and rows[expired].output is None
+        assert rows[expired].lease_owner.startswith("server-") and rows[expired].lease_expires_at > utcnow()
+        assert rows[canceled].status == "canceled"
+    assert store.renew_prediction_leases("live-server", 30) == 1

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(1024**3, description="Largest accepted file upload / download, in bytes.")
     lease_seconds: float = Field(
-        30.0, description="A worker's claim on a training lapses this long after its last heartbeat."
+        30.0, description="A worker's claim on a training, and a server's on a prediction, lapse this long after "
+        "their last renewal; then another worker or server takes the job over."
     )
     embedded_workers: int = Field(1, description="Training workers `tunery serve` runs itself (0: none).")
 

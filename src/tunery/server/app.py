@@ -51,11 +51,10 @@ def create_app(
         own = store is None
         the_store = store or Store(settings.db_url, base_url=_store_base_url(settings))
         the_store.ensure_base_models(base_model_entries())
-        runner = PredictionRunner(the_store)
+        # Predictions run in this process; those a server that died left unfinished (a previous
+        # run of this one, or another on the same database) are taken over as their leases expire.
+        runner = PredictionRunner(the_store, lease_seconds=settings.lease_seconds)
         runner.start()
-        # Predictions run in this process: any a previous server left unfinished run again now.
-        for row, version in the_store.requeue_unfinished_predictions():
-            runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=row.input)
         workers = _start_workers(the_store, settings, start_workers)
         app.state.store, app.state.runner = the_store, runner
         try:

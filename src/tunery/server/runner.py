@@ -6,14 +6,22 @@ streams), so a client that connects late gets the output so far and then the liv
 The row is updated at most every FLUSH_SECONDS while text streams and once at the end; the end
 is committed to the store before the channel says "done", so a client that sees "done" and then
 GETs the prediction finds it finished. Nothing here imports torch until the first prediction.
+
+Several servers may share one database: each prediction is leased to the runner of the server
+that took it, and the lease is renewed every few seconds while that server lives. When a server
+dies its unfinished predictions' leases expire and a live (or the restarted) server takes them
+over and runs them again; a prediction a live server holds is never run twice.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,8 +114,13 @@ class _Job:
 class PredictionRunner:
     """Runs predictions one at a time on a background thread. `start()` it once, `stop()` on shutdown."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, *, lease_seconds: float = 30.0):
         self.store = store
+        self.lease_seconds = lease_seconds
+        #: This runner's name on the predictions it holds (one per server process).
+        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stopping = threading.Event()
+        self._lease_thread: threading.Thread | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._jobs: dict[str, _Job] = {}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
@@ -116,13 +129,41 @@ class PredictionRunner:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start running predictions, and keeping this runner's leases: the first round takes
+        over what a server that died left unfinished (a restart runs those again at once)."""
         if self._thread is None:
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._loop, name="tunery-predictions", daemon=True)
             self._thread.start()
+            self.keep_leases()
+            self._lease_thread = threading.Thread(target=self._lease_loop, name="tunery-prediction-leases",
+                                                  daemon=True)
+            self._lease_thread.start()
+
+    def keep_leases(self) -> int:
+        """One round: renew this runner's leases, then take over and queue the predictions whose
+        server is gone. Returns how many were taken over."""
+        self.store.renew_prediction_leases(self.runner_id, self.lease_seconds)
+        adopted = self.store.adopt_orphaned_predictions(self.runner_id, self.lease_seconds)
+        for row, version in adopted:
+            log.info("taking over prediction %s, left unfinished by a server that stopped", row.id)
+            self.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=row.input)
+        return len(adopted)
+
+    def _lease_loop(self) -> None:
+        while not self._stopping.wait(self.lease_seconds / 4):
+            try:
+                self.keep_leases()
+            except Exception:  # the database went away, say: try again next round
+                log.exception("renewing prediction leases failed")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel what is running and what is queued (both end as "canceled", so no prediction is
         left unfinished by a clean shutdown), and wait for the thread to end."""
+        self._stopping.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout)
+            self._lease_thread = None
         with self._lock:
             for job in self._jobs.values():
                 job.cancel.set()
@@ -172,8 +213,8 @@ class PredictionRunner:
                     self._forget_finished()
 
     def _run(self, job: _Job) -> None:
-        if job.cancel.is_set() or self.store.start_prediction(job.id) is None:
-            self._finish(job, "canceled", None, {})  # canceled (or gone) before it started
+        if job.cancel.is_set() or self.store.start_prediction(job.id, self.runner_id) is None:
+            self._finish(job, "canceled", None, {})  # canceled (or gone, or taken over) before it started
             return
         pieces: list[str] = []
         metrics: dict[str, Any] = {}
@@ -191,7 +232,7 @@ class PredictionRunner:
                     channel.publish("output", piece)
                 if time.monotonic() - flushed >= FLUSH_SECONDS:
                     flushed = time.monotonic()
-                    self.store.set_prediction_output(job.id, pieces)
+                    self.store.set_prediction_output(job.id, pieces, self.runner_id)
                     if self.store.is_cancel_requested_prediction(job.id):  # canceled by another process
                         job.cancel.set()
         except Exception as exc:  # a bad adapter, a model that fails to load, ...
@@ -209,16 +250,19 @@ class PredictionRunner:
         error: str | None = None,
     ) -> None:
         """Commit the end to the store, then tell the listeners."""
-        self.store.finish_prediction(
+        row = self.store.finish_prediction(
             job.id,
             status=status,
             output=pieces,
             error=error,
             metrics={k: v for k, v in metrics.items() if v is not None},
+            runner=self.runner_id,
         )
         channel = self.channel(job.id)
         if channel is None:
             return
+        if row is None:  # this server lost its lease (the database was out of reach) and another took it
+            status, error = "failed", "this prediction was taken over by another server; get it again"
         if error is not None:
             channel.publish("error", error)
         channel.publish("done", {"succeeded": "", "canceled": "canceled"}.get(status, "error"))

@@ -220,11 +220,14 @@ class JobsMixin:
 
     def create_prediction(self, owner: str, *, model: str, version_id: str, input: dict[str, Any],
                           stream: bool = False, webhook: str | None = None,
-                          webhook_events_filter: list[str] | None = None) -> Prediction:
-        """Queue a prediction (status "starting") on `model`'s version `version_id`."""
+                          webhook_events_filter: list[str] | None = None, runner: str | None = None,
+                          lease_seconds: float = 30.0) -> Prediction:
+        """Queue a prediction (status "starting") on `model`'s version `version_id`, held by the
+        prediction runner `runner` for `lease_seconds` (renewed by renew_prediction_leases)."""
         with self.session() as s:
             row = Prediction(owner=owner, model=model, version_id=version_id, input=input, stream=stream,
-                             webhook=webhook, webhook_events_filter=webhook_events_filter)
+                             webhook=webhook, webhook_events_filter=webhook_events_filter, lease_owner=runner,
+                             lease_expires_at=utcnow() + timedelta(seconds=lease_seconds) if runner else None)
             s.add(row)
             _count_run(s, model)
         return row
@@ -239,36 +242,46 @@ class JobsMixin:
             stmt = select(Prediction).where(Prediction.owner == owner)
             return paginate(s, stmt, Prediction.created_at, Prediction.id, cursor, limit)
 
-    def start_prediction(self, prediction_id: str) -> Prediction | None:
-        """starting → processing; None when it is not waiting to start (canceled meanwhile)."""
+    @staticmethod
+    def _runs_here(row: Prediction | None, runner: str | None) -> bool:
+        """Whether `runner` may write `row`: it holds the lease, or the caller does not say (a
+        single process, or a test)."""
+        return row is not None and (runner is None or row.lease_owner in (None, runner))
+
+    def start_prediction(self, prediction_id: str, runner: str | None = None) -> Prediction | None:
+        """starting → processing; None when it is not waiting to start (canceled meanwhile) or
+        another runner holds it."""
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if row is None or row.status != "starting":
+            if not self._runs_here(row, runner) or row.status != "starting":
                 return None
             row.status = "processing"
             row.started_at = utcnow()
             outbox.enqueue(s, row, "start", self.base_url)
             return row
 
-    def set_prediction_output(self, prediction_id: str, output: list[str]) -> None:
-        """Replace the output produced so far (a running prediction only)."""
+    def set_prediction_output(self, prediction_id: str, output: list[str], runner: str | None = None) -> None:
+        """Replace the output produced so far (a running prediction this runner holds only)."""
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if row is None or row.status != "processing":
+            if not self._runs_here(row, runner) or row.status != "processing":
                 return
             row.output = list(output)
             outbox.enqueue(s, row, "output", self.base_url)
 
     def finish_prediction(self, prediction_id: str, *, status: str, output: list[str] | None = None,
                           error: str | None = None, metrics: dict[str, Any] | None = None,
-                          ) -> Prediction | None:
-        """End the prediction as `status`; a prediction already finished is returned unchanged."""
+                          runner: str | None = None) -> Prediction | None:
+        """End the prediction as `status`; a prediction already finished is returned unchanged.
+        None when it does not exist or another runner took it over (this one lost its lease)."""
         if status not in TERMINAL:
             raise ValueError(f"not a final status: {status}")
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if row is None or row.status in TERMINAL:
+            if row is not None and row.status in TERMINAL:
                 return row
+            if not self._runs_here(row, runner):
+                return None
             if output is not None:
                 row.output = list(output)
             if metrics:
@@ -293,15 +306,31 @@ class JobsMixin:
         with self._reading() as s:
             return bool(s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)))
 
-    def requeue_unfinished_predictions(self) -> list[tuple[Prediction, Version]]:
-        """Predictions that a server stopped without finishing (a crash, a kill): each goes back to
-        "starting" with its output cleared, for the restarted server to run again, so none is left
-        hanging; one whose cancel was asked for ends as canceled instead. Returns them with their
-        versions, oldest first. Call once at server start."""
+    def renew_prediction_leases(self, runner: str, lease_seconds: float) -> int:
+        """Extend `runner`'s hold on its unfinished predictions; returns how many it holds."""
+        with self.session() as s:
+            result = s.execute(update(Prediction)
+                               .where(Prediction.lease_owner == runner,
+                                      Prediction.status.in_(("starting", "processing")))
+                               .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+            return result.rowcount or 0
+
+    def adopt_orphaned_predictions(self, runner: str, lease_seconds: float) -> list[tuple[Prediction, Version]]:
+        """Predictions whose server stopped without finishing them (a crash, a kill: their lease
+        expired, or they have none): each goes back to "starting" with its output cleared, held by
+        `runner` to run again, so none is left hanging; one whose cancel was asked for ends as
+        canceled instead. A prediction a live server holds is never taken. Returns them with
+        their versions, oldest first.
+
+        Two servers never adopt the same one: PostgreSQL locks the rows (FOR UPDATE SKIP LOCKED),
+        SQLite runs the whole step under its write lock."""
+        now = utcnow()
+        orphaned = and_(Prediction.status.in_(("starting", "processing")),
+                        or_(Prediction.lease_expires_at.is_(None), Prediction.lease_expires_at < now))
         again: list[tuple[Prediction, Version]] = []
         with self.session() as s:
-            rows = s.scalars(select(Prediction).where(Prediction.status.in_(("starting", "processing")))
-                             .order_by(Prediction.created_at).with_for_update()).all()
+            rows = s.scalars(select(Prediction).where(orphaned).order_by(Prediction.created_at, Prediction.id)
+                             .with_for_update(skip_locked=True)).all()
             for row in rows:
                 version = s.get(Version, row.version_id)
                 if row.cancel_requested or version is None:
@@ -309,6 +338,7 @@ class JobsMixin:
                                          error=None if row.cancel_requested else "its version was deleted")
                     continue
                 row.status, row.output, row.started_at = "starting", None, None
+                row.lease_owner, row.lease_expires_at = runner, now + timedelta(seconds=lease_seconds)
                 again.append((row, version))
         return again
 

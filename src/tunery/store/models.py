@@ -180,7 +180,8 @@ class Training(Base):
 
 
 class Prediction(Base):
-    """A prediction. Run by the server's predictor thread; its output is a list of text pieces."""
+    """A prediction. Run by the prediction runner of the server holding its lease; its output is
+    a list of text pieces."""
 
     __tablename__ = "predictions"
 
@@ -198,6 +199,10 @@ class Prediction(Base):
     webhook: Mapped[str | None] = mapped_column(Text)
     webhook_events_filter: Mapped[list | None] = mapped_column(JSON, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The server whose runner holds it, until when (renewed while that server lives); a
+    # starting or processing prediction whose lease expired is taken over by another server.
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -159,6 +159,8 @@ def _start(
         stream=body.stream,
         webhook=body.webhook,
         webhook_events_filter=body.webhook_events_filter,
+        runner=runner.runner_id,
+        lease_seconds=runner.lease_seconds,
     )
     channel = runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=body.input)
     wait = _wait_seconds(prefer)
