@@ -3,13 +3,10 @@ database, runs it again; a prediction a live server holds is never run twice."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import httpx
 
 from test_api_support import LiveServer, ScriptedPredictor, wait_for
 from tunery.store import base_version_id
-from tunery.store.models import Prediction, utcnow
 
 
 def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_dir):
