@@ -7,6 +7,7 @@ import httpx
 
 from test_api_support import LiveServer, ScriptedPredictor, wait_for
 from tunery.store import base_version_id
+from tunery.store.models import Prediction, utcnow
 
 
 def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_dir):
@@ -90,3 +91,36 @@ def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
         if b is not None:
             b.stop()
         a.stop()
+
+
+def test_a_clean_shutdown_hands_predictions_back(tmp_path, tiny_model_dir):
+    """Stopping a server stops what it runs without ending it: the next server runs it at once
+    (here with the real tiny model, where the first ran a slow script)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    a = LiveServer(home)
+    a.store.ensure_base_models([("tiny", "tiny test model", str(tiny_model_dir))])
+    a.runner.use_predictor(str(tiny_model_dir), ScriptedPredictor([f"w{i} " for i in range(100)], delay=0.1))
+    token = a.store.create_token("alice")
+    version = base_version_id("tiny")
+    inputs = {"max_new_tokens": 8, "temperature": 0}
+    with httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as ca:
+        ids = [ca.post("/v1/predictions", json={"version": version, "input": {"prompt": p, **inputs}}).json()["id"]
+               for p in ("Item:", "Animal:")]
+        wait_for(lambda: ca.get(f"/v1/predictions/{ids[0]}").json(), lambda p: p["output"])
+    a.stop()
+    with a.store.session() as s:
+        rows = [s.get(Prediction, pid) for pid in ids]
+        assert [r.status for r in rows] == ["processing", "starting"]
+        assert all(r.lease_expires_at <= utcnow() for r in rows)
+
+    b = LiveServer(home)  # the default 30 s lease: taken over at start, not after it
+    try:
+        with httpx.Client(base_url=b.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as cb:
+            for pid in ids:
+                body = wait_for(lambda pid=pid: cb.get(f"/v1/predictions/{pid}").json(),
+                                lambda p: p["status"] in ("succeeded", "failed", "canceled"), timeout=20)
+                assert body["status"] == "succeeded" and body["output"], body
+                assert not "".join(body["output"]).startswith("w0 ")  # run afresh, not A's partial output
+    finally:
+        b.stop()

@@ -158,8 +158,9 @@ class PredictionRunner:
                 log.exception("renewing prediction leases failed")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is running and what is queued (both end as "canceled", so no prediction is
-        left unfinished by a clean shutdown), and wait for the thread to end."""
+        """Stop: what is running stops within a token and, with what is queued, is handed back
+        (its lease released, so the next server to start, or another one on the same database,
+        runs it again at once): a shutdown loses no prediction. Waits for the thread to end."""
         self._stopping.set()
         if self._lease_thread is not None:
             self._lease_thread.join(timeout)
@@ -171,6 +172,13 @@ class PredictionRunner:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        try:
+            released = self.store.release_predictions(self.runner_id)
+        except Exception:  # the database is gone: the leases expire by themselves
+            log.exception("handing back unfinished predictions failed")
+        else:
+            if released:
+                log.info("handed back %d unfinished predictions for another server to run", released)
 
     def submit(
         self, prediction_id: str, *, base: str, weights: str | None, inputs: dict[str, Any]
@@ -213,6 +221,8 @@ class PredictionRunner:
                     self._forget_finished()
 
     def _run(self, job: _Job) -> None:
+        if self._stopping.is_set():
+            return  # shutting down: handed back by stop()
         if job.cancel.is_set() or self.store.start_prediction(job.id, self.runner_id) is None:
             self._finish(job, "canceled", None, {})  # canceled (or gone, or taken over) before it started
             return
@@ -239,6 +249,8 @@ class PredictionRunner:
             log.warning("prediction %s failed: %s", job.id, exc)
             self._finish(job, "failed", pieces, metrics, str(exc) or type(exc).__name__)
             return
+        if job.cancel.is_set() and self._stopping.is_set() and not self.store.is_cancel_requested_prediction(job.id):
+            return  # stopped by the shutdown, not by a cancel: handed back by stop(), to run again
         self._finish(job, "canceled" if job.cancel.is_set() else "succeeded", pieces, metrics)
 
     def _finish(

@@ -315,6 +315,16 @@ class JobsMixin:
                                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
             return result.rowcount or 0
 
+    def release_predictions(self, runner: str) -> int:
+        """Hand back `runner`'s unfinished predictions (a server shutting down): their leases end
+        now, so any server takes them over at once. Returns how many."""
+        with self.session() as s:
+            result = s.execute(update(Prediction)
+                               .where(Prediction.lease_owner == runner,
+                                      Prediction.status.in_(("starting", "processing")))
+                               .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+            return result.rowcount or 0
+
     def adopt_orphaned_predictions(self, runner: str, lease_seconds: float) -> list[tuple[Prediction, Version]]:
         """Predictions whose server stopped without finishing them (a crash, a kill: their lease
         expired, or they have none): each goes back to "starting" with its output cleared, held by
