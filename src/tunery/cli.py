@@ -110,6 +110,8 @@ def _train_command(
                        test_data=test_data)
     except TuneryError as exc:
         _fail(exc)
+    if not result.manifest:  # another process than the first of a multi-process run: it reports nothing
+        return
     m = result.manifest["metrics"]
     err.print(
         f"[green]done[/] {result.run_dir}  steps={m['steps']} loss={_fmt(m['train_loss'])} "

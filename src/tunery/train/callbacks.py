@@ -20,14 +20,32 @@ from tunery.train.events import EventSink
 
 
 class TokenMeter:
-    """Counts real (non-padding) and trained (labelled) tokens as batches go through the model."""
+    """Counts real (non-padding) and trained (labelled) tokens as batches go through the model.
 
-    def __init__(self) -> None:
+    `real`/`trained` are the counts of every process. With one process they are this process's
+    counts; under `accelerate launch` each process counts its own batches (`add`) and `sync`
+    (a collective, which every process calls at the same point: the Trainer's log) sums them."""
+
+    def __init__(self, world: int = 1) -> None:
+        self.world = world
         self.real = 0
         self.trained = 0
+        self.local_real = 0
+        self.local_trained = 0
         self.started = time.perf_counter()
         self._last_real = 0
         self._last_time = self.started
+
+    def add(self, real: int, trained: int) -> None:
+        self.local_real += real
+        self.local_trained += trained
+        if self.world == 1:
+            self.real, self.trained = self.local_real, self.local_trained
+
+    def sync(self, reduce_sum) -> None:
+        """Set the totals of all processes; `reduce_sum` sums a list of ints across them."""
+        if self.world > 1:
+            self.real, self.trained = reduce_sum([self.local_real, self.local_trained])
 
     def rate_since_last(self) -> float:
         """Real tokens per second since the previous call."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ class CountingCollator:
         return batch
 
 
+def world_size() -> int:
+    """Processes training together (`accelerate launch` / torchrun set WORLD_SIZE); 1 otherwise."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 class TuneryTrainer(Trainer):
     """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
     the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
@@ -51,8 +57,7 @@ class TuneryTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("_real_tokens", None)
         if model.training and real is not None:
-            self.meter.real += int(real)
-            self.meter.trained += int((inputs["labels"] != -100).sum())
+            self.meter.add(int(real), int((inputs["labels"] != -100).sum()))
         if not self.labelled_only or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -62,6 +67,17 @@ class TuneryTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         # prediction_step wants outputs: a dict holding only the loss (no logits were made).
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        # Every process logs at the same steps (the Trainer gathers the loss there): sum the token
+        # counts of all processes first, so tokens/s is the whole job's.
+        if self.meter.world > 1:
+            def reduce_sum(values):
+                total = self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), "sum")
+                return [int(v) for v in total.tolist()]
+
+            self.meter.sync(reduce_sum)
+        return super().log(logs, *args, **kwargs)
 
 
 def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
@@ -80,7 +96,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
         max_steps=inputs.max_steps,
         per_device_train_batch_size=inputs.micro_batch_size,
         per_device_eval_batch_size=inputs.validation_batch_size,
-        gradient_accumulation_steps=inputs.gradient_accumulation_steps,
+        gradient_accumulation_steps=inputs.gradient_accumulation_steps // world_size(),
         learning_rate=inputs.learning_rate,
         lr_scheduler_type=inputs.lr_scheduler_type,
         warmup_steps=inputs.warmup_ratio,
@@ -105,8 +121,11 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
         dataloader_pin_memory=device != "cpu",
         optim="adamw_torch",
         gradient_checkpointing=False,  # already enabled by models.load.adapt when asked for
+        # Every trainable parameter (LoRA's or, in full fine-tuning, all) is used in each forward:
+        # spare DDP the extra graph traversal that looking for unused ones costs every step.
+        ddp_find_unused_parameters=False,
     )
-    meter = TokenMeter()
+    meter = TokenMeter(world=world_size())
     events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
     callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
@@ -124,7 +143,9 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
     # `--events -` on stdout).
     trainer.remove_callback(PrinterCallback)
     trainer.meter = meter
-    if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
+    # The labelled-only loss runs the decoder outside the model's own forward, which a
+    # DistributedDataParallel wrapper must see to synchronise gradients: one process only.
+    if inputs.loss_computation == "labelled" and supports_labelled_loss(model) and world_size() == 1:
         trainer.labelled_only = True
         trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
     return trainer, meter, events_cb

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunery.errors import TuneryError
+from tunery.errors import SpecError, TuneryError
 from tunery.settings import Settings, get_settings
 from tunery.spec import TrainingInputs
 from tunery.train.events import EventSink
@@ -138,7 +138,8 @@ def train(
     settings = settings or get_settings()
     if isinstance(inputs, dict):
         inputs = parse_inputs(inputs)
-    run_dir = Path(output_dir) if output_dir else settings.runs_dir / time.strftime("run-%Y%m%d-%H%M%S")
+    _check_batch_for_processes(inputs)
+    run_dir = Path(output_dir) if output_dir else settings.runs_dir / _run_name()
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under `accelerate launch` every process runs this function; only rank 0 reports and writes.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -156,6 +157,34 @@ def train(
         if not isinstance(events, EventSink):
             sink.close()
     return result
+
+
+def _run_name() -> str:
+    """A new run directory's name: the time, or under several processes the launcher's run id
+    (the same in every process, where each one's clock might name a different directory)."""
+    from tunery.train.engine import world_size
+
+    if world_size() == 1:
+        return time.strftime("run-%Y%m%d-%H%M%S")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or run_id == "none":
+        raise SpecError("several processes need one run directory: pass it with -o/--output-dir")
+    return f"run-{time.strftime('%Y%m%d')}-{run_id[:12]}"
+
+
+def _check_batch_for_processes(inputs: TrainingInputs) -> None:
+    """train_batch_size is the global batch: under `accelerate launch` it is split over the
+    processes, so it must be a multiple of micro_batch_size × processes."""
+    from tunery.train.engine import world_size
+
+    world = world_size()
+    step = inputs.micro_batch_size * world
+    if world > 1 and inputs.train_batch_size % step:
+        raise SpecError(
+            f"invalid training input: train_batch_size ({inputs.train_batch_size}) is the global batch and must "
+            f"be a multiple of micro_batch_size ({inputs.micro_batch_size}) × {world} processes, "
+            f"e.g. {-(-inputs.train_batch_size // step) * step}"
+        )
 
 
 def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink: EventSink, progress: bool,
@@ -205,6 +234,11 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         target_modules=inputs.target_modules,
         gradient_checkpointing=inputs.gradient_checkpointing,
     )
+    from tunery.train.engine import world_size
+
+    if world_size() > 1 and inputs.loss_computation == "labelled":
+        sink.emit("log", message=f"{world_size()} processes: the loss is the model's own (loss_computation=full); "
+                  "the labelled-only loss needs a single process")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     sink.emit("log", message=f"{inputs.peft_method}: {trainable:,} trainable of {total:,} parameters on {device}")
