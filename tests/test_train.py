@@ -249,3 +249,28 @@ def test_resume_from_the_final_checkpoint_trains_no_extra_step(tmp_path, data_fi
     assert [h["step"] for h in resumed.manifest["metrics"]["history"] if "loss" in h] == [1, 2, 3, 4]
     a, b = adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class OutOfMemoryAt(TrainerCallback):
+    """Raises what torch raises when the GPU runs out of memory, at the end of step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total)")
+
+
+def test_out_of_memory_says_what_to_change(tmp_path, data_file, tiny_model_dir):
+    from tunery.errors import OutOfMemoryError
+
+    spec = {"train_data": str(data_file), **FAST, "max_steps": 4, "train_batch_size": 8, "micro_batch_size": 4}
+    with pytest.raises(OutOfMemoryError) as info:
+        train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False, callbacks=[OutOfMemoryAt(2)])
+    message = str(info.value)
+    assert message.startswith("out of memory during training: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "micro_batch_size 2 (train_batch_size stays 8" in message
+    assert "gradient_checkpointing true" in message and "peft_method qlora" in message
+    failed = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["type"] == "failed"]
+    assert failed[-1]["error"] == message and failed[-1]["error_type"] == "OutOfMemoryError"

@@ -13,6 +13,35 @@ class SpecError(TuneryError):
     """A training input is invalid (unknown key, wrong type, out of range, inconsistent)."""
 
 
+class OutOfMemoryError(TuneryError):
+    """Training ran out of (GPU or host) memory; the message says what to change."""
+
+
+def out_of_memory_message(exc: BaseException, inputs) -> str:
+    """What ran out, how big the largest batch was, and the inputs that shrink it, best first."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    m, t = inputs.micro_batch_size, inputs.train_batch_size
+    tries = []
+    if m > 1:
+        tries.append(f"micro_batch_size {m // 2} (train_batch_size stays {t}: the rest is gradient accumulation)")
+    if not inputs.gradient_checkpointing:
+        tries.append("gradient_checkpointing true (recomputes activations: less memory, ~30% slower)")
+    if inputs.peft_method == "lora":
+        tries.append("peft_method qlora (the base in 4-bit)")
+    elif inputs.peft_method == "full":
+        tries.append("peft_method lora or qlora (no optimizer state for the base weights)")
+    tries.append(f"a smaller max_seq_length (now {inputs.max_length} tokens per sequence)")
+    return (f"out of memory during training: {first}. Each step holds micro_batch_size ({m}) sequences of up "
+            f"to {inputs.max_length} tokens. Try " + "; or ".join(tries) + ".")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), Python's MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 class ModelNotFoundError(TuneryError):
     """A base model could not be resolved; the message lists everything that was tried."""
 

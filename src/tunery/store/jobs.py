@@ -243,17 +243,17 @@ class JobsMixin:
             return paginate(s, stmt, Prediction.created_at, Prediction.id, cursor, limit)
 
     @staticmethod
-    def _runs_here(row: Prediction | None, runner: str | None) -> bool:
+    def _runs_here(row: Prediction, runner: str | None) -> bool:
         """Whether `runner` may write `row`: it holds the lease, or the caller does not say (a
         single process, or a test)."""
-        return row is not None and (runner is None or row.lease_owner in (None, runner))
+        return runner is None or row.lease_owner in (None, runner)
 
     def start_prediction(self, prediction_id: str, runner: str | None = None) -> Prediction | None:
         """starting → processing; None when it is not waiting to start (canceled meanwhile) or
         another runner holds it."""
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if not self._runs_here(row, runner) or row.status != "starting":
+            if row is None or not self._runs_here(row, runner) or row.status != "starting":
                 return None
             row.status = "processing"
             row.started_at = utcnow()
@@ -264,7 +264,7 @@ class JobsMixin:
         """Replace the output produced so far (a running prediction this runner holds only)."""
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if not self._runs_here(row, runner) or row.status != "processing":
+            if row is None or not self._runs_here(row, runner) or row.status != "processing":
                 return
             row.output = list(output)
             outbox.enqueue(s, row, "output", self.base_url)
@@ -278,7 +278,7 @@ class JobsMixin:
             raise ValueError(f"not a final status: {status}")
         with self.session() as s:
             row = s.get(Prediction, prediction_id, with_for_update=True)
-            if row is not None and row.status in TERMINAL:
+            if row is None or row.status in TERMINAL:
                 return row
             if not self._runs_here(row, runner):
                 return None

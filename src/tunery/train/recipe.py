@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunery.errors import SpecError, TuneryError
+from tunery.errors import OutOfMemoryError, SpecError, TuneryError, is_out_of_memory, out_of_memory_message
 from tunery.settings import Settings, get_settings
 from tunery.spec import TrainingInputs
 from tunery.train.events import EventSink
@@ -149,7 +149,12 @@ def train(
     else:
         sink, progress = EventSink(), False
     try:
-        result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [], test_data)
+        try:
+            result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [], test_data)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise OutOfMemoryError(out_of_memory_message(exc, inputs)) from exc
     except BaseException as exc:
         sink.emit("failed", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         raise
