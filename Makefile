@@ -22,6 +22,7 @@ test-fast: setup-dev
 
 lint: setup-dev
 	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 
 # The dashboard: its unit tests, a rebuild, and a check that the shipped assets are that build.
 web:

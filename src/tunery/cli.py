@@ -135,11 +135,12 @@ def _was_given(ctx: typer.Context, name: str) -> bool:
 
 
 _sig = inspect.signature(_train_command, eval_str=True)
-_train_command.__signature__ = _sig.replace(  # type: ignore[attr-defined]
+_sig = _sig.replace(
     parameters=[p for p in _sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     + _spec_parameters()
 )
-_train_command.__annotations__ = {p.name: p.annotation for p in _train_command.__signature__.parameters.values()}
+_train_command.__signature__ = _sig  # type: ignore[attr-defined]  # a function attribute typer reads
+_train_command.__annotations__ = {p.name: p.annotation for p in _sig.parameters.values()}
 app.command("train", no_args_is_help=True)(_train_command)
 
 

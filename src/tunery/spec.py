@@ -8,6 +8,7 @@ body's `input` and the manifest's `inputs`; each field's description is its help
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,7 +155,7 @@ _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
 ]
 
 
-def cross_field_errors(inputs: TrainingInputs, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+def cross_field_errors(inputs: TrainingInputs, skip: AbstractSet[str] = frozenset()) -> list[tuple[str, str]]:
     """(field, reason) for each inconsistency between fields, leaving out checks that read a
     field in `skip` (one that is itself invalid)."""
     out = []

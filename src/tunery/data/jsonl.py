@@ -77,7 +77,7 @@ def read_jsonl(path: str | Path, *, name: str | None = None) -> Dataset:
         data = data[len(_BOM) :]
 
     errors: list[LineError] = []
-    parsed: list[tuple[int, dict, str]] = []  # (line number, row, the row's own format)
+    parsed: list[tuple[int, dict, str | None]] = []  # (line number, row, the row's own format)
     n_lines = 0
     # Split on "\n" only: JSON strings cannot hold a raw newline, and this numbers lines the
     # way editors and `wc -l` do. A trailing "\r" (Windows line ending) is whitespace to JSON.

@@ -13,12 +13,15 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunery.eval.metrics import generation_metrics
+
+if TYPE_CHECKING:
+    from tunery.data.jsonl import Format
 
 Column = tuple[str, Callable[[], contextlib.AbstractContextManager]]
 
@@ -100,7 +103,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], *, params, max_
     return [o.strip() for o in outputs]
 
 
-def evaluate_model(model, tokenizer, rows: list[dict], fmt: str, *, columns: list[Column], params=None,
+def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: list[Column], params=None,
                    batch_size: int = 8, max_new_tokens: int | None = None, max_length: int = 2048,
                    n_examples: int = 5, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
     """Score `model` under each column's context (e.g. base = adapter disabled, tuned = as is).
@@ -183,7 +186,8 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
     elif w.kind == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(w.path).to(pick_device())
+        # cast: transformers wraps `to` in functools.wraps, whose type mypy does not bind as a method.
+        model = cast(Any, AutoModelForCausalLM.from_pretrained(w.path)).to(pick_device())
         tokenizer = AutoTokenizer.from_pretrained(w.tokenizer or w.path)
         if compare:
             report_base = evaluate_model(load_model(resolved), load_tokenizer(resolved), ds.rows, ds.format,

@@ -16,12 +16,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunery.errors import TuneryError
 from tunery.infer.stops import StopCutter, parse_stop_sequences
 from tunery.infer.weights import Weights, resolve_weights
 from tunery.models.registry import DEFAULT_BASE
+
+if TYPE_CHECKING:
+    from tunery.models.resolve import ResolvedBase
 
 __all__ = [
     "Predictor",
@@ -139,12 +142,12 @@ class Predictor:
         self.precision = precision
         self.device = device or pick_device()
         self.max_adapters = max_adapters
-        self.resolved = None  # ResolvedBase once the base is resolved
-        self.base_model = None
-        self.base_tokenizer = None
+        self.resolved: ResolvedBase | None = None  # ResolvedBase once the base is resolved
+        self.base_model: Any = None
+        self.base_tokenizer: Any = None
         self.base_loads = self.adapter_loads = self.full_loads = 0
         self.last_metrics: dict[str, Any] = {}
-        self._peft = None  # the PeftModel around base_model, once an adapter was loaded
+        self._peft: Any = None  # the PeftModel around base_model, once an adapter was loaded
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # by adapter dir; oldest first
         self._full: dict[str, tuple] = {}  # model dir -> (stamp, model, tokenizer); at most one
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from typing import cast
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -87,7 +88,8 @@ class _StreamCriteria(StoppingCriteria):
             run.last_token = new[-1]
             run.emit(run.cutter.feed(run.decoder.feed(new)))
         stop = run.cutter.stopped or run.interrupted()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        flags = torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, flags)  # torch.full is typed as a plain Tensor; dtype=bool makes it one
 
 
 class GenerationStream:
@@ -126,7 +128,9 @@ class GenerationStream:
         self.decoder = IncrementalDecoder(tokenizer, input_ids[0, -PROMPT_CONTEXT:].tolist())
         self.tokens = 0
         self.last_token: int | None = None
-        self.started_at = self.first_token_at = self.finished_at = None
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.stop_reason: str | None = None
         self._abort = threading.Event()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

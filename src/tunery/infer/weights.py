@@ -93,7 +93,8 @@ def _from_run_dir(run: Path, raw: str, *, where: str, at: str = "") -> Weights:
     """Weights of a run directory laid out as training writes it."""
     manifest = _read_json(run / "manifest.json", raw) if (run / "manifest.json").is_file() else {}
     method = manifest.get("peft_method")
-    base_info = manifest.get("base") if isinstance(manifest.get("base"), dict) else {}
+    base_entry = manifest.get("base")
+    base_info = base_entry if isinstance(base_entry, dict) else {}
     adapter, model = run / "adapter", run / "model"
     tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from tunery.models.resolve import ResolvedBase, quiet_transformers
 
@@ -91,7 +91,8 @@ def load_model(
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     if not quantize_4bit:
-        model.to(device)
+        # cast: transformers wraps `to` in functools.wraps, whose type mypy does not bind as a method.
+        cast(Any, model).to(device)
     return model
 
 

@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from tunery.data.sources import sha256_file
 from tunery.errors import ModelNotFoundError
@@ -103,7 +104,8 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
         )
     # The GGUF quantizer marks the model unserializable although its tensors are now plain
     # fp32; detach it so save_pretrained writes ordinary safetensors.
-    model.hf_quantizer = None
+    # cast: torch types Module.__setattr__ for tensors and modules only, but any value may be set.
+    cast(Any, model).hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)

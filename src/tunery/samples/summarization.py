@@ -8,6 +8,7 @@ times and phrasing, so the split is reproducible from the seed and needs no down
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 SYSTEM = "Use the Input to provide a summary of a conversation."
 TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\nInput:\n{dialogue} [/INST]\n\nSummary:"
@@ -82,7 +83,7 @@ def _dinner(rng: random.Random, a: str, b: str) -> tuple[list[str], str]:
     return lines, f"{a} and {b} will have {food} for dinner; {a} orders it."
 
 
-SCENARIOS = [_meet, _late, _lost, _gift, _dinner]
+SCENARIOS: list[Callable[..., tuple[list[str], str]]] = [_meet, _late, _lost, _gift, _dinner]
 
 
 def make_example(rng: random.Random) -> dict[str, str]:

@@ -117,7 +117,8 @@ class Api:
 
     def stream(self, url: str) -> Iterator[tuple[str, str]]:
         """(event, data) pairs of a server-sent event stream, until `done`."""
-        event, data = None, []
+        event: str | None = None
+        data: list[str] = []
         with self.http.stream(
             "GET",
             url,

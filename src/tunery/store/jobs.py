@@ -9,10 +9,11 @@ the one that took its job over.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunery.store import outbox
@@ -39,7 +40,7 @@ class JobsMixin:
 
     def create_training(self, owner: str, *, model: str, version_id: str, destination: str,
                         input: dict[str, Any], job: dict[str, Any], webhook: str | None = None,
-                        webhook_events_filter: list[str] | None = None) -> Training:
+                        webhook_events_filter: Sequence[str] | None = None) -> Training:
         """Queue a training (status "starting") of `model`'s version `version_id` into `destination`."""
         with self.session() as s:
             row = Training(owner=owner, model=model, version_id=version_id, destination=destination,
@@ -220,7 +221,7 @@ class JobsMixin:
 
     def create_prediction(self, owner: str, *, model: str, version_id: str, input: dict[str, Any],
                           stream: bool = False, webhook: str | None = None,
-                          webhook_events_filter: list[str] | None = None, runner: str | None = None,
+                          webhook_events_filter: Sequence[str] | None = None, runner: str | None = None,
                           lease_seconds: float = 30.0) -> Prediction:
         """Queue a prediction (status "starting") on `model`'s version `version_id`, held by the
         prediction runner `runner` for `lease_seconds` (renewed by renew_prediction_leases)."""
@@ -313,7 +314,7 @@ class JobsMixin:
                                .where(Prediction.lease_owner == runner,
                                       Prediction.status.in_(("starting", "processing")))
                                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
-            return result.rowcount or 0
+            return cast(CursorResult, result).rowcount or 0  # an UPDATE's result is a CursorResult
 
     def release_predictions(self, runner: str) -> int:
         """Hand back `runner`'s unfinished predictions (a server shutting down): their leases end
@@ -323,7 +324,7 @@ class JobsMixin:
                                .where(Prediction.lease_owner == runner,
                                       Prediction.status.in_(("starting", "processing")))
                                .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-            return result.rowcount or 0
+            return cast(CursorResult, result).rowcount or 0  # an UPDATE's result is a CursorResult
 
     def adopt_orphaned_predictions(self, runner: str, lease_seconds: float) -> list[tuple[Prediction, Version]]:
         """Predictions whose server stopped without finishing them (a crash, a kill: their lease

@@ -13,8 +13,9 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -270,7 +271,7 @@ class Store(JobsMixin):
                 and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.attempts >= outbox.MAX_ATTEMPTS,
                      WebhookDelivery.created_at < before),
             )))
-            return result.rowcount or 0
+            return cast(CursorResult, result).rowcount or 0  # a DELETE's result is a CursorResult
 
     def webhook_deliveries(self, object_id: str) -> list[WebhookDelivery]:
         """Every delivery queued for a training or prediction, oldest first (for tests and debugging)."""

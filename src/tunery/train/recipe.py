@@ -56,7 +56,7 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
         num_validation_samples=inputs.num_validation_samples,
         run_validation=inputs.run_validation,
     )
-    kw = {"max_length": inputs.max_length, "train_on_inputs": inputs.train_on_inputs}
+    kw: dict[str, Any] = {"max_length": inputs.max_length, "train_on_inputs": inputs.train_on_inputs}
     train_ex = tokenize_rows(train_rows, train_ds.format, tokenizer, **kw)
     val_ex = tokenize_rows(val_rows, (val_ds or train_ds).format, tokenizer, **kw) if val_rows else []
     truncated = sum(e.truncated for e in train_ex) + sum(e.truncated for e in val_ex)
@@ -269,7 +269,8 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
             kind = "step" if "loss" in record else "validation"
             extra = {"max_steps": state.get("max_steps")} if kind == "step" else {}
             sink.emit(kind, **record, **extra, replayed=True)
-    if state is not None and 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+    if (checkpoint is not None and state is not None
+            and 0 < state.get("max_steps", 0) <= state.get("global_step", 0)):
         # The crash came after the last step's checkpoint: the Trainer would run one step past
         # max_steps on resume, so take the final weights as they are instead.
         sink.emit("log", message=f"{checkpoint} holds the final step; saving its weights")
@@ -344,9 +345,9 @@ def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, 
     adapter disabled; a full fine-tune has no base in memory, so only its own column)."""
     import contextlib
 
-    from tunery.eval.evaluate import evaluate_model
+    from tunery.eval.evaluate import Column, evaluate_model
 
-    columns = [("tuned", contextlib.nullcontext)]
+    columns: list[Column] = [("tuned", contextlib.nullcontext)]
     if inputs.peft_method != "full":
         columns.insert(0, ("base", model.disable_adapter))
     sink.emit("log", message=f"evaluating on {test_ds.name} ({len(test_ds.rows)} rows)")

@@ -123,7 +123,7 @@ class Progress:
 
     def metrics(self) -> dict[str, Any]:
         """The metrics to merge into the training: latest values plus the history, oldest first."""
-        extra = {"data": self.data} if self.data is not None else {}
+        extra: dict[str, Any] = {"data": self.data} if self.data is not None else {}
         if self.samples:
             extra["samples"] = self.samples[-20:]
         return {**self.latest, **extra, "history": [self.history[s] for s in sorted(self.history)]}

@@ -29,7 +29,10 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("alembic: no sqlalchemy.url set (and no connection handed over by the Store)")
+    engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         _configure(connection)
         with context.begin_transaction():
