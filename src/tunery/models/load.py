@@ -70,24 +70,22 @@ def load_model(
     """Load the base for training or inference on `device` (default: this process's GPU, else CPU).
 
     With quantize_4bit the linear layers are NF4 (bitsandbytes; works on CPU too) with double
-    quantization, and compute runs in the chosen dtype (bf16 by default for QLoRA).
+    quantization, and compute runs in the chosen dtype: with "auto", bf16 on a bf16-capable GPU
+    and fp32 elsewhere (a CPU without bf16 hardware runs bf16 matmuls ~20× slower).
     """
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or pick_device()
     dtype = pick_dtype(precision, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": pick_attention(attn_implementation, device)}
     if quantize_4bit:
-        compute = torch.bfloat16 if precision in ("auto", "bf16") else dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-        kwargs["dtype"] = compute
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     if not quantize_4bit:
