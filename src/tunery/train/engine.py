@@ -110,7 +110,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
         save_total_limit=inputs.save_total_limit,
         seed=inputs.seed,
         data_seed=inputs.seed,
-        bf16=bf16 and inputs.peft_method != "qlora",
+        bf16=bf16,  # QLoRA too: its 4-bit layers compute in bf16, and autocast keeps attention in bf16
         fp16=inputs.precision == "fp16",
         use_cpu=device == "cpu",
         report_to="none",
