@@ -184,3 +184,13 @@ def test_progress_keeps_data_stats_samples_and_step_times():
     # a resumed attempt starts from the stored metrics and keeps them
     again = Progress(m).metrics()
     assert again["data"] == m["data"] and again["samples"] == m["samples"] and again["history"] == m["history"]
+
+
+def test_writes_of_a_growing_training_are_spaced_by_its_size():
+    from tunery.worker.runner import flush_interval
+
+    assert flush_interval(0) == 1.0 and flush_interval(50_000) == 1.0  # small: every second
+    assert flush_interval(500_000) == 5.0  # a 5,000-step run's logs and history: every 5 s
+    assert flush_interval(50_000_000) == 10.0  # never rarer than every 10 s
+    sizes = [0, 80_000, 150_000, 400_000, 900_000, 2_000_000]
+    assert [flush_interval(n) for n in sizes] == sorted(flush_interval(n) for n in sizes)

@@ -31,8 +31,18 @@ from tunery.worker.progress import Progress
 
 log = logging.getLogger("tunery.worker")
 
-FLUSH_INTERVAL = 1.0  # seconds between writes of new logs/metrics to the store
+FLUSH_INTERVAL = 1.0  # seconds between writes of new logs/metrics to the store, at least...
+MAX_FLUSH_INTERVAL = 10.0  # ...and at most
+# Each write rewrites the row's whole logs and metrics; a long training's grow to megabytes.
+# Writes are spaced so that they cost at most about this many bytes a second.
+FLUSH_BYTES_PER_SECOND = 100_000
 POLL = 0.2  # seconds between looks at the child
+
+
+def flush_interval(row_bytes: int) -> float:
+    """Seconds until the next write of a training's logs and metrics, given their size: every
+    second while they are small, less often as they grow (a 5,000-step run's are ~0.5 MB)."""
+    return min(MAX_FLUSH_INTERVAL, max(FLUSH_INTERVAL, row_bytes / FLUSH_BYTES_PER_SECOND))
 
 
 def default_worker_id() -> str:
@@ -118,6 +128,9 @@ class _Run:
         self.events_path = attempt_dir / f"{prefix}.events.jsonl"
         self.output_path = attempt_dir / f"{prefix}.output.log"
         self.progress = Progress(training.metrics)
+        # What a write of logs + metrics weighs (logs so far plus the last metrics written).
+        self._logs_bytes = len((training.logs or "").encode())
+        self._metrics_bytes = len(json.dumps(training.metrics or {}))
 
     def run(self) -> None:
         worker, training = self.worker, self.training
@@ -169,7 +182,7 @@ class _Run:
                     return None
                 if time.monotonic() >= next_flush:
                     self._flush()
-                    next_flush = time.monotonic() + FLUSH_INTERVAL
+                    next_flush = time.monotonic() + flush_interval(self._logs_bytes + self._metrics_bytes)
                 if self.stop_event.is_set():
                     self._kill(proc)
                     self._flush()
@@ -208,6 +221,10 @@ class _Run:
         except Exception:  # a database hiccup must not cost the training: write it next time
             log.exception("worker %s: writing logs of training %s failed", self.worker.worker_id, self.id)
             self.progress.untake(text)
+            return
+        self._logs_bytes += len(text.encode())
+        if metrics:
+            self._metrics_bytes = len(json.dumps(metrics))
 
     def _finish(self, returncode: int) -> None:
         worker, progress = self.worker, self.progress
