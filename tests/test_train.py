@@ -180,12 +180,16 @@ def test_too_few_rows_for_validation(tmp_path, data_file, tiny_model_dir):
         train({"train_data": str(data_file)}, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False)
 
 
-def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_rows):
+@pytest.mark.parametrize("variant", ["decoder_then_chunks", "through_forward"])
+def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_rows, variant):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from tunery.data import Collator, pack, tokenize_rows, unpacked
-    from tunery.train.loss import labelled_loss
+    from tunery.train.loss import labelled_loss as chunked
+    from tunery.train.loss import labelled_loss_through_forward
+
+    labelled_loss = chunked if variant == "decoder_then_chunks" else labelled_loss_through_forward
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config.use_cache = False
@@ -204,6 +208,8 @@ def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_
         g2 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad()
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2, strict=True))
+    if variant == "through_forward":
+        return
     # chunked (with recomputation) gives the same value as one chunk
     import tunery.train.loss as L
 

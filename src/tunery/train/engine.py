@@ -11,7 +11,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
 from tunery.train.events import EventSink
-from tunery.train.loss import labelled_loss, supports_labelled_loss
+from tunery.train.loss import labelled_loss, labelled_loss_through_forward, supports_labelled_loss
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -61,7 +61,10 @@ class TuneryTrainer(Trainer):
         if not self.labelled_only or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        loss = labelled_loss(model, inputs, num_items_in_batch)
+        if self.meter.world > 1:  # DDP must run the forward: ask it for the labelled rows' logits only
+            loss = labelled_loss_through_forward(model, inputs, num_items_in_batch)
+        else:  # one process: decoder, then the LM head in checkpointed chunks of labelled rows
+            loss = labelled_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
@@ -143,9 +146,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
     # `--events -` on stdout).
     trainer.remove_callback(PrinterCallback)
     trainer.meter = meter
-    # The labelled-only loss runs the decoder outside the model's own forward, which a
-    # DistributedDataParallel wrapper must see to synchronise gradients: one process only.
-    if inputs.loss_computation == "labelled" and supports_labelled_loss(model) and world_size() == 1:
+    if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
         trainer.labelled_only = True
         trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
     return trainer, meter, events_cb

@@ -7,6 +7,11 @@ one). Here the decoder runs to its last hidden state, the positions whose *next*
 labelled are gathered, and only those rows go through the LM head and the cross-entropy — in
 chunks under activation checkpointing when there are many, so the logits tensor is never
 materialized whole. The result equals the model's own loss (tested to 1e-5).
+
+Under several processes the model is wrapped in DistributedDataParallel, which must run the
+forward itself to synchronise gradients; there `labelled_loss_through_forward` asks the
+model's own forward for the logits of the labelled positions only (transformers'
+`logits_to_keep` with a boolean mask), at the cost of materializing those rows' logits whole.
 """
 
 from __future__ import annotations
@@ -60,4 +65,20 @@ def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=Non
             total = total + checkpoint(_chunk_loss, lm.lm_head, h, t, use_reentrant=False)
     denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
     # A batch without a single label contributes 0, not 0/0.
+    return total / denominator.to(total.device).clamp(min=1)
+
+
+def labelled_loss_through_forward(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+    """The same loss as `labelled_loss`, through `model`'s own forward (a DDP wrapper, say):
+    the LM head runs only at positions whose next token is labelled."""
+    labels = inputs["labels"]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    # logits_to_keep as a boolean (batch, length) mask: position t is kept when token t+1 is labelled.
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = keep
+    decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**decoder_inputs, use_cache=False, logits_to_keep=mask).logits  # (labelled rows, vocab)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target[keep], reduction="sum")
+    denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
     return total / denominator.to(total.device).clamp(min=1)

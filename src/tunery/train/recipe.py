@@ -239,11 +239,6 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         target_modules=inputs.target_modules,
         gradient_checkpointing=inputs.gradient_checkpointing,
     )
-    from tunery.train.engine import world_size
-
-    if world_size() > 1 and inputs.loss_computation == "labelled":
-        sink.emit("log", message=f"{world_size()} processes: the loss is the model's own (loss_computation=full); "
-                  "the labelled-only loss needs a single process")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     sink.emit("log", message=f"{inputs.peft_method}: {trainable:,} trainable of {total:,} parameters on {device}")
