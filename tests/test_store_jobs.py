@@ -30,6 +30,33 @@ def _training(store: Store, **kw) -> Training:
                                  input={"train_data": "x"}, job={"base": "smollm2-135m"}, **kw)
 
 
+def _race(db_url: str, count: int, work) -> list:
+    """Run `work(store, i)` in `count` threads at once, each with its own Store (its own engine
+    and connections, as separate processes would); their results in order. A thread's exception
+    fails the test instead of vanishing."""
+    stores = [Store(db_url, migrate=False) for _ in range(count)]
+    results: list = [None] * count
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = work(stores[i], i)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in stores:
+        s.close()
+    assert errors == []
+    return results
+
+
 def _expire_lease(store: Store, training_id: str) -> None:
     with store.session() as s:
         s.execute(update(Training).where(Training.id == training_id)
@@ -38,28 +65,14 @@ def _expire_lease(store: Store, training_id: str) -> None:
 
 def test_racing_workers_claim_every_job_exactly_once(store, db_url):
     jobs = {_training(store).id for _ in range(12)}
-    # Each worker has its own Store: its own engine and connections, as separate processes would.
-    workers = [Store(db_url, migrate=False) for _ in range(6)]
-    claims: dict[str, list[str]] = {f"w{i}": [] for i in range(len(workers))}
-    barrier = threading.Barrier(len(workers))
-    errors: list[BaseException] = []
 
-    def work(name: str, worker: Store) -> None:
-        try:
-            barrier.wait()
-            while (row := worker.claim_training(name, 60)) is not None:
-                claims[name].append(row.id)
-        except BaseException as exc:  # reported below: a thread's exception would vanish
-            errors.append(exc)
+    def work(worker: Store, i: int) -> list[str]:
+        name, mine = f"w{i}", []
+        while (row := worker.claim_training(name, 60)) is not None:
+            mine.append(row.id)
+        return mine
 
-    threads = [threading.Thread(target=work, args=(f"w{i}", w)) for i, w in enumerate(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for w in workers:
-        w.close()
-    assert errors == []
+    claims = {f"w{i}": ids for i, ids in enumerate(_race(db_url, 6, work))}
     claimed = [job for ids in claims.values() for job in ids]
     assert sorted(claimed) == sorted(jobs)  # all of them, none twice
     for name, ids in claims.items():
@@ -288,22 +301,9 @@ def test_prediction_leases_are_taken_over_only_when_expired_and_by_one_server(st
     store.set_prediction_output(live, ["intruder"], "other-server")
     assert store.finish_prediction(live, status="succeeded", runner="other-server") is None
 
-    servers = [Store(db_url, migrate=False) for _ in range(4)]
-    taken: dict[int, list[str]] = {}
-    barrier = threading.Barrier(len(servers))
-
-    def adopt(i: int, server: Store) -> None:
-        barrier.wait()
-        taken[i] = [row.id for row, _ in server.adopt_orphaned_predictions(f"server-{i}", 30)]
-
-    threads = [threading.Thread(target=adopt, args=(i, s)) for i, s in enumerate(servers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for s in servers:
-        s.close()
-    everything = [pid for ids in taken.values() for pid in ids]
+    taken = _race(db_url, 4, lambda server, i: [row.id for row, _ in
+                                                 server.adopt_orphaned_predictions(f"server-{i}", 30)])
+    everything = [pid for ids in taken for pid in ids]
     assert sorted(everything) == sorted([expired, legacy])  # each once; never the live one
     with store.session() as s:
         rows = {pid: s.get(Prediction, pid) for pid in (live, expired, legacy, canceled)}
