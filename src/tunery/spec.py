@@ -174,17 +174,17 @@ class InputError:
         return self.reason if self.reason.startswith(self.field) else f"{self.field}: {self.reason}"
 
 
-def input_errors(data: dict[str, Any]) -> list[InputError]:
+def input_errors(data: Any) -> list[InputError]:
     """Every problem of a dict of inputs at once: each bad field (unknown, missing, wrong type,
     out of range) and each inconsistency among the fields that are valid on their own. Empty
     when the inputs are valid."""
+    if not isinstance(data, dict):
+        return [InputError("input", "must be an object of training inputs")]
     try:
         TrainingInputs.model_validate(data)
         return []
     except ValidationError as exc:
         errors = _field_errors(exc)
-    if any(e.field == "input" for e in errors):  # not a dict at all
-        return errors
     bad = {e.field.split(".", 1)[0] for e in errors}
     # Validate what is valid on its own, then run the cross-field checks on it.
     clean = {k: v for k, v in data.items() if k in TrainingInputs.model_fields and k not in bad}
@@ -197,22 +197,19 @@ def input_errors(data: dict[str, Any]) -> list[InputError]:
 
 
 def _field_errors(exc: ValidationError) -> list[InputError]:
+    """The errors of single fields; the cross-field validator's own (no field) are left to
+    cross_field_errors, which names each."""
     out = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"])
+        if not field:
+            continue
         reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown input (not a training input of this model)"
         elif err["type"] == "missing":
             reason = "required"
-        if field:
-            out.append(InputError(field, reason))
-        elif err["type"] == "model_type":
-            out.append(InputError("input", "must be an object of training inputs"))
-        else:  # the cross-field validator: "field: reason; field: reason"
-            for part in reason.split("; "):
-                name, _, why = part.partition(": ")
-                out.append(InputError(name, part) if why else InputError("input", part))
+        out.append(InputError(field, reason))
     return out
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunery.store import outbox
-from tunery.store.models import TERMINAL, Model, Prediction, Training, Version, utcnow
+from tunery.store.models import TERMINAL, UNFINISHED, Model, Prediction, Training, Version, utcnow
 from tunery.store.pages import Page, paginate
 
 # A job whose worker died this many times is failed rather than claimed again: it is
@@ -309,21 +309,18 @@ class JobsMixin:
 
     def renew_prediction_leases(self, runner: str, lease_seconds: float) -> int:
         """Extend `runner`'s hold on its unfinished predictions; returns how many it holds."""
-        with self.session() as s:
-            result = s.execute(update(Prediction)
-                               .where(Prediction.lease_owner == runner,
-                                      Prediction.status.in_(("starting", "processing")))
-                               .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
-            return cast(CursorResult, result).rowcount or 0  # an UPDATE's result is a CursorResult
+        return self._set_prediction_leases(runner, utcnow() + timedelta(seconds=lease_seconds))
 
     def release_predictions(self, runner: str) -> int:
         """Hand back `runner`'s unfinished predictions (a server shutting down): their leases end
         now, so any server takes them over at once. Returns how many."""
+        return self._set_prediction_leases(runner, utcnow() - timedelta(seconds=1))
+
+    def _set_prediction_leases(self, runner: str, expires_at: datetime) -> int:
         with self.session() as s:
             result = s.execute(update(Prediction)
-                               .where(Prediction.lease_owner == runner,
-                                      Prediction.status.in_(("starting", "processing")))
-                               .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+                               .where(Prediction.lease_owner == runner, Prediction.status.in_(UNFINISHED))
+                               .values(lease_expires_at=expires_at))
             return cast(CursorResult, result).rowcount or 0  # an UPDATE's result is a CursorResult
 
     def adopt_orphaned_predictions(self, runner: str, lease_seconds: float) -> list[tuple[Prediction, Version]]:
@@ -336,7 +333,7 @@ class JobsMixin:
         Two servers never adopt the same one: PostgreSQL locks the rows (FOR UPDATE SKIP LOCKED),
         SQLite runs the whole step under its write lock."""
         now = utcnow()
-        orphaned = and_(Prediction.status.in_(("starting", "processing")),
+        orphaned = and_(Prediction.status.in_(UNFINISHED),
                         or_(Prediction.lease_expires_at.is_(None), Prediction.lease_expires_at < now))
         again: list[tuple[Prediction, Version]] = []
         with self.session() as s:

@@ -50,6 +50,7 @@ class Status(str, enum.Enum):
 
 
 TERMINAL = ("succeeded", "failed", "canceled")
+UNFINISHED = ("starting", "processing")
 
 
 class UTCDateTime(TypeDecorator):

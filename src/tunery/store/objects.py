@@ -118,8 +118,8 @@ def training_json(row: Training, base_url: str, *, summary: bool = False) -> dic
         output["weights"] = f"{url}/weights"
     metrics = row.metrics or {}
     if summary:
-        metrics = {k: v for k, v in metrics.items() if k not in ("samples", "data", "history")}
-        metrics["history"] = list((row.metrics or {}).get("history") or [])[-SUMMARY_HISTORY:]
+        history = list(metrics.get("history") or [])[-SUMMARY_HISTORY:]
+        metrics = {k: v for k, v in metrics.items() if k not in ("samples", "data", "history")} | {"history": history}
     body = {
         "id": row.id,
         "model": row.model,

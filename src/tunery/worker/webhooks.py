@@ -112,14 +112,12 @@ class WebhookSender:
         by_object: dict[str, list[WebhookDelivery]] = defaultdict(list)
         for delivery in due:
             by_object[delivery.object_id].append(delivery)
-        groups = list(by_object.values())
-        if len(groups) == 1:
-            self._deliver_in_order(client, secret, groups[0], claimed_at)
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(groups)),
-                                    thread_name_prefix="tunery-webhook") as pool:
-                for future in [pool.submit(self._deliver_in_order, client, secret, g, claimed_at) for g in groups]:
-                    future.result()
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(by_object)),
+                                thread_name_prefix="tunery-webhook") as pool:
+            futures = [pool.submit(self._deliver_in_order, client, secret, group, claimed_at)
+                       for group in by_object.values()]
+            for future in futures:
+                future.result()
         return len(due)
 
     def _deliver_in_order(self, client: httpx.Client, secret: str, deliveries: list[WebhookDelivery],
