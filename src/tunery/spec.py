@@ -97,6 +97,16 @@ class TrainingInputs(BaseModel):
     )
     lr_scheduler_type: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    loraplus_lr_ratio: float = Field(
+        1.0, ge=1, le=64,
+        description="LoRA+: the B matrices learn this many times faster than learning_rate (1: plain LoRA).",
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale updates by lora_alpha/sqrt(lora_rank) instead of /lora_rank."
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: weight-decomposed LoRA (a learned magnitude per output); slower per step."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Precision = Field(

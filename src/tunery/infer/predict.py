@@ -8,6 +8,7 @@ no chat template), so a fine-tuned model sees at inference what it saw in traini
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -22,6 +23,8 @@ from tunery.errors import TuneryError
 from tunery.infer.stops import StopCutter, parse_stop_sequences
 from tunery.infer.weights import Weights, resolve_weights
 from tunery.models.registry import DEFAULT_BASE
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tunery.models.resolve import ResolvedBase
@@ -272,6 +275,10 @@ class Predictor:
         self.base_tokenizer = load_tokenizer(self.resolved)
         self.base_model = load_model(self.resolved, precision=self.precision, device=self.device).eval()
         self.base_loads += 1
+        from tunery.models.precision import resolve_precision
+
+        chosen = resolve_precision(self.precision, self.device)
+        logger.info("predictions on %s run in %s on %s (%s)", self.base, chosen.name, self.device, chosen.reason)
 
     def _adapter(self, weights: Weights) -> _Adapter:
         """Make `weights` the active adapter, loading it (and evicting the oldest) if needed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
+from tunery.models.precision import resolve_precision
 from tunery.models.resolve import ResolvedBase, quiet_transformers
 
 
@@ -17,20 +18,17 @@ def pick_device() -> str:
     return "cpu"
 
 
-def pick_dtype(precision: str, device: str):
-    """Resolve a precision name to a torch dtype. "auto" means bf16 on a GPU that supports it,
-    fp32 elsewhere."""
+def pick_dtype(precision: str, device: str, *, training: bool = False):
+    """The dtype a model's weights are loaded in. "auto" is resolved by `resolve_precision`: bf16
+    on a bf16-capable GPU; on a CPU whose bf16 matmuls a probe measured faster, bf16 for inference
+    and fp32 weights under bf16 autocast for training (the weights stay fp32 masters); else fp32."""
     import torch
 
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if precision == "auto":
+        precision = resolve_precision("auto", device).name
+        if training and precision == "bf16" and not device.startswith("cuda"):
+            return torch.float32  # bf16 autocast computes; the weights stay fp32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def pick_attention(name: str, device: str) -> str:
@@ -66,17 +64,24 @@ def load_model(
     quantize_4bit: bool = False,
     attn_implementation: str = "auto",
     device: str | None = None,
+    training: bool = False,
 ):
     """Load the base for training or inference on `device` (default: this process's GPU, else CPU).
 
     With quantize_4bit the linear layers are NF4 (bitsandbytes; works on CPU too) with double
     quantization, and compute runs in the chosen dtype: with "auto", bf16 on a bf16-capable GPU
-    and fp32 elsewhere (a CPU without bf16 hardware runs bf16 matmuls ~20× slower).
+    and fp32 elsewhere (a CPU without bf16 hardware runs bf16 matmuls ~20× slower; bitsandbytes'
+    CPU 4-bit path is measured only in fp32). `training` loads fp32 weights where bf16 comes
+    from autocast (a CPU), see `pick_dtype`.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or pick_device()
-    dtype = pick_dtype(precision, device)
+    dtype = pick_dtype(precision, device, training=training)
+    if quantize_4bit and precision == "auto" and not device.startswith("cuda"):
+        import torch
+
+        dtype = torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": pick_attention(attn_implementation, device)}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -94,7 +99,8 @@ def load_model(
     return model
 
 
-def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool):
+def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool,
+          use_rslora: bool = False, use_dora: bool = False):
     """Wrap `model` for training: a peft LoRA adapter (lora, qlora) or all weights trainable (full)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,5 +120,7 @@ def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_m
         target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
     )
     return get_peft_model(model, config)

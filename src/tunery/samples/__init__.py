@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+
+def disjoint_splits(generate: Callable[[int, int], list[dict]], n_train: int, n_test: int,
+                    seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and test splits of a seeded generator, with no prompt shared between them."""
+    train = generate(n_train, seed)
+    seen = {r["prompt"] for r in train}
+    test = [r for r in generate(n_test * 2, seed + 1) if r["prompt"] not in seen][:n_test]
+    return train, test
 
 
 def write_splits(folder: str | Path, train: list[dict], test: list[dict]) -> tuple[Path, Path]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from tunery.samples import disjoint_splits
+
 INSTRUCTION = "Extract the booking as name | party size | day | time."
 
 FIRST = ["Maria", "John", "Aisha", "Wei", "Lucas", "Sofia", "Omar", "Emma", "Ivan", "Priya", "Noah", "Chloe",
@@ -64,7 +66,4 @@ def generate(n: int, seed: int) -> list[dict[str, str]]:
 
 def splits(n_train: int = 400, n_test: int = 100, seed: int = 7) -> tuple[list[dict], list[dict]]:
     """Train and test splits with no prompt shared between them."""
-    train = generate(n_train, seed)
-    seen = {r["prompt"] for r in train}
-    test = [r for r in generate(n_test * 2, seed + 1) if r["prompt"] not in seen][:n_test]
-    return train, test
+    return disjoint_splits(generate, n_train, n_test, seed)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from tunery.samples import disjoint_splits
+
 SYSTEM = "Use the Input to provide a summary of a conversation."
 TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\nInput:\n{dialogue} [/INST]\n\nSummary:"
 
@@ -101,7 +103,4 @@ def generate(n: int, seed: int) -> list[dict[str, str]]:
 
 def splits(n_train: int = 400, n_test: int = 60, seed: int = 11) -> tuple[list[dict], list[dict]]:
     """Train and test splits with no dialogue shared between them."""
-    train = generate(n_train, seed)
-    seen = {r["prompt"] for r in train}
-    test = [r for r in generate(n_test * 2, seed + 1) if r["prompt"] not in seen][:n_test]
-    return train, test
+    return disjoint_splits(generate, n_train, n_test, seed)

@@ -137,17 +137,29 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """A rich progress bar: step M/N, epoch, loss, real tokens/s, elapsed and ETA (on stderr)."""
+    """Training progress on stderr: step M/N, epoch, loss, real tokens/s, elapsed and ETA.
 
-    def __init__(self, meter: TokenMeter, console: Console | None = None):
+    In a terminal, a live rich progress bar. Elsewhere (a log file, a pipe, a container's log)
+    a bar cannot redraw, so a plain line is printed every `interval` seconds instead, and at
+    the first and last step."""
+
+    def __init__(self, meter: TokenMeter, console: Console | None = None, interval: float = 5.0):
         self.meter = meter
         self.console = console or Console(stderr=True)
+        self.interval = interval
         self.progress: Progress | None = None
         self.task = None
         self.loss: float | None = None
         self.val_loss: float | None = None
+        self.started = 0.0
+        self.first_step = 0
+        self.last_line = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_line = time.perf_counter()
+        self.first_step = state.global_step
+        if not self.console.is_terminal:
+            return
         self.progress = Progress(
             TextColumn("[bold]train[/]"),
             BarColumn(),
@@ -174,14 +186,42 @@ class ProgressCallback(TrainerCallback):
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
+        logs = logs or {}
         if "loss" in logs:
-            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+            self.loss = logs["loss"]
         if "eval_loss" in logs:
-            self.progress.update(self.task, val=f"{logs['eval_loss']:.4f}")
+            self.val_loss = logs["eval_loss"]
+        if self.progress is not None:
+            if "loss" in logs:
+                self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+            if "eval_loss" in logs:
+                self.progress.update(self.task, val=f"{logs['eval_loss']:.4f}")
+            return
+        # Plain lines: the Trainer logs after each logging step, so the loss printed is current.
+        now = time.perf_counter()
+        last = state.global_step >= state.max_steps
+        if "loss" in logs and (now - self.last_line >= self.interval or last or state.global_step == self.first_step + 1):
+            self.last_line = now
+            self.console.print(self.line(state, now), markup=False, highlight=False, soft_wrap=True)
+
+    def line(self, state, now: float) -> str:
+        """`step 12/38 (epoch 0.32) loss 1.2345 val 1.3000 | 173 tok/s | elapsed 0:41 | ETA 1:30`."""
+        done = state.global_step - self.first_step
+        elapsed = now - self.started
+        left = state.max_steps - state.global_step
+        eta = _clock(elapsed / done * left) if done > 0 else "-"
+        val = f" val {self.val_loss:.4f}" if self.val_loss is not None else ""
+        loss = f"{self.loss:.4f}" if self.loss is not None else "-"
+        return (f"train step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0.0:.2f}) loss {loss}{val}"
+                f" | {self.meter.overall_rate():.0f} tok/s | elapsed {_clock(elapsed)} | ETA {eta}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
+from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
 from tunery.train.events import EventSink
@@ -53,6 +54,21 @@ class TuneryTrainer(Trainer):
 
     meter: TokenMeter
     labelled_only: bool = False
+    loraplus_lr_ratio: float = 1.0
+
+    def create_optimizer(self, model=None):
+        """AdamW as the Trainer makes it, or with LoRA+ (loraplus_lr_ratio > 1) peft's LoRA+ groups:
+        the B matrices at learning_rate × ratio, everything else at learning_rate."""
+        if self.loraplus_lr_ratio <= 1 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        self.optimizer = create_loraplus_optimizer(
+            self.model if model is None else model, torch.optim.AdamW, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay, betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+        )
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("_real_tokens", None)
@@ -64,7 +80,9 @@ class TuneryTrainer(Trainer):
         if self.meter.world > 1:  # DDP must run the forward: ask it for the labelled rows' logits only
             loss = labelled_loss_through_forward(model, inputs, num_items_in_batch)
         else:  # one process: decoder, then the LM head in checkpointed chunks of labelled rows
-            loss = labelled_loss(model, inputs, num_items_in_batch)
+            # This bypasses the model's forward, which accelerate wraps in autocast: enter it here.
+            with self.accelerator.autocast():
+                loss = labelled_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
@@ -83,6 +101,14 @@ class TuneryTrainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
 
+def training_precision(inputs: TrainingInputs, device: str) -> Precision:
+    """The precision a training computes in: `precision auto` resolved for `device`, except that
+    QLoRA on a CPU stays fp32 (bitsandbytes' CPU 4-bit kernels are measured fast only there)."""
+    if inputs.peft_method == "qlora" and inputs.precision == "auto" and not device.startswith("cuda"):
+        return Precision("fp32", "auto: QLoRA on a CPU computes in fp32")
+    return resolve_precision(inputs.precision, device)
+
+
 def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
                   progress: bool, device: str, extra_callbacks: list | None = None):
     """A ready Trainer plus the token meter and the events callback (whose history feeds the manifest)."""
@@ -90,9 +116,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
 
     has_val = bool(data.validation) and inputs.run_validation
     eval_strategy = ("steps" if inputs.eval_steps else "epoch") if has_val else "no"
-    bf16 = inputs.precision == "bf16" or (
-        inputs.precision == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    )
+    bf16 = training_precision(inputs, device).name == "bf16"
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=inputs.num_train_epochs,
@@ -113,7 +137,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
         save_total_limit=inputs.save_total_limit,
         seed=inputs.seed,
         data_seed=inputs.seed,
-        bf16=bf16,  # QLoRA too: its 4-bit layers compute in bf16, and autocast keeps attention in bf16
+        bf16=bf16,  # autocast; QLoRA too on a GPU: its 4-bit layers compute in bf16, and so does attention
         fp16=inputs.precision == "fp16",
         use_cpu=device == "cpu",
         report_to="none",
@@ -146,6 +170,8 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
     # `--events -` on stdout).
     trainer.remove_callback(PrinterCallback)
     trainer.meter = meter
+    if inputs.peft_method != "full":
+        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
     if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
         trainer.labelled_only = True
         trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself

@@ -14,6 +14,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +38,7 @@ class EventSink:
         self._streams: list[IO[str]] = []
         self._owned: list[IO[str]] = []
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[dict], None]] = []
         for t in targets:
             self.add(t)
 
@@ -53,6 +55,10 @@ class EventSink:
         else:
             self._streams.append(target)
 
+    def listen(self, listener: Callable[[dict], None]) -> None:
+        """Call `listener` with every event after it is written (e.g. to echo log lines to a person)."""
+        self._listeners.append(listener)
+
     def emit(self, type: str, **data: Any) -> dict:
         event = {"type": type, "time": round(time.time(), 3), **_clean(data)}
         line = json.dumps(event, ensure_ascii=False, default=str)
@@ -60,6 +66,8 @@ class EventSink:
             for s in self._streams:
                 s.write(line + "\n")
                 s.flush()
+        for listener in self._listeners:
+            listener(event)
         return event
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,8 @@ def train(
     if main_process:
         sink = events if isinstance(events, EventSink) else EventSink(events)
         sink.add(run_dir / "events.jsonl")
+        if progress:  # a person is watching: their log and warning lines on stderr, beside the progress
+            sink.listen(_echo_to_stderr)
     else:
         sink, progress = EventSink(), False
     try:
@@ -162,6 +165,12 @@ def train(
         if not isinstance(events, EventSink):
             sink.close()
     return result
+
+
+def _echo_to_stderr(event: dict) -> None:
+    if event["type"] in ("log", "warning"):
+        prefix = "warning: " if event["type"] == "warning" else ""
+        print(f"{prefix}{event.get('message', '')}", file=sys.stderr, flush=True)
 
 
 def _run_name() -> str:
@@ -222,7 +231,13 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         quantize_4bit=inputs.peft_method == "qlora",
         attn_implementation=inputs.attn_implementation,
         device=device,
+        training=True,
     )
+    from tunery.train.engine import training_precision
+
+    chosen = training_precision(inputs, device)
+    sink.emit("log", message=f"precision: {chosen.name}"
+              f"{' autocast with fp32 weights' if chosen.name == 'bf16' and device == 'cpu' else ''} ({chosen.reason})")
     # A KV cache during training would also disable packed-sequence detection in the mask code.
     model.config.use_cache = False
     # LoRA's A matrices are initialised from the global RNG: seed it so the same inputs give the
@@ -238,6 +253,8 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         dropout=inputs.lora_dropout,
         target_modules=inputs.target_modules,
         gradient_checkpointing=inputs.gradient_checkpointing,
+        use_rslora=inputs.use_rslora,
+        use_dora=inputs.use_dora,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
