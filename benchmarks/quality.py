@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="a tunery variant: extra training inputs over its defaults (default: tunery={})")
+    parser.add_argument("--skip-plain", action="store_true", help="variants only (screening; no differences)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     variants = {"tunery": {}} if not args.variant else {
@@ -125,10 +126,10 @@ def main() -> None:
     for task in tasks:
         train_rows, test_rows = task_rows(task, args.n_train, args.n_test)
         for seed in seeds:
-            results = {"plain": run_plain(base_dir, train_rows, test_rows, args, seed)}
-            for name, extra in variants.items():
-                results[name] = run_tunery(args.base, train_rows, test_rows, args, seed, extra)
-            for name, r in results.items():
+            jobs = ([("plain", None)] if not args.skip_plain else []) + list(variants.items())
+            for name, extra in jobs:
+                r = (run_plain(base_dir, train_rows, test_rows, args, seed) if extra is None
+                     else run_tunery(args.base, train_rows, test_rows, args, seed, extra))
                 runs[task][name].append(r)
                 print(f"{task:13} seed {seed}  {name:12} EM {r['exact_match']:.3f}  ROUGE-L {r['rougeL']:.3f}  "
                       f"loss {r['loss']:.4f}  {r['tokens_per_second']:6.1f} tok/s  train {r['train_runtime_s']:6.1f}s",
@@ -139,16 +140,20 @@ def main() -> None:
     for task in tasks:
         metric = TASKS[task]
         plain = [r[metric] for r in runs[task]["plain"]]
-        print(f"{task:13} {metric:11} plain   {summary(plain)}")
         table[task] = {"metric": metric, "plain": plain}
+        if plain:
+            print(f"{task:13} {metric:11} plain   {summary(plain)}")
         for name in variants:
             vals = [r[metric] for r in runs[task][name]]
+            table[task][name] = vals
+            if not plain:
+                print(f"{task:13} {metric:11} {name:7} {summary(vals)}")
+                continue
             diffs = [v - p for v, p in zip(vals, plain, strict=True)]
             speed = statistics.mean(r["tokens_per_second"] for r in runs[task][name]) / statistics.mean(
                 r["tokens_per_second"] for r in runs[task]["plain"])
             print(f"{'':13} {'':11} {name:7} {summary(vals)}   difference {summary(diffs)}   "
                   f"tokens/s {speed:.2f}× plain")
-            table[task][name] = vals
     append_result({
         "benchmark": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
         "label": args.label, "base": args.base, "settings": {k: v for k, v in vars(args).items() if k != "variant"},

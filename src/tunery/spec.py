@@ -98,8 +98,9 @@ class TrainingInputs(BaseModel):
     lr_scheduler_type: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     loraplus_lr_ratio: float = Field(
-        1.0, ge=1, le=64,
-        description="LoRA+: the B matrices learn this many times faster than learning_rate (1: plain LoRA).",
+        16.0, ge=1, le=64,
+        description="LoRA+: the B matrices learn this many times faster than learning_rate (1: plain LoRA). "
+        "Chosen by benchmarks/quality.py.",
     )
     use_rslora: bool = Field(
         False, description="Rank-stabilized LoRA: scale updates by lora_alpha/sqrt(lora_rank) instead of /lora_rank."
