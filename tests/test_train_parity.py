@@ -1,7 +1,7 @@
 """tunery's trainer against the plain transformers Trainer + peft script (benchmarks/plain_script.py).
 
-With the plain script's settings — linear decay, no warmup, no packing, fp32, the same seed and
-rows — tunery's per-step training loss equals the plain script's to 1e-4 over ten steps, with
+With the plain script's settings — linear decay, no warmup, one learning rate for every LoRA
+matrix (no LoRA+), no packing, fp32, the same seed and rows — tunery's per-step training loss equals the plain script's to 1e-4 over ten steps, with
 the labelled-only loss and with the model's own. Differences found on the way, and where each
 is handled:
 
@@ -45,7 +45,7 @@ def test_per_step_loss_equals_the_plain_scripts(tmp_path, tiny_model_dir, loss_c
     result = train(
         {"train_data": str(data), "train_batch_size": 4, "micro_batch_size": micro_batch, "learning_rate": 1e-3,
          "seed": 42, "max_steps": STEPS, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
-         "run_validation": False, "precision": "fp32", "loss_computation": loss_computation,
+         "loraplus_lr_ratio": 1, "run_validation": False, "precision": "fp32", "loss_computation": loss_computation,
          "save_steps": 10**6},
         base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False,
     )
