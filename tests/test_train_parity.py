@@ -33,10 +33,10 @@ STEPS = 10
 @pytest.mark.parametrize("loss_computation", ["labelled", "full"])
 @pytest.mark.parametrize("micro_batch", [2])
 def test_per_step_loss_equals_the_plain_scripts(tmp_path, tiny_model_dir, loss_computation, micro_batch):
-    from tunery.samples.extraction import generate
+    from tunery.samples import extraction, generate
     from tunery.train.recipe import train
 
-    rows = generate(48, 0)
+    rows = generate(extraction.make_example, 48, 0)
     settings = PlainSettings(batch=4, micro_batch=micro_batch, learning_rate=1e-3, seed=42, max_steps=STEPS)
     plain = train_plain(str(tiny_model_dir), rows, settings, step_losses=True)
 

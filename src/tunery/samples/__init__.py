@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 
-def disjoint_splits(generate: Callable[[int, int], list[dict]], n_train: int, n_test: int,
+def generate(make_example: Callable[[random.Random], dict], n: int, seed: int) -> list[dict]:
+    """`n` rows from a sample's example maker, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [make_example(rng) for _ in range(n)]
+
+
+def disjoint_splits(make_example: Callable[[random.Random], dict], n_train: int, n_test: int,
                     seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and test splits of a seeded generator, with no prompt shared between them."""
-    train = generate(n_train, seed)
+    """Train and test splits of a sample, with no prompt shared between them."""
+    train = generate(make_example, n_train, seed)
     seen = {r["prompt"] for r in train}
-    test = [r for r in generate(n_test * 2, seed + 1) if r["prompt"] not in seen][:n_test]
+    test = [r for r in generate(make_example, n_test * 2, seed + 1) if r["prompt"] not in seen][:n_test]
     return train, test
 
 
