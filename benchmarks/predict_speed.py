@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result, git_commit, machine, versions  # noqa: E402
+from common import append_result, cpu_flags, git_commit, machine, versions  # noqa: E402
 from train_speed import tiny_base  # noqa: E402
 
 PROMPT = ("Extract the booking as name | party size | day | time.\n"
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--precision", default="auto", help="the Predictor's precision (plain generate: fp32)")
     args = parser.parse_args()
 
     import torch
@@ -96,7 +97,11 @@ def main() -> None:
     plain_switch_s = statistics.median(timed(lambda: plain_switch(adapters[0]), args.repeat))
 
     # -- tunery ------------------------------------------------------------------------------
-    predictor = Predictor(base)
+    from tunery.models.precision import resolve_precision
+
+    predictor = Predictor(base, precision=args.precision)
+    chosen = resolve_precision(args.precision, predictor.device)
+    print(f"machine: {cpu_flags()}; tunery predicts in {chosen.name} ({chosen.reason})")
     params = SamplingParams(temperature=0, max_new_tokens=n)
 
     def first_piece(weights=None):
@@ -137,6 +142,7 @@ def main() -> None:
           f"{t['time_to_first_token_s'] / p['time_to_first_token_s']:.2f}x first-token latency")
     append_result({"benchmark": "predict_speed", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "commit": git_commit(), "quick": args.quick, "base": args.base, "new_tokens": n,
+                   "precision": chosen.name,
                    "machine": machine(), "versions": versions(), **result})
     json.dumps(result)
 

@@ -96,13 +96,16 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
 
     from tunery.data import Collator
     from tunery.models.load import adapt, load_model
+    from tunery.models.precision import resolve_precision
 
-    model = load_model(resolved, quantize_4bit=peft_method == "qlora")
+    model = load_model(resolved, quantize_4bit=peft_method == "qlora", training=True)
     model.config.use_cache = False
     model = adapt(model, method=peft_method, rank=8, alpha=16, dropout=0.05, target_modules="all-linear",
                   gradient_checkpointing=False)
     model.train()
     device = next(model.parameters()).device
+    # Computed as `precision auto` trains: bf16 autocast where the training would take it.
+    bf16 = resolve_precision("auto", str(device), quantized=peft_method == "qlora").name == "bf16"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     collate = Collator(tokenizer.pad_token_id, packed=packed)
     feats = [{"input_ids": s.input_ids, "labels": s.labels, "position_ids": s.position_ids} for s in sequences]
@@ -111,7 +114,9 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
     for i, batch in enumerate(batches):
         inputs = {k: v.to(device) for k, v in collate(batch).items()}
         t = time.perf_counter()
-        model(**inputs).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
         if i > 0:

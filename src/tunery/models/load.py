@@ -18,14 +18,14 @@ def pick_device() -> str:
     return "cpu"
 
 
-def pick_dtype(precision: str, device: str, *, training: bool = False):
+def pick_dtype(precision: str, device: str, *, training: bool = False, quantized: bool = False):
     """The dtype a model's weights are loaded in. "auto" is resolved by `resolve_precision`: bf16
     on a bf16-capable GPU; on a CPU whose bf16 matmuls a probe measured faster, bf16 for inference
     and fp32 weights under bf16 autocast for training (the weights stay fp32 masters); else fp32."""
     import torch
 
     if precision == "auto":
-        precision = resolve_precision("auto", device).name
+        precision = resolve_precision("auto", device, quantized=quantized).name
         if training and precision == "bf16" and not device.startswith("cuda"):
             return torch.float32  # bf16 autocast computes; the weights stay fp32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -77,11 +77,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or pick_device()
-    dtype = pick_dtype(precision, device, training=training)
-    if quantize_4bit and precision == "auto" and not device.startswith("cuda"):
-        import torch
-
-        dtype = torch.float32
+    dtype = pick_dtype(precision, device, training=training, quantized=quantize_4bit)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": pick_attention(attn_implementation, device)}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -62,10 +62,13 @@ def cpu_probe(seconds: float = 0.1) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=8)
-def resolve_precision(precision: str, device: str) -> Precision:
-    """`precision` as it will run on `device`, with the reason for the choice."""
+def resolve_precision(precision: str, device: str, *, quantized: bool = False) -> Precision:
+    """`precision` as it will run on `device`, with the reason for the choice. `quantized` (a
+    4-bit QLoRA base) keeps fp32 on a CPU: bitsandbytes' CPU 4-bit kernels are fast only there."""
     if precision != "auto":
         return Precision(precision, "asked for")
+    if quantized and not device.startswith("cuda"):
+        return Precision("fp32", "auto: a 4-bit (QLoRA) base computes in fp32 on a CPU")
     if device.startswith("cuda"):
         import torch
 

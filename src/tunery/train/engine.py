@@ -64,9 +64,9 @@ class TuneryTrainer(Trainer):
         from peft.optimizers import create_loraplus_optimizer
 
         self.optimizer = create_loraplus_optimizer(
-            self.model if model is None else model, torch.optim.AdamW, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
-            loraplus_weight_decay=self.args.weight_decay, betas=(self.args.adam_beta1, self.args.adam_beta2),
-            eps=self.args.adam_epsilon,
+            self.model if model is None else model, torch.optim.AdamW, lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=self.args.weight_decay,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
         )
         return self.optimizer
 
@@ -102,11 +102,8 @@ class TuneryTrainer(Trainer):
 
 
 def training_precision(inputs: TrainingInputs, device: str) -> Precision:
-    """The precision a training computes in: `precision auto` resolved for `device`, except that
-    QLoRA on a CPU stays fp32 (bitsandbytes' CPU 4-bit kernels are measured fast only there)."""
-    if inputs.peft_method == "qlora" and inputs.precision == "auto" and not device.startswith("cuda"):
-        return Precision("fp32", "auto: QLoRA on a CPU computes in fp32")
-    return resolve_precision(inputs.precision, device)
+    """The precision a training computes in: `precision` resolved for `device` and the method."""
+    return resolve_precision(inputs.precision, device, quantized=inputs.peft_method == "qlora")
 
 
 def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
