@@ -4,6 +4,7 @@ the last checkpoint. `tunery worker` stops on SIGTERM; `tunery tokens create` pr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,8 +20,15 @@ from tunery.worker.runner import Worker, drop_torn_checkpoints
 
 
 def _complete_checkpoint(checkpoints):
-    done = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"))
-    return done[0].parent if done else None
+    """The first checkpoint whose trainer_state.json (written last) is whole: seeing the file is
+    not enough, the kill could land while it is being written."""
+    for state in sorted(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        try:
+            json.loads(state.read_text())
+        except ValueError:
+            continue
+        return state.parent
+    return None
 
 
 def test_a_killed_worker_process_loses_nothing(tmp_path, qa_rows, tiny_model_dir):
@@ -80,13 +88,15 @@ def test_a_killed_worker_process_loses_nothing(tmp_path, qa_rows, tiny_model_dir
 
 
 def test_torn_checkpoints_are_dropped(tmp_path):
-    good, torn = tmp_path / "checkpoints" / "checkpoint-10", tmp_path / "checkpoints" / "checkpoint-20"
-    for folder in (good, torn):
+    folders = [tmp_path / "checkpoints" / f"checkpoint-{n}" for n in (10, 20, 30)]
+    good, torn, cut = folders
+    for folder in folders:
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_bytes(b"x")
     (good / "trainer_state.json").write_text("{}")
-    assert drop_torn_checkpoints(tmp_path) == [torn]
-    assert good.is_dir() and not torn.exists()
+    (cut / "trainer_state.json").write_text('{"global_step": 3')  # killed while writing it
+    assert sorted(drop_torn_checkpoints(tmp_path)) == [torn, cut]
+    assert good.is_dir() and not torn.exists() and not cut.exists()
 
 
 def test_worker_command_stops_on_sigterm_and_tokens_create_prints_a_token(tmp_path):

@@ -421,10 +421,19 @@ def load_checkpoint_weights(model, checkpoint: str) -> None:
 
 def _last_checkpoint(folder: Path) -> str | None:
     """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder
-    without it is a checkpoint a crash cut short: skip it rather than resume from half a save."""
+    without it — or with one a crash cut off mid-write, which does not parse — is a checkpoint
+    a crash cut short: skip it rather than resume from half a save."""
     if not folder.is_dir():
         return None
-    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                and (p / "trainer_state.json").is_file()]
+    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_is_complete(p)]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def checkpoint_is_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder was saved whole: its trainer_state.json (written last) parses."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 

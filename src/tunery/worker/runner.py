@@ -55,9 +55,10 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 def drop_torn_checkpoints(run_dir: Path) -> list[Path]:
     """Delete checkpoints that a killed run left half-written, so that a resume starts from the
-    newest complete one. The Trainer writes trainer_state.json last: a folder without it is torn."""
-    torn = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
-            if p.is_dir() and not (p / "trainer_state.json").is_file()]
+    newest complete one (`checkpoint_is_complete`: the Trainer writes trainer_state.json last)."""
+    from tunery.train.recipe import checkpoint_is_complete
+
+    torn = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and not checkpoint_is_complete(p)]
     for path in torn:
         shutil.rmtree(path, ignore_errors=True)
     return torn
