@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunery.models.precision import cpu_info
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
 
@@ -44,27 +46,34 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
-        info["avx512_bf16"] = "avx512_bf16" in flags
-        info["amx_bf16"] = "amx_bf16" in flags
-        info["cpu"] = cpu_flags()
-    except (OSError, IndexError):
-        pass
+    flags = cpu_info()[1]
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    info["amx_bf16"] = "amx_bf16" in flags
+    info["cpu"] = cpu_flags()
     return info
 
 
 def cpu_flags() -> str:
     """The CPU's model and the instruction-set flags that decide training speed, for every benchmark's output."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    model, flags = cpu_info()
     wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
     have = [f for f in wanted if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
+    return (f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}")
+
+
+def score(model, tokenizer, test_rows: list[dict]) -> dict:
+    """The benchmarks' one scorer: greedy generations on prompt/completion test rows, scored by
+    tunery.eval (exact match, ROUGE-L) with the completion loss."""
+    import contextlib
+
+    from tunery.eval.evaluate import evaluate_model
+
+    report = evaluate_model(model, tokenizer, test_rows, "prompt_completion",
+                            columns=[("tuned", contextlib.nullcontext)], batch_size=16, n_examples=0,
+                            progress=False)
+    m = report["metrics"]["tuned"]
+    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"]}
 
 
 def versions() -> dict:

@@ -19,7 +19,6 @@ results.jsonl.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result, cpu_flags, git_commit, machine, versions  # noqa: E402
+from common import append_result, cpu_flags, git_commit, machine, score, versions  # noqa: E402
 from plain_script import PlainSettings, train_plain  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,16 +43,6 @@ def task_rows(task: str, n_train: int, n_test: int) -> tuple[list[dict], list[di
 
     module = importlib.import_module(f"tunery.samples.{task}")
     return module.splits(n_train=n_train, n_test=n_test)
-
-
-def score(model, tokenizer, test_rows: list[dict]) -> dict:
-    from tunery.eval.evaluate import evaluate_model
-
-    report = evaluate_model(model, tokenizer, test_rows, "prompt_completion",
-                            columns=[("tuned", contextlib.nullcontext)], batch_size=16, n_examples=0,
-                            progress=False)
-    m = report["metrics"]["tuned"]
-    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"]}
 
 
 def run_tunery(base: str, train_rows: list[dict], test_rows: list[dict], args, seed: int, extra: dict) -> dict:

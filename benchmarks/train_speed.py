@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result, cpu_flags, git_commit, machine, matmul_gflops, run_child, versions  # noqa: E402
+from common import (  # noqa: E402
+    append_result,
+    cpu_flags,
+    git_commit,
+    machine,
+    matmul_gflops,
+    run_child,
+    score,
+    versions,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,16 +72,6 @@ def tiny_base(folder: Path) -> str:
     return str(folder)
 
 
-def exact_match(model, tokenizer, test_rows) -> float:
-    import contextlib
-
-    from tunery.eval.evaluate import evaluate_model
-
-    report = evaluate_model(model, tokenizer, test_rows, "prompt_completion",
-                            columns=[("tuned", contextlib.nullcontext)], batch_size=16, progress=False, n_examples=0)
-    return report["metrics"]["tuned"]["exact_match"]
-
-
 def process_age() -> float:
     """Seconds since this process started (interpreter start-up and imports included)."""
     import psutil
@@ -97,7 +96,7 @@ def child_plain(args) -> dict:
     return {"wall_s": wall, "train_runtime_s": r.train_runtime_s, "real_tokens": r.real_tokens,
             "tokens_per_second": r.real_tokens / r.train_runtime_s, "train_loss": r.losses[-1], "steps": r.steps,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "exact_match": exact_match(r.model, r.tokenizer, test_rows)}
+            "exact_match": score(r.model, r.tokenizer, test_rows)["exact_match"]}
 
 
 def child_score(args) -> dict:
@@ -109,7 +108,7 @@ def child_score(args) -> dict:
     _, test_rows = load_rows(args.quick)
     resolved = resolve_base(args.base)
     model = PeftModel.from_pretrained(load_model(resolved, precision="fp32"), args.adapter).eval()
-    return {"exact_match": exact_match(model, load_tokenizer(resolved), test_rows)}
+    return {"exact_match": score(model, load_tokenizer(resolved), test_rows)["exact_match"]}
 
 
 def run_tunery(args, extra: dict) -> dict:

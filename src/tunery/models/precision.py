@@ -25,17 +25,20 @@ class Precision:
     reason: str
 
 
-def cpu_bf16_flags() -> list[str]:
-    """The CPU's bf16 instruction-set flags (avx512_bf16, amx_bf16), from /proc/cpuinfo."""
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and instruction-set flags, from /proc/cpuinfo (empty where it is missing)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
+        return "", set()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return model, flags
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16 instruction-set flags (avx512_bf16, amx_bf16)."""
+    flags = cpu_info()[1]
     return sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
 
 

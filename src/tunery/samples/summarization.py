@@ -96,7 +96,6 @@ def make_example(rng: random.Random) -> dict[str, str]:
     return {"prompt": prompt, "completion": f" {summary}"}
 
 
-
 def splits(n_train: int = 400, n_test: int = 60, seed: int = 11) -> tuple[list[dict], list[dict]]:
     """Train and test splits with no dialogue shared between them."""
     return disjoint_splits(make_example, n_train, n_test, seed)

@@ -89,7 +89,6 @@ def make_example(rng: random.Random) -> dict[str, str]:
     return {"prompt": prompt, "completion": f" {category} | {digits}"}
 
 
-
 def splits(n_train: int = 400, n_test: int = 100, seed: int = 23) -> tuple[list[dict], list[dict]]:
     """Train and test splits with no prompt shared between them."""
     return disjoint_splits(make_example, n_train, n_test, seed)

@@ -236,8 +236,9 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     from tunery.train.engine import training_precision
 
     chosen = training_precision(inputs, device)
-    sink.emit("log", message=f"precision: {chosen.name}"
-              f"{' autocast with fp32 weights' if chosen.name == 'bf16' and device == 'cpu' else ''} ({chosen.reason})")
+    weights = str(model.dtype).removeprefix("torch.")
+    autocast = " autocast with fp32 weights" if chosen.name == "bf16" and weights == "float32" else ""
+    sink.emit("log", message=f"precision: {chosen.name}{autocast} ({chosen.reason})")
     # A KV cache during training would also disable packed-sequence detection in the mask code.
     model.config.use_cache = False
     # LoRA's A matrices are initialised from the global RNG: seed it so the same inputs give the
@@ -436,4 +437,3 @@ def checkpoint_is_complete(checkpoint: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
