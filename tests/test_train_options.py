@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from tunery.models import precision as prec
@@ -41,12 +42,14 @@ def test_probe_measures_both_dtypes():
     assert fp32 > 0 and bf16 > 0
 
 
-def test_bf16_on_a_cpu_loads_fp32_weights_for_training_and_bf16_for_inference(fresh_precision):
+def test_bf16_on_a_cpu_keeps_trained_weights_fp32_and_frozen_ones_bf16(fresh_precision):
     from tunery.models.load import pick_dtype
 
     fresh_precision.setattr(prec, "cpu_bf16_flags", lambda: ["amx_bf16"])
     fresh_precision.setattr(prec, "cpu_probe", lambda: (100.0, 900.0))
-    assert pick_dtype("auto", "cpu", training=True) == torch.float32  # autocast computes in bf16
+    # A full fine-tune's weights are the optimizer's masters: fp32, with autocast computing in bf16.
+    assert pick_dtype("auto", "cpu", training=True, trainable_base=True) == torch.float32
+    assert pick_dtype("auto", "cpu", training=True) == torch.bfloat16  # a LoRA's frozen base
     assert pick_dtype("auto", "cpu") == torch.bfloat16
     assert pick_dtype("fp32", "cpu") == torch.float32
 
@@ -65,7 +68,10 @@ def test_bf16_autocast_training_on_a_cpu_logs_why(tmp_path, qa_rows, tiny_model_
     result = _run(tmp_path, qa_rows, tiny_model_dir, "bf16")
     fp32 = _run(tmp_path, qa_rows, tiny_model_dir, "fp32", precision="fp32")
     logs = [json.loads(line).get("message", "") for line in (tmp_path / "bf16.jsonl").read_text().splitlines()]
-    assert any(m.startswith("precision: bf16 autocast with fp32 weights (auto: bf16 matmul 300") for m in logs)
+    assert any(m.startswith("precision: bf16 autocast, weights bf16 frozen base, fp32 adapter (auto: bf16 matmul 300")
+               for m in logs), logs
+    adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # the trained weights stayed fp32
     losses = [h["loss"] for h in result.manifest["metrics"]["history"]]
     reference = [h["loss"] for h in fp32.manifest["metrics"]["history"]]
     # bf16 matmuls round: close to the fp32 run, but not bit-equal (it did run in bf16).

@@ -11,6 +11,11 @@ is handled:
 * The labelled-only loss runs the decoder itself, outside the model's forward that accelerate
   wraps in autocast, so under bf16 it ran in fp32 (a CPU) or without autocast's fp32 islands (a
   GPU); it now enters the Trainer's autocast itself (engine.TuneryTrainer.compute_loss).
+* LoRA dropout: tunery draws its CPU masks from 16-bit uniforms (models/dropout.py), peft from
+  torch's Bernoulli generator, so the same seed drops different elements; both run without
+  dropout here (models/dropout.py's tests check the masks' statistics). Attention for training
+  on a CPU is `sdpa_short_eager` in tunery, sdpa in the plain script: the same function
+  (models/attention.py's tests compare them).
 * tunery validates on the tail of `train_data` unless told otherwise (Replicate's
   num_validation_samples), so at its defaults it trains on fewer rows than a script given the
   same file; here validation is off, as in the plain script.
@@ -37,7 +42,8 @@ def test_per_step_loss_equals_the_plain_scripts(tmp_path, tiny_model_dir, loss_c
     from tunery.train.recipe import train
 
     rows = generate(extraction.make_example, 48, 0)
-    settings = PlainSettings(batch=4, micro_batch=micro_batch, learning_rate=1e-3, seed=42, max_steps=STEPS)
+    settings = PlainSettings(batch=4, micro_batch=micro_batch, learning_rate=1e-3, seed=42, max_steps=STEPS,
+                             dropout=0.0)
     plain = train_plain(str(tiny_model_dir), rows, settings, step_losses=True)
 
     data = tmp_path / "train.jsonl"
@@ -45,7 +51,7 @@ def test_per_step_loss_equals_the_plain_scripts(tmp_path, tiny_model_dir, loss_c
     result = train(
         {"train_data": str(data), "train_batch_size": 4, "micro_batch_size": micro_batch, "learning_rate": 1e-3,
          "seed": 42, "max_steps": STEPS, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
-         "loraplus_lr_ratio": 1, "run_validation": False, "precision": "fp32", "loss_computation": loss_computation,
+         "loraplus_lr_ratio": 1, "lora_dropout": 0.0, "run_validation": False, "precision": "fp32", "loss_computation": loss_computation,
          "save_steps": 10**6},
         base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False,
     )

@@ -98,7 +98,8 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
     from tunery.models.load import adapt, load_model
     from tunery.models.precision import resolve_precision
 
-    model = load_model(resolved, quantize_4bit=peft_method == "qlora", training=True)
+    model = load_model(resolved, quantize_4bit=peft_method == "qlora", training=True,
+                       trainable_base=peft_method == "full")
     model.config.use_cache = False
     model = adapt(model, method=peft_method, rank=8, alpha=16, dropout=0.05, target_modules="all-linear",
                   gradient_checkpointing=False)

@@ -18,21 +18,26 @@ def pick_device() -> str:
     return "cpu"
 
 
-def pick_dtype(precision: str, device: str, *, training: bool = False, quantized: bool = False):
+def pick_dtype(precision: str, device: str, *, training: bool = False, trainable_base: bool = False,
+               quantized: bool = False):
     """The dtype a model's weights are loaded in. "auto" is resolved by `resolve_precision`: bf16
-    on a bf16-capable GPU; on a CPU whose bf16 matmuls a probe measured faster, bf16 for inference
-    and fp32 weights under bf16 autocast for training (the weights stay fp32 masters); else fp32."""
+    on a bf16-capable GPU, and on a CPU whose bf16 matmuls a probe measured faster; else fp32.
+    Training in bf16 runs under autocast; on a CPU a base whose weights are trained (a full
+    fine-tune) stays in fp32 there, so that the optimizer updates fp32 masters. A frozen base
+    (LoRA) is loaded in bf16, as on a GPU: peft keeps the adapter's own weights in fp32."""
     import torch
 
     if precision == "auto":
         precision = resolve_precision("auto", device, quantized=quantized).name
-        if training and precision == "bf16" and not device.startswith("cuda"):
-            return torch.float32  # bf16 autocast computes; the weights stay fp32
+        if training and trainable_base and precision == "bf16" and not device.startswith("cuda"):
+            return torch.float32  # bf16 autocast computes; the trained weights stay fp32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def pick_attention(name: str, device: str) -> str:
-    """"auto" picks flash_attention_2 on CUDA when the package is installed, else sdpa."""
+def pick_attention(name: str, device: str, *, training: bool = False) -> str:
+    """"auto" picks flash_attention_2 on CUDA when the package is installed; for training on a
+    CPU, `sdpa_short_eager` (models/attention.py: matrix products for short rows, sdpa for long
+    ones); else sdpa."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -42,6 +47,10 @@ def pick_attention(name: str, device: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
+    elif training:
+        from tunery.models import attention
+
+        return attention.register()
     return "sdpa"
 
 
@@ -65,20 +74,23 @@ def load_model(
     attn_implementation: str = "auto",
     device: str | None = None,
     training: bool = False,
+    trainable_base: bool = False,
 ):
     """Load the base for training or inference on `device` (default: this process's GPU, else CPU).
 
     With quantize_4bit the linear layers are NF4 (bitsandbytes; works on CPU too) with double
     quantization, and compute runs in the chosen dtype: with "auto", bf16 on a bf16-capable GPU
     and fp32 elsewhere (a CPU without bf16 hardware runs bf16 matmuls ~20× slower; bitsandbytes'
-    CPU 4-bit path is measured only in fp32). `training` loads fp32 weights where bf16 comes
-    from autocast (a CPU), see `pick_dtype`.
+    CPU 4-bit path is measured only in fp32). `training` picks the attention for training and,
+    with `trainable_base` (a full fine-tune: the base's own weights are trained), keeps fp32
+    weights on a CPU where bf16 comes from autocast; see `pick_dtype` and `pick_attention`.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or pick_device()
-    dtype = pick_dtype(precision, device, training=training, quantized=quantize_4bit)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": pick_attention(attn_implementation, device)}
+    dtype = pick_dtype(precision, device, training=training, trainable_base=trainable_base, quantized=quantize_4bit)
+    attention = pick_attention(attn_implementation, device, training=training)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -119,4 +131,8 @@ def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_m
         use_rslora=use_rslora,
         use_dora=use_dora,
     )
-    return get_peft_model(model, config)
+    from tunery.models.dropout import install as fast_lora_dropout
+
+    model = get_peft_model(model, config)
+    fast_lora_dropout(model)
+    return model

@@ -232,13 +232,17 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         attn_implementation=inputs.attn_implementation,
         device=device,
         training=True,
+        trainable_base=inputs.peft_method == "full",
     )
     from tunery.train.engine import training_precision
 
     chosen = training_precision(inputs, device)
     weights = str(model.dtype).removeprefix("torch.")
-    autocast = " autocast with fp32 weights" if chosen.name == "bf16" and weights == "float32" else ""
-    sink.emit("log", message=f"precision: {chosen.name}{autocast} ({chosen.reason})")
+    held = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(weights, weights)
+    if inputs.peft_method != "full" and chosen.name != "fp32":
+        held += " frozen base, fp32 adapter"
+    autocast = " autocast" if chosen.name in ("bf16", "fp16") else ""
+    sink.emit("log", message=f"precision: {chosen.name}{autocast}, weights {held} ({chosen.reason})")
     # A KV cache during training would also disable packed-sequence detection in the mask code.
     model.config.use_cache = False
     # LoRA's A matrices are initialised from the global RNG: seed it so the same inputs give the

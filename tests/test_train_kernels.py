@@ -1,0 +1,105 @@
+"""The CPU training kernels: LoRA dropout's cheap masks and the short-row attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tunery.models import attention
+from tunery.models.dropout import FastDropout, install
+
+
+def test_fast_dropout_drops_p_of_the_elements_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000)
+    drop = FastDropout(0.05).train()
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    # 10^6 Bernoulli(0.05) draws: standard deviation 2.2e-4; allow 5 of them.
+    assert abs(dropped - 0.05) < 1.1e-3
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(65536 / (65536 - round(0.05 * 65536)))]
+    assert abs(y.mean().item() - 1.0) < 2e-3  # kept elements are scaled up by 1 / (kept fraction)
+    # Neighbouring elements are independent: the two halves of each 16-bit pair agree as often as chance says.
+    pairs = (y.view(-1, 2) == 0).float()
+    both = (pairs[:, 0] * pairs[:, 1]).mean().item()
+    assert abs(both - 0.05**2) < 4e-4
+
+
+def test_fast_dropout_is_seeded_identity_in_eval_and_passes_gradients_through_the_mask():
+    drop = FastDropout(0.3).train()
+    torch.manual_seed(1)
+    a = drop(torch.ones(64, 64))
+    torch.manual_seed(1)
+    b = drop(torch.ones(64, 64))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, drop(torch.ones(64, 64)))
+    x = torch.randn(32, 48, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, y.detach() / x.detach())  # d(x * mask)/dx = mask
+    drop.eval()
+    assert drop(x) is x
+    assert torch.bfloat16 == drop.train()(x.detach().bfloat16()).dtype
+
+
+def test_install_swaps_every_lora_dropout_of_a_peft_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    assert install(model) == 2 * 7  # 2 layers × q, k, v, o, gate, up, down
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p == 0.1]
+    assert drops and all(type(m) is FastDropout for m in drops)
+    assert install(model) == 0
+
+
+def _llama(attn: str, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("short_keys", [192, 4])  # 4: every row is "long", the sdpa branch is taken
+@pytest.mark.parametrize("layout", ["padded", "packed", "plain"])
+def test_short_eager_attention_computes_what_sdpa_does(tiny_model_dir, monkeypatch, layout, short_keys):
+    monkeypatch.setattr(attention, "SHORT_KEYS", short_keys)
+    name = attention.register()
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (3, 24))
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if layout == "padded":
+        mask = torch.ones_like(ids)
+        mask[1, 17:] = 0
+        mask[2, :5] = 0  # left padding: real queries would see padded keys without the mask
+        inputs["attention_mask"] = mask
+    elif layout == "packed":  # three rows of 10, 8 and 6 tokens packed in one, restarting positions
+        inputs = {"input_ids": ids[:1],
+                  "position_ids": torch.cat([torch.arange(10), torch.arange(8), torch.arange(6)])[None]}
+    results = []
+    for attn in ("sdpa", name):
+        model = _llama(attn, tiny_model_dir).train()
+        labels = inputs["input_ids"]
+        if layout == "padded":
+            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+            labels[2, 5] = -100  # predicted from a padded position, whose output neither defines alike
+        out = model(**inputs, labels=labels, use_cache=False)  # as in training: a cache hides packing
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.model.layers[0].self_attn.parameters()]
+        results.append((out.logits.detach(), grads))
+    (ref, ref_grads), (got, got_grads) = results
+    if layout == "padded":  # padded positions' outputs are not defined the same way by both: compare real ones
+        keep = inputs["attention_mask"].bool()
+        ref, got = ref[keep], got[keep]
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    for a, b in zip(ref_grads, got_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_training_on_a_cpu_picks_short_eager_attention_and_inference_sdpa():
+    from tunery.models.load import pick_attention
+
+    assert pick_attention("auto", "cpu", training=True) == attention.NAME
+    assert pick_attention("auto", "cpu") == "sdpa"
+    assert pick_attention("eager", "cpu", training=True) == "eager"
