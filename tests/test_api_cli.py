@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from test_api_support import LiveServer, ScriptedPredictor, free_port
+from test_api_support import LiveServer, ScriptedEngine, free_port
 from tunery.server.cli import predictions_app, trainings_app
 from tunery.store.store import base_version_id
 
@@ -25,7 +25,7 @@ PIECES = ["One", " two", "\nthree"]
 def server(tmp_path_factory):
     live = LiveServer(tmp_path_factory.mktemp("api-cli"))
     live.store.ensure_base_models([("fake", "scripted", "fake-base")])
-    live.runner.use_predictor("fake-base", ScriptedPredictor(PIECES))
+    live.runner.use_engine("fake-base", ScriptedEngine(PIECES))
     yield live
     live.stop()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from test_api_support import LiveServer, ScriptedPredictor, wait_for
+from test_api_support import LiveServer, ScriptedEngine, wait_for
 from tunery.store import base_version_id
 from tunery.store.models import Prediction, utcnow
 
@@ -54,8 +54,8 @@ def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
     a = LiveServer(home, lease_seconds=2.0)
     a.store.ensure_base_models([("slow", "scripted, slow", "slow-base")])
     script = [f"w{i} " for i in range(30)]
-    a_predictor = ScriptedPredictor(script, delay=0.1)
-    a.runner.use_predictor("slow-base", a_predictor)
+    a_engine = ScriptedEngine(script, delay=0.1)
+    a.runner.use_engine("slow-base", a_engine)
     token = a.store.create_token("alice")
     version = base_version_id("slow")
     b = None
@@ -66,8 +66,8 @@ def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
             wait_for(lambda: ca.get(f"/v1/predictions/{ids[0]}").json(), lambda p: p["status"] == "processing")
 
             b = LiveServer(home, lease_seconds=2.0)
-            b_predictor = ScriptedPredictor(script, delay=0.01)
-            b.runner.use_predictor("slow-base", b_predictor)
+            b_engine = ScriptedEngine(script, delay=0.01)
+            b.runner.use_engine("slow-base", b_engine)
             # A prediction held by a server that died a moment ago: its lease runs 3 s more.
             lost = b.store.create_prediction("alice", model="tunery/slow", version_id=version,
                                              input={"prompt": "lost"}, runner="dead-server", lease_seconds=3.0)
@@ -79,13 +79,13 @@ def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
                 body = wait_for(lambda pid=pid: ca.get(f"/v1/predictions/{pid}").json(),
                                 lambda p: p["status"] == "succeeded", timeout=30)
                 assert "".join(body["output"]) == "".join(script)
-            assert [c["prompt"] for c in a_predictor.calls][:2] == ["first", "second"]
-            assert not {"first", "second"} & {c["prompt"] for c in b_predictor.calls}  # B never ran A's
+            assert [c["prompt"] for c in a_engine.calls][:2] == ["first", "second"]
+            assert not {"first", "second"} & {c["prompt"] for c in b_engine.calls}  # B never ran A's
 
             taken = wait_for(lambda: ca.get(f"/v1/predictions/{lost.id}").json(),
                              lambda p: p["status"] == "succeeded", timeout=30)
             assert taken["output"] and "half" not in "".join(taken["output"])
-            runs = [c for c in a_predictor.calls + b_predictor.calls if c["prompt"] == "lost"]
+            runs = [c for c in a_engine.calls + b_engine.calls if c["prompt"] == "lost"]
             assert len(runs) == 1  # taken over by one live server, run once
     finally:
         if b is not None:
@@ -100,7 +100,7 @@ def test_a_clean_shutdown_hands_predictions_back(tmp_path, tiny_model_dir):
     home.mkdir()
     a = LiveServer(home)
     a.store.ensure_base_models([("tiny", "tiny test model", str(tiny_model_dir))])
-    a.runner.use_predictor(str(tiny_model_dir), ScriptedPredictor([f"w{i} " for i in range(100)], delay=0.1))
+    a.runner.use_engine(str(tiny_model_dir), ScriptedEngine([f"w{i} " for i in range(100)], delay=0.1))
     token = a.store.create_token("alice")
     version = base_version_id("tiny")
     inputs = {"max_new_tokens": 8, "temperature": 0}
@@ -111,7 +111,7 @@ def test_a_clean_shutdown_hands_predictions_back(tmp_path, tiny_model_dir):
     a.stop()
     with a.store.session() as s:
         rows = [s.get(Prediction, pid) for pid in ids]
-        assert [r.status for r in rows] == ["processing", "starting"]
+        assert [r.status for r in rows] == ["processing", "processing"]  # both were generating at once
         assert all(r.lease_expires_at <= utcnow() for r in rows)
 
     b = LiveServer(home)  # the default 30 s lease: taken over at start, not after it

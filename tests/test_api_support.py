@@ -74,37 +74,54 @@ class LiveServer:
         self.thread.join(30)
 
 
-class ScriptedPredictor:
-    """Predictor.stream's contract with a fixed script of pieces, `delay` seconds apart; honours
-    stop_sequences (cut before the first), cancel (within one piece) and fills metrics."""
+class ScriptedEngine:
+    """The Engine contract (infer/engine.py) with a fixed script of pieces, `delay` seconds apart,
+    many requests at once, each on its own thread; honours stop_sequences (cut before the first),
+    max_new_tokens (one piece a token), cancel (within one piece); records each request."""
+
+    base = "scripted"
+    max_batch = 64
+    max_queue = 64
 
     def __init__(self, pieces: list[str], delay: float = 0.0):
         self.pieces = pieces
         self.delay = delay
         self.calls: list[dict[str, Any]] = []
 
-    def stream(self, prompt, *, weights=None, params=None, cancel=None, metrics=None):
-        self.calls.append({"prompt": prompt, "weights": weights, "params": params})
-        started = time.perf_counter()
+    def submit(self, request, *, block: bool = False):
+        from tunery.infer.engine import Generation
+
+        weights = request.weights
+        self.calls.append({"prompt": request.prompt, "weights": str(weights.source) if weights else None,
+                           "params": request.params})
+        gen = Generation(request)
+        threading.Thread(target=self._play, args=(gen,), daemon=True).start()
+        return gen
+
+    def _play(self, gen) -> None:
+        params = gen.request.params
+        gen.started(len(gen.request.prompt.split()))
         text = ""
-        stops = params.stops if params else []
-        try:
-            for piece in self.pieces[: params.max_new_tokens if params else None]:
-                if cancel is not None and cancel.is_set():
-                    return
-                if self.delay:
-                    time.sleep(self.delay)
-                joined = text + piece
-                cut = min((joined.find(s) for s in stops if s in joined), default=-1)
-                if cut >= 0:
-                    if cut > len(text):
-                        yield joined[len(text) : cut]
-                    return
-                text = joined
-                yield piece
-        finally:
-            if metrics is not None:
-                metrics.update(predict_time=time.perf_counter() - started, output_token_count=len(text))
+        for piece in self.pieces[: params.max_new_tokens]:
+            if gen.cancelled:
+                break
+            if self.delay:
+                time.sleep(self.delay)
+            joined = text + piece
+            cut = min((joined.find(s) for s in params.stops if s in joined), default=-1)
+            if cut >= 0:
+                gen.emit(joined[len(text):cut], tokens=1)
+                gen.finish("stop_sequence")
+                return
+            text = joined
+            gen.emit(piece, tokens=1)
+        gen.finish("max_new_tokens")
+
+    def load(self) -> dict[str, int]:
+        return {"running": 0, "waiting": 0}
+
+    def close(self) -> None:
+        pass
 
 
 class StaticFiles:

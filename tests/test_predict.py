@@ -1,10 +1,12 @@
-"""Predictor on the tiny random Llama: streaming, seeds, stops, cancel, adapter switching, weights forms."""
+"""The embedded engine on the tiny random Llama: streaming, seeds, stops, cancel, adapter switching,
+weights forms, and continuous batching (joining, leaving, mixed adapters, per-row sampling)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import torch
 
 import tunery.infer.predict as predict_module
 from tunery.errors import TuneryError
-from tunery.infer.predict import Predictor, SamplingParams, predict
+from tunery.infer.embedded import EmbeddedEngine
+from tunery.infer.engine import EngineBusy, Request, SamplingParams
+from tunery.infer.predict import predict
 from tunery.models.resolve import resolve_base
 from tunery.settings import get_settings
 
@@ -70,24 +74,33 @@ def run_dir(adapters, tiny_model_dir, tokenizer_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_model_dir) -> Predictor:
-    return Predictor(str(tiny_model_dir), device="cpu")
+def engine(tiny_model_dir):
+    engine = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32", max_batch=8, max_queue=16)
+    yield engine
+    engine.close()
+
+
+def run(engine, prompt=PROMPT, weights=None, params=GREEDY) -> tuple[str, dict]:
+    gen = engine.submit(Request.make(prompt, weights=weights, params=params))
+    return gen.text(), gen.metrics
+
+
+def text(engine, prompt=PROMPT, weights=None, params=GREEDY) -> str:
+    return run(engine, prompt, weights, params)[0]
 
 
 @pytest.fixture(scope="module")
-def outputs(predictor, adapters) -> dict[str | None, str]:
-    """Greedy output of the bare base and of adapters A and B (loaded here, in that order)."""
-    return {
-        key: predictor.generate(PROMPT, weights=adapters.get(key), params=GREEDY) for key in (None, "a", "b")
-    }
+def outputs(engine, adapters) -> dict[str | None, str]:
+    """Greedy output of the bare base and of adapters A and B (loaded here, in that order), each alone."""
+    return {key: text(engine, weights=adapters.get(key)) for key in (None, "a", "b")}
 
 
-def test_stream_yields_pieces_that_join_to_generate(predictor, tokenizer):
-    metrics: dict = {}
-    pieces = list(predictor.stream(PROMPT, params=GREEDY, metrics=metrics))
+def test_stream_yields_pieces_that_join_to_the_text(engine, tokenizer):
+    gen = engine.submit(Request(PROMPT, GREEDY))
+    pieces = list(gen)
+    metrics = gen.metrics
     assert len(pieces) > 3 and all(pieces)
-    assert predictor.last_metrics == metrics
-    assert "".join(pieces) == predictor.generate(PROMPT, params=GREEDY)
+    assert "".join(pieces) == text(engine)
     # The prompt is tokenized as training tokenized it: special tokens on, no chat template.
     assert metrics["input_token_count"] == len(tokenizer(PROMPT, add_special_tokens=True).input_ids)
     assert metrics["output_token_count"] == 16 and metrics["stop_reason"] == "max_new_tokens"
@@ -95,149 +108,130 @@ def test_stream_yields_pieces_that_join_to_generate(predictor, tokenizer):
     assert metrics["tokens_per_second"] > 0
 
 
-def test_same_seed_same_text_and_another_seed_differs(predictor):
+def test_same_seed_same_text_and_another_seed_differs(engine):
     def sample(seed):
-        return predictor.generate(
-            PROMPT, params=SamplingParams(temperature=1.0, max_new_tokens=12, seed=seed)
-        )
+        return text(engine, params=SamplingParams(temperature=1.0, max_new_tokens=12, seed=seed))
 
     first = sample(7)
     assert sample(7) == first
     assert sample(8) != first
 
 
-def test_unseeded_sampling_reports_the_seed_it_used(predictor):
-    params = SamplingParams(temperature=1.0, max_new_tokens=8)
-    metrics: dict = {}
-    text = predictor.generate(PROMPT, params=params, metrics=metrics)
+def test_unseeded_sampling_reports_the_seed_it_used(engine):
+    out, metrics = run(engine, params=SamplingParams(temperature=1.0, max_new_tokens=8))
     replay = SamplingParams(temperature=1.0, max_new_tokens=8, seed=metrics["seed"])
-    assert predictor.generate(PROMPT, params=replay) == text
+    assert text(engine, params=replay) == out
 
 
-def test_stop_sequence_from_greedy_output_cuts_exactly_before_it(predictor):
+def test_stop_sequence_from_greedy_output_cuts_exactly_before_it(engine):
     params = SamplingParams(temperature=0, max_new_tokens=40)
-    pieces = list(predictor.stream(PROMPT, params=params))
+    pieces = list(engine.submit(Request(PROMPT, params)))
     assert len(pieces) == 40  # one piece per token here, so pieces count tokens below
-    text = "".join(pieces)
+    full = "".join(pieces)
     # A stop that straddles the last two pieces, i.e. spans a token boundary.
-    at = text.index(pieces[-1])
-    assert at > 3, f"the greedy output is too repetitive for this test: {text!r}"
-    stop = text[at - 3 : at + 3]
-    metrics: dict = {}
-    streamed = list(
-        predictor.stream(
-            PROMPT, params=SamplingParams(**{**vars(params), "stop_sequences": stop}), metrics=metrics
-        )
-    )
-    assert "".join(streamed) == text[: text.index(stop)]
+    at = full.index(pieces[-1])
+    assert at > 3, f"the greedy output is too repetitive for this test: {full!r}"
+    stop = full[at - 3 : at + 3]
+    gen = engine.submit(Request(PROMPT, SamplingParams(**{**vars(params), "stop_sequences": stop})))
+    streamed = list(gen)
+    assert "".join(streamed) == full[: full.index(stop)]
     assert not any(stop in p for p in streamed)
-    assert metrics["stop_reason"] == "stop_sequence"
+    assert gen.metrics["stop_reason"] == "stop_sequence"
     # Generation ended on the token that completed the stop, not later.
     completing = next(k for k in range(1, 41) if stop in "".join(pieces[:k]))
-    assert metrics["output_token_count"] == completing < 40
+    assert gen.metrics["output_token_count"] == completing < 40
 
 
-def test_max_new_tokens_bounds_the_output(predictor):
+def test_max_new_tokens_bounds_the_output(engine):
     for n in (1, 5):
-        metrics: dict = {}
-        predictor.generate(PROMPT, params=SamplingParams(temperature=0, max_new_tokens=n), metrics=metrics)
-        assert metrics["output_token_count"] == n
+        assert run(engine, params=SamplingParams(temperature=0, max_new_tokens=n))[1]["output_token_count"] == n
 
 
-def test_eos_ends_generation(predictor, tokenizer):
-    first = predictor.generate(PROMPT, params=SamplingParams(temperature=0, max_new_tokens=1))
-    config = predictor.base_model.generation_config
+def test_eos_ends_generation(engine, tokenizer):
+    first = text(engine, params=SamplingParams(temperature=0, max_new_tokens=1))
+    config = engine.base_model.generation_config
     saved = config.eos_token_id
     config.eos_token_id = tokenizer(first, add_special_tokens=False).input_ids[0]
     try:
-        metrics: dict = {}
-        predictor.generate(PROMPT, params=GREEDY, metrics=metrics)
+        _, metrics = run(engine)
     finally:
         config.eos_token_id = saved
     assert metrics["stop_reason"] == "eos" and metrics["output_token_count"] == 1
 
 
-def test_cancel_from_another_thread_stops_early(predictor):
-    cancel, started, got = threading.Event(), threading.Event(), []
-    metrics: dict = {}
-
-    def consume():
-        for piece in predictor.stream(
-            PROMPT, params=SamplingParams(temperature=0, max_new_tokens=800), cancel=cancel, metrics=metrics
-        ):
-            got.append(piece)
-            started.set()
-
-    worker = threading.Thread(target=consume)
-    worker.start()
-    assert started.wait(30)
-    cancel.set()
-    worker.join(30)
-    assert not worker.is_alive()
-    assert metrics["stop_reason"] == "cancelled"
-    assert 0 < metrics["output_token_count"] < 100
-    assert got and len(got) <= metrics["output_token_count"]
+def test_cancel_from_another_thread_stops_early(engine):
+    gen = engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=800)))
+    got = []
+    for piece in gen:
+        got.append(piece)
+        if len(got) == 2:
+            threading.Thread(target=gen.cancel).start()
+    assert gen.metrics["stop_reason"] == "cancelled"
+    assert 0 < gen.metrics["output_token_count"] < 100
+    assert got and len(got) <= gen.metrics["output_token_count"]
 
 
-def test_abandoned_stream_frees_the_model(predictor):
-    stream = predictor.stream(PROMPT, params=SamplingParams(temperature=0, max_new_tokens=800))
-    next(stream)
-    stream.close()
-    assert predictor.last_metrics["stop_reason"] == "aborted"
-    assert predictor.last_metrics["output_token_count"] < 100
-    assert predictor.generate(PROMPT, params=SamplingParams(temperature=0, max_new_tokens=2))
+def test_abandoned_stream_ends_the_request(engine):
+    gen = engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=800)))
+    pieces = iter(gen)
+    next(pieces)
+    pieces.close()
+    assert gen.wait(30)
+    assert gen.metrics["stop_reason"] == "cancelled" and gen.metrics["output_token_count"] < 100
+    assert text(engine, params=SamplingParams(temperature=0, max_new_tokens=2))
 
 
-def test_adapters_switch_without_reloading_the_base(predictor, adapters, outputs):
-    base_model, loads = predictor.base_model, predictor.adapter_loads
+def test_adapters_switch_without_reloading_the_base(engine, adapters, outputs):
+    base_model, loads = engine.base_model, engine.adapter_loads
     assert len(set(outputs.values())) == 3, outputs
-    assert predictor.generate(PROMPT, weights=adapters["a"], params=GREEDY) == outputs["a"]
-    assert predictor.generate(PROMPT, params=GREEDY) == outputs[None]
-    assert predictor.generate(PROMPT, weights=adapters["b"], params=GREEDY) == outputs["b"]
-    assert predictor.generate(PROMPT, weights=str(adapters["a"]), params=GREEDY) == outputs["a"]
-    assert predictor.base_model is base_model and predictor.base_loads == 1
-    assert predictor.adapter_loads == loads  # A and B were loaded once, by the outputs fixture
-    assert predictor.loaded_adapters[-2:] == [str(adapters["b"].resolve()), str(adapters["a"].resolve())]
+    assert text(engine, weights=adapters["a"]) == outputs["a"]
+    assert text(engine) == outputs[None]
+    assert text(engine, weights=adapters["b"]) == outputs["b"]
+    assert text(engine, weights=str(adapters["a"])) == outputs["a"]
+    assert engine.base_model is base_model and engine.base_loads == 1
+    assert engine.adapter_loads == loads  # A and B were loaded once, by the outputs fixture
+    assert engine.loaded_adapters[-2:] == [str(adapters["b"].resolve()), str(adapters["a"].resolve())]
 
 
 def test_lru_evicts_beyond_max_adapters(tiny_model_dir, adapters, outputs):
-    small = Predictor(str(tiny_model_dir), device="cpu", max_adapters=2)
-    for key in ("a", "b", "c"):
-        small.generate(PROMPT, weights=adapters[key], params=GREEDY)
-    assert small.loaded_adapters == [str(adapters["b"].resolve()), str(adapters["c"].resolve())]
-    assert len(small._peft.peft_config) == 2  # evicted from peft too, not just from the index
-    # A was evicted: it is loaded again, and gives the same text as before.
-    assert small.generate(PROMPT, weights=adapters["a"], params=GREEDY) == outputs["a"]
-    assert small.adapter_loads == 4 and small.base_loads == 1
-    assert small.loaded_adapters == [str(adapters["c"].resolve()), str(adapters["a"].resolve())]
+    small = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32", max_adapters=2)
+    try:
+        for key in ("a", "b", "c"):
+            text(small, weights=adapters[key])
+        assert small.loaded_adapters == [str(adapters["b"].resolve()), str(adapters["c"].resolve())]
+        assert len(small._peft.peft_config) == 2  # evicted from peft too, not just from the index
+        # A was evicted: it is loaded again, and gives the same text as before.
+        assert text(small, weights=adapters["a"]) == outputs["a"]
+        assert small.adapter_loads == 4 and small.base_loads == 1
+        assert small.loaded_adapters == [str(adapters["c"].resolve()), str(adapters["a"].resolve())]
+    finally:
+        small.close()
 
 
-def test_adapter_retrained_in_place_is_reloaded(predictor, adapters, outputs, tmp_path):
+def test_adapter_retrained_in_place_is_reloaded(engine, adapters, outputs, tmp_path):
     adapter = shutil.copytree(adapters["a"], tmp_path / "adapter")
-    assert predictor.generate(PROMPT, weights=adapter, params=GREEDY) == outputs["a"]
-    adapters_before = len(predictor._peft.peft_config)
+    assert text(engine, weights=adapter) == outputs["a"]
+    adapters_before = len(engine._peft.peft_config)
     weights_file = adapter / "adapter_model.safetensors"
     shutil.copyfile(adapters["b"] / weights_file.name, weights_file)
-    assert predictor.generate(PROMPT, weights=adapter, params=GREEDY) == outputs["b"]
-    assert len(predictor._peft.peft_config) == adapters_before  # the stale copy was deleted
+    assert text(engine, weights=adapter) == outputs["b"]
+    assert len(engine._peft.peft_config) == adapters_before  # the stale copy was deleted
 
 
 @pytest.mark.parametrize("form", ["run_dir", "zip", "bare_adapter", "run_adapter_subdir"])
-def test_every_weights_form_gives_the_adapters_output(
-    predictor, run_dir, adapters, outputs, form, isolated_home
-):
+def test_every_weights_form_gives_the_adapters_output(engine, run_dir, adapters, outputs, form, isolated_home):
     weights = {
         "run_dir": run_dir,
         "zip": run_dir / "training_output.zip",
         "bare_adapter": adapters["a"],
         "run_adapter_subdir": run_dir / "adapter",
     }[form]
-    assert predictor.generate(PROMPT, weights=weights, params=GREEDY) == outputs["a"]
+    assert text(engine, weights=weights) == outputs["a"]
     if form == "zip":
         assert any((isolated_home / "weights").iterdir())
 
 
-def test_full_finetune_run_gets_its_own_model(predictor, tiny_model_dir, tokenizer_dir, tmp_path, outputs):
+def test_full_finetune_run_gets_its_own_model(engine, tiny_model_dir, tokenizer_dir, tmp_path, outputs):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
@@ -248,47 +242,105 @@ def test_full_finetune_run_gets_its_own_model(predictor, tiny_model_dir, tokeniz
     (tmp_path / "manifest.json").write_text(
         json.dumps({"base": {"name": str(tiny_model_dir)}, "peft_method": "full"})
     )
-    base_model = predictor.base_model
-    full = predictor.generate(PROMPT, weights=tmp_path, params=GREEDY)
+    base_model, loads = engine.base_model, engine.full_loads
+    full = text(engine, weights=tmp_path)
     assert full != outputs[None]
-    assert predictor.generate(PROMPT, weights=tmp_path, params=GREEDY) == full
-    assert predictor.full_loads == 1
-    assert predictor.generate(PROMPT, params=GREEDY) == outputs[None]
-    assert predictor.base_model is base_model
+    # The full model and the base generate at the same time, each in its own batch.
+    both = [engine.submit(Request.make(PROMPT, weights=w, params=GREEDY)) for w in (tmp_path, None, tmp_path)]
+    assert [g.text() for g in both] == [full, outputs[None], full]
+    assert engine.full_loads == loads + 1
+    assert engine.base_model is base_model
 
 
-def test_missing_weights_path_is_a_tunery_error_naming_it(predictor, tmp_path):
+def test_missing_weights_path_is_a_tunery_error_naming_it(tmp_path):
     missing = tmp_path / "no-such-run"
     with pytest.raises(TuneryError, match="no-such-run"):
-        predictor.stream(PROMPT, weights=missing)
+        Request.make(PROMPT, weights=missing)
 
 
-def test_adapter_trained_on_another_base_is_refused(predictor, run_dir, tmp_path):
+def test_adapter_trained_on_another_base_fails_that_request_only(engine, run_dir, tmp_path, outputs):
     other = tmp_path / "run"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("*.zip"))
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["base"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
+    fine = engine.submit(Request(PROMPT, GREEDY))
     with pytest.raises(TuneryError, match="trained on base"):
-        predictor.generate(PROMPT, weights=other, params=GREEDY)
+        text(engine, weights=other)
+    assert fine.text() == outputs[None]
 
 
-def test_concurrent_requests_are_served_one_at_a_time(predictor, adapters, outputs):
-    results: dict = {}
+# -- continuous batching
 
-    def ask(key):
-        results[key] = predictor.generate(PROMPT, weights=adapters.get(key), params=GREEDY)
 
-    threads = [threading.Thread(target=ask, args=(k,)) for k in ("a", "b", None)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert results == outputs
+def test_concurrent_requests_on_base_and_two_adapters_share_batches_and_match_alone(engine, adapters, outputs):
+    keys = [None, "a", "b"] * 3
+    peak = 0
+    gens = [engine.submit(Request.make(PROMPT, weights=adapters.get(k), params=GREEDY)) for k in keys]
+    while not all(g.done for g in gens):
+        peak = max(peak, engine.load()["running"])
+        time.sleep(0.001)
+    assert [g.text() for g in gens] == [outputs[k] for k in keys]
+    assert peak >= 4, f"at most {peak} rows ran together"
+
+
+def test_the_same_seed_gives_the_same_text_alone_and_in_a_batch(engine, adapters):
+    params = [SamplingParams(temperature=0.9, top_p=0.8, top_k=20, max_new_tokens=20, seed=s) for s in (1, 2, 3)]
+    alone = [text(engine, weights=adapters["a"] if i == 1 else None, params=p) for i, p in enumerate(params)]
+    noise = [engine.submit(Request(f"noise {i} " * (i + 1), SamplingParams(temperature=1.0, max_new_tokens=30)))
+             for i in range(4)]
+    together = [engine.submit(Request.make(PROMPT, weights=adapters["a"] if i == 1 else None, params=p))
+                for i, p in enumerate(params)]
+    assert [g.text() for g in together] == alone
+    assert all(g.text() for g in noise)
+
+
+def test_a_short_request_joins_and_leaves_without_waiting_for_a_long_one(engine):
+    long = engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=400)))
+    pieces = iter(long)
+    next(pieces)  # the long one is decoding
+    short = engine.submit(Request("Hello", SamplingParams(temperature=0, max_new_tokens=4)))
+    assert short.wait(60) and short.metrics["output_token_count"] == 4
+    assert not long.done, "the short request waited for the long one"
+    long.cancel()
+    assert long.wait(30)
+
+
+def test_each_row_keeps_its_own_stops_and_lengths(engine):
+    full = text(engine, params=SamplingParams(temperature=0, max_new_tokens=30))
+    stop = full[10:14]
+    gens = [
+        engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=30, stop_sequences=stop))),
+        engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=7))),
+        engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=30))),
+    ]
+    assert gens[0].text() == full[: full.index(stop)] and gens[0].metrics["stop_reason"] == "stop_sequence"
+    assert gens[1].text() == text(engine, params=SamplingParams(temperature=0, max_new_tokens=7))
+    assert gens[2].text() == full
+
+
+def test_a_full_queue_refuses_and_a_blocking_submit_waits(tiny_model_dir):
+    small = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32", max_batch=1, max_queue=2)
+    try:
+        long = SamplingParams(temperature=0, max_new_tokens=300)
+        first = small.submit(Request(PROMPT, long))
+        next(iter(first))  # running: the batch of one is full
+        queued = [small.submit(Request(PROMPT, long)) for _ in range(2)]
+        with pytest.raises(EngineBusy, match="queue holds 2"):
+            small.submit(Request(PROMPT, long))
+        for gen in (first, *queued):
+            gen.cancel()
+        late = small.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=2)), block=True)
+        assert late.text()
+    finally:
+        small.close()
+    with pytest.raises(TuneryError, match="closed"):
+        small.submit(Request(PROMPT, GREEDY))
 
 
 def test_one_shot_predict_reuses_the_loaded_base(adapters, outputs, monkeypatch):
     monkeypatch.setattr(predict_module, "_LAST", None)
+    monkeypatch.setenv("TUNERY_ENGINE", "embedded")
     # The base comes from the adapter's config (the tiny model's directory).
     assert predict(PROMPT, weights=str(adapters["a"]), temperature=0, max_new_tokens=16) == outputs["a"]
     cached = predict_module._LAST

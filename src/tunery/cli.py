@@ -159,20 +159,14 @@ def predict(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
 ) -> None:
     """Generate from a base model or a tuned run; tokens stream to stdout as they are generated."""
-    from tunery.infer.predict import Predictor, SamplingParams
-    from tunery.infer.weights import resolve_weights
-    from tunery.models.registry import DEFAULT_BASE
+    from tunery.infer.predict import SamplingParams, stream
 
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        resolved = resolve_weights(weights) if weights else None
-        base = base or (resolved.base if resolved else None) or DEFAULT_BASE
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stop_sequences=stop_sequences, seed=seed)
-        # Lazy: a full fine-tune needs no base, so none is loaded unless the request uses it.
-        predictor = Predictor(base, lazy=True)
-        for piece in predictor.stream(prompt, weights=resolved, params=params):
+        for piece in stream(prompt, base=base, weights=weights, params=params):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,24 @@ class Settings(BaseSettings):
         "their last renewal; then another worker or server takes the job over."
     )
     embedded_workers: int = Field(1, description="Training workers `tunery serve` runs itself (0: none).")
+    engine: Literal["embedded", "vllm"] = Field(
+        "embedded", description="Serving engine for predictions: embedded (transformers in this process, "
+        "continuous batching) or vllm (a vLLM OpenAI-compatible server per base model; see vllm_url)."
+    )
+    max_batch: int = Field(16, ge=1, description="Predictions generated together per base model (the running batch).")
+    max_queue: int = Field(
+        64, ge=1, description="Predictions waiting per base model beyond the running batch; more are refused "
+        "with HTTP 429 and Retry-After."
+    )
+    vllm_url: str | None = Field(
+        None, description="The vLLM server(s): one URL (http://host:8000) for every base, or a JSON object "
+        "mapping base names to URLs."
+    )
+    vllm_command: str | None = Field(
+        None, description="With no vllm_url for a model, start vLLM with this command ({model} and {port} "
+        "are filled in), e.g. 'python -m vllm.entrypoints.openai.api_server --model {model} --port {port} "
+        "--enable-lora'."
+    )
 
     @property
     def db_url(self) -> str:

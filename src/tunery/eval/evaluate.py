@@ -69,38 +69,29 @@ def completion_loss(model, tokenizer, examples, *, batch_size: int, advance: Cal
     return total / max(1, count)
 
 
-def generate_batched(model, tokenizer, prompts: list[list[int]], *, params, max_new_tokens: int,
-                     stops: list[str], batch_size: int, advance: Callable[[int], None]) -> list[str]:
-    """Left-padded batched generation; each output cut before its first stop sequence."""
-    import torch
+def generate_all(model, tokenizer, prompts: list[list[int]], *, params, max_new_tokens: int,
+                 stops: list[str], batch_size: int, advance: Callable[[int], None]) -> list[str]:
+    """Every prompt's continuation, generated on the embedded engine over `model` as it is (up to
+    `batch_size` rows at once, continuously batched); each cut before its first stop sequence."""
+    from dataclasses import replace
 
-    from tunery.infer.predict import eos_ids, pad_id
+    from tunery.infer.embedded import EmbeddedEngine
+    from tunery.infer.engine import Request
 
-    eos = eos_ids(model, tokenizer)
-    pad = pad_id(model, tokenizer, eos)
-    device = next(model.parameters()).device
-    kwargs = params.generate_kwargs()
-    for key in ("max_new_tokens", "eos_token_id", "pad_token_id"):  # set here, per batch
-        kwargs.pop(key, None)
-    kwargs["use_cache"] = True  # training turned the KV cache off in the config
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    outputs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=sorted(eos), pad_token_id=pad, **kwargs)
-        for row in out[:, width:].tolist():
-            row = row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            outputs.append(text[:cut] if cut >= 0 else text)
-        advance(len(chunk))
-    return [o.strip() for o in outputs]
+    if not prompts:
+        return []
+    engine = EmbeddedEngine("evaluation", model=model, tokenizer=tokenizer, max_batch=batch_size,
+                            max_queue=len(prompts))
+    try:
+        row_params = replace(params, max_new_tokens=max_new_tokens, stop_sequences=stops)
+        generations = engine.submit_many([Request(p, replace(row_params)) for p in prompts])
+        outputs = []
+        for gen in generations:
+            outputs.append(gen.text().strip())
+            advance(1)
+    finally:
+        engine.close()
+    return outputs
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: list[Column], params=None,
@@ -135,8 +126,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: 
                 loss = completion_loss(model, tokenizer, examples, batch_size=batch_size, advance=advance)
                 m = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
                 if prompts:
-                    outs = generate_batched(model, tokenizer, prompts, params=params, max_new_tokens=max_new_tokens,
-                                            stops=stops, batch_size=batch_size, advance=advance)
+                    outs = generate_all(model, tokenizer, prompts, params=params, max_new_tokens=max_new_tokens,
+                                        stops=stops, batch_size=batch_size, advance=advance)
                     outputs[name] = outs
                     m.update(generation_metrics(outs, refs))
             metrics[name] = m

@@ -1,5 +1,8 @@
-"""Predictions run inside the server process: one thread takes them from a queue in order and
-streams each through a `Predictor` (one per base model, created on first use, kept loaded).
+"""Predictions run inside the server process: each on a thread of its own that submits it to the
+serving engine of its base model (`infer.engine.engine_for`: one per base, created on first use,
+kept loaded) and relays the engine's text stream. The engine batches the running predictions;
+the runner holds at most `capacity` of them (the engine's batch plus its queue): beyond that the
+API answers 429 before creating anything.
 
 Each prediction has a `Channel`: the events produced so far and the live listeners (the SSE
 streams), so a client that connects late gets the output so far and then the live events.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from tunery.store.store import Store
 
 if TYPE_CHECKING:
-    from tunery.infer.predict import Predictor, SamplingParams
+    from tunery.infer.engine import Engine, Generation, SamplingParams
 
 log = logging.getLogger("tunery.server.predictions")
 
@@ -52,7 +54,7 @@ SAMPLING_INPUTS = {
 def sampling_params(inputs: dict[str, Any]) -> SamplingParams:
     """SamplingParams from a prediction's input (unknown keys are ignored, as Cog does). Raises
     ValueError naming the first bad value, or a missing / non-string prompt."""
-    from tunery.infer.predict import SamplingParams
+    from tunery.infer.engine import SamplingParams
 
     if not isinstance(inputs.get("prompt"), str):
         raise ValueError("prompt: required, and must be a string")
@@ -109,32 +111,39 @@ class _Job:
     weights: str | None
     input: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
+    generation: Generation | None = None
 
 
 class PredictionRunner:
-    """Runs predictions one at a time on a background thread. `start()` it once, `stop()` on shutdown."""
+    """Runs predictions on the serving engines, many at once. `start()` it once, `stop()` on shutdown."""
 
-    def __init__(self, store: Store, *, lease_seconds: float = 30.0):
+    def __init__(self, store: Store, *, lease_seconds: float = 30.0, capacity: int | None = None):
+        from tunery.settings import get_settings
+
+        settings = get_settings()
         self.store = store
         self.lease_seconds = lease_seconds
+        #: Predictions this runner holds at most (running or waiting); more are refused with 429.
+        self.capacity = capacity or settings.max_batch + settings.max_queue
         #: This runner's name on the predictions it holds (one per server process).
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
+        self._started = False
         self._lease_thread: threading.Thread | None = None
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._jobs: dict[str, _Job] = {}
+        self._threads: dict[str, threading.Thread] = {}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
-        self._predictors: dict[str, Predictor] = {}
+        self._engines: dict[str, Engine] = {}
+        self._own_engines: set[str] = set()  # made here (closed on stop), not given by use_engine
+        self._reserved = 0
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start running predictions, and keeping this runner's leases: the first round takes
         over what a server that died left unfinished (a restart runs those again at once)."""
-        if self._thread is None:
+        if not self._started:
             self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name="tunery-predictions", daemon=True)
-            self._thread.start()
+            self._started = True
             self.keep_leases()
             self._lease_thread = threading.Thread(target=self._lease_loop, name="tunery-prediction-leases",
                                                   daemon=True)
@@ -166,12 +175,16 @@ class PredictionRunner:
             self._lease_thread.join(timeout)
             self._lease_thread = None
         with self._lock:
-            for job in self._jobs.values():
-                job.cancel.set()
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+            jobs, threads = list(self._jobs.values()), list(self._threads.values())
+        for job in jobs:
+            self._cancel(job)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for base in list(self._own_engines):
+            self._engines.pop(base).close()
+        self._own_engines.clear()
+        self._started = False
         try:
             released = self.store.release_predictions(self.runner_id)
         except Exception:  # the database is gone: the leases expire by themselves
@@ -180,21 +193,41 @@ class PredictionRunner:
             if released:
                 log.info("handed back %d unfinished predictions for another server to run", released)
 
-    def submit(
-        self, prediction_id: str, *, base: str, weights: str | None, inputs: dict[str, Any]
-    ) -> Channel:
-        """Queue a prediction (its row exists, status "starting"); returns its channel."""
-        job = _Job(prediction_id, base, weights, dict(inputs))
+    def reserve(self) -> bool:
+        """Reserve room for one new prediction; False when `capacity` are already held. A
+        reservation is used by `submit(..., reserved=True)` or given back with `unreserve`."""
         with self._lock:
+            if len(self._jobs) + self._reserved >= self.capacity:
+                return False
+            self._reserved += 1
+            return True
+
+    def unreserve(self) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
+
+    def submit(
+        self, prediction_id: str, *, base: str, weights: str | None, inputs: dict[str, Any], reserved: bool = False
+    ) -> Channel:
+        """Start a prediction (its row exists, status "starting") on a thread of its own; returns
+        its channel. The API reserves room first; a prediction taken over from a server that died
+        runs even beyond capacity (its engine queues it)."""
+        job = _Job(prediction_id, base, weights, dict(inputs))
+        thread = threading.Thread(target=self._thread_main, args=(job,), name=f"tunery-prediction-{prediction_id}",
+                                  daemon=True)
+        with self._lock:
+            if reserved:
+                self._reserved = max(0, self._reserved - 1)
             self._jobs[prediction_id] = job
+            self._threads[prediction_id] = thread
             channel = self._channels[prediction_id] = Channel()
-        self._queue.put(job)
+        thread.start()
         return channel
 
-    def use_predictor(self, base: str, predictor: Any) -> None:
-        """Serve the base model named `base` with `predictor` (anything with Predictor.stream's
-        signature): a model loaded elsewhere, or a scripted one in tests."""
-        self._predictors[base] = predictor
+    def use_engine(self, base: str, engine: Any) -> None:
+        """Serve the base model named `base` with `engine` (anything with Engine.submit): a model
+        loaded elsewhere, or a scripted one in tests."""
+        self._engines[base] = engine
 
     def channel(self, prediction_id: str) -> Channel | None:
         """The live channel of a prediction submitted since this server started; None otherwise."""
@@ -206,19 +239,25 @@ class PredictionRunner:
         with self._lock:
             job = self._jobs.get(prediction_id)
         if job is not None:
-            job.cancel.set()
+            self._cancel(job)
 
-    def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                self._run(job)
-            except Exception:  # the thread must survive anything one prediction does
-                log.exception("prediction %s crashed the runner", job.id)
-                self._finish(job, "failed", None, {}, "internal error in the prediction runner")
-            finally:
-                with self._lock:
-                    self._jobs.pop(job.id, None)
-                    self._forget_finished()
+    @staticmethod
+    def _cancel(job: _Job) -> None:
+        job.cancel.set()
+        if job.generation is not None:
+            job.generation.cancel()
+
+    def _thread_main(self, job: _Job) -> None:
+        try:
+            self._run(job)
+        except Exception:  # anything one prediction does must end it, not leave it running
+            log.exception("prediction %s crashed its runner thread", job.id)
+            self._finish(job, "failed", None, {}, "internal error in the prediction runner")
+        finally:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+                self._threads.pop(job.id, None)
+                self._forget_finished()
 
     def _run(self, job: _Job) -> None:
         if self._stopping.is_set():
@@ -231,12 +270,13 @@ class PredictionRunner:
         channel = self.channel(job.id)
         flushed = time.monotonic()
         try:
-            params = sampling_params(job.input)
-            predictor = self._predictor(job.base)
-            stream = predictor.stream(
-                job.input["prompt"], weights=job.weights, params=params, cancel=job.cancel, metrics=metrics
-            )
-            for piece in stream:
+            from tunery.infer.engine import Request
+
+            request = Request.make(job.input["prompt"], weights=job.weights, params=sampling_params(job.input))
+            job.generation = generation = self._engine(job.base).submit(request, block=True)
+            if job.cancel.is_set():
+                generation.cancel()
+            for piece in generation:
                 pieces.append(piece)
                 if channel is not None:
                     channel.publish("output", piece)
@@ -244,9 +284,12 @@ class PredictionRunner:
                     flushed = time.monotonic()
                     self.store.set_prediction_output(job.id, pieces, self.runner_id)
                     if self.store.is_cancel_requested_prediction(job.id):  # canceled by another process
-                        job.cancel.set()
+                        self._cancel(job)
+            metrics = generation.metrics
         except Exception as exc:  # a bad adapter, a model that fails to load, ...
             log.warning("prediction %s failed: %s", job.id, exc)
+            if job.generation is not None:
+                metrics = job.generation.metrics
             self._finish(job, "failed", pieces, metrics, str(exc) or type(exc).__name__)
             return
         if job.cancel.is_set() and self._stopping.is_set() and not self.store.is_cancel_requested_prediction(job.id):
@@ -279,13 +322,15 @@ class PredictionRunner:
             channel.publish("error", error)
         channel.publish("done", {"succeeded": "", "canceled": "canceled"}.get(status, "error"))
 
-    def _predictor(self, base: str) -> Predictor:
-        predictor = self._predictors.get(base)
-        if predictor is None:
-            from tunery.infer.predict import Predictor
+    def _engine(self, base: str) -> Engine:
+        with self._lock:
+            engine = self._engines.get(base)
+            if engine is None:
+                from tunery.infer.engine import engine_for
 
-            predictor = self._predictors[base] = Predictor(base, lazy=True)
-        return predictor
+                engine = self._engines[base] = engine_for(base)
+                self._own_engines.add(base)
+            return engine
 
     def _forget_finished(self) -> None:
         """Drop the oldest finished channels beyond KEEP_FINISHED (called with the lock held)."""

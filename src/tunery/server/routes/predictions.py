@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from tunery.server import sse
 from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, RunnerDep, StoreDep
-from tunery.server.errors import invalid, not_found
+from tunery.server.errors import ApiError, invalid, not_found
 from tunery.server.runner import PredictionRunner, sampling_params
 from tunery.server.schemas import PredictionCreate
 from tunery.store.models import TERMINAL, Model, Version
@@ -20,6 +20,7 @@ from tunery.store.store import Store
 
 router = APIRouter(tags=["predictions"])
 
+RETRY_AFTER = 1  # seconds, in a 429's Retry-After
 MAX_WAIT = 60  # seconds; also the official client's read timeout for `Prefer: wait`
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?", re.IGNORECASE)
 
@@ -151,18 +152,31 @@ def _start(
         raise invalid(
             f"input: {exc}", [{"field": "input", "reason": str(exc)}], title="Invalid input"
         ) from None
-    row = store.create_prediction(
-        owner,
-        model=f"{model.owner}/{model.name}",
-        version_id=version.id,
-        input=body.input,
-        stream=body.stream,
-        webhook=body.webhook,
-        webhook_events_filter=body.webhook_events_filter,
-        runner=runner.runner_id,
-        lease_seconds=runner.lease_seconds,
-    )
-    channel = runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=body.input)
+    if not runner.reserve():
+        raise ApiError(
+            429,
+            f"Request was throttled: this server already holds {runner.capacity} predictions (its "
+            "engine's batch and queue). Expected available in 1 second.",
+            title="Request was throttled",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+    try:
+        row = store.create_prediction(
+            owner,
+            model=f"{model.owner}/{model.name}",
+            version_id=version.id,
+            input=body.input,
+            stream=body.stream,
+            webhook=body.webhook,
+            webhook_events_filter=body.webhook_events_filter,
+            runner=runner.runner_id,
+            lease_seconds=runner.lease_seconds,
+        )
+    except BaseException:
+        runner.unreserve()
+        raise
+    channel = runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=body.input,
+                            reserved=True)
     wait = _wait_seconds(prefer)
     if wait:
         # Answer a little before the client's own read timeout (the wait + 0.5 s) runs out.

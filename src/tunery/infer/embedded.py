@@ -1,0 +1,522 @@
+"""The embedded engine: transformers in this process, with continuous batching.
+
+One scheduler thread owns the models. Requests wait in a bounded queue; between two decoding
+steps the scheduler admits waiting requests (up to `max_batch` running): each is prefilled on
+its own, its first token sampled, and its key/value cache joined to the running batch of its
+model. Every step then decodes one token for every running row in one forward pass; a row that
+stops (eos, a stop sequence, max_new_tokens, cancel) leaves the batch at once, and the others go
+on. This is the text-generation-inference scheme ("concatenate" and "filter" on left-padded
+caches) on transformers' DynamicCache: rows are left-padded to a common cache length, with an
+attention mask over the padding and each row's own position ids.
+
+Weights: the base's rows and those of any of its LoRA adapters share one batch — peft's mixed
+adapter batches (`adapter_names=` per row, "__base__" for the bare base). At most `max_adapters`
+adapters stay loaded, least recently used evicted first (never one a running row uses). A full
+fine-tune is a model of its own with its own batch; the most recent one stays loaded, and the
+scheduler alternates steps between the batches that have rows.
+
+Sampling is per row, with the row's own temperature, top_k, top_p (applied in that order, as
+transformers does) and a generator seeded with the request's seed, so a seed gives the same text
+alone or in a batch (up to floating-point differences between batch shapes, which move a
+sampled token only when a draw falls within rounding of a boundary). Stop sequences are matched
+on the decoded text, per row.
+
+Limits: a prompt is prefilled whole before it joins (a long prompt delays the running rows'
+next token by its prefill time); the cache is contiguous per batch (no paging), so a batch's
+memory follows its longest row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery.errors import TuneryError
+from tunery.infer.engine import EngineBusy, Generation, Request
+from tunery.infer.stops import StopCutter
+from tunery.infer.stream import PROMPT_CONTEXT, IncrementalDecoder
+from tunery.infer.weights import Weights
+
+logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class _Adapter:
+    name: str  # the peft adapter name
+    stamp: tuple  # the weight files' (name, size, mtime) when loaded: a change means retrained in place
+    tokenizer: Any  # the run's tokenizer, or None for the base's
+
+
+@dataclass
+class _Row:
+    gen: Generation
+    tokenizer: Any
+    adapter: str  # peft adapter name, or BASE_ADAPTER
+    eos: set[int]
+    generator: torch.Generator
+    decoder: IncrementalDecoder
+    cutter: StopCutter
+    length: int  # tokens in this row's cache, prompt included (the next token's position)
+    last: int = 0  # the last sampled token, fed at the next step
+    produced: int = 0
+
+
+@dataclass
+class _Batch:
+    """The running rows of one model, with their joined cache and attention mask."""
+
+    model: Any
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None  # DynamicCache, [rows, heads, length, dim] per layer, left-padded
+    mask: torch.Tensor | None = None  # [rows, length], 1 on real tokens
+
+
+class EmbeddedEngine:
+    """See the module docstring. `base` is a base model name, HF id or directory; with `model`
+    (and `tokenizer`) given, that loaded model is served as it is (adapters are not switched:
+    every request runs on it), e.g. an evaluation's base or base+adapter."""
+
+    def __init__(
+        self,
+        base: str,
+        *,
+        precision: str = "auto",
+        device: str | None = None,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_adapters: int = 8,
+        model: Any = None,
+        tokenizer: Any = None,
+    ):
+        from tunery.models.load import pick_device
+
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_adapters", max_adapters)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.base = base
+        self.precision = precision
+        self.device = device or (str(next(model.parameters()).device) if model is not None else pick_device())
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_adapters = max_adapters
+        self.resolved: Any = None
+        self.base_model: Any = model
+        self.base_tokenizer: Any = tokenizer
+        self._fixed = model is not None  # serve `model` as given, no adapter switching
+        self.base_loads = self.adapter_loads = self.full_loads = 0
+        self._peft: Any = None
+        self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # by adapter dir; oldest first
+        self._full: dict[str, tuple] = {}  # model dir -> (stamp, batch, tokenizer); at most one
+        self._base_batch: _Batch | None = None
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._turn = 0
+
+    # -- the Engine interface
+    def submit(self, request: Request, *, block: bool = False) -> Generation:
+        return self.submit_many([request], block=block)[0]
+
+    def submit_many(self, requests: list[Request], *, block: bool = False) -> list[Generation]:
+        """Queue several requests at once, in order (all before the scheduler sees any: a run of
+        them is batched the same way every time, e.g. an evaluation's)."""
+        if len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} requests at once do not fit a queue of {self.max_queue}")
+        gens = [Generation(r) for r in requests]
+        with self._cond:
+            if self._closed:
+                raise TuneryError("the engine is closed")
+            while len(self._waiting) + len(gens) > self.max_queue:
+                if not block:
+                    raise EngineBusy(
+                        f"{len(self._waiting)} predictions are already waiting for base {self.base!r} "
+                        f"(the queue holds {self.max_queue}); try again shortly"
+                    )
+                self._cond.wait()
+                if self._closed:
+                    raise TuneryError("the engine is closed")
+            self._waiting.extend(gens)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"tunery-engine-{self.base}", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return gens
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": self._running(), "waiting": len(self._waiting)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for gen in waiting:
+            gen.cancel()
+            gen.finish("cancelled")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Adapter directories currently loaded, least recently used first."""
+        return list(self._adapters)
+
+    # -- the scheduler
+    def _running(self) -> int:
+        batches = [self._base_batch] + [entry[1] for entry in self._full.values()]
+        return sum(len(b.rows) for b in batches if b is not None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and self._running() == 0:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = []
+                while self._waiting and self._running() + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+                if admitted:
+                    self._cond.notify_all()  # room in the queue for blocked submitters
+            for gen in admitted:
+                self._guard(gen, self._admit)
+            self._step()
+        for batch in [self._base_batch] + [entry[1] for entry in self._full.values()]:
+            for row in batch.rows if batch else []:
+                row.gen.cancel()
+                row.gen.finish("cancelled")
+        self._base_batch = None
+        self._full.clear()
+
+    def _guard(self, gen: Generation, action) -> None:
+        try:
+            action(gen)
+        except Exception as e:  # a bad adapter, a model that fails to load: this request fails, not the engine
+            logger.warning("prediction failed: %s", e)
+            gen.finish("error", e)
+
+    def _step(self) -> None:
+        batches = [b for b in [self._base_batch] + [entry[1] for entry in self._full.values()] if b and b.rows]
+        if not batches:
+            return
+        self._turn = (self._turn + 1) % len(batches)
+        batch = batches[self._turn]
+        try:
+            self._decode(batch)
+        except Exception as e:
+            logger.exception("decoding step failed")
+            for row in batch.rows:
+                row.gen.finish("error", e)
+            batch.rows, batch.cache, batch.mask = [], None, None
+
+    # -- admitting a request
+    def _admit(self, gen: Generation) -> None:
+        if gen.cancelled:
+            gen.finish("cancelled")
+            return
+        request = gen.request
+        batch, tokenizer, adapter = self._select(request.weights)
+        if isinstance(request.prompt, str):
+            ids = tokenizer(request.prompt, add_special_tokens=True).input_ids
+        else:
+            ids = list(request.prompt)
+        if not ids:
+            raise TuneryError("prompt is empty and the tokenizer adds no BOS token: nothing to continue")
+        gen.started(len(ids))
+        params = request.params
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed)
+        row = _Row(gen=gen, tokenizer=tokenizer, adapter=adapter, eos=eos_ids(batch.model, tokenizer),
+                   generator=generator, decoder=IncrementalDecoder(tokenizer, ids[-PROMPT_CONTEXT:]),
+                   cutter=StopCutter(params.stops), length=len(ids))
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=_config(batch.model))
+        input_ids = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            out = batch.model(input_ids=input_ids, cache=cache, use_cache=True,
+                              logits_to_keep=1, **self._adapter_kwargs(batch, [adapter]))
+        token = _sample(out.logits[0, -1], params, generator)
+        if self._advance(row, token):
+            return  # done after one token: never joins
+        self._join(batch, row, cache)
+
+    def _join(self, batch: _Batch, row: _Row, cache) -> None:
+        new_mask = torch.ones(1, row.length, dtype=torch.long, device=self.device)
+        if batch.cache is None or not batch.rows:
+            batch.rows, batch.cache, batch.mask = [row], cache, new_mask
+            return
+        length = max(batch.mask.shape[1], row.length)
+        old_layers, new_layers = _layers(batch.cache), _layers(cache)
+        for old, new in zip(old_layers, new_layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
+            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
+        batch.mask = torch.cat([_pad_left(batch.mask, length, dim=1), _pad_left(new_mask, length, dim=1)])
+        batch.rows.append(row)
+
+    # -- one decoding step for every row of a batch
+    def _decode(self, batch: _Batch) -> None:
+        rows = batch.rows
+        input_ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        assert batch.mask is not None
+        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=self.device)], dim=1)
+        with torch.inference_mode():
+            out = batch.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                              cache=batch.cache, use_cache=True,
+                              **self._adapter_kwargs(batch, [r.adapter for r in rows]))
+        batch.mask = mask
+        logits = out.logits[:, -1]
+        keep = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            if row.gen.cancelled:
+                row.gen.finish("cancelled")
+                continue
+            token = _sample(logits[i], row.gen.request.params, row.generator)
+            if not self._advance(row, token):
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._filter(batch, keep)
+
+    def _filter(self, batch: _Batch, keep: list[int]) -> None:
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            batch.cache, batch.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        assert batch.mask is not None
+        mask = batch.mask.index_select(0, index)
+        # Columns that are padding for every remaining row are dropped from the left.
+        real = mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        batch.mask = mask[:, start:]
+        for layer in _layers(batch.cache):
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record `token` for `row`; True when the row is finished (and its generation ended)."""
+        gen = row.gen
+        if gen.cancelled:
+            gen.finish("cancelled")
+            return True
+        row.last = token
+        row.produced += 1
+        if token in row.eos:
+            gen.emit(row.cutter.feed(row.decoder.finish()) + row.cutter.flush(), tokens=1)
+            gen.finish("eos")
+            return True
+        gen.emit(row.cutter.feed(row.decoder.feed([token])), tokens=1)
+        if row.cutter.stopped:
+            gen.finish("stop_sequence")
+            return True
+        if row.produced >= gen.request.params.max_new_tokens:
+            gen.emit(row.cutter.feed(row.decoder.finish()) + row.cutter.flush())
+            gen.finish("max_new_tokens")
+            return True
+        return False
+
+    # -- weights
+    def _adapter_kwargs(self, batch: _Batch, names: list[str]) -> dict:
+        if batch.model is self._peft and self._peft is not None:
+            return {"adapter_names": names}
+        return {}
+
+    def _select(self, weights: Weights | None) -> tuple[_Batch, Any, str]:
+        """(the batch a request joins, its tokenizer, its adapter name in that batch)."""
+        if weights is not None and self._fixed:
+            raise TuneryError("this engine serves one loaded model as it is: submit requests without weights")
+        if weights is not None and weights.kind == "full":
+            _, batch, tokenizer = self._full_model(weights)
+            return batch, tokenizer, BASE_ADAPTER
+        self._ensure_base()
+        if weights is None:
+            return self._base_batch, self.base_tokenizer, BASE_ADAPTER
+        entry = self._adapter(weights)
+        assert self._base_batch is not None
+        return self._base_batch, entry.tokenizer or self.base_tokenizer, entry.name
+
+    def _ensure_base(self) -> None:
+        if self._base_batch is not None:
+            return
+        if self.base_model is None:
+            from tunery.models.load import load_model, load_tokenizer
+            from tunery.models.precision import resolve_precision
+            from tunery.models.resolve import resolve_base
+
+            self.resolved = self.resolved or resolve_base(self.base)
+            self.base_tokenizer = load_tokenizer(self.resolved)
+            self.base_model = load_model(self.resolved, precision=self.precision, device=self.device).eval()
+            self.base_loads += 1
+            chosen = resolve_precision(self.precision, self.device)
+            logger.info("predictions on %s run in %s on %s (%s)", self.base, chosen.name, self.device, chosen.reason)
+        self._base_batch = _Batch(self.base_model)
+
+    def _adapter(self, weights: Weights) -> _Adapter:
+        """Load `weights`' adapter if needed (evicting the least recently used idle one)."""
+        key, stamp = str(weights.path), _stamp(weights.path)
+        entry = self._adapters.get(key)
+        if entry is None or entry.stamp != stamp:
+            self._check_base(weights)
+            stale = entry
+            entry = self._adapters[key] = self._load_adapter(weights, key, stamp)
+            if stale is not None and not self._in_use(stale.name):  # retrained in place
+                _delete_adapter(self._peft, stale.name)
+        self._adapters.move_to_end(key)
+        busy = {r.adapter for r in self._base_batch.rows} if self._base_batch else set()
+        for old_key in list(self._adapters):
+            if len(self._adapters) <= self.max_adapters:
+                break
+            old = self._adapters[old_key]
+            if old_key != key and old.name not in busy:
+                del self._adapters[old_key]
+                _delete_adapter(self._peft, old.name)
+        return entry
+
+    def _in_use(self, name: str) -> bool:
+        return bool(self._base_batch and any(r.adapter == name for r in self._base_batch.rows))
+
+    def _load_adapter(self, weights: Weights, key: str, stamp: tuple) -> _Adapter:
+        from peft import PeftModel
+
+        # peft adapter names become nn.ModuleDict keys, which may not contain "."; a hash of the
+        # path (and stamp, so a retrained copy can coexist briefly with the stale one) is safe.
+        name = "adapter_" + hashlib.sha256(f"{key}|{stamp}".encode()).hexdigest()[:16]
+        tokenizer = load_tokenizer_dir(weights.tokenizer, weights.source) if weights.tokenizer else None
+        assert self._base_batch is not None
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self.base_model, key, adapter_name=name, is_trainable=False, torch_device=str(self.device)
+                ).eval()
+                self._base_batch.model = self._peft
+            else:
+                self._peft.load_adapter(key, adapter_name=name, is_trainable=False, torch_device=str(self.device))
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            if self._peft is not None and name in self._peft.peft_config:
+                self._peft.delete_adapter(name)
+            raise TuneryError(
+                f"weights {weights.source!r}: cannot load the adapter in {key} onto base {self.base!r}: {e}"
+            ) from e
+        self.adapter_loads += 1
+        return _Adapter(name, stamp, tokenizer)
+
+    def _check_base(self, weights: Weights) -> None:
+        """Refuse an adapter whose manifest records a different base than the one served."""
+        served = self.resolved.sha256 if self.resolved else None
+        if weights.base_sha256 and served and weights.base_sha256 != served:
+            raise TuneryError(
+                f"weights {weights.source!r} were trained on base {weights.base!r} "
+                f"(sha256 {weights.base_sha256[:12]}), but this engine serves {self.base!r} (sha256 {served[:12]})"
+            )
+
+    def _full_model(self, weights: Weights) -> tuple:
+        from tunery.models.load import load_model
+        from tunery.models.resolve import resolve_base
+
+        key, stamp = str(weights.path), _stamp(weights.path)
+        cached = self._full.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached
+        if weights.tokenizer is None:
+            raise TuneryError(f"weights {weights.source!r}: no tokenizer saved with the model in {key}")
+        # Keep one full model: the previous one goes once its rows are done.
+        for old_key, (_, batch, _) in list(self._full.items()):
+            if not batch.rows:
+                del self._full[old_key]
+        tokenizer = load_tokenizer_dir(weights.tokenizer, weights.source)
+        model = load_model(resolve_base(key), precision=self.precision, device=self.device).eval()
+        self.full_loads += 1
+        self._full[key] = (stamp, _Batch(model), tokenizer)
+        return self._full[key]
+
+
+def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
+    """One token from one row's logits: greedy, or temperature → top-k → top-p → a draw from
+    `generator` (transformers' order of the same warpers)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scores = logits.float() / float(params.temperature)
+    if params.top_k and params.top_k < scores.shape[-1]:
+        values, indices = torch.topk(scores, params.top_k)  # sorted, largest first
+    else:
+        values, indices = torch.sort(scores, descending=True)
+    if params.top_p < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (at least one token), as transformers does.
+        cumulative = torch.cumsum(probs, dim=-1)
+        cut = int(torch.searchsorted(cumulative, torch.tensor(float(params.top_p)))) + 1
+        values, indices = values[:cut], indices[:cut]
+    probs = torch.softmax(values, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(indices[choice])
+
+
+def _layers(cache) -> list:
+    return list(cache.layers)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _config(model):
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end generation: the model's configured eos plus the tokenizer's. Training
+    appends the tokenizer's eos to each completion, and an instruct base's generation config may
+    name a different one (e.g. an end-of-turn token), so both must stop."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_tokenizer_dir(path: Path, source: str):
+    from transformers import AutoTokenizer
+
+    from tunery.models.resolve import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise TuneryError(f"weights {source!r}: cannot load the tokenizer in {path}: {e}") from e
+
+
+def _stamp(folder: Path) -> tuple:
+    """Name, size and mtime of the weight files in `folder`: cheap to read, and it changes when
+    the weights are rewritten in place."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def _delete_adapter(peft_model, name: str) -> None:
+    """Unload an adapter. Rows name their adapter per batch (mixed batches), so which one peft
+    calls "active" means nothing here: its notice about deleting the active one is dropped."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        peft_model.delete_adapter(name)
