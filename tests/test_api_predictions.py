@@ -273,3 +273,55 @@ def test_a_private_trained_version_runs_for_its_owner_only(server, alice, bob, t
     )
     assert_problem(bob.post("/v1/models/alice/private-m/predictions", json={"input": {"prompt": "a"}}), 404)
     assert_problem(bob.get(f"/v1/models/alice/private-m/versions/{'e' * 64}"), 404)
+
+
+def test_a_burst_beyond_capacity_is_answered_429_and_nothing_is_lost(tmp_path):
+    """100 predictions sent at once to a server that holds 12 (batch 4 + queue 8): each is answered,
+    created (and then run to the end) or refused with 429 and Retry-After in Replicate's error
+    shape; the server never holds more than its capacity; the API keeps answering meanwhile."""
+    import concurrent.futures
+
+    (tmp_path / "home").mkdir()
+    live = LiveServer(tmp_path / "home", max_batch=4, max_queue=8)
+    try:
+        live.store.ensure_base_models([("slow", "scripted, slow", "slow-base")])
+        live.runner.use_engine("slow-base", ScriptedEngine([f"w{i} " for i in range(10)], delay=0.05))
+        assert live.runner.capacity == 12
+        client = live.client("alice")
+        held = []
+
+        def send(i):
+            held.append(len(live.runner._jobs))
+            return client.post("/v1/predictions", json={"version": SLOW, "input": {"prompt": f"p{i}"}})
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(send, range(100)))
+        created = [r.json()["id"] for r in answers if r.status_code == 201]
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(created) + len(refused) == 100 and refused and 12 <= len(created) < 100
+        assert max(held) <= 12
+        body = refused[0].json()
+        assert body["status"] == 429 and body["title"] == "Request was throttled" and "detail" in body
+        assert refused[0].headers["Retry-After"] == "1"
+        assert live.count(Prediction) == len(created)  # a refused request leaves no row
+        for pid in created:
+            assert finished(client, pid)["status"] == "succeeded"
+        # Room again once they are done.
+        assert client.post("/v1/predictions", json={"version": SLOW, "input": {"prompt": "x"}}).status_code == 201
+    finally:
+        live.stop()
+
+
+def test_the_api_answers_while_a_real_model_generates_eight_predictions(server, alice):
+    tiny = base_version_id("tiny")
+    running = [predict(alice, version=tiny, wait=None, max_new_tokens=200, temperature=0) for _ in range(8)]
+    latencies = []
+    while any(alice.get(p["urls"]["get"]).json()["status"] not in ("succeeded", "failed", "canceled")
+              for p in running[:1]) and len(latencies) < 40:
+        start = time.perf_counter()
+        assert alice.get(running[-1]["urls"]["get"]).status_code == 200
+        assert alice.get("/v1/trainings").status_code == 200
+        latencies.append(time.perf_counter() - start)
+    for p in running:
+        assert finished(alice, p["id"])["status"] == "succeeded"
+    assert latencies and max(latencies) < 2.0, latencies

@@ -42,7 +42,7 @@ from tunery.errors import TuneryError
 from tunery.infer.engine import EngineBusy, Generation, Request
 from tunery.infer.stops import StopCutter
 from tunery.infer.stream import PROMPT_CONTEXT, IncrementalDecoder
-from tunery.infer.weights import Weights
+from tunery.infer.weights import Weights, weights_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class EmbeddedEngine:
                     self._cond.wait()
                 if self._closed:
                     break
-                admitted = []
+                admitted: list[Generation] = []
                 while self._waiting and self._running() + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
                 if admitted:
@@ -236,7 +236,7 @@ class EmbeddedEngine:
         gen.started(len(ids))
         params = request.params
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed)
+        generator.manual_seed(int(params.seed or 0))  # Request sets a seed when none was given
         row = _Row(gen=gen, tokenizer=tokenizer, adapter=adapter, eos=eos_ids(batch.model, tokenizer),
                    generator=generator, decoder=IncrementalDecoder(tokenizer, ids[-PROMPT_CONTEXT:]),
                    cutter=StopCutter(params.stops), length=len(ids))
@@ -254,7 +254,7 @@ class EmbeddedEngine:
 
     def _join(self, batch: _Batch, row: _Row, cache) -> None:
         new_mask = torch.ones(1, row.length, dtype=torch.long, device=self.device)
-        if batch.cache is None or not batch.rows:
+        if batch.cache is None or batch.mask is None or not batch.rows:
             batch.rows, batch.cache, batch.mask = [row], cache, new_mask
             return
         length = max(batch.mask.shape[1], row.length)
@@ -342,10 +342,10 @@ class EmbeddedEngine:
             _, batch, tokenizer = self._full_model(weights)
             return batch, tokenizer, BASE_ADAPTER
         self._ensure_base()
+        assert self._base_batch is not None
         if weights is None:
             return self._base_batch, self.base_tokenizer, BASE_ADAPTER
         entry = self._adapter(weights)
-        assert self._base_batch is not None
         return self._base_batch, entry.tokenizer or self.base_tokenizer, entry.name
 
     def _ensure_base(self) -> None:
@@ -366,7 +366,7 @@ class EmbeddedEngine:
 
     def _adapter(self, weights: Weights) -> _Adapter:
         """Load `weights`' adapter if needed (evicting the least recently used idle one)."""
-        key, stamp = str(weights.path), _stamp(weights.path)
+        key, stamp = str(weights.path), weights_stamp(weights.path)
         entry = self._adapters.get(key)
         if entry is None or entry.stamp != stamp:
             self._check_base(weights)
@@ -426,7 +426,7 @@ class EmbeddedEngine:
         from tunery.models.load import load_model
         from tunery.models.resolve import resolve_base
 
-        key, stamp = str(weights.path), _stamp(weights.path)
+        key, stamp = str(weights.path), weights_stamp(weights.path)
         cached = self._full.get(key)
         if cached is not None and cached[0] == stamp:
             return cached
@@ -505,11 +505,6 @@ def load_tokenizer_dir(path: Path, source: str):
         raise TuneryError(f"weights {source!r}: cannot load the tokenizer in {path}: {e}") from e
 
 
-def _stamp(folder: Path) -> tuple:
-    """Name, size and mtime of the weight files in `folder`: cheap to read, and it changes when
-    the weights are rewritten in place."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _delete_adapter(peft_model, name: str) -> None:

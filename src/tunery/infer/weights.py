@@ -193,3 +193,9 @@ def _read_json(path: Path, raw: str) -> dict:
         raise TuneryError(f"weights {raw!r}: {path} is not a JSON object")
     return data
 
+
+def weights_stamp(folder: Path) -> tuple:
+    """Name, size and mtime of the weight files in `folder`: cheap to read, and it changes when
+    the weights are rewritten in place (an engine then loads them again)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)

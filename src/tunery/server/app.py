@@ -53,7 +53,7 @@ def create_app(
         the_store.ensure_base_models(base_model_entries())
         # Predictions run in this process; those a server that died left unfinished (a previous
         # run of this one, or another on the same database) are taken over as their leases expire.
-        runner = PredictionRunner(the_store, lease_seconds=settings.lease_seconds)
+        runner = PredictionRunner(the_store, lease_seconds=settings.lease_seconds, settings=settings)
         runner.start()
         workers = _start_workers(the_store, settings, start_workers)
         app.state.store, app.state.runner = the_store, runner

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
 
 if TYPE_CHECKING:
@@ -117,10 +118,9 @@ class _Job:
 class PredictionRunner:
     """Runs predictions on the serving engines, many at once. `start()` it once, `stop()` on shutdown."""
 
-    def __init__(self, store: Store, *, lease_seconds: float = 30.0, capacity: int | None = None):
-        from tunery.settings import get_settings
-
-        settings = get_settings()
+    def __init__(self, store: Store, *, lease_seconds: float = 30.0, capacity: int | None = None,
+                 settings: Settings | None = None):
+        self.settings = settings = settings or get_settings()
         self.store = store
         self.lease_seconds = lease_seconds
         #: Predictions this runner holds at most (running or waiting); more are refused with 429.
@@ -328,7 +328,7 @@ class PredictionRunner:
             if engine is None:
                 from tunery.infer.engine import engine_for
 
-                engine = self._engines[base] = engine_for(base)
+                engine = self._engines[base] = engine_for(base, self.settings)
                 self._own_engines.add(base)
             return engine
 

