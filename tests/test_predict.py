@@ -346,3 +346,33 @@ def test_one_shot_predict_reuses_the_loaded_base(adapters, outputs, monkeypatch)
     cached = predict_module._LAST
     assert predict(PROMPT, weights=str(adapters["b"]), temperature=0, max_new_tokens=16) == outputs["b"]
     assert predict_module._LAST is cached and cached.base_loads == 1
+
+
+def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, adapters):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from tunery.infer.lora_batch import BatchedLora, Plan
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), str(adapters["a"]),
+                                      adapter_name="a").eval()
+    model.load_adapter(str(adapters["b"]), adapter_name="b")
+    ids = torch.randint(5, 500, (4, 9), generator=torch.Generator().manual_seed(0))
+    names = ["b", "__base__", "a", "b"]
+    with torch.no_grad():
+        expected = []
+        for row, name in zip(ids, names, strict=True):
+            if name == "__base__":
+                with model.disable_adapter():
+                    expected.append(model(input_ids=row[None]).logits[0])
+            else:
+                model.set_adapter(name)
+                expected.append(model(input_ids=row[None]).logits[0])
+        batched = BatchedLora(model, dtype=torch.float32)
+        assert batched.supports("a") and batched.supports("b")
+        batched.plan = Plan(("a", "b"), torch.tensor([1, -1, 0, 1]))
+        got = model(input_ids=ids).logits
+        batched.plan = None
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the adapters do change the output
+    for row in range(4):
+        assert torch.allclose(got[row], expected[row], atol=1e-5), (names[row], (got[row] - expected[row]).abs().max())

@@ -1,9 +1,9 @@
 """The embedded engine: transformers in this process, with continuous batching.
 
 One scheduler thread owns the models. Requests wait in a bounded queue; between two decoding
-steps the scheduler admits waiting requests (up to `max_batch` running): each is prefilled on
-its own, its first token sampled, and its key/value cache joined to the running batch of its
-model. Every step then decodes one token for every running row in one forward pass; a row that
+steps the scheduler admits waiting requests (up to `max_batch` running): those of one model are
+prefilled together (left-padded), their first tokens sampled, and their key/value caches joined
+to the running batch of their model. Every step then decodes one token for every running row in one forward pass; a row that
 stops (eos, a stop sequence, max_new_tokens, cancel) leaves the batch at once, and the others go
 on. This is the text-generation-inference scheme ("concatenate" and "filter" on left-padded
 caches) on transformers' DynamicCache: rows are left-padded to a common cache length, with an
@@ -21,13 +21,14 @@ alone or in a batch (up to floating-point differences between batch shapes, whic
 sampled token only when a draw falls within rounding of a boundary). Stop sequences are matched
 on the decoded text, per row.
 
-Limits: a prompt is prefilled whole before it joins (a long prompt delays the running rows'
+Limits: prompts are prefilled whole before they join (a long prompt delays the running rows'
 next token by its prefill time); the cache is contiguous per batch (no paging), so a batch's
 memory follows its longest row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -40,6 +41,7 @@ import torch
 
 from tunery.errors import TuneryError
 from tunery.infer.engine import EngineBusy, Generation, Request
+from tunery.infer.lora_batch import BatchedLora, Plan
 from tunery.infer.stops import StopCutter
 from tunery.infer.stream import PROMPT_CONTEXT, IncrementalDecoder
 from tunery.infer.weights import Weights, weights_stamp
@@ -114,6 +116,7 @@ class EmbeddedEngine:
         self._fixed = model is not None  # serve `model` as given, no adapter switching
         self.base_loads = self.adapter_loads = self.full_loads = 0
         self._peft: Any = None
+        self._lora: Any = None  # lora_batch.BatchedLora over _peft
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # by adapter dir; oldest first
         self._full: dict[str, tuple] = {}  # model dir -> (stamp, batch, tokenizer); at most one
         self._base_batch: _Batch | None = None
@@ -189,8 +192,8 @@ class EmbeddedEngine:
                     admitted.append(self._waiting.popleft())
                 if admitted:
                     self._cond.notify_all()  # room in the queue for blocked submitters
-            for gen in admitted:
-                self._guard(gen, self._admit)
+            if admitted:
+                self._admit_all(admitted)
             self._step()
         for batch in [self._base_batch] + [entry[1] for entry in self._full.values()]:
             for row in batch.rows if batch else []:
@@ -198,13 +201,6 @@ class EmbeddedEngine:
                 row.gen.finish("cancelled")
         self._base_batch = None
         self._full.clear()
-
-    def _guard(self, gen: Generation, action) -> None:
-        try:
-            action(gen)
-        except Exception as e:  # a bad adapter, a model that fails to load: this request fails, not the engine
-            logger.warning("prediction failed: %s", e)
-            gen.finish("error", e)
 
     def _step(self) -> None:
         batches = [b for b in [self._base_batch] + [entry[1] for entry in self._full.values()] if b and b.rows]
@@ -221,10 +217,29 @@ class EmbeddedEngine:
             batch.rows, batch.cache, batch.mask = [], None, None
 
     # -- admitting a request
-    def _admit(self, gen: Generation) -> None:
-        if gen.cancelled:
-            gen.finish("cancelled")
-            return
+    def _admit_all(self, gens: list[Generation]) -> None:
+        """Prepare each admitted request (weights, tokens), then prefill those of one model together."""
+        groups: dict[int, tuple[_Batch, list[tuple[_Row, list[int]]]]] = {}
+        for gen in gens:
+            if gen.cancelled:
+                gen.finish("cancelled")
+                continue
+            try:
+                batch, row, ids = self._prepare(gen)
+            except Exception as e:  # a bad adapter, a model that fails to load: this request fails
+                logger.warning("prediction failed: %s", e)
+                gen.finish("error", e)
+                continue
+            groups.setdefault(id(batch), (batch, []))[1].append((row, ids))
+        for batch, rows in groups.values():
+            try:
+                self._prefill(batch, rows)
+            except Exception as e:
+                logger.exception("prefill failed")
+                for row, _ in rows:
+                    row.gen.finish("error", e)
+
+    def _prepare(self, gen: Generation) -> tuple[_Batch, _Row, list[int]]:
         request = gen.request
         batch, tokenizer, adapter = self._select(request.weights)
         if isinstance(request.prompt, str):
@@ -234,36 +249,54 @@ class EmbeddedEngine:
         if not ids:
             raise TuneryError("prompt is empty and the tokenizer adds no BOS token: nothing to continue")
         gen.started(len(ids))
-        params = request.params
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(int(params.seed or 0))  # Request sets a seed when none was given
+        generator.manual_seed(int(request.params.seed or 0))  # Request sets a seed when none was given
         row = _Row(gen=gen, tokenizer=tokenizer, adapter=adapter, eos=eos_ids(batch.model, tokenizer),
                    generator=generator, decoder=IncrementalDecoder(tokenizer, ids[-PROMPT_CONTEXT:]),
-                   cutter=StopCutter(params.stops), length=len(ids))
+                   cutter=StopCutter(request.params.stops), length=len(ids))
+        return batch, row, ids
+
+    def _prefill(self, batch: _Batch, rows: list[tuple[_Row, list[int]]]) -> None:
+        """One forward over the prompts of `rows`, left-padded to the longest; each row's first
+        token is sampled, and the rows that go on join `batch`."""
         from transformers import DynamicCache
 
+        width = max(len(ids) for _, ids in rows)
+        input_ids = torch.tensor([[0] * (width - len(ids)) + ids for _, ids in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows], device=self.device)
         cache = DynamicCache(config=_config(batch.model))
-        input_ids = torch.tensor([ids], device=self.device)
-        with torch.inference_mode():
-            out = batch.model(input_ids=input_ids, cache=cache, use_cache=True,
-                              logits_to_keep=1, **self._adapter_kwargs(batch, [adapter]))
-        token = _sample(out.logits[0, -1], params, generator)
-        if self._advance(row, token):
-            return  # done after one token: never joins
-        self._join(batch, row, cache)
-
-    def _join(self, batch: _Batch, row: _Row, cache) -> None:
-        new_mask = torch.ones(1, row.length, dtype=torch.long, device=self.device)
-        if batch.cache is None or batch.mask is None or not batch.rows:
-            batch.rows, batch.cache, batch.mask = [row], cache, new_mask
+        kwargs: dict[str, Any] = {}
+        if not bool(mask.all()):
+            kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        with torch.inference_mode(), self._adapters_for(batch, [row.adapter for row, _ in rows]) as extra:
+            out = batch.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1,
+                              **kwargs, **extra)
+        keep = []
+        for i, (row, _) in enumerate(rows):
+            token = _sample(out.logits[i, -1], row.gen.request.params, row.generator)
+            if not self._advance(row, token):  # done after one token: never joins
+                keep.append(i)
+        if not keep:
             return
-        length = max(batch.mask.shape[1], row.length)
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            for layer in _layers(cache):
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            mask = mask.index_select(0, index)
+        self._join(batch, [rows[i][0] for i in keep], cache, mask)
+
+    def _join(self, batch: _Batch, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Add `rows` (their cache and left-padded mask) to `batch`, padding on the left to one length."""
+        if batch.cache is None or batch.mask is None or not batch.rows:
+            batch.rows, batch.cache, batch.mask = list(rows), cache, mask
+            return
+        length = max(batch.mask.shape[1], mask.shape[1])
         old_layers, new_layers = _layers(batch.cache), _layers(cache)
         for old, new in zip(old_layers, new_layers, strict=True):
             old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
             old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
-        batch.mask = torch.cat([_pad_left(batch.mask, length, dim=1), _pad_left(new_mask, length, dim=1)])
-        batch.rows.append(row)
+        batch.mask = torch.cat([_pad_left(batch.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+        batch.rows.extend(rows)
 
     # -- one decoding step for every row of a batch
     def _decode(self, batch: _Batch) -> None:
@@ -272,10 +305,11 @@ class EmbeddedEngine:
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         assert batch.mask is not None
         mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=self.device)], dim=1)
-        with torch.inference_mode():
-            out = batch.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                              cache=batch.cache, use_cache=True,
-                              **self._adapter_kwargs(batch, [r.adapter for r in rows]))
+        # Without padding in the cache (one row, or rows of one length), the causal mask is implied.
+        padded = bool((batch.mask == 0).any())
+        with torch.inference_mode(), self._adapters_for(batch, [r.adapter for r in rows]) as kwargs:
+            out = batch.model(input_ids=input_ids, attention_mask=mask if padded else None, position_ids=positions,
+                              cache=batch.cache, use_cache=True, **kwargs)
         batch.mask = mask
         logits = out.logits[:, -1]
         keep = []
@@ -329,10 +363,24 @@ class EmbeddedEngine:
         return False
 
     # -- weights
-    def _adapter_kwargs(self, batch: _Batch, names: list[str]) -> dict:
-        if batch.model is self._peft and self._peft is not None:
-            return {"adapter_names": names}
-        return {}
+    @contextlib.contextmanager
+    def _adapters_for(self, batch: _Batch, names: list[str]):
+        """Route each row through its adapter for one forward: yields the forward's extra kwargs.
+        Batched LoRA (lora_batch.py) where every adapter of the batch allows it, else peft's
+        mixed-batch forward (`adapter_names`)."""
+        if self._peft is None or batch.model is not self._peft:
+            yield {}
+            return
+        used = tuple(sorted({n for n in names if n != BASE_ADAPTER}))
+        if not all(self._lora.supports(n) for n in used):
+            yield {"adapter_names": names}
+            return
+        rows = torch.tensor([used.index(n) if n != BASE_ADAPTER else -1 for n in names], device=self.device)
+        self._lora.plan = Plan(used, rows)
+        try:
+            yield {}
+        finally:
+            self._lora.plan = None
 
     def _select(self, weights: Weights | None) -> tuple[_Batch, Any, str]:
         """(the batch a request joins, its tokenizer, its adapter name in that batch)."""
@@ -373,7 +421,7 @@ class EmbeddedEngine:
             stale = entry
             entry = self._adapters[key] = self._load_adapter(weights, key, stamp)
             if stale is not None and not self._in_use(stale.name):  # retrained in place
-                _delete_adapter(self._peft, stale.name)
+                _delete_adapter(self, stale.name)
         self._adapters.move_to_end(key)
         busy = {r.adapter for r in self._base_batch.rows} if self._base_batch else set()
         for old_key in list(self._adapters):
@@ -382,7 +430,7 @@ class EmbeddedEngine:
             old = self._adapters[old_key]
             if old_key != key and old.name not in busy:
                 del self._adapters[old_key]
-                _delete_adapter(self._peft, old.name)
+                _delete_adapter(self, old.name)
         return entry
 
     def _in_use(self, name: str) -> bool:
@@ -402,6 +450,7 @@ class EmbeddedEngine:
                     self.base_model, key, adapter_name=name, is_trainable=False, torch_device=str(self.device)
                 ).eval()
                 self._base_batch.model = self._peft
+                self._lora = BatchedLora(self._peft, dtype=self.base_model.dtype)
             else:
                 self._peft.load_adapter(key, adapter_name=name, is_trainable=False, torch_device=str(self.device))
         except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -507,11 +556,12 @@ def load_tokenizer_dir(path: Path, source: str):
 
 
 
-def _delete_adapter(peft_model, name: str) -> None:
+def _delete_adapter(engine: EmbeddedEngine, name: str) -> None:
     """Unload an adapter. Rows name their adapter per batch (mixed batches), so which one peft
     calls "active" means nothing here: its notice about deleting the active one is dropped."""
     import warnings
 
+    engine._lora.forget(name)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-        peft_model.delete_adapter(name)
+        engine._peft.delete_adapter(name)
