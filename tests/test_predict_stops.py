@@ -117,15 +117,12 @@ def test_sampling_defaults_follow_replicate():
     p = SamplingParams()
     assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (128, 0.75, 0.9, 50, None)
     assert not p.greedy
-    assert p.generate_kwargs()["do_sample"] is True
 
 
 @pytest.mark.parametrize("temperature", [0, 0.0, 1e-6, 1e-5])
 def test_tiny_temperature_means_greedy(temperature):
     p = SamplingParams(temperature=temperature)
     assert p.greedy
-    kwargs = p.generate_kwargs()
-    assert kwargs["do_sample"] is False and kwargs["temperature"] is None
 
 
 @pytest.mark.parametrize(

@@ -176,9 +176,13 @@ class EmbeddedEngine:
         return list(self._adapters)
 
     # -- the scheduler
+    def _batches(self) -> list[_Batch]:
+        """The base's batch (once loaded) and each full fine-tune's."""
+        found = [self._base_batch] if self._base_batch is not None else []
+        return found + [batch for _, batch, _ in self._full.values()]
+
     def _running(self) -> int:
-        batches = [self._base_batch] + [entry[1] for entry in self._full.values()]
-        return sum(len(b.rows) for b in batches if b is not None)
+        return sum(len(b.rows) for b in self._batches())
 
     def _loop(self) -> None:
         while True:
@@ -195,15 +199,15 @@ class EmbeddedEngine:
             if admitted:
                 self._admit_all(admitted)
             self._step()
-        for batch in [self._base_batch] + [entry[1] for entry in self._full.values()]:
-            for row in batch.rows if batch else []:
+        for batch in self._batches():
+            for row in batch.rows:
                 row.gen.cancel()
                 row.gen.finish("cancelled")
         self._base_batch = None
         self._full.clear()
 
     def _step(self) -> None:
-        batches = [b for b in [self._base_batch] + [entry[1] for entry in self._full.values()] if b and b.rows]
+        batches = [b for b in self._batches() if b.rows]
         if not batches:
             return
         self._turn = (self._turn + 1) % len(batches)
@@ -279,10 +283,7 @@ class EmbeddedEngine:
         if not keep:
             return
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=self.device)
-            for layer in _layers(cache):
-                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-            mask = mask.index_select(0, index)
+            mask = _keep_rows(cache, mask, torch.tensor(keep, device=self.device))
         self._join(batch, [rows[i][0] for i in keep], cache, mask)
 
     def _join(self, batch: _Batch, rows: list[_Row], cache, mask: torch.Tensor) -> None:
@@ -291,8 +292,7 @@ class EmbeddedEngine:
             batch.rows, batch.cache, batch.mask = list(rows), cache, mask
             return
         length = max(batch.mask.shape[1], mask.shape[1])
-        old_layers, new_layers = _layers(batch.cache), _layers(cache)
-        for old, new in zip(old_layers, new_layers, strict=True):
+        for old, new in zip(batch.cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
             old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
         batch.mask = torch.cat([_pad_left(batch.mask, length, dim=1), _pad_left(mask, length, dim=1)])
@@ -329,16 +329,8 @@ class EmbeddedEngine:
         if not keep:
             batch.cache, batch.mask = None, None
             return
-        index = torch.tensor(keep, device=self.device)
         assert batch.mask is not None
-        mask = batch.mask.index_select(0, index)
-        # Columns that are padding for every remaining row are dropped from the left.
-        real = mask.any(dim=0).nonzero()
-        start = int(real[0]) if len(real) else 0
-        batch.mask = mask[:, start:]
-        for layer in _layers(batch.cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        batch.mask = _keep_rows(batch.cache, batch.mask, torch.tensor(keep, device=self.device))
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Record `token` for `row`; True when the row is finished (and its generation ended)."""
@@ -421,20 +413,29 @@ class EmbeddedEngine:
             stale = entry
             entry = self._adapters[key] = self._load_adapter(weights, key, stamp)
             if stale is not None and not self._in_use(stale.name):  # retrained in place
-                _delete_adapter(self, stale.name)
+                self._unload(stale.name)
         self._adapters.move_to_end(key)
-        busy = {r.adapter for r in self._base_batch.rows} if self._base_batch else set()
         for old_key in list(self._adapters):
             if len(self._adapters) <= self.max_adapters:
                 break
             old = self._adapters[old_key]
-            if old_key != key and old.name not in busy:
+            if old_key != key and not self._in_use(old.name):
                 del self._adapters[old_key]
-                _delete_adapter(self, old.name)
+                self._unload(old.name)
         return entry
 
     def _in_use(self, name: str) -> bool:
         return bool(self._base_batch and any(r.adapter == name for r in self._base_batch.rows))
+
+    def _unload(self, name: str) -> None:
+        """Unload an adapter. Rows name their adapter per batch, so which one peft calls "active"
+        means nothing here: its notice about deleting the active one is dropped."""
+        import warnings
+
+        self._lora.forget(name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            self._peft.delete_adapter(name)
 
     def _load_adapter(self, weights: Weights, key: str, stamp: tuple) -> _Adapter:
         from peft import PeftModel
@@ -513,8 +514,16 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     return int(indices[choice])
 
 
-def _layers(cache) -> list:
-    return list(cache.layers)
+def _keep_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keep the rows `index` of a left-padded cache (in place) and of its mask (returned); columns
+    that are padding for every kept row are dropped from the left."""
+    mask = mask.index_select(0, index)
+    real = mask.any(dim=0).nonzero()
+    start = int(real[0]) if len(real) else 0
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+        layer.values = layer.values.index_select(0, index)[:, :, start:]
+    return mask[:, start:]
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
@@ -552,16 +561,3 @@ def load_tokenizer_dir(path: Path, source: str):
             return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise TuneryError(f"weights {source!r}: cannot load the tokenizer in {path}: {e}") from e
-
-
-
-
-def _delete_adapter(engine: EmbeddedEngine, name: str) -> None:
-    """Unload an adapter. Rows name their adapter per batch (mixed batches), so which one peft
-    calls "active" means nothing here: its notice about deleting the active one is dropped."""
-    import warnings
-
-    engine._lora.forget(name)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-        engine._peft.delete_adapter(name)

@@ -87,16 +87,6 @@ class SamplingParams:
     def stops(self) -> list[str]:
         return parse_stop_sequences(self.stop_sequences)
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Arguments for transformers' `generate` (used where a whole batch shares one setting,
-        e.g. a loss-only evaluation). Unused knobs are set to None explicitly so values in a
-        model's generation_config.json (e.g. temperature 0.6) neither apply nor warn."""
-        if self.greedy:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False,
-                    "temperature": None, "top_p": None, "top_k": None}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": float(self.temperature),
-                "top_p": float(self.top_p), "top_k": self.top_k}
-
 
 @dataclass
 class Request:

@@ -113,6 +113,7 @@ class _Job:
     input: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
+    thread: threading.Thread | None = None
 
 
 class PredictionRunner:
@@ -131,7 +132,6 @@ class PredictionRunner:
         self._started = False
         self._lease_thread: threading.Thread | None = None
         self._jobs: dict[str, _Job] = {}
-        self._threads: dict[str, threading.Thread] = {}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self._engines: dict[str, Engine] = {}
         self._own_engines: set[str] = set()  # made here (closed on stop), not given by use_engine
@@ -175,12 +175,13 @@ class PredictionRunner:
             self._lease_thread.join(timeout)
             self._lease_thread = None
         with self._lock:
-            jobs, threads = list(self._jobs.values()), list(self._threads.values())
+            jobs = list(self._jobs.values())
         for job in jobs:
             self._cancel(job)
         deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for job in jobs:
+            if job.thread is not None:
+                job.thread.join(max(0.0, deadline - time.monotonic()))
         for base in list(self._own_engines):
             self._engines.pop(base).close()
         self._own_engines.clear()
@@ -213,15 +214,14 @@ class PredictionRunner:
         its channel. The API reserves room first; a prediction taken over from a server that died
         runs even beyond capacity (its engine queues it)."""
         job = _Job(prediction_id, base, weights, dict(inputs))
-        thread = threading.Thread(target=self._thread_main, args=(job,), name=f"tunery-prediction-{prediction_id}",
-                                  daemon=True)
+        job.thread = threading.Thread(target=self._thread_main, args=(job,),
+                                      name=f"tunery-prediction-{prediction_id}", daemon=True)
         with self._lock:
             if reserved:
                 self._reserved = max(0, self._reserved - 1)
             self._jobs[prediction_id] = job
-            self._threads[prediction_id] = thread
             channel = self._channels[prediction_id] = Channel()
-        thread.start()
+        job.thread.start()
         return channel
 
     def use_engine(self, base: str, engine: Any) -> None:
@@ -256,7 +256,6 @@ class PredictionRunner:
         finally:
             with self._lock:
                 self._jobs.pop(job.id, None)
-                self._threads.pop(job.id, None)
                 self._forget_finished()
 
     def _run(self, job: _Job) -> None:
