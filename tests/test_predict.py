@@ -348,7 +348,8 @@ def test_one_shot_predict_reuses_the_loaded_base(adapters, outputs, monkeypatch)
     assert predict_module._LAST is cached and cached.base_loads == 1
 
 
-def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, adapters):
+@pytest.mark.parametrize("length", [9, 24])  # 36 tokens: a step's fp32 products; 96: a prefill's, in the base dtype
+def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, adapters, length):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -357,7 +358,7 @@ def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, a
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), str(adapters["a"]),
                                       adapter_name="a").eval()
     model.load_adapter(str(adapters["b"]), adapter_name="b")
-    ids = torch.randint(5, 500, (4, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 500, (4, length), generator=torch.Generator().manual_seed(0))
     names = ["b", "__base__", "a", "b"]
     with torch.no_grad():
         expected = []
@@ -368,7 +369,7 @@ def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, a
             else:
                 model.set_adapter(name)
                 expected.append(model(input_ids=row[None]).logits[0])
-        batched = BatchedLora(model, dtype=torch.float32)
+        batched = BatchedLora(model)
         assert batched.supports("a") and batched.supports("b")
         batched.plan = Plan(("a", "b"), torch.tensor([1, -1, 0, 1]))
         got = model(input_ids=ids).logits
