@@ -10,6 +10,7 @@ import pytest
 
 from test_api_models import assert_problem
 from test_api_support import LiveServer, StaticFiles
+from tunery.artifacts import Job
 from tunery.store.models import Version
 from tunery.store.store import base_version_id
 
@@ -265,16 +266,18 @@ def test_create_from_an_uploaded_file(server, alice, good_file):
         assert training["output"] is None and training["error"] is None
         assert training["urls"]["get"] == f"{server.url}/v1/trainings/{training['id']}"
         assert training["urls"]["cancel"].endswith("/cancel")
-        job = server.store.load_training(training["id"]).job
-        assert job["base"] == "smollm2-135m"
-        assert job["train_data"] == server.store.get_file("alice", good_file["id"]).path
-        assert job["max_steps"] == 2 and job["num_train_epochs"] == 3  # validated, with defaults filled in
+        job = Job.model_validate(server.store.load_training(training["id"]).job)
+        assert job.base == "smollm2-135m"
+        assert job.data == {"train_data": server.store.get_file("alice", good_file["id"]).path}
+        assert job.inputs == {"train_data": url, **GOOD}  # the inputs as given: no defaults filled in
+        inputs = job.training_inputs()  # what the worker trains with
+        assert inputs.train_data == job.data["train_data"] and inputs.max_steps == 2 and inputs.num_train_epochs == 3
 
 
 def test_create_from_a_url_and_a_local_path(server, alice, web, tmp_path, qa_rows_module):
     url = web.url + "/good.jsonl"
     first, second = (
-        server.store.load_training(create(alice, {"train_data": url, **GOOD}).json()["id"]).job
+        server.store.load_training(create(alice, {"train_data": url, **GOOD}).json()["id"]).job["data"]
         for _ in range(2)
     )
     assert first["train_data"].startswith(str(server.settings.download_dir))
@@ -285,7 +288,7 @@ def test_create_from_a_url_and_a_local_path(server, alice, web, tmp_path, qa_row
     path = tmp_path / "local.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in qa_rows_module))
     training = create(alice, {"train_data": str(path), **GOOD}).json()
-    assert server.store.load_training(training["id"]).job["train_data"] == str(path)
+    assert server.store.load_training(training["id"]).job["data"]["train_data"] == str(path)
 
 
 def test_list_get_cancel_and_tenancy(server, alice, bob, good_file):

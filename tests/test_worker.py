@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import write_jsonl
+from tunery.artifacts import Job
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.store.testing import fresh_database, pg_url
@@ -50,9 +51,11 @@ def data_file(tmp_path, qa_rows):
 def queue(store: Store, data_file, tiny_model_dir, **inputs):
     job = {"train_data": str(data_file), "max_steps": 4, "num_validation_samples": 4, "save_steps": 1,
            "logging_steps": 1, **inputs}
+    given = {**job, "train_data": "file"}
     return store.create_training("alice", model="tunery/tiny", version_id=base_version_id("tiny"),
-                                 destination="alice/dest", input={**job, "train_data": "file"},
-                                 job={**job, "base": str(tiny_model_dir)})
+                                 destination="alice/dest", input=given,
+                                 job=Job(inputs=given, data={"train_data": str(data_file)},
+                                         base=str(tiny_model_dir)).model_dump())
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -13,10 +13,11 @@ import time
 
 from conftest import write_jsonl
 from test_worker import wait_for
+from tunery.artifacts import Job, Run
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.train.events import read_events
-from tunery.worker.runner import Worker, drop_torn_checkpoints
+from tunery.worker.runner import Worker
 
 
 def _complete_checkpoint(checkpoints):
@@ -44,7 +45,7 @@ def test_a_killed_worker_process_loses_nothing(tmp_path, qa_rows, tiny_model_dir
            "run_validation": False, "logging_steps": 1}
     training = store.create_training("alice", model="tunery/tiny", version_id=base_version_id("tiny"),
                                      destination="alice/dest", input=job,
-                                     job={**job, "base": str(tiny_model_dir)})
+                                     job=Job(inputs=job, base=str(tiny_model_dir)).model_dump())
 
     env = {**os.environ, "TUNERY_HOME": str(home), "TUNERY_LEASE_SECONDS": "3",
            "TUNERY_PUBLIC_URL": "http://tunery.test"}
@@ -95,7 +96,7 @@ def test_torn_checkpoints_are_dropped(tmp_path):
         (folder / "adapter_model.safetensors").write_bytes(b"x")
     (good / "trainer_state.json").write_text("{}")
     (cut / "trainer_state.json").write_text('{"global_step": 3')  # killed while writing it
-    assert sorted(drop_torn_checkpoints(tmp_path)) == [torn, cut]
+    assert Run(tmp_path).drop_torn_checkpoints() == [torn.name, cut.name]
     assert good.is_dir() and not torn.exists() and not cut.exists()
 
 

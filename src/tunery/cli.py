@@ -118,10 +118,10 @@ def _train_command(
         f"val_loss={_fmt(m['val_loss'])} {m['tokens_per_second']:.1f} tok/s "
         f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
     )
-    if (result.run_dir / "eval.json").is_file():
+    if result.report is not None:
         from tunery.eval.report import render
 
-        render(json.loads((result.run_dir / "eval.json").read_text()), err)
+        render(result.report, err)
 
 
 def _fmt(x: float | None) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunery.artifacts.run import LOSS_PLOT
 from tunery.settings import get_settings
 
 # Chosen by measurement on a 2-core CPU (README, "The main job"): two epochs reach the plateau
@@ -49,12 +50,13 @@ def run_demo(*, output_dir: Path | None = None, max_steps: int = -1, console: Co
         "validation_prompt": json.loads(test_file.read_text().splitlines()[0])["prompt"],
     }
     result = train(inputs, base="smollm2-135m", output_dir=run_dir, test_data=test_file)
-    report = json.loads((result.run_dir / "eval.json").read_text())
+    report = result.report
+    assert report is not None  # test_data was given
     render(report, console)
     m = result.manifest["metrics"]
     console.print(
         f"done in {time.time() - started:.0f}s (training {m['train_runtime_s']:.0f}s at "
         f"{m['tokens_per_second']:.0f} tokens/s); run directory {result.run_dir}; "
-        f"loss curves {result.run_dir / 'loss.png'}"
+        f"loss curves {result.run_dir / LOSS_PLOT}"
     )
     return {"run_dir": str(result.run_dir), "eval": report["metrics"]}

@@ -60,6 +60,43 @@ class Settings(BaseSettings):
         "--enable-lora'."
     )
 
+    storage_url: str | None = Field(
+        None, description="Where runs (checkpoints, weights, archives, exports), uploaded files and fetched "
+        "training data live (TUNERY_STORAGE_URL): a local folder, or an fsspec URL such as s3://bucket/prefix "
+        "(needs s3fs). Default: HOME/artifacts. Workers on other machines need only this and the database URL."
+    )
+    storage_options: dict = Field(
+        default_factory=dict, description="fsspec options for the storage, as JSON (TUNERY_STORAGE_OPTIONS), "
+        'e.g. {"endpoint_url": "http://127.0.0.1:9000"} for an S3-compatible server; credentials come from '
+        "the usual AWS_* variables."
+    )
+    checkpoint_minutes: float = Field(
+        10.0, ge=0, description="Service trainings also save a checkpoint when this many minutes passed since "
+        "the last one (0: only at the steps or epochs the inputs ask for)."
+    )
+
+    @property
+    def storage(self) -> str:
+        """The storage root as a URL or local path, without a trailing slash."""
+        return (self.storage_url or str(self.artifacts_dir)).rstrip("/")
+
+    def run(self, url: str | Path):
+        """The run at `url` (artifacts.Run), cached under HOME/cache/runs when in object storage."""
+        from tunery.artifacts.run import Run
+
+        return Run(url, cache=self.home / "cache" / "runs", options=self.storage_options)
+
+    @property
+    def objects(self):
+        """Uploaded files and fetched data in the storage (artifacts.Storage)."""
+        from tunery.artifacts.run import Storage
+
+        return Storage(self.storage, self.storage_options)
+
+    def training_run(self, training_id: str):
+        """The run folder of a service training, in the storage."""
+        return self.run(f"{self.storage}/trainings/{training_id}")
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'tunery.db'}"

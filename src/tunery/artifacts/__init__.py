@@ -1,11 +1,6 @@
-"""A run's self-describing outputs: manifest.json and the weights archive."""
+"""A run's folder (`Run`, addressed by URL: every name inside it), its job, and its manifest."""
 
-from tunery.artifacts.manifest import (
-    ARCHIVE_NAME,
-    build_manifest,
-    read_manifest,
-    write_archive,
-    write_manifest,
-)
+from tunery.artifacts.manifest import build_manifest
+from tunery.artifacts.run import ARCHIVE, Job, Run, Storage, check_storage
 
-__all__ = ["ARCHIVE_NAME", "build_manifest", "read_manifest", "write_archive", "write_manifest"]
+__all__ = ["ARCHIVE", "Job", "Run", "Storage", "build_manifest", "check_storage"]

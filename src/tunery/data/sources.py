@@ -21,7 +21,8 @@ READ_TIMEOUT = 120.0
 _CHUNK = 1024 * 1024
 
 
-def fetch(source: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3, allow_local: bool = True) -> Path:
+def fetch(source: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3, allow_local: bool = True,
+          storage: bool = False, storage_options: dict | None = None) -> Path:
     """Return a local file holding the data of ``source``.
 
     * A local path or ``file://`` URL is returned as it is (nothing is copied), if it names
@@ -32,6 +33,11 @@ def fetch(source: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3, allow_lo
       A download larger than ``max_bytes`` is refused, by its Content-Length if the server
       sends one and otherwise as soon as it grows past the cap.
 
+    * A storage URL (``s3://…`` or another fsspec back end, with ``storage_options``) is copied
+      once into ``dest_dir``, only with ``storage=True``: the training and the CLI read their own
+      storage; a URL a user sends the server never reaches it (it would read with the server's
+      credentials).
+
     Raises TuneryError, with a one-line message naming the source and the reason, for a
     missing file, a directory, local paths when not allowed, an HTTP error status, a network
     error, a too large download, or any other URL scheme.
@@ -39,6 +45,10 @@ def fetch(source: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3, allow_lo
     scheme = urlsplit(source).scheme.lower() if "://" in source else ""
     if scheme in ("http", "https"):
         return _download(source, Path(dest_dir), max_bytes)
+    if scheme not in ("", "file") and storage and _fsspec_knows(scheme):
+        from tunery.artifacts.run import Storage
+
+        return Storage(source, storage_options).get(source, Path(dest_dir))
     if scheme not in ("", "file"):
         raise TuneryError(
             f"{_shown(source)}: unsupported URL scheme {scheme!r} (use http(s)://, file:// or a path)"
@@ -51,6 +61,12 @@ def fetch(source: str, dest_dir: Path, *, max_bytes: int = 2 * 1024**3, allow_lo
     if path.is_dir():
         raise TuneryError(f"{source}: is a directory, not a JSONL file")
     return path
+
+
+def _fsspec_knows(scheme: str) -> bool:
+    from fsspec.registry import known_implementations, registry
+
+    return scheme in registry or scheme in known_implementations
 
 
 def sha256_file(path: str | Path) -> str:

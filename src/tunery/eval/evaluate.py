@@ -166,7 +166,8 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
 
     settings = get_settings()
     settings.download_dir.mkdir(parents=True, exist_ok=True)
-    ds = read_jsonl(fetch(str(test_data), settings.download_dir), name=str(test_data))
+    ds = read_jsonl(fetch(str(test_data), settings.download_dir, storage=True, storage_options=settings.storage_options),
+                    name=str(test_data))
     w = resolve_weights(weights) if weights is not None else None
     base_name = base or (w.base if w else None) or DEFAULT_BASE
     resolved = resolve_base(base_name, settings)
@@ -204,9 +205,9 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         report = merge_columns(report_base, report)
     report.update({"test_data": str(test_data), "test_sha256": ds.sha256, "base": base_name,
                    "weights": str(weights) if weights is not None else None})
-    folder = Path(output_dir) if output_dir else _run_dir_of(weights)
-    if folder is not None:
-        write_report(report, folder)
+    target = Path(output_dir) if output_dir else _run_of(weights)
+    if target is not None:
+        write_report(report, target)
     return report
 
 
@@ -220,15 +221,19 @@ def merge_columns(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def _run_dir_of(weights: str | Path | None) -> Path | None:
+def _run_of(weights: str | Path | None):
+    """The run `weights` names (a run's URL or folder, or its adapter/ or model/), or None."""
+    from tunery.artifacts.run import MANIFEST, WEIGHTS, Run, is_url
+    from tunery.settings import get_settings
+
     if weights is None:
         return None
+    if is_url(weights):
+        return get_settings().run(str(weights))
     p = Path(weights)
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return p
-    if p.is_dir() and (p.parent / "manifest.json").is_file():  # the run's adapter/ folder
-        return p.parent
-    return None
+    if p.is_dir() and p.name in WEIGHTS:
+        p = p.parent
+    return Run(p) if p.is_dir() and (p / MANIFEST).is_file() else None
 
 
 def _prompt_text(row: dict, fmt: str) -> str:

@@ -70,21 +70,22 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], folder: Path) -> None:
-    """eval.json + eval.md in `folder`; when it is a run directory, also the manifest's "eval" and
-    loss.png (training and validation loss over steps)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval.json").write_text(json.dumps(report, indent=2))
-    (folder / "eval.md").write_text(to_markdown(report))
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        from tunery.artifacts import read_manifest, write_manifest
+def write_report(report: dict[str, Any], run) -> None:
+    """eval.json + eval.md in `run` (an artifacts.Run, or a folder); when it is a trained run,
+    also the manifest's "eval" and loss.png (training and validation loss over steps)."""
+    from tunery.artifacts.run import EVAL_JSON, EVAL_MD, LOSS_PLOT, MANIFEST, Run
 
-        manifest = read_manifest(folder)
+    if not isinstance(run, Run):
+        run = Run(run)
+    run.write_bytes(EVAL_JSON, json.dumps(report, indent=2).encode())
+    run.write_bytes(EVAL_MD, to_markdown(report).encode())
+    if run.exists(MANIFEST):
+        manifest = run.read_manifest()
         manifest["eval"] = summary(report)
-        write_manifest(folder, manifest)
-        plot_losses(manifest.get("metrics", {}).get("history", []), folder / "loss.png")
+        run.write_manifest(manifest)
+        plot = plot_losses(manifest.get("metrics", {}).get("history", []), run.work / LOSS_PLOT)
+        if plot is not None:
+            run.push(LOSS_PLOT)
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:

@@ -99,8 +99,9 @@ class BatchedLora:
                 owner = layouts.setdefault((str(owner.device), tuple(owner.tolist())), owner)
                 a32 = torch.cat(a_parts).t().contiguous()
                 b32 = torch.cat(b_parts, dim=1).t().contiguous()
-                dtype = layer.get_base_layer().weight.dtype
-                dtype = dtype if dtype.is_floating_point else a32.dtype  # a quantized base: its compute dtype is fp32 here
+                base_dtype = cast(torch.Tensor, layer.get_base_layer().weight).dtype
+                # A quantized base (uint8 storage) computes the products in fp32 here.
+                dtype = base_dtype if base_dtype.is_floating_point else a32.dtype
                 out[id(layer)] = (a32, b32, a32.to(dtype), b32.to(dtype), owner)
         self._cache[adapters] = out
         while len(self._cache) > self.max_cached:

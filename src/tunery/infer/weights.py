@@ -2,6 +2,9 @@
 
 Accepted forms:
 
+- a run in storage, by its URL (s3://bucket/prefix/trainings/ID, or any fsspec URL): its
+  manifest, weights and tokenizer are copied once into `<home>/cache/runs`, then read as a run
+  directory;
 - a run directory, as training leaves it: manifest.json plus adapter/ (lora, qlora) or model/
   (full fine-tune), and tokenizer/;
 - the run's training_output.zip (the same layout at the archive root), extracted once into
@@ -24,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from tunery.artifacts.run import ADAPTER, MANIFEST, MODEL, TOKENIZER, is_url
 from tunery.data.sources import sha256_file
 from tunery.errors import TuneryError
 from tunery.settings import Settings, get_settings
 
-RUN_MARKERS = ("manifest.json", "adapter", "model")
+RUN_MARKERS = (MANIFEST, ADAPTER, MODEL)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,13 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
     raw = str(weights)
     if not raw.strip():
         raise TuneryError("weights: empty path (leave weights unset to use the base model alone)")
+    if is_url(raw):
+        run = (settings or get_settings()).run(raw)
+        try:
+            local = run.local_weights()
+        except (OSError, ValueError) as e:
+            raise TuneryError(f"weights {raw!r}: cannot read the run from storage: {type(e).__name__}: {e}") from e
+        return _from_run_dir(local, raw, where=f"run {raw!r}")
     path = Path(raw).expanduser()
     if not path.exists():
         raise TuneryError(f"weights {raw!r}: no such file or directory ({path.absolute()})")
@@ -74,7 +85,7 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
     path = path.resolve()
     # A run's adapter/ or model/ passed directly: use the run, whose manifest names the base
     # as the user gave it and whose tokenizer/ is the one training used.
-    if path.name in ("adapter", "model") and (path.parent / "manifest.json").is_file():
+    if path.name in (ADAPTER, MODEL) and (path.parent / MANIFEST).is_file():
         return _from_run_dir(path.parent, raw, where=f"run directory {str(path.parent)!r}")
     if (path / "adapter_config.json").is_file():
         config = _read_json(path / "adapter_config.json", raw)
@@ -91,12 +102,12 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
 
 def _from_run_dir(run: Path, raw: str, *, where: str, at: str = "") -> Weights:
     """Weights of a run directory laid out as training writes it."""
-    manifest = _read_json(run / "manifest.json", raw) if (run / "manifest.json").is_file() else {}
+    manifest = _read_json(run / MANIFEST, raw) if (run / MANIFEST).is_file() else {}
     method = manifest.get("peft_method")
     base_entry = manifest.get("base")
     base_info = base_entry if isinstance(base_entry, dict) else {}
-    adapter, model = run / "adapter", run / "model"
-    tokenizer = run / "tokenizer" if (run / "tokenizer").is_dir() else None
+    adapter, model = run / ADAPTER, run / MODEL
+    tokenizer = run / TOKENIZER if (run / TOKENIZER).is_dir() else None
 
     full = method == "full" or (method is None and not adapter.is_dir() and model.is_dir())
     if full:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tunery.artifacts.run import Job
 from tunery.errors import DataError, TuneryError
 from tunery.server.errors import ApiError, invalid, not_found
 from tunery.server.schemas import TrainingCreate
@@ -36,12 +37,13 @@ def prepare_job(
     version: Version,
     body: TrainingCreate,
     own_hosts: set[str],
-) -> dict[str, Any]:
+) -> Job:
     """The job for a valid request to train `base` at `version`; raises ApiError otherwise.
 
     `own_hosts` are the host:port names this server answers to, so a URL of one of the caller's
-    uploaded files is read from disk instead of downloaded. Downloads go to a folder of this
-    request's own (two trainings never share a downloaded file), removed again if it fails.
+    uploaded files is read from the storage instead of downloaded. Downloads go to a folder of
+    this request's own (two trainings never share a downloaded file), removed again if it fails,
+    and from there to the storage (where a worker on another machine reads them).
     """
     check_destination(store, owner, body.destination)
     if not base.is_base or version.weights_path is not None:
@@ -50,23 +52,31 @@ def prepare_job(
             "train a base model's version (GET /v1/models lists them)"
         )
     inputs = parse_training_inputs(body.input)
-    downloads = settings.download_dir / secrets.token_hex(8)
+    token = secrets.token_hex(8)
+    downloads = settings.download_dir / token
+    stored: list[str] = []
     try:
-        job = inputs.model_dump()
-        train_path = _resolve(store, settings, owner, "train_data", inputs.train_data, own_hosts, downloads)
-        job["train_data"] = str(train_path[0])
-        val_path = None
-        if inputs.validation_data and inputs.run_validation:
-            val_path = _resolve(
-                store, settings, owner, "validation_data", inputs.validation_data, own_hosts, downloads
-            )
-            job["validation_data"] = str(val_path[0])
-        _check_data(inputs, train_path, val_path)
+        data: dict[str, str] = {}
+        fields = ["train_data"] + (["validation_data"] if inputs.validation_data and inputs.run_validation else [])
+        found = {}
+        for field in fields:
+            source = getattr(inputs, field)
+            found[field] = _resolve(store, settings, owner, field, source, own_hosts, downloads)
+        _check_data(inputs, found["train_data"], found.get("validation_data"))
+        for field, (path, _name, url) in found.items():
+            if url is None:  # fetched now: into the storage, for the worker
+                url = settings.objects.put(path, f"data/{token}/{field}-{path.name[-80:]}")
+                if url != str(path):
+                    stored.append(url)
+            data[field] = url
     except BaseException:
         shutil.rmtree(downloads, ignore_errors=True)
+        for url in stored:
+            settings.objects.delete(url)
         raise
-    job["base"] = version.base_name
-    return job
+    if settings.objects.remote:  # the storage has what the worker reads
+        shutil.rmtree(downloads, ignore_errors=True)
+    return Job(inputs=body.input, data=data, base=version.base_name)
 
 
 def check_destination(store: Store, owner: str, destination: str) -> Model:
@@ -104,9 +114,10 @@ def _resolve(
     source: str,
     own_hosts: set[str],
     downloads: Path,
-) -> tuple[Path, str]:
-    """(local path, name for messages) of a data source: one of the caller's uploaded files (by
-    its URL), an http(s) URL (downloaded now, size-capped), or a local path if the server allows."""
+) -> tuple[Path, str, str | None]:
+    """(local path, name for messages, URL a worker reads it from — None when it still has to
+    be put in the storage) of a data source: one of the caller's uploaded files (by its URL), an
+    http(s) URL (downloaded now, size-capped), or a local path if the server allows."""
     from tunery.data import fetch
 
     parts = urlsplit(source) if "://" in source else None
@@ -114,19 +125,19 @@ def _resolve(
         own = _FILE_PATH.match(parts.path)
         if own and parts.netloc in own_hosts:
             row = store.get_file(owner, own.group(1))
-            if row is None or not Path(row.path).is_file():
+            if row is None or not settings.objects.exists(row.path):
                 raise invalid(
                     f"{field}: no file {own.group(1)} among your uploaded files",
                     [{"field": field, "reason": f"no uploaded file {own.group(1)}"}],
                 )
-            return Path(row.path), row.name
+            return settings.objects.get(row.path, settings.download_dir / "files"), row.name, row.path
         # Named in messages without credentials (user:password@, signed-URL query strings).
         shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
         try:
             path = fetch(source, downloads, max_bytes=settings.max_upload_bytes, allow_local=False)
         except TuneryError as exc:
             raise invalid(f"{field}: {exc}", [{"field": field, "reason": str(exc)}]) from None
-        return path, shown
+        return path, shown, None
     if not settings.allow_local_paths:
         reason = (
             "local paths are not allowed on this server: upload the file with POST /v1/files and "
@@ -134,19 +145,20 @@ def _resolve(
         )
         raise invalid(f"{field}: {reason}", [{"field": field, "reason": reason}])
     try:
-        return fetch(source, settings.download_dir, allow_local=True), source
+        path = fetch(source, settings.download_dir, allow_local=True)
     except TuneryError as exc:
         raise invalid(f"{field}: {exc}", [{"field": field, "reason": str(exc)}]) from None
+    return path, source, str(path)  # a path on a disk the workers share, read where it is
 
 
-def _check_data(inputs: TrainingInputs, train: tuple[Path, str], validation: tuple[Path, str] | None) -> None:
+def _check_data(inputs: TrainingInputs, train: tuple, validation: tuple | None) -> None:
     """Every line of the data valid, and enough rows to train on; a 422 listing the problems."""
     from tunery.data import read_jsonl, split_train_validation
 
     datasets = []
     errors = []
     details = []
-    for path, name in [train] + ([validation] if validation else []):
+    for path, name, _url in [train] + ([validation] if validation else []):
         try:
             datasets.append(read_jsonl(path, name=name))
         except DataError as exc:

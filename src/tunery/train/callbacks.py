@@ -225,3 +225,34 @@ def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class TimedCheckpoints(TrainerCallback):
+    """Save a checkpoint once `seconds` have passed since the last one (or the start), so a long
+    epoch loses at most that much work to a crash, whatever the save steps."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.seconds and state.global_step < state.max_steps:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+
+class CheckpointsToStorage(TrainerCallback):
+    """Copy each checkpoint to the run's storage as soon as the Trainer has saved it (main process
+    only), so a training whose machine dies resumes on another one."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            self.run.push_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
-from tunery.train.callbacks import EventsCallback, ProgressCallback, TokenMeter
+from tunery.train.callbacks import (
+    CheckpointsToStorage,
+    EventsCallback,
+    ProgressCallback,
+    TimedCheckpoints,
+    TokenMeter,
+)
 from tunery.train.events import EventSink
 from tunery.train.loss import labelled_loss, labelled_loss_through_forward, supports_labelled_loss
 
@@ -106,16 +111,19 @@ def training_precision(inputs: TrainingInputs, device: str) -> Precision:
     return resolve_precision(inputs.precision, device, quantized=inputs.peft_method == "qlora")
 
 
-def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Path, sink: EventSink,
-                  progress: bool, device: str, extra_callbacks: list | None = None):
-    """A ready Trainer plus the token meter and the events callback (whose history feeds the manifest)."""
+def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: EventSink,
+                  progress: bool, device: str, extra_callbacks: list | None = None,
+                  checkpoint_minutes: float = 0.0):
+    """A ready Trainer plus the token meter and the events callback (whose history feeds the manifest).
+    Checkpoints go to the run (artifacts.Run): copied to its storage as each completes, and also
+    saved every `checkpoint_minutes` of training (0: only when the inputs ask)."""
     from tunery.data import Collator
 
     has_val = bool(data.validation) and inputs.run_validation
     eval_strategy = ("steps" if inputs.eval_steps else "epoch") if has_val else "no"
     bf16 = training_precision(inputs, device).name == "bf16"
     args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run.checkpoints),
         num_train_epochs=inputs.num_train_epochs,
         max_steps=inputs.max_steps,
         per_device_train_batch_size=inputs.micro_batch_size,
@@ -152,6 +160,10 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run_dir: Pa
     meter = TokenMeter(world=world_size())
     events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
     callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
+    if checkpoint_minutes > 0:
+        callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
+    if run.remote:
+        callbacks.append(CheckpointsToStorage(run))
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
                                          and not inputs.wrap_packed_sequences))
     trainer = TuneryTrainer(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunery.artifacts.run import ARCHIVE, CHECKPOINT_DONE, Run
 from tunery.errors import OutOfMemoryError, SpecError, TuneryError, is_out_of_memory, out_of_memory_message
 from tunery.settings import Settings, get_settings
 from tunery.spec import TrainingInputs
@@ -29,10 +30,11 @@ from tunery.train.events import EventSink
 class TrainResult:
     """Where a finished run put its outputs, and its headline metrics."""
 
-    run_dir: Path
+    run_dir: Path  # the run's local folder (for a run in storage, its local working copy)
     adapter_dir: Path
     archive: Path
     manifest: dict[str, Any]
+    report: dict[str, Any] | None = None  # the evaluation after training, when test_data was given
 
 
 @dataclass
@@ -107,10 +109,13 @@ def load_datasets(inputs: TrainingInputs, settings: Settings):
     from tunery.data import fetch, read_jsonl
 
     settings.download_dir.mkdir(parents=True, exist_ok=True)
-    train_ds = read_jsonl(fetch(inputs.train_data, settings.download_dir), name=inputs.train_data)
+    options = settings.storage_options
+    train_ds = read_jsonl(fetch(inputs.train_data, settings.download_dir, storage=True, storage_options=options),
+                          name=inputs.train_data)
     val_ds = None
     if inputs.validation_data and inputs.run_validation:
-        val_ds = read_jsonl(fetch(inputs.validation_data, settings.download_dir), name=inputs.validation_data)
+        val_ds = read_jsonl(fetch(inputs.validation_data, settings.download_dir, storage=True, storage_options=options),
+                            name=inputs.validation_data)
     return train_ds, val_ds
 
 
@@ -125,11 +130,15 @@ def train(
     settings: Settings | None = None,
     callbacks: list | None = None,
     test_data: str | Path | None = None,
+    given: dict | None = None,
 ) -> TrainResult:
-    """Fine-tune `base` on `inputs.train_data` and write a run directory (see module docstring).
+    """Fine-tune `base` on `inputs.train_data` and write a run (see module docstring, and
+    artifacts.Run for what is inside one).
 
-    `resume=True` continues from the newest checkpoint in `output_dir/checkpoints`.
-    Emits events to `events` and always to `output_dir/events.jsonl`. `callbacks` are extra
+    `output_dir` is the run's local path or storage URL (s3://…: the training works in a local
+    cache and copies checkpoints and outputs there). `resume=True` continues from the run's
+    newest complete checkpoint. `given` are the inputs as the user gave them, for the manifest
+    (default: those set in `inputs`). Emits events to `events` and always to the run's event file. `callbacks` are extra
     transformers TrainerCallbacks (e.g. a notebook's own logging). With `test_data` (a JSONL
     path or URL) the tuned model is evaluated against the base after the last step (eval.json,
     eval.md, loss.png, and the manifest's "eval").
@@ -140,20 +149,21 @@ def train(
     if isinstance(inputs, dict):
         inputs = parse_inputs(inputs)
     _check_batch_for_processes(inputs)
-    run_dir = Path(output_dir) if output_dir else settings.runs_dir / _run_name()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = settings.run(output_dir if output_dir else settings.runs_dir / _run_name())
+    run.work.mkdir(parents=True, exist_ok=True)
+    given = given if given is not None else inputs.model_dump(exclude_unset=True)
     # Under `accelerate launch` every process runs this function; only rank 0 reports and writes.
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         sink = events if isinstance(events, EventSink) else EventSink(events)
-        sink.add(run_dir / "events.jsonl")
+        sink.add(run.events)
         if progress:  # a person is watching: their log and warning lines on stderr, beside the progress
             sink.listen(_echo_to_stderr)
     else:
         sink, progress = EventSink(), False
     try:
         try:
-            result = _train(inputs, base, run_dir, resume, sink, progress, settings, callbacks or [], test_data)
+            result = _train(inputs, given, base, run, resume, sink, progress, settings, callbacks or [], test_data)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -201,13 +211,13 @@ def _check_batch_for_processes(inputs: TrainingInputs) -> None:
         )
 
 
-def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink: EventSink, progress: bool,
-           settings: Settings, callbacks: list, test_data: str | Path | None) -> TrainResult:
+def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: bool, sink: EventSink,
+           progress: bool, settings: Settings, callbacks: list, test_data: str | Path | None) -> TrainResult:
     from tunery.models.load import adapt, load_model, load_tokenizer, pick_device
     from tunery.models.resolve import resolve_base
 
     started = time.time()
-    sink.emit("started", run_dir=str(run_dir), base=base, inputs=inputs.model_dump(exclude_unset=True))
+    sink.emit("started", run_dir=run.url, base=base, inputs=given)
 
     # 1. Data: fetched and validated line by line before anything heavy happens.
     datasets = load_datasets(inputs, settings)
@@ -215,7 +225,8 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     if test_data is not None:
         from tunery.data import fetch, read_jsonl
 
-        test_ds = read_jsonl(fetch(str(test_data), settings.download_dir), name=str(test_data))
+        test_ds = read_jsonl(fetch(str(test_data), settings.download_dir, storage=True, storage_options=settings.storage_options),
+                             name=str(test_data))
     # 2. Base model and tokenizer.
     resolved = resolve_base(base, settings)
     tokenizer = load_tokenizer(resolved)
@@ -269,10 +280,11 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     from tunery.train.engine import build_trainer
 
     trainer, meter, events_cb = build_trainer(
-        model, tokenizer, data, inputs, run_dir=run_dir, sink=sink, progress=progress, device=device,
-        extra_callbacks=callbacks,
+        model, tokenizer, data, inputs, run=run, sink=sink, progress=progress, device=device,
+        extra_callbacks=callbacks, checkpoint_minutes=settings.checkpoint_minutes,
     )
-    checkpoint = _last_checkpoint(run_dir / "checkpoints") if resume else None
+    newest = run.newest_checkpoint() if resume else None
+    checkpoint = str(newest) if newest is not None else None
     if resume and checkpoint is None:
         sink.emit("log", message="no checkpoint to resume from; starting from step 0")
     if checkpoint:
@@ -302,18 +314,18 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     if data.validation and inputs.run_validation:
         final_val = trainer.evaluate().get("eval_loss")
 
+    full = inputs.peft_method == "full"
+    out_dir = run.weights_dir(full)
     if not trainer.is_world_process_zero():
-        return TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", archive=run_dir / "training_output.zip",
-                           manifest={})
+        return TrainResult(run_dir=run.work, adapter_dir=out_dir, archive=run.work / ARCHIVE, manifest={})
 
-    # 5. Save: adapter (or full model), tokenizer, manifest, archive.
-    from tunery.artifacts import build_manifest, read_manifest, write_archive, write_manifest
+    # 5. Save: adapter (or full model), tokenizer, manifest, archive; then to storage.
+    from tunery.artifacts import build_manifest
 
-    out_name = "model" if inputs.peft_method == "full" else "adapter"
-    out_dir = run_dir / out_name
+    out_name = out_dir.name
     shutil.rmtree(out_dir, ignore_errors=True)
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    tokenizer.save_pretrained(run.tokenizer)
     report = None
     if test_ds is not None:
         report = _evaluate_after_training(trainer.model, tokenizer, test_ds, inputs, sink, progress)
@@ -333,16 +345,16 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
         "history": events_cb.history,
     }
     manifest = build_manifest(
-        inputs=inputs, base=base, resolved=resolved, files=data.files, data_stats=data.stats,
+        inputs=inputs, given=given, base=base, resolved=resolved, files=data.files, data_stats=data.stats,
         metrics=metrics, samples=events_cb.samples, output=out_name, device=device,
     )
-    write_manifest(run_dir, manifest)
+    run.write_manifest(manifest)
     if report is not None:
         from tunery.eval.report import write_report
 
-        write_report(report, run_dir)  # eval.json, eval.md, loss.png, and the manifest's "eval"
-        manifest["eval"] = read_manifest(run_dir)["eval"]
-    archive = write_archive(run_dir, out_name)
+        write_report(report, run)  # eval.json, eval.md, loss.png, and the manifest's "eval"
+        manifest["eval"] = run.read_manifest()["eval"]
+    archive = run.write_archive(out_name)
     summary = (
         f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: "
         f"{metrics['tokens_per_second']:.1f} real tokens/s, padding {data.stats['padding_fraction']:.1%}, "
@@ -352,8 +364,10 @@ def _train(inputs: TrainingInputs, base: str, run_dir: Path, resume: bool, sink:
     final = {k: v for k, v in metrics.items() if k != "history"}
     if report is not None:
         final["eval"] = report["metrics"]
-    sink.emit("succeeded", run_dir=str(run_dir), weights=str(archive), adapter=str(out_dir), metrics=final)
-    return TrainResult(run_dir=run_dir, adapter_dir=out_dir, archive=archive, manifest=manifest)
+    run.publish()  # to storage, the archive last; `succeeded` only once all of it is there
+    sink.emit("succeeded", run_dir=run.url, weights=str(archive), adapter=str(out_dir), metrics=final)
+    run.push_events()
+    return TrainResult(run_dir=run.work, adapter_dir=out_dir, archive=archive, manifest=manifest, report=report)
 
 
 def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, sink: EventSink,
@@ -388,7 +402,7 @@ def _describe_data(s: dict) -> str:
 def _checkpoint_state(checkpoint: str | None) -> dict | None:
     if checkpoint is None:
         return None
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return json.loads((Path(checkpoint) / CHECKPOINT_DONE).read_text())
 
 
 def history_from_log(log_history: list[dict]) -> list[dict]:
@@ -422,22 +436,3 @@ def load_checkpoint_weights(model, checkpoint: str) -> None:
     if unexpected or any("embed" not in m and "lm_head" not in m for m in missing):
         raise TuneryError(f"{checkpoint}: its weights do not fit the model ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected tensors)")
-
-
-def _last_checkpoint(folder: Path) -> str | None:
-    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a folder
-    without it — or with one a crash cut off mid-write, which does not parse — is a checkpoint
-    a crash cut short: skip it rather than resume from half a save."""
-    if not folder.is_dir():
-        return None
-    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_is_complete(p)]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
-
-
-def checkpoint_is_complete(checkpoint: Path) -> bool:
-    """Whether a checkpoint folder was saved whole: its trainer_state.json (written last) parses."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True

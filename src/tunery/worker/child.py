@@ -1,9 +1,10 @@
 """The child process that runs one training: `python -m tunery.worker.child JOB.json`.
 
 The worker starts it in its own process group, so that a cancel can stop it with everything
-it started, and so that a crash or an out-of-memory kill fails the job, not the worker. The job
-file holds the training inputs, the base, the run directory, whether to resume, where to write
-events, the settings, and the worker's pid. Exit status 0 means the training succeeded.
+it started, and so that a crash or an out-of-memory kill fails the job, not the worker. The
+attempt's file holds the run's URL (whose job.json holds the inputs and the base), whether to
+resume, where to write events, the settings, and the worker's pid. Exit status 0 means the
+training succeeded.
 """
 
 from __future__ import annotations
@@ -34,23 +35,28 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tunery.worker.child JOB.json", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    _die_with_parent(job["parent_pid"])
+    attempt = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    _die_with_parent(attempt["parent_pid"])
 
     from tunery.settings import Settings
     from tunery.train.recipe import train
 
+    settings = Settings(**attempt["settings"])
+    run = settings.run(attempt["run"])
+    job = run.read_job()
+    inputs = job.training_inputs()
     train(
-        job["inputs"],
-        base=job["base"],
-        output_dir=job["run_dir"],
-        resume=job["resume"],
-        events=job["events"],
+        inputs,
+        given=job.inputs,
+        base=job.base,
+        output_dir=run.url,
+        resume=attempt["resume"],
+        events=attempt["events"],
         progress=False,
-        settings=Settings(**job["settings"]),
+        settings=settings,
         # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
         # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
-        test_data=job["inputs"].get("validation_data"),
+        test_data=inputs.validation_data,
     )
     return 0
 

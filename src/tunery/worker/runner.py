@@ -14,16 +14,15 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
+from tunery.artifacts.run import Job
 from tunery.settings import Settings
 from tunery.store.models import Training
 from tunery.store.store import Store
@@ -49,23 +48,8 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("checkpoint-*"))
-
-
-def drop_torn_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete checkpoints that a killed run left half-written, so that a resume starts from the
-    newest complete one (`checkpoint_is_complete`: the Trainer writes trainer_state.json last)."""
-    from tunery.train.recipe import checkpoint_is_complete
-
-    torn = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and not checkpoint_is_complete(p)]
-    for path in torn:
-        shutil.rmtree(path, ignore_errors=True)
-    return torn
-
-
 class Worker:
-    """Runs trainings from `store`, one at a time, with files under `settings.artifacts_dir`.
+    """Runs trainings from `store`, one at a time, each in its run in the storage (`settings.storage`).
 
     `heartbeat_interval` defaults to a third of the lease, at most 2 s (the heartbeat is how a
     cancel arrives); `kill_grace` is how long a stopped child gets between SIGTERM and SIGKILL.
@@ -122,12 +106,9 @@ class _Run:
         self.id = training.id
         self.training = training
         self.stop_event = stop_event
-        self.run_dir = worker.settings.artifacts_dir / "trainings" / training.id
-        attempt_dir = self.run_dir / "attempts"
+        self.artifacts = worker.settings.training_run(training.id)  # the run folder (artifacts.Run)
         prefix = f"{training.attempts}-{secrets.token_hex(2)}"
-        self.job_path = attempt_dir / f"{prefix}.job.json"
-        self.events_path = attempt_dir / f"{prefix}.events.jsonl"
-        self.output_path = attempt_dir / f"{prefix}.output.log"
+        self.job_path, self.events_path, self.output_path = self.artifacts.attempt_files(prefix)
         self.progress = Progress(training.metrics)
         # What a write of logs + metrics weighs (logs so far plus the last metrics written).
         self._logs_bytes = len((training.logs or "").encode())
@@ -137,20 +118,18 @@ class _Run:
         worker, training = self.worker, self.training
         # No child of an earlier attempt still runs here: it dies with its worker (see child.py),
         # well before that worker's lease expires and this attempt could begin.
-        torn = drop_torn_checkpoints(self.run_dir)
-        resume = training.attempts > 1 or has_checkpoints(self.run_dir)
-        self.job_path.parent.mkdir(parents=True, exist_ok=True)
+        job = Job.model_validate(training.job)
+        torn = self.artifacts.drop_torn_checkpoints()
+        resume = training.attempts > 1 or bool(self.artifacts.checkpoint_names())
+        self.artifacts.write_job(job)
         self.events_path.touch()
-        job = dict(training.job)
-        base = str(job.pop("base", "") or "smollm2-135m")
         self.job_path.write_text(json.dumps({
-            "inputs": job, "base": base, "run_dir": str(self.run_dir), "resume": resume,
-            "events": str(self.events_path), "settings": worker.settings.model_dump(mode="json"),
-            "parent_pid": os.getpid(),
+            "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
+            "settings": worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
         }), encoding="utf-8")
-        self.store.set_training_run_dir(self.id, worker.worker_id, str(self.run_dir))
+        self.store.set_training_run_dir(self.id, worker.worker_id, self.artifacts.url)
         how = "resuming from the last checkpoint" if resume else "starting"
-        note = "".join(f"dropped the incomplete checkpoint {p.name}\n" for p in torn)
+        note = "".join(f"dropped the incomplete checkpoint {name}\n" for name in torn)
         header = f"worker {worker.worker_id}: attempt {training.attempts}, {how}\n"
         self.store.append_training_logs(self.id, worker.worker_id, header + note)
 
@@ -233,7 +212,7 @@ class _Run:
             metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
             try:
                 done = self.store.succeed_training(
-                    self.id, worker.worker_id, run_dir=str(self.run_dir),
+                    self.id, worker.worker_id, run_dir=self.artifacts.url,
                     weights_url=f"{self.store.base_url}/v1/trainings/{self.id}/weights", metrics=metrics)
             except LookupError as exc:
                 self.store.finish_training(self.id, worker.worker_id, status="failed", error=str(exc))

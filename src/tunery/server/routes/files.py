@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Response, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from tunery.server.deps import BaseUrl, Owner, PagingDep, SettingsDep, StoreDep
 from tunery.server.errors import ApiError, invalid, not_found
@@ -42,8 +42,10 @@ def create_file(
     folder = settings.files_dir / owner
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(8)}-{name[-100:]}"
+    url = None
     try:
         size, sha256, md5 = _save(content, path, settings.max_upload_bytes)
+        url = settings.objects.put(path, f"files/{owner}/{path.name}")
         row = store.create_file(
             owner,
             name=name,
@@ -51,12 +53,16 @@ def create_file(
             size=size,
             sha256=sha256,
             md5=md5,
-            path=str(path),
+            path=url,
             meta=meta,
         )
     except BaseException:
         path.unlink(missing_ok=True)
+        if url is not None:
+            settings.objects.delete(url)
         raise
+    if url != str(path):  # kept in the storage only
+        path.unlink(missing_ok=True)
     return file_json(row, base)
 
 
@@ -75,21 +81,30 @@ def get_file(file_id: str, owner: Owner, store: StoreDep, base: BaseUrl) -> dict
 
 
 @router.get("/{file_id}/download")
-def download_file(file_id: str, owner: Owner, store: StoreDep) -> FileResponse:
+def download_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
     row = store.get_file(owner, file_id)
-    if row is None or not Path(row.path).is_file():
+    if row is None or not settings.objects.exists(row.path):
         raise not_found(f"file {file_id}")
-    return FileResponse(row.path, media_type=row.content_type, filename=row.name)
+    stream = settings.objects.open(row.path)
+
+    def chunks():
+        with stream:
+            while chunk := stream.read(_CHUNK):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=row.content_type, headers={
+        "Content-Disposition": f'attachment; filename="{row.name}"', "Content-Length": str(row.size)})
 
 
 @router.delete("/{file_id}", status_code=204)
-def delete_file(file_id: str, owner: Owner, store: StoreDep) -> Response:
-    """Delete the file's record and its bytes (trainings already queued keep a copy's path:
-    delete a file only once the trainings using it have started)."""
+def delete_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> Response:
+    """Delete the file's record and its bytes (trainings already queued keep their own copy
+    when the file was fetched; one given by its URL is read again by the worker: delete a file
+    only once the trainings using it have started)."""
     row = store.get_file(owner, file_id)
     if row is None or not store.delete_file(owner, file_id):
         raise not_found(f"file {file_id}")
-    Path(row.path).unlink(missing_ok=True)
+    settings.objects.delete(row.path)
     return Response(status_code=204)
 
 

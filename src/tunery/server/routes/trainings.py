@@ -3,13 +3,12 @@ queued), run by the workers, pushed as a new version of the destination model.""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
-from tunery.artifacts import ARCHIVE_NAME
+from tunery.artifacts import ARCHIVE
 from tunery.server.deps import (
     BaseUrl,
     Owner,
@@ -48,7 +47,7 @@ def create_training(
         version_id=version.id,
         destination=body.destination,
         input=body.input,
-        job=job,
+        job=job.model_dump(),
         webhook=body.webhook,
         webhook_events_filter=body.webhook_events_filter,
     )
@@ -89,12 +88,22 @@ def cancel_training(training_id: str, owner: Owner, store: StoreDep, base: BaseU
 
 
 @router.get("/v1/trainings/{training_id}/weights")
-def training_weights(training_id: str, owner: Owner, store: StoreDep) -> FileResponse:
-    """The trained weights (training_output.zip: adapter or model, tokenizer, manifest)."""
+def training_weights(training_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
+    """The trained weights (training_output.zip: adapter or model, tokenizer, manifest), streamed
+    from the run's storage."""
     row = store.get_training(owner, training_id)
     if row is None:
         raise not_found(f"training {training_id}")
-    archive = Path(row.run_dir) / ARCHIVE_NAME if row.run_dir else None
-    if row.status != "succeeded" or archive is None or not archive.is_file():
+    run = settings.run(row.run_dir) if row.run_dir else None
+    if row.status != "succeeded" or run is None or not run.has_archive():
         raise ApiError(404, f"training {training_id} has no weights (status {row.status})", title="Not found")
-    return FileResponse(archive, media_type="application/zip", filename=ARCHIVE_NAME)
+    size = run.archive_size()
+    stream = run.open_archive()
+
+    def chunks():
+        with stream:
+            while chunk := stream.read(1024 * 1024):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{ARCHIVE}"', "Content-Length": str(size)})
