@@ -28,12 +28,14 @@ Layout (names relative to the run's URL):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -104,6 +106,20 @@ def shown(url: str) -> str:
     return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
 
 
+@contextlib.contextmanager
+def _storage(url: str, what: str) -> Iterator[None]:
+    """Turn a storage back end's failure (botocore, aiohttp, OSError…) into one line naming the
+    storage and what was being done."""
+    try:
+        yield
+    except TuneryError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise TuneryError(f"storage {shown(url)}: cannot {what}: {type(e).__name__}: {e}") from e
+
+
 class Run:
     """The run at `url` (see the module docstring). `cache` is the local folder where runs in
     object storage are worked on and copied to (required for those; ignored for local runs);
@@ -161,7 +177,9 @@ class Run:
     def exists(self, name: str) -> bool:
         if not self.remote:
             return (self.work / name).exists()
-        return bool(self.fs.exists(self._remote(name)))
+        with _storage(self.url, f"look for {name}"):
+            self.fs.invalidate_cache()  # another machine may have written it since we last listed
+            return bool(self.fs.exists(self._remote(name)))
 
     def read_bytes(self, name: str) -> bytes:
         if not self.remote:
@@ -178,19 +196,21 @@ class Run:
         tmp.write_bytes(data)
         os.replace(tmp, path)
         if self.remote:
-            self.fs.pipe_file(self._remote(name), data)
+            with _storage(self.url, f"write {name}"):
+                self.fs.pipe_file(self._remote(name), data)
 
     def push(self, name: str) -> None:
         """Copy the local file or folder `name` to storage (nothing to do for a local run)."""
         if not self.remote:
             return
         path = self.work / name
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            for f in files:
-                self.fs.put_file(str(f), self._remote(f.relative_to(self.work).as_posix()))
-        elif path.is_file():
-            self.fs.put_file(str(path), self._remote(name))
+        with _storage(self.url, f"copy {name} there"):
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file())
+                for f in files:
+                    self.fs.put_file(str(f), self._remote(f.relative_to(self.work).as_posix()))
+            elif path.is_file():
+                self.fs.put_file(str(path), self._remote(name))
 
     def pull(self, name: str) -> Path:
         """The local copy of `name` (a file or folder), fetched from storage when missing here.
@@ -199,18 +219,24 @@ class Run:
         if not self.remote or path.exists():
             return path
         remote = self._remote(name)
-        if not self.fs.exists(remote):
+        if not self.exists(name):
             raise TuneryError(f"run {shown(self.url)}: no {name} in storage")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.fs.isdir(remote):
-            for entry in self.fs.find(remote):
-                target = tmp / entry[len(remote):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(entry, str(target))
-        else:
-            self.fs.get_file(remote, str(tmp))
+        try:
+            with _storage(self.url, f"fetch {name}"):
+                if self.fs.isdir(remote):
+                    for entry in self.fs.find(remote):
+                        target = tmp / entry[len(remote):].lstrip("/")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        self.fs.get_file(entry, str(target))
+                else:
+                    self.fs.get_file(remote, str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            Path(tmp).unlink(missing_ok=True)
+            raise
         try:
             os.replace(tmp, path)
         except OSError:  # another thread or process fetched it first: its copy is the same
@@ -237,7 +263,8 @@ class Run:
         """Checkpoint folder names, in storage for a remote run (the truth that outlives a
         machine), else here; oldest step first."""
         if self.remote:
-            listing = self.fs.ls(self._remote(CHECKPOINTS), detail=False) if self.exists(CHECKPOINTS) else []
+            with _storage(self.url, "list its checkpoints"):
+                listing = self.fs.ls(self._remote(CHECKPOINTS), detail=False) if self.exists(CHECKPOINTS) else []
             names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in listing]
         else:
             names = [p.name for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
@@ -280,12 +307,13 @@ class Run:
             return
         name = f"{CHECKPOINTS}/{folder.name}"
         files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == CHECKPOINT_DONE)
-        for f in files:
-            self.fs.put_file(str(f), self._remote(f"{name}/{f.relative_to(folder).as_posix()}"))
-        here = {p.name for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")}
-        for old in self.checkpoint_names():
-            if old not in here:
-                self.fs.rm(self._remote(f"{CHECKPOINTS}/{old}"), recursive=True)
+        with _storage(self.url, f"copy {name} there"):
+            for f in files:
+                self.fs.put_file(str(f), self._remote(f"{name}/{f.relative_to(folder).as_posix()}"))
+            here = {p.name for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")}
+            for old in self.checkpoint_names():
+                if old not in here:
+                    self.fs.rm(self._remote(f"{CHECKPOINTS}/{old}"), recursive=True)
         self.push(EVENTS)
 
     # -- outputs

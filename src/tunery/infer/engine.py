@@ -106,10 +106,11 @@ class Request:
 
     @classmethod
     def make(cls, prompt: str | list[int], *, weights: str | Path | Weights | None = None,
-             params: SamplingParams | None = None) -> Request:
-        """A request with `weights` resolved now, so a bad path raises TuneryError here."""
+             params: SamplingParams | None = None, settings: Settings | None = None) -> Request:
+        """A request with `weights` resolved now (a run in storage fetched through `settings`'
+        storage options), so a bad path raises TuneryError here."""
         if weights is not None and not isinstance(weights, Weights):
-            weights = resolve_weights(weights)
+            weights = resolve_weights(weights, settings)
         return cls(prompt, params or SamplingParams(), weights)
 
 

@@ -57,6 +57,13 @@ def serve_command(
         "embedded_workers": workers,
     }
     settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    from tunery.artifacts import check_storage
+    from tunery.errors import TuneryError
+
+    try:  # uploads, fetched data and runs all go there: refuse to start without it
+        check_storage(settings.storage, settings.storage_options)
+    except TuneryError as exc:
+        _fail(exc)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

@@ -271,7 +271,8 @@ class PredictionRunner:
         try:
             from tunery.infer.engine import Request
 
-            request = Request.make(job.input["prompt"], weights=job.weights, params=sampling_params(job.input))
+            request = Request.make(job.input["prompt"], weights=job.weights, params=sampling_params(job.input),
+                                   settings=self.settings)
             job.generation = generation = self._engine(job.base).submit(request, block=True)
             if job.cancel.is_set():
                 generation.cancel()

@@ -27,12 +27,19 @@ def worker_command(
     A training running at that moment is stopped and handed back, to be resumed from its last
     checkpoint by the next worker that claims it.
     """
+    from tunery.artifacts import check_storage
+    from tunery.errors import TuneryError
     from tunery.store.store import Store
     from tunery.worker.service import run_worker
 
+    settings = get_settings()
+    try:  # a storage that cannot be written stops the worker here, not each training later
+        check_storage(settings.storage, settings.storage_options)
+    except TuneryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = get_settings()
     store = Store(database_url or settings.db_url, base_url=_public_url(settings))
     try:
         run_worker(store, settings, worker_id=worker_id)
