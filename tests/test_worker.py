@@ -117,16 +117,44 @@ def _run_in_thread(worker: Worker) -> threading.Thread:
     return thread
 
 
-def test_a_killed_child_fails_its_training(store, settings, data_file, tiny_model_dir):
+def test_a_child_the_system_kills_is_retried_from_its_last_checkpoint(store, settings, data_file, tiny_model_dir):
+    training = queue(store, data_file, tiny_model_dir, max_steps=12, save_steps=4)
+    worker = Worker(store, settings, worker_id="w1")
+    thread = _run_in_thread(worker)
+    run = settings.training_run(training.id)
+    wait_for(lambda: any(run.checkpoint_complete(n) for n in run.checkpoint_names()), 120, "a checkpoint")
+    child = worker.child
+    os.kill(child.pid, signal.SIGKILL)  # as the OOM killer would
+    thread.join(180)
+    row = store.load_training(training.id)
+    assert row.status == "succeeded", row.error
+    assert row.attempts == 1  # the worker went on itself: no lease had to expire
+    assert "killed by SIGKILL (out of memory?); retrying from the last checkpoint (retry 1 of 2)" in row.logs
+    steps = [h["step"] for h in row.metrics["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+    resumed = [e for e in read_events(run.events) if e["type"] == "log" and e["message"].startswith("resuming from")]
+    assert len(resumed) == 1
+
+
+def test_a_child_killed_past_its_retries_fails_its_training_naming_the_cause(store, settings, data_file,
+                                                                            tiny_model_dir, monkeypatch):
+    import tunery.worker.runner as runner
+
+    monkeypatch.setattr(runner, "CHILD_RETRIES", 1)
     training = queue(store, data_file, tiny_model_dir, max_steps=200, save_steps=1000)
     worker = Worker(store, settings, worker_id="w1")
     thread = _run_in_thread(worker)
-    child = wait_for(lambda: worker.child, 30, "the child to start")
-    wait_for(lambda: "step 1/" in store.load_training(training.id).logs, 60, "the first step")
-    os.kill(child.pid, signal.SIGKILL)
+    killed = []
+    for _ in range(2):
+        child = wait_for(lambda: worker.child not in (None, *killed) and worker.child, 60, "a child to start")
+        wait_for(lambda: "step 1/" in store.load_training(training.id).logs.rsplit("retrying", 1)[-1], 60,
+                 "a step")
+        os.kill(child.pid, signal.SIGKILL)
+        killed.append(child)
     thread.join(30)
     row = store.load_training(training.id)
-    assert row.status == "failed" and "killed by SIGKILL" in row.error
+    assert row.status == "failed" and "killed by SIGKILL" in row.error, row.error
+    assert "after 1 retries from the last checkpoint" in row.error
     assert row.lease_owner is None
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from tunery.artifacts.run import Job
@@ -36,6 +37,8 @@ MAX_FLUSH_INTERVAL = 10.0  # ...and at most
 # Writes are spaced so that they cost at most about this many bytes a second.
 FLUSH_BYTES_PER_SECOND = 100_000
 POLL = 0.2  # seconds between looks at the child
+CHILD_RETRIES = 2  # a training process the system kills is started again this many times
+CRASH_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL}
 
 
 def flush_interval(row_bytes: int) -> float:
@@ -107,8 +110,7 @@ class _Run:
         self.training = training
         self.stop_event = stop_event
         self.artifacts = worker.settings.training_run(training.id)  # the run folder (artifacts.Run)
-        prefix = f"{training.attempts}-{secrets.token_hex(2)}"
-        self.job_path, self.events_path, self.output_path = self.artifacts.attempt_files(prefix)
+        self.job_path = self.events_path = self.output_path = Path()  # the running child's files
         self.progress = Progress(training.metrics)
         # What a write of logs + metrics weighs (logs so far plus the last metrics written).
         self._logs_bytes = len((training.logs or "").encode())
@@ -122,29 +124,56 @@ class _Run:
         torn = self.artifacts.drop_torn_checkpoints()
         resume = training.attempts > 1 or bool(self.artifacts.checkpoint_names())
         self.artifacts.write_job(job)
-        self.events_path.touch()
-        self.job_path.write_text(json.dumps({
-            "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
-            "settings": worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
-        }), encoding="utf-8")
         self.store.set_training_run_dir(self.id, worker.worker_id, self.artifacts.url)
         how = "resuming from the last checkpoint" if resume else "starting"
         note = "".join(f"dropped the incomplete checkpoint {name}\n" for name in torn)
         header = f"worker {worker.worker_id}: attempt {training.attempts}, {how}\n"
         self.store.append_training_logs(self.id, worker.worker_id, header + note)
 
+        retries = 0
+        while True:
+            proc = self._start_child(resume)
+            worker.child = proc
+            try:
+                ending = self._watch(proc)
+            finally:
+                self._kill(proc)
+                worker.child = None
+            if ending is not None:
+                return
+            if retries < CHILD_RETRIES and self._crashed(proc.returncode):
+                # Killed by the system (the OOM killer, a segfault): the worker is fine, so go on
+                # from the last checkpoint here rather than wait for a lease to expire.
+                retries += 1
+                reason = self._exit_reason(proc.returncode, tail=False)
+                torn = self.artifacts.drop_torn_checkpoints()
+                self.progress.note(f"{reason}; retrying from the last checkpoint (retry {retries} of {CHILD_RETRIES})"
+                                   + "".join(f"; dropped the incomplete checkpoint {name}" for name in torn))
+                self._flush()
+                resume = True
+                continue
+            self._finish(proc.returncode, retries)
+            return
+
+    def _start_child(self, resume: bool) -> subprocess.Popen:
+        """Start the training process for this attempt (each start with files of its own)."""
+        prefix = f"{self.training.attempts}-{secrets.token_hex(2)}"
+        self.job_path, self.events_path, self.output_path = self.artifacts.attempt_files(prefix)
+        self.events_path.touch()
+        self.job_path.write_text(json.dumps({
+            "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
+            "settings": self.worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
+        }), encoding="utf-8")
         with open(self.output_path, "wb") as output:
-            proc = subprocess.Popen([sys.executable, "-m", "tunery.worker.child", str(self.job_path)],
+            return subprocess.Popen([sys.executable, "-m", "tunery.worker.child", str(self.job_path)],
                                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        worker.child = proc
-        try:
-            ending = self._watch(proc)
-        finally:
-            self._kill(proc)
-            worker.child = None
-        if ending is None:
-            self._finish(proc.returncode)
+
+    def _crashed(self, returncode: int) -> bool:
+        """Whether the child died of a signal the system sends (not of its own error or success)."""
+        progress = self.progress
+        return (returncode < 0 and -returncode in CRASH_SIGNALS
+                and progress.succeeded is None and progress.failed_error is None)
 
     def _watch(self, proc: subprocess.Popen) -> str | None:
         """Follow the child until it exits (None), or until the job is canceled, lost, or the
@@ -206,7 +235,7 @@ class _Run:
         if metrics:
             self._metrics_bytes = len(json.dumps(metrics))
 
-    def _finish(self, returncode: int) -> None:
+    def _finish(self, returncode: int, retries: int = 0) -> None:
         worker, progress = self.worker, self.progress
         if progress.succeeded is not None and returncode == 0:
             metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
@@ -221,22 +250,24 @@ class _Run:
                 log.info("worker %s: training %s succeeded: %s", worker.worker_id, self.id, done[0].output)
             return
         error = progress.failed_error or self._exit_reason(returncode)
+        if retries and not progress.failed_error:
+            error = f"{error} (after {retries} retries from the last checkpoint)"
         self.store.finish_training(self.id, worker.worker_id, status="failed", error=error)
         log.info("worker %s: training %s failed: %s", worker.worker_id, self.id, error)
 
-    def _exit_reason(self, returncode: int) -> str:
-        """Why the child ended without a `failed` event: the tail of its output, or its signal."""
+    def _exit_reason(self, returncode: int, *, tail: bool = True) -> str:
+        """Why the child ended without a `failed` event: its signal or status, and the tail of its output."""
         try:
-            tail = self.output_path.read_bytes()[-2000:].decode("utf-8", errors="replace").strip()
+            text = self.output_path.read_bytes()[-2000:].decode("utf-8", errors="replace").strip() if tail else ""
         except OSError:
-            tail = ""
+            text = ""
         if returncode < 0:
             name = signal.Signals(-returncode).name
             hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
             reason = f"the training process was killed by {name}{hint}"
         else:
             reason = f"the training process exited with status {returncode}"
-        return f"{reason}: {tail}" if tail else reason
+        return f"{reason}: {text}" if text else reason
 
     def _kill(self, proc: subprocess.Popen) -> None:
         """Stop the child's whole process group if it still runs: SIGTERM, then SIGKILL for
