@@ -243,3 +243,24 @@ def test_registered_source_is_what_the_worker_gets(server, root, alice, tiny_mod
     created = train(alice, "tunery/job-base", version, data_url).json()
     assert server.store.load_training(created["id"]).job["base"] == str(tiny_model_dir.resolve())
     alice.post(f"/v1/trainings/{created['id']}/cancel")
+
+
+@pytest.mark.slow
+def test_register_a_gguf_file(tmp_path):
+    """A .gguf base is dequantized once into the model cache; its version resolves to that copy."""
+    from tunery.models.registry import smollm2_gguf_path
+    from tunery.models.resolve import resolve_base
+    from tunery.server.bases import register_base
+    from tunery.settings import get_settings
+
+    store = Store(f"sqlite:///{tmp_path / 'tunery.db'}")
+    try:
+        gguf = smollm2_gguf_path()
+        base = register_base(store, get_settings(), name="smol-gguf", source=str(gguf), description=None,
+                             registered_by="cli:test")
+        assert (base["kind"], base["source"]) == ("gguf", str(gguf)) and len(base["sha256"]) == 64
+        assert Path(base["path"]).parent == get_settings().model_cache
+        model = store.get_model("anyone", "tunery", "smol-gguf")
+        assert resolve_base(store.latest_version(model.id).base_name).path == base["path"]
+    finally:
+        store.close()

@@ -104,9 +104,13 @@ def check_base(base: str, settings: Settings | None = None, *, label: str | None
         reason = _dir_problem(found.cache_dir)  # converted or downloaded before
     elif found.kind in ("registry", "gguf"):
         assert found.local is not None
-        with open(found.local, "rb") as f:
-            if f.read(4) != b"GGUF":
-                reason = f"{found.local} is not a GGUF file (it does not start with the GGUF magic)"
+        try:
+            with open(found.local, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            magic, reason = b"", f"cannot read {found.local}: {exc.strerror or exc}"
+        if not reason and magic != b"GGUF":
+            reason = f"{found.local} is not a GGUF file (it does not start with the GGUF magic)"
     elif found.kind == "url":
         reason = _url_problem(found.source)
     else:
