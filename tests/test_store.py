@@ -158,6 +158,26 @@ def test_rows_carry_aware_utc_times(store):
     assert again.created_at.utcoffset().total_seconds() == 0
 
 
+def test_registered_bases(store):
+    store.ensure_base_models(BASES)
+    first = store.add_base("mine", "/models/mine", description="ours", registered_by="cli:op")
+    assert first.id != base_version_id("mine") and len(first.id) == 64
+    model, version = store.find_version("bob", first.id)
+    assert (model.owner, model.name, model.is_base, model.visibility) == ("tunery", "mine", True, "public")
+    assert (version.base_name, model.registered_by, model.description) == ("/models/mine", "cli:op", "ours")
+    assert [m.name for m in store.list_bases().items] == ["mine"]  # the built-in ones are not listed
+    assert store.registered_base("smollm2-135m") is None and store.registered_base("mine").id == model.id
+    for name in ("mine", "smollm2-135m"):
+        with pytest.raises(Conflict):
+            store.add_base(name, "/elsewhere", description=None, registered_by="cli:op")
+
+    assert store.remove_base("smollm2-135m") is False  # built in
+    assert store.remove_base("mine") is True and store.remove_base("mine") is False
+    assert store.find_version("bob", first.id) is None and store.list_bases().items == []
+    again = store.add_base("mine", "/models/mine-v2", description=None, registered_by="owner:root")
+    assert again.id != first.id  # a new registration is a new version
+
+
 def test_webhook_secret_is_made_once(store, db_url):
     secret = store.webhook_secret()
     assert secret.startswith("whsec_") and len(secret) == len("whsec_") + 44

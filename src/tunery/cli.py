@@ -281,7 +281,7 @@ def demo(
 # -- the service ----------------------------------------------------------------------------
 # These modules import neither torch nor transformers at load, so the CLI stays quick to start.
 
-from tunery.server.cli import models_create, predictions_app, serve_command, trainings_app  # noqa: E402
+from tunery.server.cli import bases_app, models_create, predictions_app, serve_command, trainings_app  # noqa: E402
 from tunery.worker.cli import tokens_create, worker_command  # noqa: E402
 
 tokens_app = typer.Typer(help="API tokens for the server.", no_args_is_help=True)
@@ -292,6 +292,7 @@ app.command("worker")(worker_command)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(trainings_app, name="trainings")
 app.add_typer(predictions_app, name="predictions")
+app.add_typer(bases_app, name="bases")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     allow_local_paths: bool = Field(
         False, description="Let train_data name a path on the server's disk (TUNERY_ALLOW_LOCAL_PATHS)."
     )
+    admin_owners: str = Field(
+        "", description="Comma-separated owner names allowed to register and remove base models through "
+        "the API (TUNERY_ADMIN_OWNERS); default none: only `tunery bases` on the server's machine can."
+    )
     max_upload_bytes: int = Field(1024**3, description="Largest accepted file upload / download, in bytes.")
     lease_seconds: float = Field(
         30.0, description="A worker's claim on a training, and a server's on a prediction, lapse this long after "
@@ -100,6 +104,11 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'tunery.db'}"
+
+    @property
+    def admins(self) -> frozenset[str]:
+        """The owners named in admin_owners."""
+        return frozenset(name.strip() for name in self.admin_owners.split(",") if name.strip())
 
     @property
     def artifacts_dir(self) -> Path:

@@ -277,3 +277,79 @@ def models_create(
         _print(_api(url, token).request("POST", "/v1/models", json=body))
     except TuneryError as exc:
         _fail(exc)
+
+
+bases_app = typer.Typer(
+    help="Your own base models, in the configured database (TUNERY_DATABASE_URL): they are listed in "
+    "/v1/models as tunery/NAME and trained and predicted like the built-in ones.",
+    no_args_is_help=True,
+)
+
+
+def _local_store():
+    from tunery.settings import get_settings
+    from tunery.store.store import Store
+
+    settings = get_settings()
+    return settings, Store(settings.db_url)
+
+
+@bases_app.command("add")
+def bases_add(
+    name: Annotated[str, typer.Argument(help="Listed as tunery/NAME (lowercase letters, digits, '.', '_', '-').")],
+    source: Annotated[
+        str,
+        typer.Argument(help="A model directory, a .gguf file, a Hugging Face id in the local cache, or a "
+                       "storage URL of a model directory (s3://..., file://...)."),
+    ],
+    description: Annotated[str | None, typer.Option(help="A line about the base.")] = None,
+) -> None:
+    """Register a base: checks it loads (config, tokenizer, weight files), converts a GGUF or
+    downloads a URL into the model cache, and hashes its weights once (cached for every start)."""
+    import getpass
+
+    from tunery.server.bases import register_base
+    from tunery.store.store import Conflict
+
+    settings, store = _local_store()
+    try:
+        base = register_base(store, settings, name=name, source=source, description=description,
+                             registered_by=f"cli:{getpass.getuser()}")
+    except (TuneryError, Conflict) as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    typer.echo(f"{base['model']}:{base['version']}  {base['kind']} {base['source']}  sha256 {base['sha256'] or '-'}")
+
+
+@bases_app.command("list")
+def bases_list() -> None:
+    """The registered bases (the built-in ones: `tunery models list`)."""
+    from tunery.server.bases import base_json
+
+    _, store = _local_store()
+    try:
+        cursor = None
+        while True:
+            page = store.list_bases(cursor=cursor)
+            for model in page.items:
+                b = base_json(model, store.latest_version(model.id))
+                typer.echo(f"{b['model']}:{b['version']}  {b['source']}  {b['description'] or ''}".rstrip())
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    finally:
+        store.close()
+
+
+@bases_app.command("remove")
+def bases_remove(name: Annotated[str, typer.Argument(help="The registered base's NAME.")]) -> None:
+    """Remove a registered base from /v1/models (versions trained on it keep working; its cached
+    conversion or download stays in the model cache)."""
+    _, store = _local_store()
+    try:
+        if not store.remove_base(name):
+            _fail(TuneryError(f"no registered base tunery/{name} (built-in bases can not be removed)"))
+    finally:
+        store.close()
+    typer.echo(f"removed tunery/{name}")

@@ -64,6 +64,23 @@ def current_owner(request: Request, store: StoreDep) -> str:
 Owner = Annotated[str, Depends(current_owner)]
 
 
+def admin_owner(owner: Owner, settings: SettingsDep) -> str:
+    """The authenticated owner, if settings.admin_owners names it; else a 403 problem saying how an
+    operator makes someone an administrator."""
+    if owner not in settings.admins:
+        configured = "it does not name you" if settings.admins else "none is set"
+        raise ApiError(
+            403,
+            f"owner {owner!r} is not an administrator: only the owners listed in TUNERY_ADMIN_OWNERS "
+            f"(the admin_owners setting) may do this, and {configured}",
+            title="Forbidden",
+        )
+    return owner
+
+
+AdminOwner = Annotated[str, Depends(admin_owner)]
+
+
 class Paging:
     """The `cursor` and `limit` of a list request, and the rendering of a store Page as
     Replicate's `{"next", "previous", "results"}` with absolute URLs the client follows as given."""

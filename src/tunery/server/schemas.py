@@ -45,6 +45,16 @@ class ModelCreate(_Body):
     description: str | None = None
 
 
+class BaseCreate(_Body):
+    """POST /v1/bases."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Listed as tunery/<name>: lowercase letters, digits, "
+                      "'.', '_' and '-'.")
+    source: str = Field(min_length=1, max_length=500, description="A model directory or .gguf file on the "
+                        "server, a Hugging Face id in its cache, or a storage URL (s3://..., file://...).")
+    description: str | None = None
+
+
 class TrainingCreate(_Webhooks):
     """POST /v1/models/{owner}/{name}/versions/{id}/trainings."""
 

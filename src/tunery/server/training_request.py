@@ -1,7 +1,7 @@
 """Check a training request completely before anything is queued.
 
 `prepare_job` runs every check a worker would otherwise fail on minutes later: destination,
-base version, the typed inputs, and the data itself (fetched, every line validated, enough rows
+base version and that its files are there, the typed inputs, and the data itself (fetched, every line validated, enough rows
 left to train on). It writes no row; it returns the `job` the worker runs (the validated inputs
 with the data as local paths, plus the base model), or raises an ApiError naming every problem.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tunery.artifacts.run import Job
-from tunery.errors import DataError, TuneryError
+from tunery.errors import DataError, ModelNotFoundError, TuneryError
 from tunery.server.errors import ApiError, invalid, not_found
 from tunery.server.schemas import TrainingCreate
 from tunery.settings import Settings
@@ -51,6 +51,7 @@ def prepare_job(
             f"version {base.owner}/{base.name}:{version.id} is a trained version; "
             "train a base model's version (GET /v1/models lists them)"
         )
+    check_base_loads(settings, base, version)
     inputs = parse_training_inputs(body.input)
     token = secrets.token_hex(8)
     downloads = settings.download_dir / token
@@ -77,6 +78,17 @@ def prepare_job(
     if settings.objects.remote:  # the storage has what the worker reads
         shutil.rmtree(downloads, ignore_errors=True)
     return Job(inputs=body.input, data=data, base=version.base_name)
+
+
+def check_base_loads(settings: Settings, base: Model, version: Version) -> None:
+    """A 422 naming the base and the reason when its files are missing (a registry model that
+    was never downloaded, a registered directory deleted since); reads no weights."""
+    from tunery.models.resolve import check_base
+
+    try:
+        check_base(version.base_name, settings, label=f"{base.owner}/{base.name}")
+    except ModelNotFoundError as exc:
+        raise invalid(str(exc), [{"field": "version", "reason": str(exc)}], title="Base model unavailable") from None
 
 
 def check_destination(store: Store, owner: str, destination: str) -> Model:

@@ -116,6 +116,9 @@ class Model(Base):
     hardware: Mapped[str] = mapped_column(String(64), default="cpu")
     is_base: Mapped[bool] = mapped_column(Boolean, default=False)
     run_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Who registered an operator's base ("owner:<name>" through the API, "cli:<user>" through
+    # `tunery bases add`); None for the built-in bases and for users' models.
+    registered_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -117,6 +117,49 @@ class Store(JobsMixin):
             else:
                 version.base_name = base_name
 
+    def add_base(self, name: str, base_name: str, *, description: str | None, registered_by: str) -> Version:
+        """Register an operator's base model: the public model "tunery/<name>" with one version
+        whose base_name (what models.resolve_base accepts) is `base_name`. Its version id is new
+        each time, so re-registering a name with other weights never reuses an id that trained
+        versions or clients recorded. Raises Conflict if a model of that name exists."""
+        try:
+            with self.session() as s:
+                if s.scalar(select(Model.id).where(Model.owner == BASE_OWNER, Model.name == name)) is not None:
+                    raise Conflict(f"base model {BASE_OWNER}/{name} already exists")
+                model = Model(owner=BASE_OWNER, name=name, description=description, visibility="public",
+                              is_base=True, registered_by=registered_by)
+                s.add(model)
+                s.flush()
+                version = Version(model_id=model.id, base_name=base_name)
+                s.add(version)
+        except IntegrityError as exc:
+            raise Conflict(f"base model {BASE_OWNER}/{name} already exists") from exc
+        return version
+
+    def registered_base(self, name: str) -> Model | None:
+        """The operator-registered base "tunery/<name>"; None for a built-in base or no base."""
+        with self._reading() as s:
+            return s.scalar(select(Model).where(Model.owner == BASE_OWNER, Model.name == name,
+                                                Model.registered_by.is_not(None)))
+
+    def list_bases(self, *, cursor: str | None = None, limit: int = 100) -> Page:
+        """The operator-registered bases, newest first."""
+        with self._reading() as s:
+            stmt = select(Model).where(Model.owner == BASE_OWNER, Model.registered_by.is_not(None))
+            return paginate(s, stmt, Model.created_at, Model.id, cursor, limit)
+
+    def remove_base(self, name: str) -> bool:
+        """Remove an operator-registered base and its version (versions trained on it keep their own
+        base_name and stay usable); False when there is no registered base of that name."""
+        with self.session() as s:
+            model = s.scalar(select(Model).where(Model.owner == BASE_OWNER, Model.name == name,
+                                                 Model.registered_by.is_not(None)))
+            if model is None:
+                return False
+            s.execute(delete(Version).where(Version.model_id == model.id))
+            s.delete(model)
+            return True
+
     def create_model(self, owner: str, name: str, *, description: str | None = None,
                      visibility: str = "private", hardware: str = "cpu") -> Model:
         """Create the model `owner/name`; raises Conflict if it exists."""
