@@ -69,7 +69,7 @@ def resolve_base(base: str, settings: Settings | None = None) -> ResolvedBase:
     """Resolve `base`, converting a GGUF or downloading a storage URL the first time. Raises
     ModelNotFoundError, in one line, naming what was tried or what is missing."""
     settings = settings or get_settings()
-    found = _locate(base, settings)
+    found = _locate(base, settings, download=True)
     if found.kind in ("registry", "gguf"):
         assert found.local is not None and found.cache_dir is not None
         cached = _cached_gguf(found.local, found.cache_dir)
@@ -142,8 +142,9 @@ def probe_base(resolved: ResolvedBase) -> None:
         )
 
 
-def _locate(base: str, settings: Settings) -> _Found:
-    """Which kind of base `base` names, and where its files are. Reads no weights."""
+def _locate(base: str, settings: Settings, *, download: bool = False) -> _Found:
+    """Which kind of base `base` names, and where its files are. Reads no weights; with
+    `download`, a Hugging Face id missing from the local cache is fetched from the hub."""
     tried: list[str] = []
     asked = base
 
@@ -187,10 +188,15 @@ def _locate(base: str, settings: Settings) -> _Found:
         raise ModelNotFoundError(f"base model {asked!r}: {tried[-1]}")
     if HF_ID.match(base) and not path.exists():
         snapshot = _hf_snapshot(base)
+        fetch_error = None
+        if snapshot is None and download:
+            snapshot, fetch_error = _hf_download(base)
         if snapshot is None:
+            how = (f"and fetching it from the Hugging Face hub failed ({fetch_error})" if fetch_error
+                   else "(not in the Hugging Face cache; the service does not download base weights while a "
+                   "training waits)")
             raise ModelNotFoundError(
-                f"base model {asked!r}: {base} is not downloaded (not in the Hugging Face cache; tunery does "
-                f"not download base weights while a training waits); download it with `hf download {base}`, "
+                f"base model {asked!r}: {base} is not downloaded {how}; download it with `hf download {base}`, "
                 "or register a local copy with `tunery bases add NAME DIRECTORY`"
             )
         return _Found(base, "hf", f"hf:{base}", snapshot)
@@ -213,6 +219,19 @@ def _hf_snapshot(repo_id: str) -> Path | None:
 
     config = try_to_load_from_cache(repo_id, "config.json")
     return Path(config).parent if isinstance(config, str) else None
+
+
+def _hf_download(repo_id: str) -> tuple[Path | None, str | None]:
+    """(the snapshot folder, None) after fetching `repo_id`'s config, tokenizer and safetensors
+    weights from the hub, or (None, the first line of why not: offline, no access, no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                             "*.txt", "*.tiktoken"])
+    except Exception as exc:  # huggingface_hub's errors: offline, gated, missing, network
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+    return Path(folder), None
 
 
 def _dir_problem(path: Path) -> str | None:
