@@ -74,10 +74,25 @@ class Settings(BaseSettings):
         'e.g. {"endpoint_url": "http://127.0.0.1:9000"} for an S3-compatible server; credentials come from '
         "the usual AWS_* variables."
     )
+    gpus: str | None = Field(
+        None, description="CUDA devices a worker's trainings get, comma-separated (TUNERY_GPUS; `tunery worker "
+        "--gpus 0,1`). The embedded workers of `tunery serve` split them between themselves. Default: what "
+        "the process sees."
+    )
+    train_processes: int = Field(
+        0, ge=0, description="Processes per service training (TUNERY_TRAIN_PROCESSES; 0: one per GPU in `gpus`, "
+        "else 1). Several run under `accelerate launch`: DDP, or FSDP with the training input fsdp; on a CPU, "
+        "over gloo."
+    )
     checkpoint_minutes: float = Field(
         10.0, ge=0, description="Service trainings also save a checkpoint when this many minutes passed since "
         "the last one (0: only at the steps or epochs the inputs ask for)."
     )
+
+    @property
+    def devices(self) -> list[str]:
+        """The CUDA device ids in `gpus`, in order (empty: none named)."""
+        return [d.strip() for d in (self.gpus or "").split(",") if d.strip()]
 
     @property
     def storage(self) -> str:

@@ -91,6 +91,12 @@ class TrainingInputs(BaseModel):
     )
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    fsdp: bool = Field(
+        False,
+        description="When the training runs on several processes (GPUs): shard the weights, gradients and "
+        "optimizer state over them (FSDP full sharding), for a base that does not fit one device. Without "
+        "it each process holds the whole model (DDP).",
+    )
     lora_target_modules: str = Field(
         "all-linear",
         description="Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear.",
@@ -160,6 +166,9 @@ _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
     ("wrap_packed_sequences", ("wrap_packed_sequences", "pack_sequences"),
      lambda m: "wrap_packed_sequences needs pack_sequences=true"
      if m.wrap_packed_sequences and not m.pack_sequences else None),
+    ("fsdp", ("fsdp", "peft_method"),
+     lambda m: "fsdp is not available with peft_method=qlora (its 4-bit weights cannot be sharded here); "
+     "use lora or full" if m.fsdp and m.peft_method == "qlora" else None),
     ("max_seq_length", ("max_seq_length", "pack_sequences", "chunk_size"),
      lambda m: f"max_seq_length ({m.max_seq_length}) cannot exceed chunk_size ({m.chunk_size}) when packing"
      if m.max_seq_length is not None and m.pack_sequences and m.max_seq_length > m.chunk_size else None),

@@ -43,6 +43,11 @@ def serve_command(
             help="Training workers to run inside the server (default 1; 0: none, run `tunery worker`)."
         ),
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="CUDA devices for the embedded workers' trainings, e.g. 0,1,2,3 (split between the "
+                     "workers: with --workers 2, 0,1 and 2,3)."),
+    ] = None,
 ) -> None:
     """Serve Replicate's HTTP API (trainings, predictions, models, files) until interrupted."""
     import uvicorn
@@ -55,6 +60,7 @@ def serve_command(
         "port": port,
         "database_url": database_url,
         "embedded_workers": workers,
+        "gpus": gpus,
     }
     settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
     from tunery.artifacts import check_storage

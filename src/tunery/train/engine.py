@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
@@ -46,6 +47,18 @@ class CountingCollator:
         batch = self.inner(features)
         batch["_real_tokens"] = torch.tensor(sum(len(f["input_ids"]) for f in features))
         return batch
+
+
+def fsdp_arguments(model, inputs: TrainingInputs) -> dict[str, Any]:
+    """TrainingArguments for FSDP full sharding over the processes, when asked for and there are
+    several: each decoder layer is one shard unit; `use_orig_params` keeps LoRA's frozen and
+    trainable parameters apart inside a unit."""
+    if not inputs.fsdp or world_size() == 1:
+        return {}
+    layer_classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"transformer_layer_cls_to_wrap": layer_classes, "use_orig_params": True,
+                            "sync_module_states": True, "cpu_ram_efficient_loading": False}}
 
 
 def world_size() -> int:
@@ -156,6 +169,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         # Every trainable parameter (LoRA's or, in full fine-tuning, all) is used in each forward:
         # spare DDP the extra graph traversal that looking for unused ones costs every step.
         ddp_find_unused_parameters=False,
+        **fsdp_arguments(model, inputs),
     )
     meter = TokenMeter(world=world_size())
     events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)

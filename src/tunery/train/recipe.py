@@ -285,6 +285,18 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     )
     newest = run.newest_checkpoint() if resume else None
     checkpoint = str(newest) if newest is not None else None
+    from tunery.train.engine import world_size
+
+    processes = world_size()
+    sharding = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp") if processes > 1 else None
+    if sharding:
+        how = "FSDP full sharding" if sharding == "fsdp" else "DDP, a whole model in each"
+        sink.emit("log", message=f"{processes} processes ({how})")
+        if inputs.fsdp and sharding != "fsdp":
+            sink.emit("warning", message=f"fsdp: accelerate shards over GPUs only; these {processes} {device} "
+                      "processes train with DDP")
+    elif inputs.fsdp:
+        sink.emit("log", message="fsdp: one process, nothing to shard over")
     if resume and checkpoint is None:
         sink.emit("log", message="no checkpoint to resume from; starting from step 0")
     if checkpoint:
@@ -314,20 +326,28 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     if data.validation and inputs.run_validation:
         final_val = trainer.evaluate().get("eval_loss")
 
+    # 5. Save: adapter (or full model), tokenizer, manifest, archive; then to storage.
     full = inputs.peft_method == "full"
     out_dir = run.weights_dir(full)
+    sharded = getattr(trainer, "is_fsdp_enabled", False)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(out_dir, ignore_errors=True)
+    if sharded:  # every process hands in its shards; the first writes the whole weights
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(out_dir))
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir=run.work, adapter_dir=out_dir, archive=run.work / ARCHIVE, manifest={})
-
-    # 5. Save: adapter (or full model), tokenizer, manifest, archive; then to storage.
     from tunery.artifacts import build_manifest
 
     out_name = out_dir.name
-    shutil.rmtree(out_dir, ignore_errors=True)
-    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    if not sharded:
+        trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(run.tokenizer)
     report = None
-    if test_ds is not None:
+    if test_ds is not None and sharded:
+        sink.emit("warning", message="no evaluation after an FSDP training (its model is sharded over the "
+                  f"processes): run `tunery eval {test_ds.name} --weights {run.url} --compare`")
+    elif test_ds is not None:
         report = _evaluate_after_training(trainer.model, tokenizer, test_ds, inputs, sink, progress)
     train_losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
     metrics = {
@@ -340,6 +360,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         "steps": trainer.state.global_step,
         "train_runtime_s": round(train_runtime, 2),
         "total_runtime_s": round(time.time() - started, 2),
+        "processes": processes,
+        "sharding": sharding,
         "padding_fraction": data.stats["padding_fraction"],
         "packing_fill": data.stats["packing_fill"],
         "history": events_cb.history,

@@ -18,17 +18,31 @@ import time
 from pathlib import Path
 
 
-def _die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+def _die_with_worker(worker_pid: int, interval: float = 0.5) -> None:
     """Stop this process when its worker is gone (killed with SIGKILL, say): another worker
-    resumes the job after the lease expires, and must not find this one still writing."""
+    resumes the job after the lease expires, and must not find this one still writing. Under
+    `accelerate launch` the launcher sits between, so this watches the worker's pid itself."""
+
+    def alive() -> bool:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a killed worker not yet reaped by its parent is a zombie: as good as gone
+            state = Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state != "Z"
 
     def watch() -> None:
         while True:
-            if os.getppid() != parent_pid:
+            if not alive():
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(interval)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +50,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tunery.worker.child JOB.json", file=sys.stderr)
         return 2
     attempt = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    _die_with_parent(attempt["parent_pid"])
+    _die_with_worker(attempt["parent_pid"])
 
     from tunery.settings import Settings
     from tunery.train.recipe import train

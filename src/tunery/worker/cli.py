@@ -21,6 +21,12 @@ def worker_command(
         "SQLite file under TUNERY_HOME).")] = None,
     worker_id: Annotated[str | None, typer.Option(
         "--worker-id", help="Name of this worker in leases and logs (default: host-pid-random).")] = None,
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="CUDA devices this worker's trainings get, e.g. 0,1 (default: TUNERY_GPUS, else all "
+        "it sees). With several, a training runs one process per device under accelerate.")] = None,
+    processes: Annotated[int | None, typer.Option(
+        "--processes", min=1, help="Processes per training (default: one per GPU in --gpus, else 1; on a CPU, "
+        "several run over gloo).")] = None,
 ) -> None:
     """Run a training worker (and a webhook sender) until Ctrl-C or SIGTERM.
 
@@ -33,6 +39,8 @@ def worker_command(
     from tunery.worker.service import run_worker
 
     settings = get_settings()
+    overrides = {"gpus": gpus, "train_processes": processes}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     try:  # a storage that cannot be written stops the worker here, not each training later
         check_storage(settings.storage, settings.storage_options)
     except TuneryError as exc:

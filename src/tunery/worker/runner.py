@@ -47,6 +47,30 @@ def flush_interval(row_bytes: int) -> float:
     return min(MAX_FLUSH_INTERVAL, max(FLUSH_INTERVAL, row_bytes / FLUSH_BYTES_PER_SECOND))
 
 
+def processes_for(job: Job, settings: Settings) -> tuple[int, str]:
+    """(processes to train `job` with, a note on them for the log). One per device named in the
+    settings (or `train_processes`), as many of them as split its global batch evenly: the
+    global batch is train_batch_size, cut into micro batches shared out over the processes."""
+    wanted = settings.train_processes or len(settings.devices) or 1
+    if wanted == 1:
+        return 1, ""
+    inputs = job.training_inputs()
+    micro_batches = max(1, inputs.train_batch_size // inputs.micro_batch_size)
+    processes = max(p for p in range(1, wanted + 1) if micro_batches % p == 0)
+    where = f"GPUs {','.join(settings.devices)}" if settings.devices else "the CPU"
+    note = f"{processes} processes on {where}"
+    if processes < wanted:
+        note += (f" (not {wanted}: train_batch_size {inputs.train_batch_size} / micro_batch_size "
+                 f"{inputs.micro_batch_size} = {micro_batches} micro batches a step)")
+    return processes, note
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -111,6 +135,7 @@ class _Run:
         self.stop_event = stop_event
         self.artifacts = worker.settings.training_run(training.id)  # the run folder (artifacts.Run)
         self.job_path = self.events_path = self.output_path = Path()  # the running child's files
+        self.processes = 1
         self.progress = Progress(training.metrics)
         # What a write of logs + metrics weighs (logs so far plus the last metrics written).
         self._logs_bytes = len((training.logs or "").encode())
@@ -125,7 +150,10 @@ class _Run:
         resume = training.attempts > 1 or bool(self.artifacts.checkpoint_names())
         self.artifacts.write_job(job)
         self.store.set_training_run_dir(self.id, worker.worker_id, self.artifacts.url)
+        self.processes, spread = processes_for(job, worker.settings)
         how = "resuming from the last checkpoint" if resume else "starting"
+        if spread:
+            how += f"; {spread}"
         note = "".join(f"dropped the incomplete checkpoint {name}\n" for name in torn)
         header = f"worker {worker.worker_id}: attempt {training.attempts}, {how}\n"
         self.store.append_training_logs(self.id, worker.worker_id, header + note)
@@ -164,10 +192,27 @@ class _Run:
             "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
             "settings": self.worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
         }), encoding="utf-8")
+        command, env = self._launch()
         with open(self.output_path, "wb") as output:
-            return subprocess.Popen([sys.executable, "-m", "tunery.worker.child", str(self.job_path)],
+            return subprocess.Popen([*command, "-m", "tunery.worker.child", str(self.job_path)], env=env,
                                     stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+
+    def _launch(self) -> tuple[list[str], dict[str, str]]:
+        """How to start the training: one Python process, or `accelerate launch` with one process
+        per device (DDP, or FSDP when the training asks), on the worker's devices only."""
+        settings = self.worker.settings
+        env = dict(os.environ)
+        if settings.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(settings.devices)
+        processes = self.processes
+        if processes == 1:
+            return [sys.executable], env
+        if not settings.devices:  # CPU processes: share the cores instead of each taking all of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+                "--dynamo_backend", "no"], env
 
     def _crashed(self, returncode: int) -> bool:
         """Whether the child died of a signal the system sends (not of its own error or success)."""

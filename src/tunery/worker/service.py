@@ -9,12 +9,27 @@ import signal
 import socket
 import threading
 
+from tunery.errors import TuneryError
 from tunery.settings import Settings
 from tunery.store.store import Store
 from tunery.worker.runner import Worker
 from tunery.worker.webhooks import WebhookSender
 
 log = logging.getLogger("tunery.worker")
+
+
+def split_devices(settings: Settings, workers: int) -> list[Settings]:
+    """Each of `workers` workers' settings, with its own share of `settings.gpus` (0,1,2,3 over two
+    workers: 0,1 and 2,3), so that two trainings never land on one device."""
+    devices = settings.devices
+    if not devices or workers <= 1:
+        return [settings] * workers
+    if len(devices) < workers:
+        raise TuneryError(f"{workers} embedded workers need at least one GPU each, but gpus names {len(devices)} "
+                          f"({settings.gpus}); lower --workers or name more GPUs")
+    share = len(devices) // workers
+    return [settings.model_copy(update={"gpus": ",".join(devices[i * share:(i + 1) * share])})
+            for i in range(workers)]
 
 
 class EmbeddedWorkers:
@@ -27,8 +42,8 @@ class EmbeddedWorkers:
         self.settings = settings
         self.count = settings.embedded_workers if count is None else count
         host = f"{socket.gethostname()}-{os.getpid()}"
-        self.workers = [Worker(store, settings, worker_id=f"{host}-embedded-{i}", poll_interval=poll_interval)
-                        for i in range(self.count)]
+        self.workers = [Worker(store, own, worker_id=f"{host}-embedded-{i}", poll_interval=poll_interval)
+                        for i, own in enumerate(split_devices(settings, self.count))]
         self.sender = WebhookSender(store) if webhooks else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
