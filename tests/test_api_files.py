@@ -45,7 +45,8 @@ def test_upload_get_download_delete(server, alice):
     assert f["etag"] and f["created_at"].endswith("Z")
     assert f["urls"]["get"] == f"{server.url}/v1/files/{f['id']}"
     stored = Path(server.store.get_file("alice", f["id"]).path)
-    assert stored.read_bytes() == data and stored.is_relative_to(server.settings.files_dir)
+    assert stored.read_bytes() == data and stored.is_relative_to(Path(server.settings.storage) / "files")
+    assert stored_files(server) == [stored]  # in the storage only: the staging copy is gone
 
     assert alice.get(f"/v1/files/{f['id']}").json() == f
     download = alice.get(f"/v1/files/{f['id']}/download")
@@ -70,7 +71,9 @@ def test_upload_names_and_types(alice):
 
 
 def stored_files(server) -> list[Path]:
-    return sorted(p for p in server.settings.files_dir.rglob("*") if p.is_file())
+    """Uploads in the storage and in the staging folder they are received in."""
+    folders = (server.settings.files_dir, Path(server.settings.storage) / "files")
+    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("size", [LIMIT + 1, LIMIT + 70_000])

@@ -280,11 +280,13 @@ def test_create_from_a_url_and_a_local_path(server, alice, web, tmp_path, qa_row
         server.store.load_training(create(alice, {"train_data": url, **GOOD}).json()["id"]).job["data"]
         for _ in range(2)
     )
-    assert first["train_data"].startswith(str(server.settings.download_dir))
+    assert first["train_data"].startswith(f"{server.settings.storage}/data/")  # where any worker reads it
     assert first["train_data"] != second["train_data"]  # each training has its own copy
     # A later request for the same URL that fails removes only its own download.
     assert_problem(create(alice, {"train_data": url, "validation_data": web.url + "/huge.jsonl"}), 422)
     assert Path(first["train_data"]).is_file() and Path(second["train_data"]).is_file()
+    downloads = server.settings.download_dir
+    assert not downloads.exists() or not [p for p in downloads.iterdir() if p.is_dir()]  # nothing left behind
     path = tmp_path / "local.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in qa_rows_module))
     training = create(alice, {"train_data": str(path), **GOOD}).json()

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
 
     @property
     def files_dir(self) -> Path:
+        """Where uploads are received (size-capped, hashed) before they move to the storage."""
         return self.home / "files"
 
     @property

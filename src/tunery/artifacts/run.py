@@ -410,11 +410,17 @@ class Storage:
         self.options = options or {}
 
     def put(self, local: Path, name: str) -> str:
-        """The URL of a copy of `local` under `name` (a local storage keeps the file where it is)."""
+        """Copy `local` into the storage under `name`; its URL (for a local storage, its path)."""
         if not self.remote:
-            return str(local)
+            dest = Path(self.root).expanduser() / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+            return str(dest)
         fs, root = filesystem(self.root, self.options)
-        fs.put_file(str(local), f"{root}/{name}")
+        with _storage(self.root, f"copy {name} there"):
+            fs.put_file(str(local), f"{root}/{name}")
         return f"{self.root}/{name}"
 
     def open(self, url: str) -> IO[bytes]:

@@ -65,17 +65,15 @@ def prepare_job(
             found[field] = _resolve(store, settings, owner, field, source, own_hosts, downloads)
         _check_data(inputs, found["train_data"], found.get("validation_data"))
         for field, (path, _name, url) in found.items():
-            if url is None:  # fetched now: into the storage, for the worker
+            if url is None:  # fetched now: into the storage, where the worker reads it
                 url = settings.objects.put(path, f"data/{token}/{field}-{path.name[-80:]}")
-                if url != str(path):
-                    stored.append(url)
+                stored.append(url)
             data[field] = url
     except BaseException:
-        shutil.rmtree(downloads, ignore_errors=True)
         for url in stored:
             settings.objects.delete(url)
         raise
-    if settings.objects.remote:  # the storage has what the worker reads
+    finally:
         shutil.rmtree(downloads, ignore_errors=True)
     return Job(inputs=body.input, data=data, base=version.base_name)
 

@@ -61,8 +61,7 @@ def create_file(
         if url is not None:
             settings.objects.delete(url)
         raise
-    if url != str(path):  # kept in the storage only
-        path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # the storage has it
     return file_json(row, base)
 
 
