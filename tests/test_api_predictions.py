@@ -259,7 +259,7 @@ def test_a_private_trained_version_runs_for_its_owner_only(server, alice, bob, t
     model = server.store.create_model("alice", "private-m")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "fake-base"}))
     with server.store.session() as s:
-        s.add(Version(id="e" * 64, model_id=model.id, base_name="fake-base", weights_path=str(tmp_path)))
+        s.add(Version(id="e" * 64, model_id=model.id, base_name="fake-base", run_url=str(tmp_path)))
     p = predict(alice, version="e" * 64)
     assert p["status"] == "succeeded" and p["model"] == "alice/private-m"
     assert SCRIPTED.calls[-1]["weights"] == str(tmp_path)

@@ -158,7 +158,7 @@ def test_unknown_or_foreign_version_is_404(server, alice, bob, good_file, nothin
 def test_a_trained_version_is_not_a_base(server, alice, good_file):
     model = server.store.get_model("alice", "alice", "dest")
     with server.store.session() as s:
-        s.add(Version(id="f" * 64, model_id=model.id, base_name="smollm2-135m", weights_path="/nowhere"))
+        s.add(Version(id="f" * 64, model_id=model.id, base_name="smollm2-135m", run_url="/nowhere"))
     before = server.counts()
     body = assert_problem(
         create(

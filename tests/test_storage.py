@@ -89,7 +89,7 @@ def test_a_training_moves_between_machines_through_the_bucket(tmp_path, bucket, 
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait()
         row = store.load_training(training.id)
-        assert (row.status, row.lease_owner, row.run_dir) == ("processing", "doomed", run_url)
+        assert (row.status, row.lease_owner, row.run_url) == ("processing", "doomed", run_url)
 
         heir = Worker(store, Settings(home=heir_home, storage_url=storage, storage_options=options,
                                       lease_seconds=3), worker_id="heir", poll_interval=0.2)
@@ -109,7 +109,7 @@ def test_a_training_moves_between_machines_through_the_bucket(tmp_path, bucket, 
         assert manifest["inputs"] == inputs  # the user's inputs as given, not the resolved ones
         dest = store.get_model("alice", "alice", "dest")
         version = store.latest_version(dest.id)
-        assert version.weights_path == run_url
+        assert version.run_url == run_url
         store.close()
 
         # A server on a third machine: the weights exist only in the bucket.

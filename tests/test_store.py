@@ -81,13 +81,13 @@ def test_versions_are_found_only_through_visible_models(store):
     secret = store.create_model("alice", "secret")
     training = _training(store, "alice", destination="alice/secret")
     store.claim_training("w", 30)
-    _, version = store.succeed_training(training.id, "w", run_dir="/runs/x", weights_url="u", metrics={})
+    _, version = store.succeed_training(training.id, "w", run_url="/runs/x", weights_url="u", metrics={})
 
     assert store.find_version("bob", version.id) is None
     model, found = store.find_version("alice", version.id)
     assert (model.name, found.id, found.base_name) == ("secret", version.id, "smollm2-135m")
     assert found.training_id == training.id
-    assert store.get_version(secret.id, version.id).weights_path == "/runs/x"
+    assert store.get_version(secret.id, version.id).run_url == "/runs/x"
     assert store.get_version(secret.id, base_version_id("smollm2-135m")) is None
     base_model, base_version = store.find_version("bob", base_version_id("llama-2-7b"))
     assert (base_model.owner, base_model.is_base) == ("tunery", True)
@@ -115,7 +115,7 @@ def test_base_models_are_idempotent_with_stable_ids(store, db_url):
         assert (model.is_base, model.visibility, model.description) == (True, "public", description)
         versions = store.list_versions(model.id).items
         assert [v.id for v in versions] == [hashlib.sha256(f"tunery-base:{name}".encode()).hexdigest()]
-        assert versions[0].base_name == base_name and versions[0].weights_path is None
+        assert versions[0].base_name == base_name and versions[0].run_url is None
     assert len(store.list_models("anyone").items) == len(BASES)
 
 

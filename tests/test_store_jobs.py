@@ -104,7 +104,7 @@ def test_an_expired_lease_passes_to_another_worker(store):
     assert store.heartbeat(training.id, "w1", 30) == "lost"
     store.append_training_logs(training.id, "w1", "stale\n", metrics={"loss": 9.0})
     assert store.finish_training(training.id, "w1", status="failed", error="stale") is None
-    assert store.succeed_training(training.id, "w1", run_dir="/x", weights_url="u", metrics={}) is None
+    assert store.succeed_training(training.id, "w1", run_url="/x", weights_url="u", metrics={}) is None
     row = store.load_training(training.id)
     assert (row.status, row.logs, row.metrics, row.lease_owner) == ("processing", "", {}, "w2")
 
@@ -144,7 +144,7 @@ def test_cancel_in_each_state(store):
 
     done = _training(store)
     store.claim_training("w1", 30)
-    store.succeed_training(done.id, "w1", run_dir="/x", weights_url="u", metrics={})
+    store.succeed_training(done.id, "w1", run_url="/x", weights_url="u", metrics={})
     row = store.cancel_training("alice", done.id)
     assert (row.status, row.cancel_requested) == ("succeeded", False)
 
@@ -160,13 +160,13 @@ def test_cancel_in_each_state(store):
 def test_succeeding_creates_a_version_on_the_destination(store):
     training = _training(store)
     store.claim_training("w1", 30)
-    row, version = store.succeed_training(training.id, "w1", run_dir="/runs/t", weights_url="http://w",
+    row, version = store.succeed_training(training.id, "w1", run_url="/runs/t", weights_url="http://w",
                                           metrics={"train_loss": 0.5})
     dest = store.get_model("alice", "alice", "dest")
     assert row.status == "succeeded" and row.output["version"] == f"alice/dest:{version.id}"
-    assert (row.output["weights"], row.metrics["train_loss"], row.run_dir) == ("http://w", 0.5, "/runs/t")
+    assert (row.output["weights"], row.metrics["train_loss"], row.run_url) == ("http://w", 0.5, "/runs/t")
     assert store.latest_version(dest.id).id == version.id
-    assert (version.base_name, version.weights_path) == ("smollm2-135m", "/runs/t")
+    assert (version.base_name, version.run_url) == ("smollm2-135m", "/runs/t")
     assert version.training_id == training.id
 
 
@@ -202,7 +202,7 @@ def test_webhook_outbox_rows_follow_the_filter(store):
     for t in (everything, only_completed, no_hook):
         store.claim_training("w1", 30)
         store.append_training_logs(t.id, "w1", "line 1\n")
-        store.succeed_training(t.id, "w1", run_dir="/x", weights_url="u", metrics={})
+        store.succeed_training(t.id, "w1", run_url="/x", weights_url="u", metrics={})
     assert _events(store, everything.id) == ["start", "logs", "completed"]
     assert _events(store, only_completed.id) == ["completed"]
     assert _events(store, no_hook.id) == []

@@ -97,9 +97,9 @@ def _check_succeeded(store, settings, training_id, version, tiny_model_dir):
     assert row.output == {"weights": f"http://tunery.test/v1/trainings/{training_id}/weights",
                           "version": f"alice/dest:{version.id}"}
     run_dir = settings.artifacts_dir / "trainings" / training_id
-    assert (version.weights_path, version.base_name) == (str(run_dir), str(tiny_model_dir))
+    assert (version.run_url, version.base_name) == (str(run_dir), str(tiny_model_dir))
     assert (run_dir / "adapter").is_dir() and (run_dir / "training_output.zip").is_file()
-    assert row.run_dir == str(run_dir)
+    assert row.run_url == str(run_dir)
     assert [e["type"] for e in read_events(run_dir / "events.jsonl")].count("started") == 1
 
     assert re.match(r"worker w[01]: attempt 1, starting\n", row.logs) and row.logs.count("attempt 1") == 1

@@ -156,7 +156,7 @@ class PredictionRunner:
         adopted = self.store.adopt_orphaned_predictions(self.runner_id, self.lease_seconds)
         for row, version in adopted:
             log.info("taking over prediction %s, left unfinished by a server that stopped", row.id)
-            self.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=row.input)
+            self.submit(row.id, base=version.base_name, weights=version.run_url, inputs=row.input)
         return len(adopted)
 
     def _lease_loop(self) -> None:

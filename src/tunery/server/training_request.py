@@ -46,7 +46,7 @@ def prepare_job(
     and from there to the storage (where a worker on another machine reads them).
     """
     check_destination(store, owner, body.destination)
-    if not base.is_base or version.weights_path is not None:
+    if not base.is_base or version.run_url is not None:
         raise invalid(
             f"version {base.owner}/{base.name}:{version.id} is a trained version; "
             "train a base model's version (GET /v1/models lists them)"

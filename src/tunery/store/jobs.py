@@ -157,12 +157,12 @@ class JobsMixin:
             row.attempts = max(row.attempts - 1, 0)
             return True
 
-    def set_training_run_dir(self, training_id: str, worker_id: str, run_dir: str) -> None:
+    def set_training_run(self, training_id: str, worker_id: str, run_url: str) -> None:
         """Record where the training's files are (ignored without the lease)."""
         with self.session() as s:
             row = self._held(s, training_id, worker_id)
             if row is not None:
-                row.run_dir = run_dir
+                row.run_url = run_url
 
     def finish_training(self, training_id: str, worker_id: str, *, status: str, error: str | None = None,
                         metrics: dict[str, Any] | None = None, output: dict[str, Any] | None = None,
@@ -182,9 +182,9 @@ class JobsMixin:
             self._end_training(s, row, status, error=error)
             return row
 
-    def succeed_training(self, training_id: str, worker_id: str, *, run_dir: str, weights_url: str,
+    def succeed_training(self, training_id: str, worker_id: str, *, run_url: str, weights_url: str,
                          metrics: dict[str, Any]) -> tuple[Training, Version] | None:
-        """In one transaction: add a version (the weights in `run_dir`) to the destination model,
+        """In one transaction: add a version (the weights of the run at `run_url`) to the destination model,
         set the output to {"weights": weights_url, "version": "owner/name:id"} and mark the training
         succeeded. None, and nothing changed, when `worker_id` does not hold the lease; LookupError
         when the destination model is gone."""
@@ -198,10 +198,10 @@ class JobsMixin:
                 raise LookupError(f"destination model {row.destination} does not exist")
             trained = s.get(Version, row.version_id)
             base_name = trained.base_name if trained is not None else str(row.job.get("base", ""))
-            version = Version(model_id=dest.id, base_name=base_name, weights_path=run_dir, training_id=row.id)
+            version = Version(model_id=dest.id, base_name=base_name, run_url=run_url, training_id=row.id)
             s.add(version)
             s.flush()
-            row.run_dir = run_dir
+            row.run_url = run_url
             row.output = {"weights": weights_url, "version": f"{dest.owner}/{dest.name}:{version.id}"}
             if metrics:
                 row.metrics = {**(row.metrics or {}), **metrics}

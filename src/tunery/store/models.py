@@ -130,7 +130,7 @@ class Version(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_version_id)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     base_name: Mapped[str] = mapped_column(String(500))  # what models.resolve_base accepts
-    weights_path: Mapped[str | None] = mapped_column(Text)  # run directory; None for a base version
+    run_url: Mapped[str | None] = mapped_column(Text)  # the trained run's URL; None for a base version
     training_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -173,7 +173,7 @@ class Training(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     webhook: Mapped[str | None] = mapped_column(Text)
     webhook_events_filter: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    run_dir: Mapped[str | None] = mapped_column(Text)
+    run_url: Mapped[str | None] = mapped_column(Text)  # the run in the storage
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))

@@ -149,7 +149,7 @@ class _Run:
         torn = self.artifacts.drop_torn_checkpoints()
         resume = training.attempts > 1 or bool(self.artifacts.checkpoint_names())
         self.artifacts.write_job(job)
-        self.store.set_training_run_dir(self.id, worker.worker_id, self.artifacts.url)
+        self.store.set_training_run(self.id, worker.worker_id, self.artifacts.url)
         self.processes, spread = processes_for(job, worker.settings)
         how = "resuming from the last checkpoint" if resume else "starting"
         if spread:
@@ -286,7 +286,7 @@ class _Run:
             metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
             try:
                 done = self.store.succeed_training(
-                    self.id, worker.worker_id, run_dir=self.artifacts.url,
+                    self.id, worker.worker_id, run_url=self.artifacts.url,
                     weights_url=f"{self.store.base_url}/v1/trainings/{self.id}/weights", metrics=metrics)
             except LookupError as exc:
                 self.store.finish_training(self.id, worker.worker_id, status="failed", error=str(exc))

@@ -175,7 +175,7 @@ def _start(
     except BaseException:
         runner.unreserve()
         raise
-    channel = runner.submit(row.id, base=version.base_name, weights=version.weights_path, inputs=body.input,
+    channel = runner.submit(row.id, base=version.base_name, weights=version.run_url, inputs=body.input,
                             reserved=True)
     wait = _wait_seconds(prefer)
     if wait:

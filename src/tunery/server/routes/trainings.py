@@ -94,7 +94,7 @@ def training_weights(training_id: str, owner: Owner, store: StoreDep, settings: 
     row = store.get_training(owner, training_id)
     if row is None:
         raise not_found(f"training {training_id}")
-    run = settings.run(row.run_dir) if row.run_dir else None
+    run = settings.run(row.run_url) if row.run_url else None
     if row.status != "succeeded" or run is None or not run.has_archive():
         raise ApiError(404, f"training {training_id} has no weights (status {row.status})", title="Not found")
     size = run.archive_size()
