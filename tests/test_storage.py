@@ -174,3 +174,33 @@ def test_a_run_in_storage_is_whole_or_absent_locally(tmp_path, bucket):
     assert not [p for p in local.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     with pytest.raises(TuneryError, match="no tokenizer in storage|no training_output.zip in storage"):
         other.pull(ARCHIVE)
+
+
+def test_the_cli_trains_into_the_bucket_and_predicts_and_evaluates_from_it(tmp_path, bucket, qa_rows,
+                                                                          tiny_model_dir):
+    storage, options = bucket
+    data = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    test = write_jsonl(tmp_path / "test.jsonl", qa_rows[:4])
+    url = f"{storage}/cli/run-1"
+    env = {**os.environ, "TUNERY_STORAGE_OPTIONS": json.dumps(options)}
+
+    def tunery(*args, home):
+        done = subprocess.run([sys.executable, "-m", "tunery.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, env={**env, "TUNERY_HOME": str(home)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    trained = tunery("train", "--base", tiny_model_dir, "--train-data", data, "--max-steps", 3,
+                     "--num-validation-samples", 4, "-o", url, "--no-progress", home=tmp_path / "laptop")
+    assert f"done {url}" in trained.stderr
+    run = Run(url, cache=tmp_path / "look", options=options)
+    assert run.read_manifest()["output"] == "adapter" and run.has_archive()
+    assert run.checkpoint_names() and all(run.checkpoint_complete(n) for n in run.checkpoint_names())
+    # Another machine: predicts and evaluates from the bucket alone; the report lands beside the run.
+    other = tmp_path / "other"
+    said = tunery("predict", "--prompt", "Item: the red cat.\nAnimal:", "--weights", url, "--temperature", 0,
+                  "--max-new-tokens", 3, home=other)
+    assert said.stdout.strip()
+    tunery("eval", "--test-data", test, "--weights", url, "--compare", "--json", home=other)
+    report = json.loads(run.read_bytes("eval.json"))
+    assert report["rows"] == 4 and {"base", "tuned"} <= set(report["columns"])

@@ -85,9 +85,9 @@ def _train_command(
     *,
     base: Annotated[str, typer.Option("--base", help="Base model: registry name, HF id, model dir or .gguf.",
                                       rich_help_panel="Run")] = "smollm2-135m",
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory "  # noqa: UP045
-                                                       "(default: $TUNERY_HOME/runs/run-<time>).",
-                                                       rich_help_panel="Run")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory or storage URL, "  # noqa: UP045
+                                                      "e.g. s3://bucket/runs/x (default: $TUNERY_HOME/runs/run-<time>).",
+                                                      rich_help_panel="Run")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last "
                                          "checkpoint.", rich_help_panel="Run")] = False,
     events: Annotated[Optional[str], typer.Option("--events", help="Also write JSON-lines events to this "  # noqa: UP045
@@ -114,7 +114,7 @@ def _train_command(
         return
     m = result.manifest["metrics"]
     err.print(
-        f"[green]done[/] {result.run_dir}  steps={m['steps']} loss={_fmt(m['train_loss'])} "
+        f"[green]done[/] {result.run_url}  steps={m['steps']} loss={_fmt(m['train_loss'])} "
         f"val_loss={_fmt(m['val_loss'])} {m['tokens_per_second']:.1f} tok/s "
         f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
     )
@@ -149,7 +149,7 @@ app.command("train", no_args_is_help=True)(_train_command)
 @app.command()
 def predict(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text ('-' reads stdin).")],
-    weights: Annotated[Optional[str], typer.Option(help="Run directory, weights archive or adapter dir.")] = None,  # noqa: UP045
+    weights: Annotated[Optional[str], typer.Option(help="Run directory or URL, weights archive or adapter dir.")] = None,  # noqa: UP045
     base: Annotated[Optional[str], typer.Option(help="Base model (default: the one the weights were trained on).")] = None,  # noqa: UP045, E501
     max_new_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.75,
@@ -179,7 +179,7 @@ def predict(
 @app.command("eval")
 def eval_command(
     test_data: Annotated[str, typer.Option("--test-data", "-t", help="JSONL test file (path or URL).")],
-    weights: Annotated[Optional[str], typer.Option(help="Run directory, weights archive or adapter dir.")] = None,  # noqa: UP045
+    weights: Annotated[Optional[str], typer.Option(help="Run directory or URL, weights archive or adapter dir.")] = None,  # noqa: UP045
     base: Annotated[Optional[str], typer.Option(help="Base model (default: the weights' base).")] = None,  # noqa: UP045
     compare: Annotated[bool, typer.Option("--compare", help="Score the base too, side by side.")] = False,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where eval.json/eval.md go "  # noqa: UP045

@@ -60,6 +60,11 @@ REPORT = (EVAL_JSON, EVAL_MD, LOSS_PLOT)
 WEIGHTS = (ADAPTER, MODEL)
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder the Trainer saves step `step`'s checkpoint in (transformers' naming)."""
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
 class Job(BaseModel):
     """What a worker runs: the inputs exactly as the user gave them, where their data files are
     now (a URL each: storage, http(s), or a path on a shared disk), and the base model."""

@@ -16,6 +16,7 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
+from tunery.artifacts.run import checkpoint_name
 from tunery.train.events import EventSink
 
 
@@ -109,7 +110,7 @@ class EventsCallback(TrainerCallback):
         self.meter.skip()
 
     def on_save(self, args, state, control, **kwargs):
-        path = f"{args.output_dir}/checkpoint-{state.global_step}"
+        path = f"{args.output_dir}/{checkpoint_name(state.global_step)}"
         self.sink.emit("checkpoint", step=state.global_step, path=path)
         self.meter.skip()
 
@@ -255,4 +256,4 @@ class CheckpointsToStorage(TrainerCallback):
         if state.is_world_process_zero:
             from pathlib import Path
 
-            self.run.push_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.run.push_checkpoint(Path(args.output_dir) / checkpoint_name(state.global_step))

@@ -31,6 +31,7 @@ class TrainResult:
     """Where a finished run put its outputs, and its headline metrics."""
 
     run_dir: Path  # the run's local folder (for a run in storage, its local working copy)
+    run_url: str  # where the run is: its folder, or its URL in the storage
     adapter_dir: Path
     archive: Path
     manifest: dict[str, Any]
@@ -336,7 +337,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(out_dir))
     if not trainer.is_world_process_zero():
-        return TrainResult(run_dir=run.work, adapter_dir=out_dir, archive=run.work / ARCHIVE, manifest={})
+        return TrainResult(run_dir=run.work, run_url=run.url, adapter_dir=out_dir, archive=run.work / ARCHIVE,
+                           manifest={})
     from tunery.artifacts import build_manifest
 
     out_name = out_dir.name
@@ -389,7 +391,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     run.publish()  # to storage, the archive last; `succeeded` only once all of it is there
     sink.emit("succeeded", run_dir=run.url, weights=str(archive), adapter=str(out_dir), metrics=final)
     run.push_events()
-    return TrainResult(run_dir=run.work, adapter_dir=out_dir, archive=archive, manifest=manifest, report=report)
+    return TrainResult(run_dir=run.work, run_url=run.url, adapter_dir=out_dir, archive=archive, manifest=manifest,
+                       report=report)
 
 
 def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, sink: EventSink,
