@@ -204,3 +204,31 @@ def test_the_cli_trains_into_the_bucket_and_predicts_and_evaluates_from_it(tmp_p
     tunery("eval", "--test-data", test, "--weights", url, "--compare", "--json", home=other)
     report = json.loads(run.read_bytes("eval.json"))
     assert report["rows"] == 4 and {"base", "tuned"} <= set(report["columns"])
+
+
+def test_wrong_credentials_stop_the_worker_at_start(tmp_path):
+    """A second S3 server that checks credentials (moto's, with authentication on from the first
+    request): keys it does not know are refused, and the worker says so in one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30, "the S3 server")
+        env = {**_storage_env(tmp_path / "home", f"sqlite:///{tmp_path / 'db.sqlite'}", "s3://any-bucket/prod",
+                              {"endpoint_url": endpoint}),
+               "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}
+        done = subprocess.run([sys.executable, "-m", "tunery.cli", "worker"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("error: storage s3://any-bucket/prod is not usable: "), lines[0]
+        assert "Access Key Id you provided does not exist" in lines[0], lines[0]
+    finally:
+        server.terminate()
+        server.wait(10)
