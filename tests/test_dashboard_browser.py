@@ -211,6 +211,15 @@ def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows
     archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
     assert "manifest.json" in archive.namelist()
 
+    # Exports: merged weights made by the server, then downloaded from the page.
+    page.click("[data-export=merged]")
+    page.wait_for_selector("[data-download-export=merged-bf16]", timeout=120_000)
+    shot(page, "4b-exported")
+    with page.expect_download() as download:
+        page.click("[data-download-export=merged-bf16]")
+    merged = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+    assert {"merged-bf16/config.json", "merged-bf16/model.safetensors"} <= set(merged.namelist())
+
     page.click("[data-nav=trainings]")
     row = page.wait_for_selector(f"tr[data-training='{training_id}'][data-status=succeeded]")
     assert "alice/animals" in row.inner_text() and f"{STEPS}/{STEPS}" in row.inner_text()

@@ -174,6 +174,38 @@ def predict(
         _fail(exc)
 
 
+# -- export -------------------------------------------------------------------------------
+
+@app.command("export", no_args_is_help=True)
+def export_command(
+    run: Annotated[str, typer.Argument(help="The run: its directory or storage URL.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="merged (a Hugging Face model folder), gguf "
+                                        "(llama.cpp) or ollama (GGUF + Modelfile).")] = "merged",
+    dtype: Annotated[str, typer.Option(help="merged: bf16, f16 or f32.")] = "bf16",
+    quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16 or f32.")] = "q8_0",
+    force: Annotated[bool, typer.Option("--force", help="Export again even if this export exists.")] = False,
+) -> None:
+    """Export a finished run: merged weights, a GGUF file, or a GGUF with an Ollama Modelfile; each
+    checked against the trained model before it is kept, in the run's exports/."""
+    from tunery.export.exporter import export
+    from tunery.settings import get_settings
+
+    settings = get_settings()
+    try:
+        done = export(settings.run(run), format, dtype=dtype, quant=quant, settings=settings, force=force)
+    except TuneryError as exc:
+        _fail(exc)
+    check = done.info.get("check", done.info)
+    err.print(f"[green]exported[/] {done.name}: {done.file}")
+    if "max_abs_diff" in check:
+        err.print(f"check: logits within {check['max_abs_diff']:.3g} of the trained model "
+                  f"({check.get('relative_diff', 0):.2g} of their scale, tolerance {check.get('tolerance')}); "
+                  f"top token agrees {100 * check.get('argmax_agreement', 0):.1f}%")
+    if done.format == "ollama":
+        err.print(f"use it: unzip {done.file.name} && {done.info['ollama_create']}")
+    typer.echo(str(done.file))
+
+
 # -- eval ---------------------------------------------------------------------------------
 
 @app.command("eval")

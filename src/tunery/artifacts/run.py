@@ -166,6 +166,10 @@ class Run:
     def exports(self) -> Path:
         return self.work / EXPORTS
 
+    def export_entry(self, filename: str) -> str:
+        """The name in the run of the export file `filename`."""
+        return f"{EXPORTS}/{filename}"
+
     def weights_dir(self, full: bool) -> Path:
         return self.work / (MODEL if full else ADAPTER)
 

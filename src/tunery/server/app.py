@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunery import __version__
 from tunery.server import dashboard, errors
+from tunery.server.exports import Exports
 from tunery.server.routes import ROUTERS
 from tunery.server.runner import PredictionRunner
 from tunery.settings import Settings, get_settings
@@ -73,6 +74,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.exports = Exports(settings)
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)

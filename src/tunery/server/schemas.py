@@ -70,3 +70,14 @@ class PredictionCreate(_Webhooks):
         description="prompt, max_new_tokens, temperature, top_p, top_k, stop_sequences, seed."
     )
     stream: bool = False
+
+
+class ExportCreate(BaseModel):
+    """POST /v1/trainings/{id}/exports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("merged", description="merged (a Hugging Face model folder), gguf (llama.cpp) or ollama "
+                        "(GGUF + Modelfile).")
+    dtype: str = Field("bf16", description="merged: bf16, f16 or f32.")
+    quant: str = Field("q8_0", description="gguf / ollama: q8_0, f16 or f32.")

@@ -1,4 +1,13 @@
-import { api, Training, TERMINAL } from "../api";
+import { api, localPath, Training, TERMINAL } from "../api";
+
+interface ExportInfo {
+  name: string;
+  format: string;
+  status: "processing" | "succeeded" | "failed";
+  error: string | null;
+  file: string;
+  urls: { download: string };
+}
 import { lineChart } from "../chart";
 import { every, fill, h } from "../dom";
 import { dataFromStats, dataSummary, duration, eta, evalRows, num, progress, runTime, samples, series, StepClock } from "../format";
@@ -26,6 +35,9 @@ export function trainingView(id: string): View {
   const samplesBox = h("div", { "data-section": "samples" });
   const evalCard = h("div");
   const outputCard = h("div");
+  const exportsCard = h("div", { "data-section": "exports" });
+  let exportsShown = false;
+  let exportsTimer: number | undefined;
   const inputsBox = h("div");
   const logs = h("pre", { class: "logs", "data-section": "logs" });
   const follow = h("input", { type: "checkbox", id: "follow", checked: true });
@@ -43,6 +55,7 @@ export function trainingView(id: string): View {
     h("div", { class: "two" }, card("Data", dataBox), card("Validation samples", samplesBox)),
     evalCard,
     outputCard,
+    exportsCard,
     card("Inputs", inputsBox),
     card(
       h("span", { class: "card-title-row" }, "Logs", h("label", { class: "follow" }, follow, " follow")),
@@ -78,6 +91,62 @@ export function trainingView(id: string): View {
       button.textContent = label;
       button.disabled = false;
     }
+  };
+
+  const saveBlob = async (path: string, filename: string, button: HTMLButtonElement) => {
+    button.disabled = true;
+    try {
+      const url = URL.createObjectURL(await api.blob(path));
+      const a = h("a", { href: url, download: filename });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (err) {
+      fill(notice, errorBox(err));
+    } finally {
+      button.disabled = false;
+    }
+  };
+
+  const EXPORTS: [string, Record<string, string>][] = [
+    ["Merged (bf16)", { format: "merged", dtype: "bf16" }],
+    ["GGUF (q8_0)", { format: "gguf", quant: "q8_0" }],
+    ["Ollama (q8_0)", { format: "ollama", quant: "q8_0" }],
+  ];
+
+  /** The exports card: a button per format, and each export's state or download. */
+  const loadExports = async () => {
+    window.clearTimeout(exportsTimer);
+    let list: ExportInfo[] = [];
+    try {
+      list = (await api.get<{ results: ExportInfo[] }>(`/v1/trainings/${id}/exports`)).results;
+    } catch (err) {
+      fill(notice, errorBox(err));
+    }
+    const start = async (body: Record<string, string>, button: HTMLButtonElement) => {
+      button.disabled = true;
+      try {
+        await api.post(`/v1/trainings/${id}/exports`, body);
+      } catch (err) {
+        fill(notice, errorBox(err));
+      }
+      await loadExports();
+    };
+    fill(
+      exportsCard,
+      card(
+        "Exports",
+        h("div", { class: "actions" }, EXPORTS.map(([label, body]) =>
+          h("button", { "data-export": body.format, onclick: (e: Event) => start(body, e.currentTarget as HTMLButtonElement) }, label))),
+        list.length
+          ? kv(list.map((e) => [e.name, e.status === "succeeded"
+              ? h("button", { class: "link", "data-download-export": e.name, onclick: (ev: Event) => saveBlob(localPath(e.urls.download), e.file, ev.currentTarget as HTMLButtonElement) }, e.file)
+              : e.status === "failed" ? h("span", { class: "error-text" }, `failed: ${e.error ?? ""}`) : h("span", { class: "muted" }, "exporting…")]))
+          : h("p", { class: "muted" }, "Merged weights for vLLM or TGI, a GGUF file for llama.cpp, or a GGUF with an Ollama Modelfile; each is checked against the trained model."),
+      ),
+    );
+    if (list.some((e) => e.status === "processing")) exportsTimer = window.setTimeout(loadExports, 3000);
   };
 
   const render = (t: Training) => {
@@ -192,6 +261,11 @@ export function trainingView(id: string): View {
         : null,
     );
 
+    if (t.status === "succeeded" && !exportsShown) {
+      exportsShown = true;
+      void loadExports();
+    }
+
     fill(inputsBox, kv(Object.entries(t.input).map(([k, v]) => [k, h("code", null, typeof v === "string" ? v : JSON.stringify(v))])));
 
     if (t.logs !== shownLogs) {
@@ -216,6 +290,7 @@ export function trainingView(id: string): View {
     el,
     destroy() {
       stop();
+      window.clearTimeout(exportsTimer);
       charts.forEach((c) => c.destroy());
     },
   };

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from tunery.artifacts import ARCHIVE
@@ -20,7 +20,7 @@ from tunery.server.deps import (
     StoreDep,
 )
 from tunery.server.errors import ApiError, not_found
-from tunery.server.schemas import TrainingCreate
+from tunery.server.schemas import ExportCreate, TrainingCreate
 from tunery.server.training_request import prepare_job
 from tunery.store.objects import training_json
 
@@ -107,3 +107,85 @@ def training_weights(training_id: str, owner: Owner, store: StoreDep, settings: 
 
     return StreamingResponse(chunks(), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{ARCHIVE}"', "Content-Length": str(size)})
+
+
+def _exported_run(store, settings, owner: str, training_id: str):
+    row = store.get_training(owner, training_id)
+    if row is None:
+        raise not_found(f"training {training_id}")
+    if row.status != "succeeded" or not row.run_url:
+        raise ApiError(409, f"training {training_id} is {row.status}: only a succeeded training can be exported",
+                       title="Conflict")
+    return row, settings.run(row.run_url)
+
+
+def _export_json(training_id: str, base: str, entry: dict[str, Any]) -> dict[str, Any]:
+    from tunery.export.exporter import file_name
+
+    out = {"name": entry["name"], "format": entry["format"], "status": entry.get("status", "succeeded"),
+           "error": entry.get("error"), "file": file_name(entry["name"]),
+           "urls": {"download": f"{base}/v1/trainings/{training_id}/exports/{entry['name']}"}}
+    for key in ("check", "max_abs_diff", "relative_diff", "tolerance", "argmax_agreement", "ollama_create",
+                "dtype", "quant"):
+        if key in entry:
+            out[key] = entry[key]
+    return out
+
+
+@router.post("/v1/trainings/{training_id}/exports", status_code=202)
+def create_export(training_id: str, body: ExportCreate, request: Request, owner: Owner, store: StoreDep,
+                  settings: SettingsDep, base: BaseUrl) -> dict[str, Any]:
+    """Export a succeeded training (merged weights, GGUF, or GGUF + Ollama Modelfile) into its run's
+    exports; answered at once with the export's state, downloadable when it has succeeded."""
+    from tunery.errors import TuneryError
+    from tunery.export.exporter import export_name, list_exports
+
+    try:
+        name = export_name(body.format, dtype=body.dtype, quant=body.quant)
+    except TuneryError as e:
+        raise ApiError(422, str(e), title="Invalid export", errors=[{"field": "format", "reason": str(e)}]) from None
+    row, run = _exported_run(store, settings, owner, training_id)
+    done = {e["name"]: e for e in list_exports(run)}
+    if name in done:
+        return _export_json(training_id, base, {**done[name], "status": "succeeded"})
+    state = request.app.state.exports.start(training_id, row.run_url, body.format, dtype=body.dtype, quant=body.quant)
+    return _export_json(training_id, base, state)
+
+
+@router.get("/v1/trainings/{training_id}/exports")
+def list_training_exports(training_id: str, request: Request, owner: Owner, store: StoreDep, settings: SettingsDep,
+                          base: BaseUrl) -> dict[str, Any]:
+    """The training's exports: those in its run (succeeded) and those this server is making or failed."""
+    from tunery.export.exporter import list_exports
+
+    row = store.get_training(owner, training_id)
+    if row is None:
+        raise not_found(f"training {training_id}")
+    states = request.app.state.exports.states(training_id)
+    done = {e["name"]: {**e, "status": "succeeded"} for e in list_exports(settings.run(row.run_url))} \
+        if row.run_url and row.status == "succeeded" else {}
+    merged = {**states, **done}
+    return {"results": [_export_json(training_id, base, merged[name]) for name in sorted(merged)]}
+
+
+@router.get("/v1/trainings/{training_id}/exports/{name}")
+def download_export(training_id: str, name: str, owner: Owner, store: StoreDep,
+                    settings: SettingsDep) -> StreamingResponse:
+    """An export's file: a .zip (merged, ollama) or a .gguf."""
+    from tunery.export.exporter import file_name, list_exports
+
+    _, run = _exported_run(store, settings, owner, training_id)
+    if name not in {e["name"] for e in list_exports(run)}:
+        raise not_found(f"export {name} of training {training_id}")
+    local = run.pull(run.export_entry(file_name(name)))
+    size = local.stat().st_size
+    stream = open(local, "rb")  # noqa: SIM115 - closed by the generator
+
+    def chunks():
+        with stream:
+            while chunk := stream.read(1024 * 1024):
+                yield chunk
+
+    kind = "application/zip" if local.suffix == ".zip" else "application/octet-stream"
+    return StreamingResponse(chunks(), media_type=kind, headers={
+        "Content-Disposition": f'attachment; filename="{local.name}"', "Content-Length": str(size)})
