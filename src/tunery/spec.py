@@ -8,11 +8,20 @@ body's `input` and the manifest's `inputs`; each field's description is its help
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunery.errors import SpecError
 
@@ -20,6 +29,8 @@ PeftMethod = Literal["lora", "qlora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+# Experiment trackers `report_to` may name: the Trainer's integration, and the package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class TrainingInputs(BaseModel):
@@ -127,6 +138,23 @@ class TrainingInputs(BaseModel):
     attn_implementation: Attention = Field(
         "auto", description="Attention kernel: sdpa, eager, flash_attention_2 or auto."
     )
+    report_to: str = Field(
+        "none",
+        description="Experiment tracking: none, or comma-separated tensorboard, wandb, mlflow. Files go to the "
+        "run's tracking folder; W&B runs offline unless WANDB_MODE or WANDB_API_KEY is set, MLflow writes "
+        "there unless MLFLOW_TRACKING_URI is set.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: str) -> str:
+        names = trackers(value)
+        for name in names:
+            # Whether it is installed, without importing it (the Trainer also takes tensorboardX).
+            alternatives = (TRACKERS[name], "tensorboardX") if name == "tensorboard" else (TRACKERS[name],)
+            if all(importlib.util.find_spec(package) is None for package in alternatives):
+                raise ValueError(f"report_to={name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+        return ",".join(names) or "none"
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> TrainingInputs:
@@ -145,10 +173,29 @@ class TrainingInputs(BaseModel):
         return self.max_seq_length or self.chunk_size
 
     @property
+    def trackers(self) -> list[str]:
+        """The experiment trackers to report to (empty: none)."""
+        return trackers(self.report_to)
+
+    @property
     def target_modules(self) -> str | list[str]:
         if self.lora_target_modules.strip() in ("all-linear", "all_linear", "all"):
             return "all-linear"
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+def trackers(report_to: str) -> list[str]:
+    """The tracker names in a `report_to` value, in order, each once; ValueError naming an unknown one."""
+    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    allowed = ", ".join(["none", *TRACKERS])
+    for name in names:
+        if name == "none":
+            raise ValueError("none cannot be combined with a tracker")
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r} (allowed: {allowed})")
+    return list(dict.fromkeys(names))
 
 
 REPLICATE_INPUTS = (

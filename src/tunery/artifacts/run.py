@@ -23,6 +23,8 @@ Layout (names relative to the run's URL):
     eval.json, eval.md, loss.png   the evaluation report, when the training was evaluated
     training_output.zip    adapter or model, tokenizer and manifest in one file (written last)
     exports/               exported models
+    tracking/              experiment tracking (report_to): tensorboard/ event files, wandb/ offline
+                           runs, mlruns/ (a local MLflow store)
     attempts/              the worker's per-attempt files (local plumbing, never copied)
 """
 
@@ -54,6 +56,8 @@ TOKENIZER = "tokenizer"
 MANIFEST = "manifest.json"
 ARCHIVE = "training_output.zip"
 EXPORTS = "exports"
+TRACKING = "tracking"
+TENSORBOARD, WANDB, MLRUNS = "tensorboard", "wandb", "mlruns"  # inside TRACKING
 ATTEMPTS = "attempts"
 EVAL_JSON, EVAL_MD, LOSS_PLOT = "eval.json", "eval.md", "loss.png"
 REPORT = (EVAL_JSON, EVAL_MD, LOSS_PLOT)
@@ -169,6 +173,28 @@ class Run:
     def export_entry(self, filename: str) -> str:
         """The name in the run of the export file `filename`."""
         return f"{EXPORTS}/{filename}"
+
+    @property
+    def name(self) -> str:
+        """The run's name: the last part of its URL (a run folder's name, a service training's id)."""
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def tracking(self) -> Path:
+        """Where experiment trackers write; W&B makes its own `wandb/` folder in it."""
+        return self.work / TRACKING
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.work / TRACKING / TENSORBOARD
+
+    @property
+    def wandb(self) -> Path:
+        return self.work / TRACKING / WANDB
+
+    @property
+    def mlruns(self) -> Path:
+        return self.work / TRACKING / MLRUNS
 
     def weights_dir(self, full: bool) -> Path:
         return self.work / (MODEL if full else ADAPTER)
@@ -347,11 +373,11 @@ class Run:
         return path
 
     def publish(self) -> None:
-        """Copy a finished training's outputs to storage: weights, tokenizer, report, events, and
-        the archive last (its presence means the run is whole)."""
+        """Copy a finished training's outputs to storage: weights, tokenizer, report, tracking
+        files, events, and the archive last (its presence means the run is whole)."""
         if not self.remote:
             return
-        for name in (*WEIGHTS, TOKENIZER, *REPORT, EVENTS, MANIFEST, ARCHIVE):
+        for name in (*WEIGHTS, TOKENIZER, *REPORT, TRACKING, EVENTS, MANIFEST, ARCHIVE):
             self.push(name)
 
     def push_events(self) -> None:

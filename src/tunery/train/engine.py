@@ -126,10 +126,12 @@ def training_precision(inputs: TrainingInputs, device: str) -> Precision:
 
 def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: EventSink,
                   progress: bool, device: str, extra_callbacks: list | None = None,
-                  checkpoint_minutes: float = 0.0):
+                  checkpoint_minutes: float = 0.0, run_name: str | None = None, base: str | None = None):
     """A ready Trainer plus the token meter and the events callback (whose history feeds the manifest).
     Checkpoints go to the run (artifacts.Run): copied to its storage as each completes, and also
-    saved every `checkpoint_minutes` of training (0: only when the inputs ask)."""
+    saved every `checkpoint_minutes` of training (0: only when the inputs ask). The trackers of
+    `inputs.report_to` get `run_name` (default: the run's name) and TensorBoard writes in the
+    run's tracking folder, with the inputs and `base` (train/tracking.py opens W&B and MLflow runs)."""
     from tunery.data import Collator
 
     has_val = bool(data.validation) and inputs.run_validation
@@ -158,7 +160,8 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         bf16=bf16,  # autocast; QLoRA too on a GPU: its 4-bit layers compute in bf16, and so does attention
         fp16=inputs.precision == "fp16",
         use_cpu=device == "cpu",
-        report_to="none",
+        report_to=inputs.trackers or "none",
+        run_name=run_name or run.name,
         disable_tqdm=True,
         remove_unused_columns=False,
         prediction_loss_only=True,
@@ -192,6 +195,10 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
     # Our events and progress bar replace the Trainer's dict printing (which would also corrupt
     # `--events -` on stdout).
     trainer.remove_callback(PrinterCallback)
+    if "tensorboard" in inputs.trackers:
+        from tunery.train.tracking import add_tensorboard
+
+        add_tensorboard(trainer, run, inputs, base or "")
     trainer.meter = meter
     if inputs.peft_method != "full":
         trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio

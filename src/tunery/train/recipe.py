@@ -277,55 +277,60 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     total = sum(p.numel() for p in model.parameters())
     sink.emit("log", message=f"{inputs.peft_method}: {trainable:,} trainable of {total:,} parameters on {device}")
 
-    # 4. Train.
+    # 4. Train (with the experiment trackers of report_to open, through the last validation).
     from tunery.train.engine import build_trainer
+    from tunery.train.tracking import tracking
 
-    trainer, meter, events_cb = build_trainer(
-        model, tokenizer, data, inputs, run=run, sink=sink, progress=progress, device=device,
-        extra_callbacks=callbacks, checkpoint_minutes=settings.checkpoint_minutes,
-    )
-    newest = run.newest_checkpoint() if resume else None
-    checkpoint = str(newest) if newest is not None else None
-    from tunery.train.engine import world_size
+    if inputs.trackers:
+        sink.emit("log", message=f"tracking with {', '.join(inputs.trackers)} as {run.name} in {run.tracking}")
+    with tracking(run, inputs, base=base, run_name=run.name):
+        trainer, meter, events_cb = build_trainer(
+            model, tokenizer, data, inputs, run=run, sink=sink, progress=progress, device=device,
+            extra_callbacks=callbacks, checkpoint_minutes=settings.checkpoint_minutes, run_name=run.name,
+            base=base,
+        )
+        newest = run.newest_checkpoint() if resume else None
+        checkpoint = str(newest) if newest is not None else None
+        from tunery.train.engine import world_size
 
-    processes = world_size()
-    sharding = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp") if processes > 1 else None
-    if sharding:
-        how = "FSDP full sharding" if sharding == "fsdp" else "DDP, a whole model in each"
-        sink.emit("log", message=f"{processes} processes ({how})")
-        if inputs.fsdp and sharding != "fsdp":
-            sink.emit("warning", message=f"fsdp: accelerate shards over GPUs only; these {processes} {device} "
-                      "processes train with DDP")
-    elif inputs.fsdp:
-        sink.emit("log", message="fsdp: one process, nothing to shard over")
-    if resume and checkpoint is None:
-        sink.emit("log", message="no checkpoint to resume from; starting from step 0")
-    if checkpoint:
-        sink.emit("log", message=f"resuming from {checkpoint}")
-    state = _checkpoint_state(checkpoint)
-    if state is not None:
-        # The metric history of the steps before the checkpoint, so the manifest covers the whole run.
-        events_cb.history = history_from_log(state.get("log_history", []))
-        # Replayed, so a reader that missed them (its process died with the previous attempt) has them.
-        for record in events_cb.history:
-            kind = "step" if "loss" in record else "validation"
-            extra = {"max_steps": state.get("max_steps")} if kind == "step" else {}
-            sink.emit(kind, **record, **extra, replayed=True)
-    if (checkpoint is not None and state is not None
-            and 0 < state.get("max_steps", 0) <= state.get("global_step", 0)):
-        # The crash came after the last step's checkpoint: the Trainer would run one step past
-        # max_steps on resume, so take the final weights as they are instead.
-        sink.emit("log", message=f"{checkpoint} holds the final step; saving its weights")
-        load_checkpoint_weights(trainer.model, checkpoint)
-        trainer.state.global_step = state["global_step"]
-        losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
-        train_loss_mean, train_runtime = (sum(losses) / len(losses) if losses else None), 0.0
-    else:
-        train_out = trainer.train(resume_from_checkpoint=checkpoint)
-        train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
-    final_val = None
-    if data.validation and inputs.run_validation:
-        final_val = trainer.evaluate().get("eval_loss")
+        processes = world_size()
+        sharding = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp") if processes > 1 else None
+        if sharding:
+            how = "FSDP full sharding" if sharding == "fsdp" else "DDP, a whole model in each"
+            sink.emit("log", message=f"{processes} processes ({how})")
+            if inputs.fsdp and sharding != "fsdp":
+                sink.emit("warning", message=f"fsdp: accelerate shards over GPUs only; these {processes} {device} "
+                          "processes train with DDP")
+        elif inputs.fsdp:
+            sink.emit("log", message="fsdp: one process, nothing to shard over")
+        if resume and checkpoint is None:
+            sink.emit("log", message="no checkpoint to resume from; starting from step 0")
+        if checkpoint:
+            sink.emit("log", message=f"resuming from {checkpoint}")
+        state = _checkpoint_state(checkpoint)
+        if state is not None:
+            # The metric history of the steps before the checkpoint, so the manifest covers the whole run.
+            events_cb.history = history_from_log(state.get("log_history", []))
+            # Replayed, so a reader that missed them (its process died with the previous attempt) has them.
+            for record in events_cb.history:
+                kind = "step" if "loss" in record else "validation"
+                extra = {"max_steps": state.get("max_steps")} if kind == "step" else {}
+                sink.emit(kind, **record, **extra, replayed=True)
+        if (checkpoint is not None and state is not None
+                and 0 < state.get("max_steps", 0) <= state.get("global_step", 0)):
+            # The crash came after the last step's checkpoint: the Trainer would run one step past
+            # max_steps on resume, so take the final weights as they are instead.
+            sink.emit("log", message=f"{checkpoint} holds the final step; saving its weights")
+            load_checkpoint_weights(trainer.model, checkpoint)
+            trainer.state.global_step = state["global_step"]
+            losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
+            train_loss_mean, train_runtime = (sum(losses) / len(losses) if losses else None), 0.0
+        else:
+            train_out = trainer.train(resume_from_checkpoint=checkpoint)
+            train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
+        final_val = None
+        if data.validation and inputs.run_validation:
+            final_val = trainer.evaluate().get("eval_loss")
 
     # 5. Save: adapter (or full model), tokenizer, manifest, archive; then to storage.
     full = inputs.peft_method == "full"
