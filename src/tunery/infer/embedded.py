@@ -475,7 +475,7 @@ class EmbeddedEngine:
 
     def _full_model(self, weights: Weights) -> tuple:
         from tunery.models.load import load_model
-        from tunery.models.resolve import resolve_base
+        from tunery.models.resolve import ResolvedBase
 
         key, stamp = str(weights.path), weights_stamp(weights.path)
         cached = self._full.get(key)
@@ -488,7 +488,10 @@ class EmbeddedEngine:
             if not batch.rows:
                 del self._full[old_key]
         tokenizer = load_tokenizer_dir(weights.tokenizer, weights.source)
-        model = load_model(resolve_base(key), precision=self.precision, device=self.device).eval()
+        # The run's model folder as it is (its tokenizer is the run's, beside it; no content hash:
+        # the weights stamp already tells a retrained copy apart).
+        folder = ResolvedBase(name=key, kind="dir", path=key, source=key, sha256=None)
+        model = load_model(folder, precision=self.precision, device=self.device).eval()
         self.full_loads += 1
         self._full[key] = (stamp, _Batch(model), tokenizer)
         return self._full[key]
