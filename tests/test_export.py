@@ -164,3 +164,25 @@ def test_the_api_exports_a_succeeded_training_and_serves_the_file(lora_run, tmp_
                 assert bob.get(done["urls"]["download"]).status_code == 404
     finally:
         server.stop()
+
+
+def test_the_ollama_template_frames_reproduce_the_chat_template(tokenizer):
+    from tunery.export.ollama import chat_frames, go_template, modelfile, render_frames
+
+    frames = chat_frames(tokenizer)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+    ]
+    for messages in conversations:
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_frames(frames, messages) == want
+    assert frames["assistant"][1].strip() == "<|im_end|>" and frames["default_system"]  # SmolLM2's ChatML
+    template = go_template(frames)
+    assert template.startswith("{{- range $i, $m := .Messages }}") and template.endswith(frames["generation"])
+    chat = modelfile("gguf-q8_0.gguf", tokenizer, "messages")
+    assert chat.startswith("FROM ./gguf-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in chat
+    assert f'SYSTEM """{frames["default_system"]}"""' in chat
+    raw = modelfile("gguf-q8_0.gguf", tokenizer, "prompt_completion")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in raw and f'PARAMETER stop "{tokenizer.eos_token}"' in raw
