@@ -223,3 +223,62 @@ def test_default_base_q8_0(tmp_path):
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lora_adapter_gguf_matches_merged_export(merged_dir, exports, tmp_path):
+    """A LoRA GGUF applied as llama.cpp applies it (W + alpha/r · B·A, per tensor, in the GGUF's
+    layout) gives the tensors of the merged model's own GGUF export, q/k permutation included."""
+    import gguf
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunery.export.gguf import write_lora_gguf
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(merged_dir / name, merged / name)
+
+    info = write_lora_gguf(adapter, tmp_path / "adapter.gguf", merged_dir, quant="f32")
+    assert info["alpha"] == 8.0 and info["ranks"] == [4] and info["tensors"] == 2 * 7 * 2
+    write_gguf(merged, tmp_path / "merged.gguf", quant="f32")
+
+    def tensors(path):
+        reader = gguf.GGUFReader(path)
+        return reader, {t.name: np.array(t.data) for t in reader.tensors}
+
+    lora_reader, lora = tensors(tmp_path / "adapter.gguf")
+    _, base = tensors(exports["f32"][0])
+    _, merged_t = tensors(tmp_path / "merged.gguf")
+    assert lora_reader.fields["general.type"].contents() == "adapter"
+    assert lora_reader.fields["adapter.type"].contents() == "lora"
+    scale = lora_reader.fields["adapter.lora.alpha"].contents() / 4
+    checked = 0
+    for name in sorted(merged_t):
+        if f"{name}.lora_a" not in lora:
+            assert np.array_equal(merged_t[name], base[name]), name
+            continue
+        applied = base[name] + scale * lora[f"{name}.lora_b"] @ lora[f"{name}.lora_a"]
+        assert np.allclose(applied, merged_t[name], atol=1e-5), name
+        assert not np.allclose(base[name], merged_t[name], atol=1e-3), name
+        checked += 1
+    assert checked == 2 * 7
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="DoRA"):
+        write_lora_gguf(adapter, tmp_path / "dora.gguf", merged_dir)
+    assert not (tmp_path / "dora.gguf").exists()

@@ -114,22 +114,7 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
         writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t),
                                _stored_nbytes(t), raw_dtype=t.qtype)
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with ExitStack() as stack:
-            for data in _tensor_data(tensors, stack):
-                writer.write_tensor_data(data)
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomically(writer, out_path, lambda stack: _tensor_data(tensors, stack))
     return {
         "path": str(out_path),
         "architecture": arch,
@@ -138,6 +123,133 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
         "file_type": int(_file_types()[quant]),
         "tensors": len(tensors),
         "vocab_size": len(vocab["tokens"]),
+        "bytes": out_path.stat().st_size,
+    }
+
+
+def _write_atomically(writer: Any, out_path: Path, data: Callable[[ExitStack], Iterator[np.ndarray]]) -> None:
+    """Write the header, metadata and tensor table the writer holds, then each tensor `data`
+    yields (in the table's order), into a temporary sibling of `out_path` renamed over it at the
+    end; on any failure the temporary file is removed and `out_path` is left as it was."""
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ExitStack() as stack:
+            for array in data(stack):
+                writer.write_tensor_data(array)
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, quant: str = "f16") -> dict:
+    """Write a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) as a
+    LoRA-only GGUF for llama.cpp's `--lora`, next to a GGUF of its base (base_model_dir: the Hugging
+    Face folder of that base, for its architecture and head counts). quant: as write_gguf; LoRA
+    matrices whose rows are not a multiple of 32 (lora_b, rank < 32) stay F16 under q8_0.
+
+    The layout is llama.cpp's convert_lora_to_gguf.py: general.type "adapter", adapter.type "lora",
+    adapter.lora.alpha, and per adapted weight `blk.N.attn_q.weight.lora_a` / `.lora_b`. llama.cpp
+    scales B·A by alpha / rank (the rank read from the tensors), so per-module ranks need nothing
+    more; an rsLoRA adapter (scale alpha / sqrt(rank)) is written with alpha · sqrt(rank) to give
+    the same scale. Only lora_b carries q/k's output rows, so only it gets the rotary permutation.
+    Refused in one line: DoRA, per-module alphas, a rank that differs between modules under
+    rsLoRA, and adapters that carry whole tensors (modules_to_save, new embeddings)."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    adapter_dir, out_path, base_model_dir = Path(adapter_dir), Path(out_path), Path(base_model_dir)
+    if quant not in QUANTS:
+        raise ExportError(f"unknown GGUF quant {quant!r}; supported: {', '.join(QUANTS)}")
+    config = _read_config(base_model_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for required in (cfg_path, weights):
+        if not required.is_file():
+            raise ExportError(f"cannot export the adapter {adapter_dir}: it has no {required.name}")
+    lora = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if lora.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"cannot export the adapter {adapter_dir}: it is {lora.get('peft_type')!r}, not LoRA")
+    if lora.get("use_dora"):
+        raise ExportError(f"cannot export the adapter {adapter_dir}: DoRA adapters have no llama.cpp LoRA form")
+    if lora.get("alpha_pattern"):
+        raise ExportError(f"cannot export the adapter {adapter_dir}: per-module lora_alpha (alpha_pattern) "
+                          "cannot be written (llama.cpp takes one alpha)")
+    if not out_path.parent.is_dir():
+        raise ExportError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
+
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in sorted(f.keys()):
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if m is None:
+                raise ExportError(
+                    f"cannot export the adapter {adapter_dir}: {key} is not a LoRA matrix (whole tensors such as "
+                    "modules_to_save or resized embeddings cannot go into a llama.cpp LoRA)")
+            module, which = m.groups()
+            gguf_base = name_map.get_name(module)
+            if gguf_base is None or gguf_base in ("token_embd", "output"):
+                raise ExportError(f"cannot export the adapter {adapter_dir}: LoRA on {module} is not supported "
+                                  "(only the attention and MLP projections)")
+            pairs.setdefault(f"{gguf_base}.weight", {})[which] = f.get_tensor(key).to(torch.float32).numpy()
+    if not pairs:
+        raise ExportError(f"cannot export the adapter {adapter_dir}: it holds no LoRA matrices")
+    ranks = {v["A"].shape[0] for v in pairs.values() if "A" in v}
+    alpha = float(lora.get("lora_alpha", lora.get("r", 8)))
+    if lora.get("use_rslora"):
+        if len(ranks) != 1:
+            raise ExportError(f"cannot export the adapter {adapter_dir}: rsLoRA with ranks {sorted(ranks)} differing "
+                              "between modules cannot be written with one alpha")
+        alpha *= float(np.sqrt(next(iter(ranks))))
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_file_type(_file_types()[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    T = gguf.GGMLQuantizationType
+    arrays: list[np.ndarray] = []
+    for name in sorted(pairs, key=lambda n: (int(n.split(".")[1]), n)):
+        pair = pairs[name]
+        if set(pair) != {"A", "B"}:
+            raise ExportError(f"cannot export the adapter {adapter_dir}: {name} has lora_A or lora_B missing")
+        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
+        b = permute_rotary(pair["B"], heads) if heads else pair["B"]
+        for suffix, matrix in (("lora_a", pair["A"]), ("lora_b", b)):
+            if quant == "f32":
+                qtype = T.F32
+            elif quant == "bf16":
+                qtype = T.BF16
+            elif quant == "q8_0" and matrix.shape[-1] % Q8_0_BLOCK == 0:
+                qtype = T.Q8_0
+            else:
+                qtype = T.F16
+            t = _Tensor(name, weights, f"{name}.{suffix}", tuple(matrix.shape), qtype, None)
+            data = _convert(t, matrix, permute_rotary)
+            writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t), _stored_nbytes(t),
+                                   raw_dtype=qtype)
+            arrays.append(data)
+    _write_atomically(writer, out_path, lambda stack: iter(arrays))
+    return {
+        "path": str(out_path),
+        "architecture": "llama",
+        "type": "lora",
+        "quant": quant,
+        "alpha": alpha,
+        "ranks": sorted(ranks),
+        "tensors": len(arrays),
         "bytes": out_path.stat().st_size,
     }
 
