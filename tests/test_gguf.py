@@ -282,3 +282,74 @@ def test_lora_adapter_gguf_matches_merged_export(merged_dir, exports, tmp_path):
     with pytest.raises(ExportError, match="DoRA"):
         write_lora_gguf(adapter, tmp_path / "dora.gguf", merged_dir)
     assert not (tmp_path / "dora.gguf").exists()
+
+
+def test_mistral_is_written_as_llama(tmp_path, merged_dir):
+    """llama.cpp runs Mistral as its Llama architecture; the file reads back with Mistral's logits."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    llama = json.loads((merged_dir / "config.json").read_text())
+    torch.manual_seed(2)
+    config = MistralConfig(
+        vocab_size=llama["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=50000.0,
+    )
+    model = MistralForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    folder = tmp_path / "mistral"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(merged_dir / name, folder / name)
+    out = tmp_path / "mistral.gguf"
+    info = write_gguf(folder, out, quant="f32")
+    assert info["model_type"] == "mistral" and info["tensors"] == 1 + 2 * 9 + 1 + 1  # untied: output.weight
+    result = check_gguf(out, folder)
+    assert result["max_abs_diff"] < 1e-4
+
+
+def test_qwen2_with_its_pre_tokenizer(tmp_path, merged_dir):
+    """Qwen2: its own architecture (biases on q/k/v, no q/k permutation) and pre-tokenizer name."""
+    import gguf
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    llama = json.loads((merged_dir / "config.json").read_text())
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=llama["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    ))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+            layer.self_attn.q_proj.bias.normal_(0, 0.5)
+            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    folder = tmp_path / "qwen"
+    model.save_pretrained(folder)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(merged_dir / name, folder / name)
+    tokenizer = json.loads((merged_dir / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_export._QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+    ]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "qwen.gguf"
+    info = write_gguf(folder, out, quant="f16")
+    assert info["architecture"] == "qwen2" and info["tensors"] == 1 + 2 * 12 + 1
+    result = check_gguf(out, folder)
+    assert result["max_abs_diff"] <= result["tolerance"] and result["tokenizer_match"]
+    original = AutoTokenizer.from_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    for text in [*TEXTS, "a\n\nb"]:
+        assert loaded(text)["input_ids"] == original(text)["input_ids"], text
+    # The split this name stands for is really in use: GPT-2's splits the blank line apart.
+    assert original("a\n\nb")["input_ids"] != AutoTokenizer.from_pretrained(merged_dir)("a\n\nb")["input_ids"]
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "qwen2"

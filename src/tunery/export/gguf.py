@@ -5,9 +5,10 @@ the chat template in one file. The layout follows llama.cpp's own converter, bec
 every GGUF runtime expects:
 
 - tensor names from gguf-py's name map (`blk.N.attn_q.weight`, `token_embd.weight`, ...);
-- the rows of q_proj and k_proj permuted per head: transformers' rotary embedding rotates the two
-  halves of a head (`rotate_half`), llama.cpp's rotates adjacent pairs, and the permutation turns
-  one layout into the other (transformers' GGUF loader applies the inverse);
+- for the Llama architecture (Llama, Mistral), the rows of q_proj and k_proj permuted per head:
+  transformers' rotary embedding rotates the two halves of a head (`rotate_half`), llama.cpp's
+  Llama rotates adjacent pairs, and the permutation turns one layout into the other
+  (transformers' GGUF loader applies the inverse); Qwen2 is written as it is (NeoX rotary);
 - 1-D tensors (the norms) always in F32, 2-D ones in the asked type; Q8_0 quantizes rows in blocks
   of 32, and a tensor whose rows are not a multiple of 32 falls back to F16 as llama.cpp does;
 - `output.weight` only when the model does not tie its output layer to the embedding (a file
@@ -42,7 +43,11 @@ import numpy as np
 from tunery.export import ExportError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The llama.cpp architecture each is written as: llama.cpp runs Mistral as Llama. Only the Llama
+# architecture uses llama.cpp's interleaved rotary layout (q/k permuted); Qwen2 uses NeoX's, which
+# is transformers' own, so its q/k are written as they are (with their biases).
+_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 Q8_0_BLOCK = 32
 
 # llama.cpp's pre-tokenizer names, recognised from the pre-tokenizer a tokenizer.json declares.
@@ -51,6 +56,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # Tolerances of check_gguf, per file type. Logits are compared in absolute terms against
 # `rel * scale` (scale: the largest |logit| of the original model on the prompts, at least 1), so the
@@ -106,7 +112,7 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
     if not out_path.parent.is_dir():
         raise ExportError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
 
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    arch = gguf.MODEL_ARCH_NAMES[_arch(config)]
     writer = gguf.GGUFWriter(None, arch)
     _add_metadata(writer, model_dir, config, quant)
     _add_vocab(writer, vocab)
@@ -188,7 +194,8 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
     n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
+    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
     pairs: dict[str, dict[str, np.ndarray]] = {}
     with safe_open(str(weights), framework="pt") as f:
         for key in sorted(f.keys()):
@@ -213,7 +220,7 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
                               "between modules cannot be written with one alpha")
         alpha *= float(np.sqrt(next(iter(ranks))))
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_arch(config)])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -225,7 +232,7 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
         pair = pairs[name]
         if set(pair) != {"A", "B"}:
             raise ExportError(f"cannot export the adapter {adapter_dir}: {name} has lora_A or lora_B missing")
-        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
+        heads = None if not permutes else n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
         b = permute_rotary(pair["B"], heads) if heads else pair["B"]
         for suffix, matrix in (("lora_a", pair["A"]), ("lora_b", b)):
             if quant == "f32":
@@ -244,7 +251,7 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
     _write_atomically(writer, out_path, lambda stack: iter(arrays))
     return {
         "path": str(out_path),
-        "architecture": "llama",
+        "architecture": gguf.MODEL_ARCH_NAMES[_arch(config)],
         "type": "lora",
         "quant": quant,
         "alpha": alpha,
@@ -351,7 +358,7 @@ def _read_config(model_dir: Path) -> dict:
             raise ExportError(f"cannot export {model_dir}: config.json has no integer {key}")
     if config.get("hidden_act", "silu") != "silu":
         raise ExportError(f"cannot export {model_dir}: hidden_act {config['hidden_act']!r} (a Llama GGUF is SiLU)")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias") if model_type != "qwen2" else ("use_sliding_window",):
         if config.get(key):
             raise ExportError(f"cannot export {model_dir}: {key} is true, which this writer does not lay out")
     rope = _rope(config)
@@ -361,6 +368,12 @@ def _read_config(model_dir: Path) -> dict:
             "supported (only unscaled rotary embeddings)"
         )
     return config
+
+
+def _arch(config: dict) -> Any:
+    import gguf
+
+    return getattr(gguf.MODEL_ARCH, _GGUF_ARCH[config["model_type"]])
 
 
 def _rope(config: dict) -> dict:
@@ -402,7 +415,7 @@ def _read_vocab(model_dir: Path, config: dict) -> dict:
     if pre is None:
         raise ExportError(
             f"cannot export {model_dir}: its pre-tokenizer ({_describe_pre(data.get('pre_tokenizer'))}) is not one "
-            "a GGUF runtime can be told about (known: GPT-2 byte-level, SmolLM/StarCoder digits, Llama 3)"
+            "a GGUF runtime can be told about (known: GPT-2 byte-level, SmolLM/StarCoder digits, Llama 3, Qwen2)"
         )
     by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
     added = {int(a["id"]): a for a in data.get("added_tokens", [])}
@@ -441,6 +454,8 @@ def _pre_tokenizer_name(pre: Any) -> str | None:
         regex = (steps[0].get("pattern") or {}).get("Regex")
         if regex == _LLAMA3_SPLIT:
             return "llama-bpe"
+        if regex == _QWEN2_SPLIT:
+            return "qwen2"
     return None
 
 
@@ -508,7 +523,8 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     tied = bool(config.get("tie_word_embeddings", False))
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
+    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
     T = gguf.GGMLQuantizationType
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -527,7 +543,7 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
         base, _, suffix = hf_name.rpartition(".")
         gguf_base = name_map.get_name(base) if suffix in ("weight", "bias") else None
         if gguf_base is None:
-            raise ExportError(f"cannot export {model_dir}: tensor {hf_name} has no GGUF name for a Llama model")
+            raise ExportError(f"cannot export {model_dir}: tensor {hf_name} has no GGUF name in llama.cpp's {config['model_type']} layout")
         shape = shapes[hf_name]
         if len(shape) == 1 or quant == "f32":
             qtype = T.F32
@@ -538,7 +554,9 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
         else:
             qtype = T.Q8_0 if shape[-1] % Q8_0_BLOCK == 0 else T.F16
         heads = None
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if not permutes:
+            pass
+        elif hf_name.endswith("self_attn.q_proj.weight"):
             heads = n_head
         elif hf_name.endswith("self_attn.k_proj.weight"):
             heads = n_kv
@@ -625,7 +643,10 @@ def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> Non
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(model_dir.resolve().name)
+    name = model_dir.resolve().name
+    # transformers' GGUF loader treats a Llama file named exactly "mistral" as its Mistral class,
+    # which it then cannot map; any other name (the folder's, usually) is only shown by runtimes.
+    writer.add_name(f"{name} model" if name == "mistral" else name)
     n_head = int(config["num_attention_heads"])
     writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
     writer.add_embedding_length(int(config["hidden_size"]))
@@ -640,7 +661,8 @@ def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> Non
         writer.add_value_length(int(config["head_dim"]))
     writer.add_file_type(_file_types()[quant])
     writer.add_vocab_size(int(config["vocab_size"]))
-    writer.add_rope_dimension_count(_head_dim(config))
+    if _arch(config) == gguf.MODEL_ARCH.LLAMA:  # the rotated dimensions (all of a head), llama.cpp's Llama reads it
+        writer.add_rope_dimension_count(_head_dim(config))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
