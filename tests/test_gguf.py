@@ -47,13 +47,13 @@ def merged_dir(tmp_path_factory, tiny_model_dir) -> Path:
 def exports(tmp_path_factory, merged_dir) -> dict[str, tuple[Path, dict]]:
     folder = tmp_path_factory.mktemp("gguf")
     written = {}
-    for quant in ("f32", "f16", "q8_0"):
+    for quant in ("f32", "f16", "bf16", "q8_0"):
         path = folder / f"model-{quant}.gguf"
         written[quant] = (path, write_gguf(merged_dir, path, quant=quant))
     return written
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_reads_back_within_tolerance(exports, merged_dir, quant):
     path, info = exports[quant]
     assert info["quant"] == quant and info["architecture"] == "llama"
@@ -126,6 +126,14 @@ def test_missing_rotary_permutation_is_caught(merged_dir, tmp_path, monkeypatch)
     write_gguf(merged_dir, path, quant="f32")
     with pytest.raises(ExportError, match="does not read back") as err:
         check_gguf(path, merged_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_file_is_reported(merged_dir, tmp_path):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf at all")
+    with pytest.raises(ExportError, match="not a readable GGUF") as err:
+        check_gguf(bogus, merged_dir)
     assert "\n" not in str(err.value)
 
 
