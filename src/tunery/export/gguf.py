@@ -1,0 +1,693 @@
+"""Write a Llama-family Hugging Face model folder as one GGUF file, and check it reads back.
+
+GGUF is what llama.cpp, Ollama and LM Studio load: weights, hyperparameters, the BPE tokenizer and
+the chat template in one file. The layout follows llama.cpp's own converter, because that is what
+every GGUF runtime expects:
+
+- tensor names from gguf-py's name map (`blk.N.attn_q.weight`, `token_embd.weight`, ...);
+- for the Llama architecture (Llama, Mistral), the rows of q_proj and k_proj permuted per head:
+  transformers' rotary embedding rotates the two halves of a head (`rotate_half`), llama.cpp's
+  Llama rotates adjacent pairs, and the permutation turns one layout into the other
+  (transformers' GGUF loader applies the inverse); Qwen2 is written as it is (NeoX rotary);
+- 1-D tensors (the norms) always in F32, 2-D ones in the asked type; Q8_0 quantizes rows in blocks
+  of 32, and a tensor whose rows are not a multiple of 32 falls back to F16 as llama.cpp does;
+- `output.weight` only when the model does not tie its output layer to the embedding (a file
+  without it is read as tied);
+- the byte-level BPE vocabulary as `tokenizer.ggml.model = "gpt2"`, with merges, token types
+  (added special tokens are CONTROL, so a runtime never splits `<|im_end|>`), the special ids, the
+  add-BOS/EOS flags the tokenizer actually applies, and the chat template.
+
+The file is written tensor by tensor (the tensor table first, from the safetensors headers alone),
+so a 7B model needs one tensor in memory at a time, not the whole model. It goes to a temporary
+sibling that is renamed at the end: a reader never sees a half-written GGUF, and a failure leaves
+nothing behind. Everything is written in a fixed order with no timestamps, so the same folder and
+quant give the same bytes (a digest of the file identifies the export).
+
+`check_gguf` is the independent check: transformers' GGUF loader — code that shares nothing with
+this writer — reads the file back, and its logits are compared with the original model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunery.export import ExportError
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The llama.cpp architecture each is written as: llama.cpp runs Mistral as Llama. Only the Llama
+# architecture uses llama.cpp's interleaved rotary layout (q/k permuted); Qwen2 uses NeoX's, which
+# is transformers' own, so its q/k are written as they are (with their biases).
+_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+Q8_0_BLOCK = 32
+
+# llama.cpp's pre-tokenizer names, recognised from the pre-tokenizer a tokenizer.json declares.
+# A runtime picks its split regex by this name, so an unknown one is refused rather than guessed.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+# Tolerances of check_gguf, per file type. Logits are compared in absolute terms against
+# `rel * scale` (scale: the largest |logit| of the original model on the prompts, at least 1), so the
+# same bound works for a random test model (logits ~0.1) and a trained one (logits ~20).
+# f32 differs only by summation order; f16/bf16 round every weight (relative 2^-11 / 2^-8); Q8_0
+# rounds to 8 bits per block of 32, which moves logits by a few percent of their range, so it is
+# also held to the original's top token on most positions. Measured (max |diff| / scale): f32 0
+# (bit-exact), f16 ~1e-3, bf16 ~1e-2, q8_0 ~2-3e-2 with 96-97% top-token agreement, on the tiny
+# test Llama and on SmolLM2-135M; the bounds leave a 10x (f16) / 3x (q8_0) margin.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "f32": {"rel": 1e-4, "argmax": 0.99},
+    "f16": {"rel": 1e-2, "argmax": 0.95},
+    "bf16": {"rel": 5e-2, "argmax": 0.9},
+    "q8_0": {"rel": 1e-1, "argmax": 0.9},
+}
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: where it is in the folder, its GGUF name and type."""
+
+    hf_name: str
+    file: Path
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int | None  # q/k: the head count of the rotary permutation
+
+
+def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
+    """Write a Llama-family Hugging Face model folder (safetensors, config.json, tokenizer files,
+    chat template) as a GGUF file. quant: "f16" | "q8_0" | "f32" | "bf16". Writes to a temporary
+    sibling and renames, so no half-written file is ever left (also on an exception).
+    Deterministic: the same input gives the same bytes (no timestamps; sorted iteration).
+    Returns a small dict of what was written (architecture, tensors, quant, vocab size, bytes).
+
+    Everything that can be refused (architecture, tokenizer, missing files, tensors with no GGUF
+    name) is refused in one line before the output is opened."""
+    import gguf
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if quant not in QUANTS:
+        raise ExportError(f"unknown GGUF quant {quant!r}; supported: {', '.join(QUANTS)}")
+    config = _read_config(model_dir)
+    vocab = _read_vocab(model_dir, config)
+    tensors = _plan_tensors(model_dir, config, quant)
+    if not out_path.parent.is_dir():
+        raise ExportError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
+
+    arch = gguf.MODEL_ARCH_NAMES[_arch(config)]
+    writer = gguf.GGUFWriter(None, arch)
+    _add_metadata(writer, model_dir, config, quant)
+    _add_vocab(writer, vocab)
+    for t in tensors:
+        writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t),
+                               _stored_nbytes(t), raw_dtype=t.qtype)
+
+    _write_atomically(writer, out_path, lambda stack: _tensor_data(tensors, stack))
+    return {
+        "path": str(out_path),
+        "architecture": arch,
+        "model_type": config["model_type"],
+        "quant": quant,
+        "file_type": int(_file_types()[quant]),
+        "tensors": len(tensors),
+        "vocab_size": len(vocab["tokens"]),
+        "bytes": out_path.stat().st_size,
+    }
+
+
+def _write_atomically(writer: Any, out_path: Path, data: Callable[[ExitStack], Iterator[np.ndarray]]) -> None:
+    """Write the header, metadata and tensor table the writer holds, then each tensor `data`
+    yields (in the table's order), into a temporary sibling of `out_path` renamed over it at the
+    end; on any failure the temporary file is removed and `out_path` is left as it was."""
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ExitStack() as stack:
+            for array in data(stack):
+                writer.write_tensor_data(array)
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, quant: str = "f16") -> dict:
+    """Write a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) as a
+    LoRA-only GGUF for llama.cpp's `--lora`, next to a GGUF of its base (base_model_dir: the Hugging
+    Face folder of that base, for its architecture and head counts). quant: as write_gguf; LoRA
+    matrices whose rows are not a multiple of 32 (lora_b, rank < 32) stay F16 under q8_0.
+
+    The layout is llama.cpp's convert_lora_to_gguf.py: general.type "adapter", adapter.type "lora",
+    adapter.lora.alpha, and per adapted weight `blk.N.attn_q.weight.lora_a` / `.lora_b`. llama.cpp
+    scales B·A by alpha / rank (the rank read from the tensors), so per-module ranks need nothing
+    more; an rsLoRA adapter (scale alpha / sqrt(rank)) is written with alpha · sqrt(rank) to give
+    the same scale. Only lora_b carries q/k's output rows, so only it gets the rotary permutation.
+    Refused in one line: DoRA, per-module alphas, a rank that differs between modules under
+    rsLoRA, and adapters that carry whole tensors (modules_to_save, new embeddings)."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    adapter_dir, out_path, base_model_dir = Path(adapter_dir), Path(out_path), Path(base_model_dir)
+    if quant not in QUANTS:
+        raise ExportError(f"unknown GGUF quant {quant!r}; supported: {', '.join(QUANTS)}")
+    config = _read_config(base_model_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for required in (cfg_path, weights):
+        if not required.is_file():
+            raise ExportError(f"cannot export the adapter {adapter_dir}: it has no {required.name}")
+    lora = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if lora.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"cannot export the adapter {adapter_dir}: it is {lora.get('peft_type')!r}, not LoRA")
+    if lora.get("use_dora"):
+        raise ExportError(f"cannot export the adapter {adapter_dir}: DoRA adapters have no llama.cpp LoRA form")
+    if lora.get("alpha_pattern"):
+        raise ExportError(f"cannot export the adapter {adapter_dir}: per-module lora_alpha (alpha_pattern) "
+                          "cannot be written (llama.cpp takes one alpha)")
+    if not out_path.parent.is_dir():
+        raise ExportError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
+
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
+    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in sorted(f.keys()):
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if m is None:
+                raise ExportError(
+                    f"cannot export the adapter {adapter_dir}: {key} is not a LoRA matrix (whole tensors such as "
+                    "modules_to_save or resized embeddings cannot go into a llama.cpp LoRA)")
+            module, which = m.groups()
+            gguf_base = name_map.get_name(module)
+            if gguf_base is None or gguf_base in ("token_embd", "output"):
+                raise ExportError(f"cannot export the adapter {adapter_dir}: LoRA on {module} is not supported "
+                                  "(only the attention and MLP projections)")
+            pairs.setdefault(f"{gguf_base}.weight", {})[which] = f.get_tensor(key).to(torch.float32).numpy()
+    if not pairs:
+        raise ExportError(f"cannot export the adapter {adapter_dir}: it holds no LoRA matrices")
+    ranks = {v["A"].shape[0] for v in pairs.values() if "A" in v}
+    alpha = float(lora.get("lora_alpha", lora.get("r", 8)))
+    if lora.get("use_rslora"):
+        if len(ranks) != 1:
+            raise ExportError(f"cannot export the adapter {adapter_dir}: rsLoRA with ranks {sorted(ranks)} differing "
+                              "between modules cannot be written with one alpha")
+        alpha *= float(np.sqrt(next(iter(ranks))))
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_arch(config)])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_file_type(_file_types()[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    T = gguf.GGMLQuantizationType
+    arrays: list[np.ndarray] = []
+    for name in sorted(pairs, key=lambda n: (int(n.split(".")[1]), n)):
+        pair = pairs[name]
+        if set(pair) != {"A", "B"}:
+            raise ExportError(f"cannot export the adapter {adapter_dir}: {name} has lora_A or lora_B missing")
+        heads = None if not permutes else n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
+        b = permute_rotary(pair["B"], heads) if heads else pair["B"]
+        for suffix, matrix in (("lora_a", pair["A"]), ("lora_b", b)):
+            if quant == "f32":
+                qtype = T.F32
+            elif quant == "bf16":
+                qtype = T.BF16
+            elif quant == "q8_0" and matrix.shape[-1] % Q8_0_BLOCK == 0:
+                qtype = T.Q8_0
+            else:
+                qtype = T.F16
+            t = _Tensor(name, weights, f"{name}.{suffix}", tuple(matrix.shape), qtype, None)
+            data = _convert(t, matrix, permute_rotary)
+            writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t), _stored_nbytes(t),
+                                   raw_dtype=qtype)
+            arrays.append(data)
+    _write_atomically(writer, out_path, lambda stack: iter(arrays))
+    return {
+        "path": str(out_path),
+        "architecture": gguf.MODEL_ARCH_NAMES[_arch(config)],
+        "type": "lora",
+        "quant": quant,
+        "alpha": alpha,
+        "ranks": sorted(ranks),
+        "tensors": len(arrays),
+        "bytes": out_path.stat().st_size,
+    }
+
+
+def check_gguf(gguf_path: Path, model_dir: Path, *, prompts: list[str] | None = None) -> dict:
+    """Independent read-back: load the GGUF with transformers' GGUF loader
+    (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)) and compare its logits on a few
+    prompts with the HF model in model_dir (fp32). Returns {"max_abs_diff", "tolerance",
+    "argmax_agreement", ...}; raises ExportError when beyond tolerance.
+
+    The prompts are tokenized once, with model_dir's tokenizer, and fed to both models as ids, so
+    this checks the weights and hyperparameters; whether the GGUF's tokenizer gives the same ids
+    is reported as "tokenizer_match" (transformers rebuilds a GGUF tokenizer only approximately for
+    some pre-tokenizers, so it is informative, not a failure)."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.models.resolve import quiet_transformers
+
+    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
+    if not gguf_path.is_file():
+        raise ExportError(f"cannot check {gguf_path}: no such file")
+    try:
+        field = gguf.GGUFReader(gguf_path).fields.get("general.file_type")
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"cannot check {gguf_path}: it is not a readable GGUF file ({_first_line(exc)})") from None
+    file_type = int(field.contents()) if field is not None else -1
+    quant = {int(v): k for k, v in _file_types().items()}.get(file_type)
+    if quant is None:
+        raise ExportError(f"cannot check {gguf_path}: its file type {file_type} has no tolerance here")
+    tol = TOLERANCES[quant]
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        try:
+            got = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+            gguf_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except Exception as exc:  # the loader raises ValueError, KeyError, NotImplementedError, ...
+            raise ExportError(
+                f"{gguf_path.name} does not read back: transformers' GGUF loader fails on it: {_first_line(exc)}"
+            ) from None
+
+    texts = list(prompts) if prompts else _default_prompts(tok)
+    max_diff, scale, agree, total, tokens_match = 0.0, 1.0, 0, 0, True
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            if gguf_tok(text)["input_ids"] != ids[0].tolist():
+                tokens_match = False
+            a = ref(input_ids=ids).logits[0].float()
+            b = got(input_ids=ids).logits[0].float()
+            if a.shape != b.shape:
+                raise ExportError(f"{gguf_path.name}: logits of shape {tuple(b.shape)} where the model gives {tuple(a.shape)}")
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            scale = max(scale, float(a.abs().max()))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[0]
+    agreement = agree / max(total, 1)
+    tolerance = tol["rel"] * scale
+    result = {
+        "quant": quant,
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "logit_scale": scale,
+        "argmax_agreement": agreement,
+        "min_argmax_agreement": tol["argmax"],
+        "positions": total,
+        "tokenizer_match": tokens_match,
+    }
+    if not np.isfinite(max_diff) or max_diff > tolerance or agreement < tol["argmax"]:
+        raise ExportError(
+            f"{gguf_path.name} does not read back as {model_dir}: max |logit difference| {max_diff:.3g} "
+            f"(tolerance {tolerance:.3g} for {quant}), top token agreement {agreement:.3f} "
+            f"(needs {tol['argmax']}) over {total} positions"
+        )
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+# --- what the folder holds ---------------------------------------------------------------------
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json, refused unless it is an architecture this writer lays out correctly."""
+    if not model_dir.is_dir():
+        raise ExportError(f"cannot export {model_dir}: no such folder")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ExportError(f"cannot export {model_dir}: it has no config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from None
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        shown = f"{model_type!r}" + (f" ({', '.join(archs)})" if archs else "")
+        raise ExportError(
+            f"cannot export {model_dir} as GGUF: its architecture {shown} is not supported; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise ExportError(f"cannot export {model_dir}: config.json has no integer {key}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"cannot export {model_dir}: hidden_act {config['hidden_act']!r} (a Llama GGUF is SiLU)")
+    for key in ("attention_bias", "mlp_bias") if model_type != "qwen2" else ("use_sliding_window",):
+        if config.get(key):
+            raise ExportError(f"cannot export {model_dir}: {key} is true, which this writer does not lay out")
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ExportError(
+            f"cannot export {model_dir}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
+            "supported (only unscaled rotary embeddings)"
+        )
+    return config
+
+
+def _arch(config: dict) -> Any:
+    import gguf
+
+    return getattr(gguf.MODEL_ARCH, _GGUF_ARCH[config["model_type"]])
+
+
+def _rope(config: dict) -> dict:
+    """Rotary settings, from transformers 5's `rope_parameters` or the older top-level keys."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if "full_attention" in params:
+        params = params["full_attention"]
+    rope = dict(params)
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _read_vocab(model_dir: Path, config: dict) -> dict:
+    """The BPE vocabulary in GGUF's terms: tokens by id, their types, the pre-tokenizer name, and
+    the special ids, flags, merges and chat template (gguf-py's SpecialVocab, as llama.cpp uses)."""
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"cannot export {model_dir}: it has no tokenizer.json (a GGUF needs the BPE tokenizer)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"cannot export {model_dir}: its tokenizer is {model.get('type')!r}, not BPE (tokenizer.json "
+            "model.type); only byte-level BPE tokenizers are written"
+        )
+    if model.get("byte_fallback"):
+        raise ExportError(f"cannot export {model_dir}: its BPE tokenizer uses byte_fallback (sentencepiece style), "
+                          "not byte-level BPE")
+    pre = _pre_tokenizer_name(data.get("pre_tokenizer"))
+    if pre is None:
+        raise ExportError(
+            f"cannot export {model_dir}: its pre-tokenizer ({_describe_pre(data.get('pre_tokenizer'))}) is not one "
+            "a GGUF runtime can be told about (known: GPT-2 byte-level, SmolLM/StarCoder digits, Llama 3, Qwen2)"
+        )
+    by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    added = {int(a["id"]): a for a in data.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    size = max(int(config["vocab_size"]), max(by_id) + 1 if by_id else 0)
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size)
+    if not special.merges:
+        raise ExportError(f"cannot export {model_dir}: tokenizer.json has no BPE merges")
+    # The flags llama.cpp reads to decide whether to prepend BOS / append EOS: what the tokenizer
+    # really does, rather than SpecialVocab's reading of its post-processor.
+    special.add_special_token = _adds_special(model_dir, special.special_token_ids)
+    return {"tokens": tokens, "types": types, "pre": pre, "special": special}
+
+
+def _pre_tokenizer_name(pre: Any) -> str | None:
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if regex == _QWEN2_SPLIT:
+            return "qwen2"
+    return None
+
+
+def _describe_pre(pre: Any) -> str:
+    if not isinstance(pre, dict):
+        return "none"
+    if pre.get("type") == "Sequence":
+        return " + ".join(str(s.get("type")) for s in pre.get("pretokenizers", []))
+    return str(pre.get("type"))
+
+
+def _adds_special(model_dir: Path, ids: dict[str, int]) -> dict[str, bool]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    enc = tok.encode("hello", add_special_tokens=True).ids
+    flags = {"bos": bool(enc) and ids.get("bos") is not None and enc[0] == ids["bos"],
+             "eos": bool(enc) and ids.get("eos") is not None and enc[-1] == ids["eos"]}
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.is_file():  # transformers adds these itself for some tokenizers (e.g. LlamaTokenizer)
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        for typ in ("bos", "eos"):
+            if isinstance(cfg.get(f"add_{typ}_token"), bool):
+                flags[typ] = cfg[f"add_{typ}_token"]
+    return flags
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+def _file_types() -> dict[str, Any]:
+    import gguf
+
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (a sharded index or one file)."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = {name: model_dir / f for name, f in weight_map.items()}
+        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+        if missing:
+            raise ExportError(f"cannot export {model_dir}: weight file {missing[0]} named in its index is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise ExportError(f"cannot export {model_dir}: it has no model.safetensors (nor a safetensors index)")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
+    """Every tensor's GGUF name, shape and type, from the safetensors headers (no data read), in
+    a fixed order: the embedding, the blocks in order, the final norm, the output layer."""
+    import gguf
+    from safetensors import safe_open
+
+    files = _weight_files(model_dir)
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    tied = bool(config.get("tie_word_embeddings", False))
+    name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
+    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
+    T = gguf.GGMLQuantizationType
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name in files and files[name] == path:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+
+    planned: list[_Tensor] = []
+    for hf_name in sorted(shapes):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope.freq_base
+        if hf_name == "lm_head.weight" and tied:
+            continue  # read back as tied because output.weight is absent
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base) if suffix in ("weight", "bias") else None
+        if gguf_base is None:
+            raise ExportError(f"cannot export {model_dir}: tensor {hf_name} has no GGUF name in llama.cpp's {config['model_type']} layout")
+        shape = shapes[hf_name]
+        if len(shape) == 1 or quant == "f32":
+            qtype = T.F32
+        elif quant == "f16":
+            qtype = T.F16
+        elif quant == "bf16":
+            qtype = T.BF16
+        else:
+            qtype = T.Q8_0 if shape[-1] % Q8_0_BLOCK == 0 else T.F16
+        heads = None
+        if not permutes:
+            pass
+        elif hf_name.endswith("self_attn.q_proj.weight"):
+            heads = n_head
+        elif hf_name.endswith("self_attn.k_proj.weight"):
+            heads = n_kv
+        planned.append(_Tensor(hf_name, files[hf_name], f"{gguf_base}.{suffix}", shape, qtype, heads))
+    if not tied and "lm_head.weight" not in shapes:
+        raise ExportError(f"cannot export {model_dir}: tie_word_embeddings is false but it has no lm_head.weight")
+    names = {t.gguf_name for t in planned}
+    if "token_embd.weight" not in names:
+        raise ExportError(f"cannot export {model_dir}: it has no model.embed_tokens.weight")
+    for i in range(n_layers):
+        if f"blk.{i}.attn_q.weight" not in names:
+            raise ExportError(f"cannot export {model_dir}: layer {i} has no self_attn.q_proj.weight")
+
+    def order(t: _Tensor) -> tuple[int, int, str]:
+        m = re.match(r"blk\.(\d+)\.", t.gguf_name)
+        if m:
+            return (1, int(m.group(1)), t.gguf_name)
+        return ({"token_embd": 0, "output_norm": 2, "output": 3}.get(t.gguf_name.split(".")[0], 4), 0, t.gguf_name)
+
+    return sorted(planned, key=order)
+
+
+def _stored_shape(t: _Tensor) -> tuple[int, ...]:
+    import gguf
+
+    if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return t.shape
+    return tuple(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
+
+
+def _stored_numpy_dtype(t: _Tensor) -> np.dtype:
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    return np.dtype({T.F32: np.float32, T.F16: np.float16}.get(t.qtype, np.uint8))
+
+
+def _stored_nbytes(t: _Tensor) -> int:
+    return int(np.prod(_stored_shape(t))) * _stored_numpy_dtype(t).itemsize
+
+
+def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from transformers' half-split rotary layout to llama.cpp's
+    interleaved one (llama.cpp's `LlamaModel.permute`); transformers' GGUF loader undoes it."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def _convert(t: _Tensor, data: np.ndarray, permute: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    import gguf
+
+    if t.permute_heads is not None:
+        data = permute(data, t.permute_heads)
+    T = gguf.GGMLQuantizationType
+    if t.qtype == T.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if t.qtype == T.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), t.qtype)
+
+
+def _tensor_data(tensors: list[_Tensor], stack: ExitStack) -> Iterator[np.ndarray]:
+    """Each tensor's bytes as stored, one at a time, in the planned order."""
+    import torch
+    from safetensors import safe_open
+
+    handles: dict[Path, Any] = {}
+    for t in tensors:
+        if t.file not in handles:
+            handles[t.file] = stack.enter_context(safe_open(str(t.file), framework="pt"))
+        raw = handles[t.file].get_tensor(t.hf_name).to(torch.float32).numpy()
+        data = _convert(t, raw, permute_rotary)
+        if data.nbytes != _stored_nbytes(t):
+            raise ExportError(f"tensor {t.hf_name}: {data.nbytes} bytes where {_stored_nbytes(t)} were planned")
+        yield data
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+
+def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> None:
+    """The hyperparameters llama.cpp's Llama converter writes, in its order."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    name = model_dir.resolve().name
+    # transformers' GGUF loader treats a Llama file named exactly "mistral" as its Mistral class,
+    # which it then cannot map; any other name (the folder's, usually) is only shown by runtimes.
+    writer.add_name(f"{name} model" if name == "mistral" else name)
+    n_head = int(config["num_attention_heads"])
+    writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") and int(config["head_dim"]) != int(config["hidden_size"]) // n_head:
+        writer.add_key_length(int(config["head_dim"]))
+        writer.add_value_length(int(config["head_dim"]))
+    writer.add_file_type(_file_types()[quant])
+    writer.add_vocab_size(int(config["vocab_size"]))
+    if _arch(config) == gguf.MODEL_ARCH.LLAMA:  # the rotated dimensions (all of a head), llama.cpp's Llama reads it
+        writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_vocab(writer: Any, vocab: dict) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    vocab["special"].add_to_gguf(writer, quiet=True)
+
+
+def _default_prompts(tok: Any) -> list[str]:
+    prompts = list(DEFAULT_PROMPTS)
+    if getattr(tok, "chat_template", None):
+        prompts.append(tok.apply_chat_template(
+            [{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True))
+    return prompts
