@@ -186,3 +186,40 @@ def test_the_ollama_template_frames_reproduce_the_chat_template(tokenizer):
     assert f'SYSTEM """{frames["default_system"]}"""' in chat
     raw = modelfile("gguf-q8_0.gguf", tokenizer, "prompt_completion")
     assert 'TEMPLATE """{{ .Prompt }}"""' in raw and f'PARAMETER stop "{tokenizer.eos_token}"' in raw
+
+
+def test_gguf_and_ollama_exports_read_back_as_the_trained_model(lora_run):
+    gguf = export(lora_run, "gguf", quant="q8_0", force=True)
+    assert gguf.file == lora_run.exports / "gguf-q8_0.gguf" and gguf.file.read_bytes()[:4] == b"GGUF"
+    check = gguf.info["check"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["argmax_agreement"] >= 0.9
+    assert _sha(export(lora_run, "gguf", quant="q8_0", force=True).file) == _sha(gguf.file)
+
+    ollama = export(lora_run, "ollama", quant="f16", force=True)
+    with zipfile.ZipFile(ollama.file) as zf:
+        names = sorted(zf.namelist())
+        modelfile = zf.read("ollama-f16/Modelfile").decode()
+    assert names == ["ollama-f16/Modelfile", "ollama-f16/ollama-f16.gguf"]
+    # The run trained on prompt/completion rows: the raw prompt, and the eos as the stop.
+    assert modelfile.startswith("FROM ./ollama-f16.gguf\n") and 'TEMPLATE """{{ .Prompt }}"""' in modelfile
+    assert ollama.info["ollama_create"] == "cd ollama-f16 && ollama create MODEL_NAME -f Modelfile"
+    assert {e["name"] for e in list_exports(lora_run)} >= {"gguf-q8_0", "ollama-f16"}
+
+
+def test_the_cli_exports_and_says_why_it_cannot(lora_run, tmp_path):
+    import subprocess
+    import sys
+
+    def tunery(*args):
+        return subprocess.run([sys.executable, "-m", "tunery.cli", "export", *map(str, args)], capture_output=True,
+                              text=True, timeout=600)
+
+    done = tunery(lora_run.url, "--format", "merged", "--dtype", "f32")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(lora_run.exports / "merged-f32.zip")
+    assert "check: logits within" in done.stderr
+    bad = tunery(lora_run.url, "--format", "onnx")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: unknown export format 'onnx': use one of merged, gguf, ollama"]
+    missing = tunery(tmp_path / "nothing", "--format", "gguf")
+    assert missing.returncode == 2 and "has no manifest.json" in missing.stderr and "Traceback" not in missing.stderr

@@ -182,7 +182,7 @@ def export_command(
     format: Annotated[str, typer.Option("--format", "-f", help="merged (a Hugging Face model folder), gguf "
                                         "(llama.cpp) or ollama (GGUF + Modelfile).")] = "merged",
     dtype: Annotated[str, typer.Option(help="merged: bf16, f16 or f32.")] = "bf16",
-    quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16 or f32.")] = "q8_0",
+    quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16, bf16 or f32.")] = "q8_0",
     force: Annotated[bool, typer.Option("--force", help="Export again even if this export exists.")] = False,
 ) -> None:
     """Export a finished run: merged weights, a GGUF file, or a GGUF with an Ollama Modelfile; each

@@ -33,7 +33,7 @@ from tunery.export import ExportError
 
 FORMATS = ("merged", "gguf", "ollama")
 MERGED_DTYPES = ("bf16", "f16", "f32")
-GGUF_QUANTS = ("q8_0", "f16", "f32")
+GGUF_QUANTS = ("q8_0", "f16", "bf16", "f32")
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 _LOCK = threading.Lock()  # one export at a time per process: each holds a whole model in memory
 
