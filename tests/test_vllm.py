@@ -192,3 +192,56 @@ def test_without_a_server_or_a_command_the_request_fails_saying_what_to_set(monk
         assert gen.metrics["stop_reason"] == "error"
     finally:
         engine.close()
+
+
+@needs_vllm
+def test_a_merged_export_is_served_by_vllm_as_the_run_answers(trained_runs, tmp_path):
+    """tunery export --format merged gives a folder vLLM serves as a plain model, and it answers
+    as the trained run does (the adapter is in the weights)."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import zipfile
+
+    from tunery.artifacts import Run
+    from tunery.export.exporter import export
+
+    answer, run_dir = next(iter(trained_runs.items()))
+    done = export(Run(run_dir), "merged", dtype="bf16")
+    with zipfile.ZipFile(done.file) as zf:
+        zf.extractall(tmp_path)
+    model = tmp_path / "merged-bf16"
+    venv = Path(os.environ.get("TUNERY_VLLM_VENV", Path.home() / ".cache" / "tunery" / "vllm-venv"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "vllm.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", "merged", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
+         "--gpu-memory-utilization", "0.1"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 360
+        while True:
+            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "vLLM did not start on the merged model"
+            time.sleep(2)
+        reply = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "merged", "prompt": QUESTION, "max_tokens": 6, "temperature": 0}).json()
+        assert reply["choices"][0]["text"].strip().startswith(answer), reply
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
