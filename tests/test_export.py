@@ -77,7 +77,7 @@ def test_exporting_again_gives_the_same_bytes(lora_run):
 
 
 def test_bad_exports_are_refused_and_leave_nothing(lora_run, tmp_path, monkeypatch):
-    with pytest.raises(ExportError, match="unknown export format 'onnx': use one of merged, gguf, ollama"):
+    with pytest.raises(ExportError, match="unknown export format 'onnx': use one of merged, gguf, ollama, gguf-lora"):
         export(lora_run, "onnx")
     with pytest.raises(ExportError, match="merged dtype 'int4' is not one of bf16, f16, f32"):
         export(lora_run, "merged", dtype="int4")
@@ -220,6 +220,14 @@ def test_the_cli_exports_and_says_why_it_cannot(lora_run, tmp_path):
     assert "check: logits within" in done.stderr
     bad = tunery(lora_run.url, "--format", "onnx")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: unknown export format 'onnx': use one of merged, gguf, ollama"]
+        "error: unknown export format 'onnx': use one of merged, gguf, ollama, gguf-lora"]
     missing = tunery(tmp_path / "nothing", "--format", "gguf")
     assert missing.returncode == 2 and "has no manifest.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_adapter_alone_exports_as_a_lora_gguf(lora_run):
+    done = export(lora_run, "gguf-lora", quant="f16", force=True)
+    assert done.file == lora_run.exports / "gguf-lora-f16.gguf" and done.file.read_bytes()[:4] == b"GGUF"
+    config = json.loads((lora_run.weights_dir(False) / "adapter_config.json").read_text())
+    assert done.info["check"]["lora_tensors"] > 0 and config["peft_type"] == "LORA"
+    assert "gguf-lora-f16" in {e["name"] for e in list_exports(lora_run)}

@@ -180,7 +180,8 @@ def predict(
 def export_command(
     run: Annotated[str, typer.Argument(help="The run: its directory or storage URL.")],
     format: Annotated[str, typer.Option("--format", "-f", help="merged (a Hugging Face model folder), gguf "
-                                        "(llama.cpp) or ollama (GGUF + Modelfile).")] = "merged",
+                                        "(llama.cpp), ollama (GGUF + Modelfile) or gguf-lora (the adapter "
+                                        "for llama.cpp's --lora).")] = "merged",
     dtype: Annotated[str, typer.Option(help="merged: bf16, f16 or f32.")] = "bf16",
     quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16, bf16 or f32.")] = "q8_0",
     force: Annotated[bool, typer.Option("--force", help="Export again even if this export exists.")] = False,

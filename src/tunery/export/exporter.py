@@ -7,7 +7,10 @@ Formats:
 - gguf: one GGUF file for llama.cpp (export/gguf.py), in q8_0 (default), f16 or f32, written
   from the merged model and read back with transformers' GGUF loader to check it;
 - ollama: that GGUF plus a Modelfile (export/ollama.py), downloaded as a zip, with the
-  `ollama create` line to use it.
+  `ollama create` line to use it;
+- gguf-lora: the adapter alone as a LoRA GGUF for llama.cpp's `--lora`, over a GGUF of the base
+  (a LoRA run's; a QLoRA adapter was trained against NF4 weights, so its merged export is the
+  faithful one).
 
 Each export is made in a temporary folder beside its final place and renamed into it, then copied
 to the run's storage: an export that fails (an unsupported architecture, a check that does not
@@ -31,7 +34,7 @@ from typing import Any
 from tunery.artifacts.run import ADAPTER, MANIFEST, TOKENIZER, Run
 from tunery.export import ExportError
 
-FORMATS = ("merged", "gguf", "ollama")
+FORMATS = ("merged", "gguf", "ollama", "gguf-lora")
 MERGED_DTYPES = ("bf16", "f16", "f32")
 GGUF_QUANTS = ("q8_0", "f16", "bf16", "f32")
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)
@@ -67,7 +70,7 @@ def export_name(fmt: str, *, dtype: str = "bf16", quant: str = "q8_0") -> str:
 
 
 def file_name(name: str) -> str:
-    return f"{name}.gguf" if name.startswith("gguf-") else f"{name}.zip"
+    return f"{name}.gguf" if name.startswith("gguf-") else f"{name}.zip"  # gguf-q8_0, gguf-lora-f16: one file
 
 
 def export(run: Run, fmt: str, *, dtype: str = "bf16", quant: str = "q8_0", settings=None,
@@ -120,11 +123,12 @@ def list_exports(run: Run) -> list[dict[str, Any]]:
     found = []
     for name in (export_name(f, dtype=d) for f in ("merged",) for d in MERGED_DTYPES):
         found.append(name)
-    found += [export_name(f, quant=q) for f in ("gguf", "ollama") for q in GGUF_QUANTS]
+    found += [export_name(f, quant=q) for f in ("gguf", "ollama", "gguf-lora") for q in GGUF_QUANTS]
     out = []
     for name in found:
         if run.exists(run.export_entry(file_name(name))):
-            out.append({"name": name, "format": name.split("-")[0], "file": file_name(name), **_read_info(run, name)})
+            fmt = "gguf-lora" if name.startswith("gguf-lora-") else name.split("-")[0]
+            out.append({"name": name, "format": fmt, "file": file_name(name), **_read_info(run, name)})
     return out
 
 
@@ -138,7 +142,18 @@ def _make(fmt: str, name: str, manifest: dict, output: Path, tokenizer: Path | N
         info = write_merged(manifest, output, tokenizer, folder, dtype=dtype, settings=settings)
         _zip(folder, work / "product", root=name)
         return info
-    from tunery.export.gguf import check_gguf, write_gguf
+    from tunery.export.gguf import check_gguf, write_gguf, write_lora_gguf
+
+    if fmt == "gguf-lora":
+        if manifest.get("peft_method") == "full":
+            raise ExportError("a full fine-tune has no adapter: export it as gguf")
+        from tunery.models.resolve import resolve_base
+
+        base = manifest.get("base") or {}
+        base_dir = Path(resolve_base((base.get("path") if base.get("kind") == "dir" else base.get("name")) or "",
+                                     settings).path)
+        written = write_lora_gguf(output, work / "product", base_dir, quant=quant)
+        return {"format": fmt, "quant": quant, "gguf": written, "check": _lora_tensors(work / "product", output)}
 
     merged = work / "merged"
     write_merged(manifest, output, tokenizer, merged, dtype="f32", settings=settings)
@@ -164,6 +179,20 @@ def _make(fmt: str, name: str, manifest: dict, output: Path, tokenizer: Path | N
     shutil.rmtree(merged)
     _zip(folder, work / "product", root=name, compress=False)
     return info
+
+
+def _lora_tensors(gguf_path: Path, adapter: Path) -> dict[str, Any]:
+    """Read the LoRA GGUF back (gguf's own reader): one lora_a and one lora_b per adapted weight."""
+    import gguf
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        expected = sum(1 for key in f.keys() if ".lora_A." in key or ".lora_B." in key)
+    found = [t.name for t in gguf.GGUFReader(str(gguf_path)).tensors]
+    lora = [n for n in found if n.endswith((".lora_a", ".lora_b"))]
+    if len(lora) != expected:
+        raise ExportError(f"the LoRA GGUF holds {len(lora)} LoRA tensors where the adapter has {expected}")
+    return {"lora_tensors": len(lora)}
 
 
 def _zip(folder: Path, dest: Path, *, root: str, compress: bool = True) -> None:
