@@ -19,6 +19,7 @@ from tunery import __version__
 from tunery.server import dashboard, errors
 from tunery.server.exports import Exports
 from tunery.server.routes import ROUTERS
+from tunery.server.routes import openai as openai_routes
 from tunery.server.runner import PredictionRunner
 from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
@@ -76,6 +77,7 @@ def create_app(
     app.state.settings = settings
     app.state.exports = Exports(settings)
     errors.install(app)
+    openai_routes.install(app)
     for router in ROUTERS:
         app.include_router(router)
     dashboard.install(app)

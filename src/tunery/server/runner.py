@@ -322,6 +322,10 @@ class PredictionRunner:
             channel.publish("error", error)
         channel.publish("done", {"succeeded": "", "canceled": "canceled"}.get(status, "error"))
 
+    def engine(self, base: str) -> Engine:
+        """The serving engine of the base model `base` (made on first use, kept loaded)."""
+        return self._engine(base)
+
     def _engine(self, base: str) -> Engine:
         with self._lock:
             engine = self._engines.get(base)

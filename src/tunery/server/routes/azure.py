@@ -1,0 +1,104 @@
+"""Azure ML's scoring schema for text generation, on a version: what an Azure online endpoint of
+a Llama model answers, so scoring code written for one runs against tunery.
+
+    POST /v1/models/{owner}/{name}/score                      (the model's latest version)
+    POST /v1/models/{owner}/{name}/versions/{version_id}/score
+    {"input_data": {"input_string": ["I believe the meaning of life is"],
+                    "parameters": {"top_p": 0.9, "temperature": 0.7, "max_new_tokens": 50, "do_sample": true}}}
+    → [{"0": "I believe the meaning of life is to live. ..."}]
+
+One record per input string, its generated text under "0" after the prompt (Azure's default,
+`return_full_text`; false gives the generation alone). `do_sample: false` (Azure's default) is
+greedy. The inputs run at once on the serving engine the predictions use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunery.server.deps import PathModel, RunnerDep, SettingsDep, StoreDep
+from tunery.server.errors import ApiError, invalid
+from tunery.store.models import Model, Version
+
+router = APIRouter(tags=["azure"])
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_string: list[str] = Field(min_length=1, max_length=64)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreBody(BaseModel):
+    input_data: _Input
+
+
+def _params(parameters: dict[str, Any]):
+    from tunery.infer.engine import SamplingParams
+
+    known = {"top_p", "top_k", "temperature", "max_new_tokens", "do_sample", "return_full_text", "seed",
+             "stop_sequences"}
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise invalid(f"input_data.parameters: unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})",
+                      [{"field": f"input_data.parameters.{unknown[0]}", "reason": "unknown parameter"}])
+    sample = bool(parameters.get("do_sample", False))
+    try:
+        return SamplingParams(max_new_tokens=int(parameters.get("max_new_tokens", 128)),
+                              temperature=float(parameters.get("temperature", 1.0)) if sample else 0.0,
+                              top_p=float(parameters.get("top_p", 1.0)), top_k=int(parameters.get("top_k", 50)),
+                              stop_sequences=parameters.get("stop_sequences"), seed=parameters.get("seed"))
+    except (TypeError, ValueError) as e:
+        raise invalid(f"input_data.parameters: {e}", [{"field": "input_data.parameters", "reason": str(e)}]) from None
+
+
+def _score(model: Model, version: Version, body: ScoreBody, store, settings, runner) -> list[dict[str, str]]:
+    from tunery.errors import TuneryError
+    from tunery.infer.engine import EngineBusy, Request
+
+    params = _params(body.input_data.parameters)
+    full = bool(body.input_data.parameters.get("return_full_text", True))
+    prompts = body.input_data.input_string
+    held = 0
+    try:
+        for _ in prompts:
+            if not runner.reserve():
+                raise ApiError(429, "Request was throttled: too many predictions in flight", title="Too many requests",
+                               headers={"Retry-After": "1"})
+            held += 1
+        engine = runner.engine(version.base_name)
+        generations = [engine.submit(Request.make(p, weights=version.run_url, params=params, settings=settings))
+                       for p in prompts]
+        texts = [g.text() for g in generations]
+    except EngineBusy as e:
+        raise ApiError(429, str(e), title="Too many requests", headers={"Retry-After": "1"}) from None
+    except (TuneryError, ValueError) as e:
+        raise invalid(str(e), [{"field": "input_data", "reason": str(e)}]) from None
+    finally:
+        for _ in range(held):
+            runner.unreserve()
+    return [{"0": (prompt + text) if full else text} for prompt, text in zip(prompts, texts, strict=True)]
+
+
+@router.post("/v1/models/{model_owner}/{model_name}/score")
+def score_latest(body: ScoreBody, model: PathModel, store: StoreDep, settings: SettingsDep,
+                 runner: RunnerDep) -> list[dict[str, str]]:
+    """Azure ML's scoring request on the model's latest version."""
+    version = store.latest_version(model.id)
+    if version is None:
+        raise ApiError(404, f"model {model.owner}/{model.name} has no version yet", title="Not found")
+    return _score(model, version, body, store, settings, runner)
+
+
+@router.post("/v1/models/{model_owner}/{model_name}/versions/{version_id}/score")
+def score_version(body: ScoreBody, model: PathModel, version_id: str, store: StoreDep, settings: SettingsDep,
+                  runner: RunnerDep) -> list[dict[str, str]]:
+    """Azure ML's scoring request on one version."""
+    version = store.get_version(model.id, version_id)
+    if version is None:
+        raise ApiError(404, f"version {version_id} of {model.owner}/{model.name} not found", title="Not found")
+    return _score(model, version, body, store, settings, runner)
