@@ -16,6 +16,7 @@ answers 429 with Retry-After, as the predictions do.
 
 from __future__ import annotations
 
+import inspect
 import json
 import secrets
 import threading
@@ -292,6 +293,9 @@ def install(app) -> None:
             first = exc.errors()[0] if exc.errors() else {}
             param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
             return OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param).response()
-        return await previous(request, exc) if previous else JSONResponse({"detail": exc.errors()}, status_code=422)
+        if previous is None:
+            return JSONResponse({"detail": exc.errors()}, status_code=422)
+        answer = previous(request, exc)  # the /v1 handler: sync or async
+        return await answer if inspect.isawaitable(answer) else answer
 
     app.add_exception_handler(RequestValidationError, handler)
