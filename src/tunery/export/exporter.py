@@ -120,10 +120,8 @@ def _read_info(run: Run, name: str) -> dict[str, Any]:
 
 def list_exports(run: Run) -> list[dict[str, Any]]:
     """The run's finished exports: name, file, size and check."""
-    found = []
-    for name in (export_name(f, dtype=d) for f in ("merged",) for d in MERGED_DTYPES):
-        found.append(name)
-    found += [export_name(f, quant=q) for f in ("gguf", "ollama", "gguf-lora") for q in GGUF_QUANTS]
+    found = [export_name("merged", dtype=d) for d in MERGED_DTYPES]
+    found += [export_name(f, quant=q) for f in FORMATS if f != "merged" for q in GGUF_QUANTS]
     out = []
     for name in found:
         if run.exists(run.export_entry(file_name(name))):
@@ -147,11 +145,10 @@ def _make(fmt: str, name: str, manifest: dict, output: Path, tokenizer: Path | N
     if fmt == "gguf-lora":
         if manifest.get("peft_method") == "full":
             raise ExportError("a full fine-tune has no adapter: export it as gguf")
+        from tunery.export.merged import base_reference
         from tunery.models.resolve import resolve_base
 
-        base = manifest.get("base") or {}
-        base_dir = Path(resolve_base((base.get("path") if base.get("kind") == "dir" else base.get("name")) or "",
-                                     settings).path)
+        base_dir = Path(resolve_base(base_reference(manifest), settings).path)
         written = write_lora_gguf(output, work / "product", base_dir, quant=quant)
         return {"format": fmt, "quant": quant, "gguf": written, "check": _lora_tensors(work / "product", output)}
 

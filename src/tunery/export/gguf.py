@@ -352,10 +352,7 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"cannot export {model_dir}: it has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
+    config = _load_json(path)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -379,6 +376,13 @@ def _read_config(model_dir: Path) -> dict:
             "supported (only unscaled rotary embeddings)"
         )
     return config
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from None
 
 
 def _arch(config: dict) -> Any:
@@ -409,10 +413,7 @@ def _read_vocab(model_dir: Path, config: dict) -> dict:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise ExportError(f"cannot export {model_dir}: it has no tokenizer.json (a GGUF needs the BPE tokenizer)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
+    data = _load_json(path)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(

@@ -61,8 +61,15 @@ def write_merged(manifest: dict, weights: Path, tokenizer_dir: Path | None, out:
     tokenizer.save_pretrained(out)
     _drop_peft_traces(out)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    check = compare_logits(expected, saved, tokenizer, TOLERANCE[dtype], what=f"the merged model ({dtype})")
+    check = compare_logits(expected, saved, TOLERANCE[dtype], what=f"the merged model ({dtype})")
     return {"format": "merged", "dtype": dtype, "peft_method": method, **check}
+
+
+def base_reference(manifest: dict) -> str:
+    """How to find the run's base again: a directory base by its absolute path (the name it was
+    given may be relative to where training ran), any other by its name."""
+    base = manifest.get("base") or {}
+    return (base.get("path") if base.get("kind") == "dir" else base.get("name")) or ""
 
 
 def _base(manifest: dict, settings):
@@ -73,8 +80,7 @@ def _base(manifest: dict, settings):
     from tunery.models.resolve import resolve_base
 
     base = manifest.get("base") or {}
-    # A directory base by its absolute path (the name may be relative to where training ran).
-    resolved = resolve_base((base.get("path") if base.get("kind") == "dir" else base.get("name")) or "", settings)
+    resolved = resolve_base(base_reference(manifest), settings)
     if base.get("sha256") and resolved.sha256 and base["sha256"] != resolved.sha256:
         raise ExportError(f"the base {resolved.name!r} found here (sha256 {resolved.sha256[:12]}) is not the one "
                           f"the run was trained on (sha256 {base['sha256'][:12]})")
@@ -114,7 +120,7 @@ def reference_logits(model, tokenizer, prompts: list[str] | None = None) -> list
     return out
 
 
-def compare_logits(expected: list, candidate, tokenizer, tolerance: float, *, what: str) -> dict[str, Any]:
+def compare_logits(expected: list, candidate, tolerance: float, *, what: str) -> dict[str, Any]:
     """Max |logit difference| of `candidate` against `expected` (from reference_logits), relative
     to the largest |logit|, against `tolerance`: ExportError beyond it. Also how often the top
     token agrees."""

@@ -314,12 +314,7 @@ def _cached_url(url: str, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelNotFoundError(f"base model {url!r}: download failed: {type(exc).__name__}: {exc}") from None
     info = {"source": url, "downloaded_in_s": round(time.time() - started, 2)}
-    (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2))
-    try:
-        tmp.rename(cache_dir)
-    except OSError:  # another process finished first; its copy is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache_dir
+    return _settle(tmp, cache_dir, info)
 
 
 def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
@@ -353,6 +348,11 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
         "sha256": sha256_file(weights) if weights.is_file() else None,
         "converted_in_s": round(time.time() - started, 2),
     }
+    return _settle(tmp, cache_dir, info)
+
+
+def _settle(tmp: Path, cache_dir: Path, info: dict) -> Path:
+    """Write the cache's info file into the finished `tmp` and rename it into place; `cache_dir`."""
     (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2))
     try:
         tmp.rename(cache_dir)

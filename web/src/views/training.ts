@@ -73,14 +73,14 @@ export function trainingView(id: string): View {
     }
   };
 
-  const download = async (button: HTMLButtonElement) => {
+  /** Fetch `path` with the token (a plain link would not send it) and save it as `filename`. */
+  const saveBlob = async (path: string, filename: string, button: HTMLButtonElement, busy?: string) => {
     button.disabled = true;
     const label = button.textContent;
-    button.textContent = "Downloading…";
+    if (busy) button.textContent = busy;
     try {
-      const blob = await api.blob(`/v1/trainings/${id}/weights`);
-      const url = URL.createObjectURL(blob);
-      const a = h("a", { href: url, download: `training_output-${id}.zip` });
+      const url = URL.createObjectURL(await api.blob(path));
+      const a = h("a", { href: url, download: filename });
       document.body.append(a);
       a.click();
       a.remove();
@@ -93,21 +93,8 @@ export function trainingView(id: string): View {
     }
   };
 
-  const saveBlob = async (path: string, filename: string, button: HTMLButtonElement) => {
-    button.disabled = true;
-    try {
-      const url = URL.createObjectURL(await api.blob(path));
-      const a = h("a", { href: url, download: filename });
-      document.body.append(a);
-      a.click();
-      a.remove();
-      setTimeout(() => URL.revokeObjectURL(url), 60_000);
-    } catch (err) {
-      fill(notice, errorBox(err));
-    } finally {
-      button.disabled = false;
-    }
-  };
+  const download = (button: HTMLButtonElement) =>
+    saveBlob(`/v1/trainings/${id}/weights`, `training_output-${id}.zip`, button, "Downloading…");
 
   const EXPORTS: [string, Record<string, string>][] = [
     ["Merged (bf16)", { format: "merged", dtype: "bf16" }],

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Form, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
 from tunery.server.deps import BaseUrl, Owner, PagingDep, SettingsDep, StoreDep
+from tunery.server.download import download
 from tunery.server.errors import ApiError, invalid, not_found
 from tunery.store.objects import file_json
 
@@ -84,15 +85,7 @@ def download_file(file_id: str, owner: Owner, store: StoreDep, settings: Setting
     row = store.get_file(owner, file_id)
     if row is None or not settings.objects.exists(row.path):
         raise not_found(f"file {file_id}")
-    stream = settings.objects.open(row.path)
-
-    def chunks():
-        with stream:
-            while chunk := stream.read(_CHUNK):
-                yield chunk
-
-    return StreamingResponse(chunks(), media_type=row.content_type, headers={
-        "Content-Disposition": f'attachment; filename="{row.name}"', "Content-Length": str(row.size)})
+    return download(settings.objects.open(row.path), filename=row.name, size=row.size, media_type=row.content_type)
 
 
 @router.delete("/{file_id}", status_code=204)

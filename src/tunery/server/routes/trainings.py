@@ -19,6 +19,7 @@ from tunery.server.deps import (
     SettingsDep,
     StoreDep,
 )
+from tunery.server.download import download
 from tunery.server.errors import ApiError, not_found
 from tunery.server.schemas import ExportCreate, TrainingCreate
 from tunery.server.training_request import prepare_job
@@ -97,16 +98,7 @@ def training_weights(training_id: str, owner: Owner, store: StoreDep, settings: 
     run = settings.run(row.run_url) if row.run_url else None
     if row.status != "succeeded" or run is None or not run.has_archive():
         raise ApiError(404, f"training {training_id} has no weights (status {row.status})", title="Not found")
-    size = run.archive_size()
-    stream = run.open_archive()
-
-    def chunks():
-        with stream:
-            while chunk := stream.read(1024 * 1024):
-                yield chunk
-
-    return StreamingResponse(chunks(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{ARCHIVE}"', "Content-Length": str(size)})
+    return download(run.open_archive(), filename=ARCHIVE, size=run.archive_size(), media_type="application/zip")
 
 
 def _exported_run(store, settings, owner: str, training_id: str):
@@ -178,14 +170,5 @@ def download_export(training_id: str, name: str, owner: Owner, store: StoreDep,
     if name not in {e["name"] for e in list_exports(run)}:
         raise not_found(f"export {name} of training {training_id}")
     local = run.pull(run.export_entry(file_name(name)))
-    size = local.stat().st_size
-    stream = open(local, "rb")  # noqa: SIM115 - closed by the generator
-
-    def chunks():
-        with stream:
-            while chunk := stream.read(1024 * 1024):
-                yield chunk
-
     kind = "application/zip" if local.suffix == ".zip" else "application/octet-stream"
-    return StreamingResponse(chunks(), media_type=kind, headers={
-        "Content-Disposition": f'attachment; filename="{local.name}"', "Content-Length": str(size)})
+    return download(open(local, "rb"), filename=local.name, size=local.stat().st_size, media_type=kind)
