@@ -103,3 +103,19 @@ def test_rslora_and_dora_reach_the_adapter(tmp_path, qa_rows, tiny_model_dir):
     config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["use_dora"] is True
     assert result.manifest["inputs"]["use_dora"] is True
+
+
+@pytest.mark.parametrize("minutes", [0.0, 1e-9])
+def test_checkpoints_also_come_every_few_minutes(tmp_path, qa_rows, tiny_model_dir, minutes):
+    from tunery.artifacts import Run
+    from tunery.settings import Settings
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows)
+    settings = Settings(home=tmp_path / "home", checkpoint_minutes=minutes)
+    train({"train_data": str(data), "max_steps": 3, "save_steps": 1000, "save_total_limit": 5,
+           "num_validation_samples": 4}, base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False,
+          settings=settings)
+    names = Run(tmp_path / "run").checkpoint_names()
+    # save_steps alone saves only at the end (step 3); a (tiny) time interval also saves after
+    # every step before it.
+    assert names == (["checkpoint-3"] if minutes == 0 else ["checkpoint-1", "checkpoint-2", "checkpoint-3"])
