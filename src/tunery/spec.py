@@ -26,6 +26,7 @@ from pydantic import (
 from tunery.errors import SpecError
 
 PeftMethod = Literal["lora", "qlora", "full"]
+Method = Literal["sft", "dpo"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -86,6 +87,16 @@ class TrainingInputs(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
 
     # -- Practitioner knobs (SWIFT / axolotl / LLaMA-Factory) -------------------------
+    method: Method = Field(
+        "sft",
+        description="sft: supervised tuning on text, prompt/completion or chat rows; dpo: direct preference "
+        "optimization (TRL's DPOTrainer) on preference rows {\"input\": {\"messages\": [...]}, "
+        "\"preferred_output\": [...], \"non_preferred_output\": [...]}.",
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0, le=10,
+        description="With method=dpo: how far the tuned model may move from the base (lower: further).",
+    )
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     max_seq_length: int | None = Field(
         None, ge=8, description="Rows longer than this many tokens are truncated (default: chunk_size)."
