@@ -28,6 +28,8 @@ from tunery.store.store import Store
 THREADS = 100
 #: What a multipart body may carry beyond the file itself (boundaries, headers, small fields).
 MULTIPART_SLACK = 64 * 1024
+#: Where files are uploaded: Replicate's files, and OpenAI's.
+UPLOADS = ("/v1/files", "/openai/v1/files")
 
 
 def base_model_entries() -> list[tuple[str, str | None, str]]:
@@ -116,7 +118,7 @@ class UploadLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOADS:
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.limit:
                 response = errors.problem(

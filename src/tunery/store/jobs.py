@@ -49,6 +49,49 @@ class JobsMixin:
             _count_run(s, model)
         return row
 
+    def create_fine_tuning_job(self, owner: str, *, training_id: str, destination: str, model: str,
+                               version_id: str, input: dict[str, Any], job: dict[str, Any],
+                               openai: dict[str, Any]) -> Training:
+        """Queue a training created through OpenAI's fine-tuning API, with its id chosen by the caller,
+        and the private model `destination` ("owner/name") its version is pushed to, in one
+        transaction."""
+        dest_owner, _, dest_name = destination.partition("/")
+        with self.session() as s:
+            s.add(Model(owner=dest_owner, name=dest_name, visibility="private",
+                        description=f"fine-tuned by fine-tuning job ftjob-{training_id}"))
+            row = Training(id=training_id, owner=owner, model=model, version_id=version_id,
+                           destination=destination, input=input, job=job, openai=openai)
+            s.add(row)
+            _count_run(s, model)
+        return row
+
+    def list_fine_tuning_jobs(self, owner: str, *, after: str | None = None, limit: int = 20,
+                              metadata: dict[str, str] | None = None) -> tuple[list[Training], bool]:
+        """(the owner's trainings created through OpenAI's API, newest first, starting after the
+        training `after`; whether more follow). With `metadata`, only jobs whose metadata holds
+        every one of those pairs (matched here, not in SQL: JSON queries differ between backends)."""
+        chunk = max(limit + 1, 100)
+        found: list[Training] = []
+        with self._reading() as s:
+            stmt = select(Training).where(Training.owner == owner, Training.openai.is_not(None))
+            mark = s.scalar(select(Training).where(Training.id == after, Training.owner == owner)) if after else None
+            at = (mark.created_at, mark.id) if mark is not None else None
+            while True:
+                page = stmt
+                if at is not None:
+                    page = page.where(or_(Training.created_at < at[0],
+                                          and_(Training.created_at == at[0], Training.id < at[1])))
+                rows = list(s.scalars(page.order_by(Training.created_at.desc(), Training.id.desc()).limit(chunk)))
+                for row in rows:
+                    meta = (row.openai or {}).get("metadata") or {}
+                    if all(meta.get(k) == v for k, v in (metadata or {}).items()):
+                        found.append(row)
+                        if len(found) > limit:
+                            return found[:limit], True
+                if len(rows) < chunk:
+                    return found, False
+                at = (rows[-1].created_at, rows[-1].id)
+
     def get_training(self, owner: str, training_id: str) -> Training | None:
         with self._reading() as s:
             return s.scalar(select(Training).where(Training.id == training_id, Training.owner == owner))
@@ -72,8 +115,48 @@ class JobsMixin:
             if row is None or row.status in TERMINAL:
                 return row
             row.cancel_requested = True
-            if row.status == "starting":
+            if row.status in ("starting", "paused"):
                 self._end_training(s, row, "canceled")
+            return row
+
+    def pause_training(self, owner: str, training_id: str) -> Training | None:
+        """Pause: a queued training is paused at once; a running one is flagged, and its worker
+        stops it (its checkpoints stay in the run) and marks it paused. Any other state is left as
+        it is (the caller tells by the status). None if not found."""
+        with self.session() as s:
+            row = s.scalar(select(Training).where(Training.id == training_id, Training.owner == owner)
+                           .with_for_update())
+            if row is None or row.status not in ("starting", "processing") or row.cancel_requested:
+                return row
+            if row.status == "starting":
+                row.status = "paused"
+                row.pause_requested = False
+            else:
+                row.pause_requested = True
+            return row
+
+    def resume_training(self, owner: str, training_id: str) -> Training | None:
+        """Resume a paused training: queued again ("starting"), for a worker to claim and resume from
+        its last checkpoint. Any other state is left as it is. None if not found."""
+        with self.session() as s:
+            row = s.scalar(select(Training).where(Training.id == training_id, Training.owner == owner)
+                           .with_for_update())
+            if row is None:
+                return None
+            if row.status == "paused":
+                row.status = "starting"
+                row.pause_requested = False
+            elif row.status == "processing" and row.pause_requested:  # not stopped yet: stay running
+                row.pause_requested = False
+            return row
+
+    def set_training_openai(self, training_id: str, changes: dict[str, Any]) -> Training | None:
+        """Merge `changes` into the training's OpenAI fields (None for a training without them)."""
+        with self.session() as s:
+            row = s.get(Training, training_id, with_for_update=True)
+            if row is None or row.openai is None:
+                return None
+            row.openai = {**row.openai, **changes}
             return row
 
     # -- trainings: the worker's side ---------------------------------------------------------
@@ -98,6 +181,9 @@ class JobsMixin:
                 if row.cancel_requested:
                     self._end_training(s, row, "canceled")
                     continue
+                if row.pause_requested:  # its worker died after a pause was asked for
+                    self._pause(row)
+                    continue
                 if row.attempts >= MAX_TRAINING_ATTEMPTS:
                     lost = f"the worker running this training was lost {row.attempts} times"
                     self._end_training(s, row, "failed", error=lost)
@@ -121,14 +207,15 @@ class JobsMixin:
 
     def heartbeat(self, training_id: str, worker_id: str, lease_seconds: float) -> str:
         """Extend the worker's lease. Returns "ok"; "cancel" when a cancel was asked for (the lease
-        is still extended, to let the worker stop the job); "lost" when the worker no longer holds
+        is still extended, to let the worker stop the job); "pause" when a pause was asked for (the
+        worker stops the job and calls paused_training); "lost" when the worker no longer holds
         the job (another worker took it over, or it is finished): the worker must drop it."""
         with self.session() as s:
             row = self._held(s, training_id, worker_id)
             if row is None:
                 return "lost"
             row.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
-            return "cancel" if row.cancel_requested else "ok"
+            return "cancel" if row.cancel_requested else "pause" if row.pause_requested else "ok"
 
     def append_training_logs(self, training_id: str, worker_id: str, text: str, *,
                              metrics: dict[str, Any] | None = None) -> None:
@@ -156,6 +243,25 @@ class JobsMixin:
             row.lease_expires_at = utcnow()
             row.attempts = max(row.attempts - 1, 0)
             return True
+
+    def paused_training(self, training_id: str, worker_id: str) -> Training | None:
+        """The worker stopped a training after a pause request: it waits as "paused", its lease
+        released, until resumed. That claim does not count as a lost attempt. None, and nothing
+        changed, when `worker_id` does not hold the lease."""
+        with self.session() as s:
+            row = self._held(s, training_id, worker_id)
+            if row is None:
+                return None
+            self._pause(row)
+            return row
+
+    @staticmethod
+    def _pause(row: Training) -> None:
+        row.status = "paused"
+        row.pause_requested = False
+        row.lease_owner = None
+        row.lease_expires_at = None
+        row.attempts = max(row.attempts - 1, 0)
 
     def set_training_run(self, training_id: str, worker_id: str, run_url: str) -> None:
         """Record where the training's files are (ignored without the lease)."""

@@ -33,9 +33,15 @@ def new_version_id() -> str:
 class Status(str, enum.Enum):
     """Lifecycle of a training or prediction. Who moves it:
 
-    starting   → processing (a worker claims it), canceled (a cancel before it was claimed)
-    processing → succeeded | failed (the worker), canceled (the worker, after a cancel request);
+    starting   → processing (a worker claims it), canceled (a cancel before it was claimed),
+                 paused (a pause before it was claimed)
+    processing → succeeded | failed (the worker), canceled (the worker, after a cancel request),
+                 paused (the worker, after a pause request: it stops, keeping the checkpoints);
                  a processing job whose lease expired is claimed again by any worker and resumed
+    paused     → starting (a resume: a worker claims it and resumes from its last checkpoint),
+                 canceled (a cancel)
+
+    Only trainings: a prediction is never paused.
     """
 
     starting = "starting"
@@ -43,6 +49,7 @@ class Status(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    paused = "paused"
 
     @property
     def terminal(self) -> bool:
@@ -149,6 +156,16 @@ class File(Base):
     md5: Mapped[str] = mapped_column(String(32))
     path: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # OpenAI's file fields (/openai/v1/files): the purpose ("fine-tune", or "fine-tune-results"
+    # for a job's metrics CSV), and the outcome of validating a fine-tune file as training data
+    # (status "processed" or "error", the bad lines in status_details; the data's format and
+    # rows when valid). All None for a file uploaded through Replicate's /v1/files until an
+    # OpenAI job uses it (it is validated then).
+    purpose: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -175,6 +192,14 @@ class Training(Base):
     webhook_events_filter: Mapped[list | None] = mapped_column(JSON, nullable=True)
     run_url: Mapped[str | None] = mapped_column(Text)  # the run in the storage
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A pause was asked for (OpenAI's fine_tuning.jobs.pause): the worker stops the training,
+    # keeping its checkpoints, and the training waits as "paused" until resumed ("starting" again).
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A training created through OpenAI's fine-tuning API (/openai/v1/fine_tuning/jobs): what that
+    # API shows beyond the training itself (model as given, suffix, metadata, seed, the resolved
+    # hyperparameters and method, the file ids, the fine-tuned model's name, pause/resume notes).
+    # NULL (SQL NULL, not JSON null) for a training created through Replicate's API.
+    openai: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -174,6 +174,18 @@ class Store(JobsMixin):
             raise Conflict(f"model {owner}/{name} already exists") from exc
         return model
 
+    def delete_model(self, owner: str, name: str) -> bool:
+        """Delete the caller's own model `owner/name` and its versions (the runs they point at stay in
+        the storage, their trainings keep them); False when there is no such model of `owner`'s."""
+        with self.session() as s:
+            model = s.scalar(select(Model).where(Model.owner == owner, Model.name == name,
+                                                 Model.is_base.is_(False)))
+            if model is None:
+                return False
+            s.execute(delete(Version).where(Version.model_id == model.id))
+            s.delete(model)
+            return True
+
     @staticmethod
     def _visible(viewer: str):
         return or_(Model.owner == viewer, Model.visibility == "public")
@@ -217,13 +229,52 @@ class Store(JobsMixin):
     # -- files -------------------------------------------------------------------------------
 
     def create_file(self, owner: str, *, name: str, content_type: str, size: int, sha256: str, md5: str,
-                    path: str, meta: dict | None = None) -> File:
-        """Record an uploaded file already written to `path`."""
-        with self.session() as s:
-            row = File(owner=owner, name=name, content_type=content_type, size=size, sha256=sha256, md5=md5,
-                       path=path, meta=meta or {})
-            s.add(row)
+                    path: str, meta: dict | None = None, file_id: str | None = None,
+                    purpose: str | None = None) -> File:
+        """Record an uploaded file already written to `path` (under `file_id` when given: Conflict
+        if that id exists)."""
+        try:
+            with self.session() as s:
+                row = File(owner=owner, name=name, content_type=content_type, size=size, sha256=sha256, md5=md5,
+                           path=path, meta=meta or {}, purpose=purpose)
+                if file_id is not None:
+                    row.id = file_id
+                s.add(row)
+        except IntegrityError as exc:
+            raise Conflict(f"file {file_id} already exists") from exc
         return row
+
+    def record_file_check(self, file_id: str, *, status: str, details: str | None, data_format: str | None,
+                          rows: int | None) -> File | None:
+        """Record the outcome of validating a file as training data ("processed" or "error")."""
+        with self.session() as s:
+            row = s.get(File, file_id, with_for_update=True)
+            if row is None:
+                return None
+            row.status, row.status_details, row.data_format, row.rows = status, details, data_format, rows
+            return row
+
+    def list_files_after(self, owner: str, *, purpose: str | None = None, after: str | None = None,
+                         order: str = "desc", limit: int = 10000) -> tuple[list[File], bool]:
+        """(files, whether more follow) in created_at order `order` ("asc" or "desc"), starting after
+        the file `after` (an id, OpenAI's cursor), only those of `purpose` when given."""
+        with self._reading() as s:
+            stmt = select(File).where(File.owner == owner)
+            if purpose is not None:
+                stmt = stmt.where(File.purpose == purpose)
+            if after is not None:
+                mark = s.scalar(select(File).where(File.id == after, File.owner == owner))
+                if mark is not None:
+                    if order == "asc":
+                        stmt = stmt.where(or_(File.created_at > mark.created_at,
+                                              and_(File.created_at == mark.created_at, File.id > mark.id)))
+                    else:
+                        stmt = stmt.where(or_(File.created_at < mark.created_at,
+                                              and_(File.created_at == mark.created_at, File.id < mark.id)))
+            keys = (File.created_at.asc(), File.id.asc()) if order == "asc" else (File.created_at.desc(),
+                                                                                 File.id.desc())
+            rows = list(s.scalars(stmt.order_by(*keys).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
 
     def get_file(self, owner: str, file_id: str) -> File | None:
         with self._reading() as s:

@@ -221,8 +221,8 @@ class _Run:
                 and progress.succeeded is None and progress.failed_error is None)
 
     def _watch(self, proc: subprocess.Popen) -> str | None:
-        """Follow the child until it exits (None), or until the job is canceled, lost, or the
-        worker stops ("canceled", "lost", "released"), having dealt with each of those."""
+        """Follow the child until it exits (None), or until the job is canceled, paused, lost, or
+        the worker stops ("canceled", "paused", "lost", "released"), having dealt with each of those."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         worker = self.worker
         next_beat = time.monotonic() + worker.heartbeat_interval
@@ -250,6 +250,18 @@ class _Run:
                                     worker.worker_id, self.id)
                         self._kill(proc)
                         return "lost"
+                    if answer == "pause":
+                        # Stopped where it is: the run keeps its checkpoints (saved at the steps or
+                        # epochs the inputs ask for, and every settings.checkpoint_minutes), and a
+                        # resume goes on from the newest one.
+                        self._kill(proc)
+                        self.progress.feed_text(decoder.decode(events.read()))
+                        last = self.artifacts.checkpoint_names()
+                        self.progress.note("paused" + (f" (resumes from {last[-1]})" if last else
+                                                       " (no checkpoint yet: a resume starts over)"))
+                        self._flush()
+                        self.store.paused_training(self.id, worker.worker_id)
+                        return "paused"
                     if answer == "cancel":
                         self._kill(proc)
                         self.progress.feed_text(decoder.decode(events.read()))

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from tunery.server.deps import BaseUrl, Owner, PagingDep, SettingsDep, StoreDep
 from tunery.server.download import download
 from tunery.server.errors import ApiError, invalid, not_found
+from tunery.store.models import File
 from tunery.store.objects import file_json
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -40,6 +41,14 @@ def create_file(
     content_type = (
         declared_type or content.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
     )
+    return file_json(store_upload(content, owner, store, settings, name=name, content_type=content_type,
+                                  meta=meta), base)
+
+
+def store_upload(content: UploadFile, owner: str, store, settings, *, name: str, content_type: str,
+                 meta: dict[str, Any] | None = None, purpose: str | None = None) -> File:
+    """Save an upload into the storage (files/<owner>/...) and record it; its row. Shared by
+    Replicate's /v1/files and OpenAI's /openai/v1/files, so both find the same files."""
     folder = settings.files_dir / owner
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(8)}-{name[-100:]}"
@@ -56,6 +65,7 @@ def create_file(
             md5=md5,
             path=url,
             meta=meta,
+            purpose=purpose,
         )
     except BaseException:
         path.unlink(missing_ok=True)
@@ -63,7 +73,7 @@ def create_file(
             settings.objects.delete(url)
         raise
     path.unlink(missing_ok=True)  # the storage has it
-    return file_json(row, base)
+    return row
 
 
 @router.get("")

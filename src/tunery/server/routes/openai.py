@@ -78,13 +78,16 @@ def _model_json(model_id: str, owner: str, created: Any) -> dict[str, Any]:
 
 @router.get("/models")
 def list_models(owner: Owner, store: StoreDep) -> dict[str, Any]:
-    """The models this token may use: each model by its name (its latest version) and each version."""
+    """The models this token may use: each model by its name (its latest version) and each version,
+    and the fine-tuned models of the fine-tuning jobs (`ft:...`), under those names only."""
     data = []
     cursor = None
     while True:
         page = store.list_models(owner, cursor=cursor, limit=1000)
         for model in page.items:
             name = f"{model.owner}/{model.name}"
+            if model.owner == owner and model.name.startswith(FT_MODEL_PREFIX):
+                continue  # a fine-tuning job's model: listed by its ft: name below
             latest = store.latest_version(model.id)
             if latest is None:
                 continue
@@ -95,6 +98,16 @@ def list_models(owner: Owner, store: StoreDep) -> dict[str, Any]:
         cursor = page.next_cursor
         if not cursor:
             break
+    after = None
+    while True:
+        jobs, more = store.list_fine_tuning_jobs(owner, after=after, limit=1000)
+        for job in jobs:
+            ft = fine_tuned_name(job)
+            if ft and job.status == "succeeded" and not (job.openai or {}).get("deleted"):
+                data.append(_model_json(ft, owner, job.completed_at))
+        if not more or not jobs:
+            break
+        after = jobs[-1].id
     return {"object": "list", "data": data}
 
 
@@ -107,8 +120,54 @@ def get_model(model_id: str, owner: Owner, store: StoreDep):
     return _model_json(model_id, model.owner, version.created_at)
 
 
+#: The models fine-tuning jobs push their versions to are named this, then the training's id.
+FT_MODEL_PREFIX = "ftjob-"
+
+
+def fine_tuned_name(job) -> str | None:
+    """The `ft:` name of a fine-tuning job's model (whatever the job's state); None for a training
+    created through Replicate's API."""
+    return (job.openai or {}).get("fine_tuned_model")
+
+
+def resolve_fine_tuned(store, owner: str, model_id: str):
+    """(training, model row, version row) of a fine-tuned model: `ft:<base>:<owner>:<suffix>:<job>`
+    (the job's id is the training's), or its final checkpoint `...:ckpt-step-<N>`. OpenAIError 404
+    when there is no such model of the caller's (not succeeded, deleted, or another checkpoint)."""
+    missing = OpenAIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                          param="model", code="model_not_found")
+    parts = model_id.split(":")
+    step = None
+    if parts[-1].startswith("ckpt-step-") and parts[-1][len("ckpt-step-"):].isdigit():
+        step = int(parts.pop()[len("ckpt-step-"):])
+    if len(parts) < 5:
+        raise missing
+    job = store.get_training(owner, parts[-1])
+    if job is None or fine_tuned_name(job) != ":".join(parts) or job.status != "succeeded" or not job.output:
+        raise missing
+    if step is not None and step != final_step(job):
+        raise OpenAIError(404, f"The model '{model_id}' is an intermediate checkpoint: tunery serves a job's "
+                          "final checkpoint (its fine_tuned_model) only", param="model", code="model_not_found")
+    dest_owner, _, dest_name = job.destination.partition("/")
+    model = store.get_model(owner, dest_owner, dest_name)
+    version = store.get_version(model.id, str(job.output.get("version", "")).rpartition(":")[2]) if model else None
+    if model is None or version is None:
+        raise missing
+    return job, model, version
+
+
+def final_step(job) -> int | None:
+    """The last optimizer step a training reported."""
+    steps = [h["step"] for h in (job.metrics or {}).get("history") or [] if isinstance(h.get("step"), int)]
+    return max(steps) if steps else (job.metrics or {}).get("step")
+
+
 def _resolve(store, owner: str, model_id: str):
-    """(model row, version row) of "owner/name" (its latest version) or "owner/name:version"."""
+    """(model row, version row) of "owner/name" (its latest version) or "owner/name:version", or a
+    fine-tuned model's `ft:` name."""
+    if model_id.startswith("ft:"):
+        _, model, version = resolve_fine_tuned(store, owner, model_id)
+        return model, version
     name, _, version_id = model_id.partition(":")
     model_owner, slash, model_name = name.partition("/")
     missing = OpenAIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
@@ -299,3 +358,9 @@ def install(app) -> None:
         return await answer if inspect.isawaitable(answer) else answer
 
     app.add_exception_handler(RequestValidationError, handler)
+
+    async def openai_error(request: Request, exc: Exception):
+        assert isinstance(exc, OpenAIError)
+        return exc.response()
+
+    app.add_exception_handler(OpenAIError, openai_error)

@@ -1,0 +1,673 @@
+"""OpenAI's fine-tuning API under /openai/v1, on tunery's own files, trainings and models: point the
+official `openai` client at `<server>/openai/v1` with a tunery token and follow OpenAI's
+fine-tuning guide.
+
+- `/files`: upload (`purpose=fine-tune`), list, retrieve, `/content`, delete; ids `file-<id>` of
+  the same files Replicate's /v1/files stores. A fine-tune file is validated as it is uploaded:
+  `status` "processed", or "error" with every bad line in `status_details`, and a job on such a
+  file is refused (400 `invalid_training_file`), so no job ever starts on bad data.
+- `/fine_tuning/jobs`: create, list (`after`, `limit`, `metadata[k]=v`), retrieve, cancel, pause,
+  resume, `/events`, `/checkpoints`. A job `ftjob-<id>` IS the tunery training `<id>` (same row,
+  workers, storage and webhooks); its version is pushed to a private model `ftjob-<id>` of the
+  caller, and served under the job's `fine_tuned_model` name `ft:<base>:<owner>:<suffix>:<id>`.
+- `DELETE /models/{ft:...}`: delete a fine-tuned model.
+
+Status mapping (tunery training → OpenAI job): starting → queued; processing → running; paused →
+paused; succeeded → succeeded; failed → failed; canceled → cancelled. (The files are validated
+before the job is created, so a job is never seen in `validating_files`.)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import secrets
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunery.server.deps import Owner, SettingsDep, StoreDep
+from tunery.server.download import download
+from tunery.server.routes.files import store_upload
+from tunery.server.routes.openai import (
+    FT_MODEL_PREFIX,
+    OpenAIError,
+    final_step,
+    fine_tuned_name,
+    resolve_fine_tuned,
+)
+from tunery.store.models import File, Training
+from tunery.store.store import BASE_OWNER, Conflict
+
+router = APIRouter(prefix="/openai/v1", tags=["openai"])
+
+FILE = "file-"
+JOB = "ftjob-"
+CHECKPOINT = "ftckpt-"
+EVENT = "ftevent-"
+PURPOSES = ("fine-tune",)  # what may be uploaded; "fine-tune-results" files are the jobs' own
+RESULTS = "fine-tune-results"
+MAX_DETAILS = 100  # bad lines listed in a file's status_details (and in a job's 400)
+MAX_METADATA = 16
+
+STATUS = {"starting": "queued", "processing": "running", "paused": "paused", "succeeded": "succeeded",
+          "failed": "failed", "canceled": "cancelled"}
+FINAL = ("succeeded", "failed", "canceled")
+
+
+def _ts(value) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def file_object(row: File) -> dict[str, Any]:
+    """OpenAI's file object. A file uploaded through Replicate's API has no purpose of its own: it
+    shows as "fine-tune", "uploaded" (not validated yet)."""
+    return {"id": FILE + row.id, "object": "file", "bytes": row.size, "created_at": _ts(row.created_at),
+            "filename": row.name, "purpose": row.purpose or "fine-tune", "status": row.status or "uploaded",
+            "status_details": row.status_details, "expires_at": None}
+
+
+def _file_row(store, owner: str, file_id: str, *, param: str | None = None) -> File:
+    row = store.get_file(owner, file_id[len(FILE):]) if file_id.startswith(FILE) else None
+    if row is None:
+        raise OpenAIError(404 if param is None else 400, f"No such File object: {file_id}", param=param or "id",
+                          code=None if param is None else f"invalid_{param}")
+    return row
+
+
+def _line(error) -> str:
+    return f"line {error.line}: {error.field}: {error.reason}" if error.field else f"line {error.line}: {error.reason}"
+
+
+def check_file(store, settings, row: File) -> File:
+    """Validate a file as training data (tunery's read_jsonl: every line) and record the outcome on
+    the file: "processed" with its format and rows, or "error" with the bad lines, one a line."""
+    from tunery.data import read_jsonl
+    from tunery.errors import DataError, TuneryError
+
+    try:
+        local = settings.objects.get(row.path, settings.download_dir / "files")
+        data = read_jsonl(local, name=row.name)
+    except DataError as exc:
+        lines = [_line(e) for e in exc.errors[:MAX_DETAILS]]
+        if len(exc.errors) > MAX_DETAILS:
+            lines.append(f"... and {len(exc.errors) - MAX_DETAILS} more bad lines")
+        details = "\n".join(([exc.summary] if exc.summary else []) + lines) or str(exc)
+        return store.record_file_check(row.id, status="error", details=details, data_format=None, rows=None)
+    except TuneryError as exc:
+        return store.record_file_check(row.id, status="error", details=str(exc), data_format=None, rows=None)
+    return store.record_file_check(row.id, status="processed", details=None, data_format=data.format,
+                                   rows=len(data))
+
+
+@router.post("/files")
+def create_file(file: UploadFile, owner: Owner, store: StoreDep, settings: SettingsDep,
+                purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    """Upload a file (multipart `file` and `purpose`). Only `fine-tune` files are taken; each is
+    validated as training data at once (see check_file)."""
+    if purpose not in PURPOSES:
+        raise OpenAIError(400, f"Invalid purpose '{purpose}': this server takes files for fine-tuning only "
+                          "(purpose 'fine-tune')", param="purpose", code="invalid_purpose")
+    name = (file.filename or "file").rsplit("/", 1)[-1] or "file"
+    row = store_upload(file, owner, store, settings, name=name, content_type=file.content_type or
+                       "application/jsonl", purpose=purpose)
+    return file_object(check_file(store, settings, row))
+
+
+@router.get("/files")
+def list_files(owner: Owner, store: StoreDep, purpose: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None,
+               order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    """The caller's files, newest first (or oldest with order=asc), after the file `after`."""
+    after_id = after[len(FILE):] if after and after.startswith(FILE) else after
+    rows, more = store.list_files_after(owner, purpose=purpose, after=after_id, order=order, limit=limit)
+    data = [file_object(r) for r in rows]
+    return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
+    return file_object(_file_row(store, owner, file_id))
+
+
+@router.get("/files/{file_id}/content")
+def file_content(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
+    row = _file_row(store, owner, file_id)
+    if not settings.objects.exists(row.path):
+        raise OpenAIError(404, f"No such File object: {file_id} (its content is gone)", param="id")
+    return download(settings.objects.open(row.path), filename=row.name, size=row.size,
+                    media_type=row.content_type)
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Delete a file (a job still queued on it then fails: delete files once their jobs ran)."""
+    row = _file_row(store, owner, file_id)
+    if not store.delete_file(owner, row.id):
+        raise OpenAIError(404, f"No such File object: {file_id}", param="id")
+    settings.objects.delete(row.path)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# -- hyperparameters ---------------------------------------------------------------------------------
+
+#: learning_rate = learning_rate_multiplier × BASE_LEARNING_RATE
+BASE_LEARNING_RATE = 1e-3
+
+
+def resolve_hyperparameters(rows: int, given: dict[str, Any], method: str) -> dict[str, Any]:
+    """Each hyperparameter given as a number is used as it is; "auto" (or leaving it out) is
+    resolved from the number of rows in the training file, `rows`:
+
+    - n_epochs: 3, unless 3 passes would show the model fewer than 100 examples in all (then
+      ceil(100 / rows), at most 25) or more than 25,000 (then floor(25,000 / rows), at least 1)
+      -- the rule of OpenAI's fine-tuning data-preparation cookbook.
+    - batch_size: about 0.2% of the rows, rounded down to a power of two, between 1 and 256
+      (1 up to 999 rows, 2 from 1,000, 4 from 2,000, ... 256 from 128,000).
+    - learning_rate_multiplier: 0.1. tunery's learning rate is the multiplier × 0.001, so "auto"
+      is tunery's own default of 1e-4 for LoRA; OpenAI's advice of 0.02 to 0.2 maps to 2e-5 to 2e-4.
+    - beta (DPO only): 0.1.
+
+    The job shows the resolved numbers."""
+    n_epochs = given.get("n_epochs")
+    if n_epochs in (None, "auto"):
+        n_epochs = 3
+        if rows * n_epochs < 100:
+            n_epochs = min(25, math.ceil(100 / max(rows, 1)))
+        elif rows * n_epochs > 25_000:
+            n_epochs = max(1, 25_000 // rows)
+    batch_size = given.get("batch_size")
+    if batch_size in (None, "auto"):
+        batch_size = min(256, 2 ** int(math.log2(max(1.0, rows * 0.002))))
+    multiplier = given.get("learning_rate_multiplier")
+    if multiplier in (None, "auto"):
+        multiplier = 0.1
+    out: dict[str, Any] = {"batch_size": int(batch_size), "learning_rate_multiplier": float(multiplier),
+                           "n_epochs": int(n_epochs)}
+    if method == "dpo":
+        beta = given.get("beta")
+        out["beta"] = 0.1 if beta in (None, "auto") else float(beta)
+    return out
+
+
+def _micro_batch(batch_size: int) -> int:
+    """Examples per forward pass: the largest divisor of the batch up to 8 (the rest accumulates)."""
+    return max(d for d in range(1, min(8, batch_size) + 1) if batch_size % d == 0)
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] | None = None
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] | None = None
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] | None = None
+    beta: Auto | Annotated[float, Field(gt=0, le=10)] | None = None
+
+
+class _MethodHyper(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: _MethodHyper | None = None
+    dpo: _MethodHyper | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = Field(None, ge=0, le=2_147_483_647)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+def dpo_available() -> bool:
+    """Whether this build trains DPO: tunery's data reader knows preference rows and TRL is installed."""
+    import importlib.util
+    from typing import get_args
+
+    from tunery.data.jsonl import Format
+
+    return "preference" in get_args(Format) and importlib.util.find_spec("trl") is not None
+
+
+def _training_file(store, settings, owner: str, file_id: str, param: str, method: str) -> File:
+    """The caller's valid training (or validation) file, checked now if it never was; OpenAIError
+    400 `invalid_<param>` naming its bad lines otherwise, or a format the method cannot train on."""
+    row = _file_row(store, owner, file_id, param=param)
+    if row.purpose == RESULTS:
+        raise OpenAIError(400, f"{file_id} is a job's results file, not training data", param=param,
+                          code=f"invalid_{param}")
+    if row.status is None:
+        row = check_file(store, settings, row)
+    if row.status != "processed":
+        raise OpenAIError(400, f"The file {file_id} is not valid training data:\n{row.status_details}",
+                          param=param, code=f"invalid_{param}")
+    if method == "dpo" and row.data_format != "preference":
+        raise OpenAIError(400, f"DPO trains on preference rows ({{\"input\": {{\"messages\": [...]}}, "
+                          f"\"preferred_output\": [...], \"non_preferred_output\": [...]}}); {file_id} has "
+                          f"{row.data_format} rows", param=param, code=f"invalid_{param}")
+    if method != "dpo" and row.data_format == "preference":
+        raise OpenAIError(400, f"{file_id} has preference rows: train them with method type 'dpo'",
+                          param=param, code=f"invalid_{param}")
+    return row
+
+
+def _base(store, settings, owner: str, name: str):
+    """(base model, its version) named as /openai/v1/models lists it ("tunery/<name>", or just "<name>")."""
+    from tunery.errors import ModelNotFoundError
+    from tunery.models.resolve import check_base
+
+    if name.startswith("ft:"):
+        raise OpenAIError(400, f"Fine-tuning a fine-tuned model ('{name}') is not supported yet: fine-tune its "
+                          "base model on the combined data instead", param="model", code="model_not_available")
+    base_owner, slash, base_name = name.partition("/")
+    if not slash:
+        base_owner, base_name = BASE_OWNER, name
+    model = store.get_model(owner, base_owner, base_name) if base_owner == BASE_OWNER else None
+    version = store.latest_version(model.id) if model is not None and model.is_base else None
+    if model is None or version is None:
+        raise OpenAIError(400, f"Model {name} is not available for fine-tuning or does not exist: fine-tune a "
+                          "base model (tunery/<name>, as GET /openai/v1/models lists them)", param="model",
+                          code="model_not_available")
+    try:
+        check_base(version.base_name, settings, label=f"{model.owner}/{model.name}")
+    except ModelNotFoundError as exc:
+        raise OpenAIError(400, str(exc), param="model", code="model_not_available") from None
+    return model, version
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Create a fine-tuning job: the files and every input are checked first, and a bad request
+    leaves nothing behind (no job, no model)."""
+    from tunery.artifacts.run import Job
+    from tunery.spec import format_input_errors, input_errors
+
+    method = body.method.type if body.method else "supervised"
+    if method == "reinforcement":
+        raise OpenAIError(400, "Reinforcement fine-tuning is not supported: use 'supervised' or 'dpo'",
+                          param="method.type")
+    if method == "dpo" and not dpo_available():
+        raise OpenAIError(400, "DPO training is not available on this server", param="method.type")
+    if body.integrations:
+        raise OpenAIError(400, "Integrations are not supported: set report_to on a tunery training instead",
+                          param="integrations")
+    if body.metadata and (len(body.metadata) > MAX_METADATA
+                          or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
+        raise OpenAIError(400, f"metadata holds at most {MAX_METADATA} pairs, keys of up to 64 characters and "
+                          "values of up to 512", param="metadata")
+    kind = "dpo" if method == "dpo" else "sft"
+    given: dict[str, Any] = {}
+    if body.hyperparameters:
+        given.update(body.hyperparameters.model_dump(exclude_none=True))
+    chosen = body.method and (body.method.dpo if method == "dpo" else body.method.supervised)
+    if chosen and chosen.hyperparameters:
+        given.update(chosen.hyperparameters.model_dump(exclude_none=True))
+    if "beta" in given and kind != "dpo":
+        raise OpenAIError(400, "beta is a DPO hyperparameter", param="hyperparameters.beta")
+    model, version = _base(store, settings, owner, body.model)
+    train = _training_file(store, settings, owner, body.training_file, "training_file", kind)
+    valid = (_training_file(store, settings, owner, body.validation_file, "validation_file", kind)
+             if body.validation_file else None)
+    if valid is not None and valid.data_format != train.data_format:
+        raise OpenAIError(400, f"{body.validation_file} has {valid.data_format} rows but {body.training_file} has "
+                          f"{train.data_format} rows", param="validation_file", code="invalid_validation_file")
+    hyper = resolve_hyperparameters(train.rows or 0, given, kind)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    inputs: dict[str, Any] = {
+        "train_data": body.training_file, "num_train_epochs": hyper["n_epochs"],
+        "train_batch_size": hyper["batch_size"], "micro_batch_size": _micro_batch(hyper["batch_size"]),
+        "learning_rate": hyper["learning_rate_multiplier"] * BASE_LEARNING_RATE, "seed": seed, "method": kind,
+        "run_validation": valid is not None,
+    }
+    data = {"train_data": train.path}
+    if kind == "dpo":
+        inputs["dpo_beta"] = hyper["beta"]
+    if valid is not None:
+        inputs["validation_data"] = body.validation_file
+        inputs["num_validation_samples"] = valid.rows or 0
+        data["validation_data"] = valid.path
+    if errors := input_errors({**inputs, **data}):
+        raise OpenAIError(400, format_input_errors(errors), param="hyperparameters")
+    training_id = _new_training_id()
+    base_name = f"{model.owner}/{model.name}"
+    fields: dict[str, Any] = {
+        "model": base_name, "suffix": body.suffix, "metadata": body.metadata, "seed": seed,
+        "hyperparameters": hyper, "method": kind, "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "fine_tuned_model": f"ft:{base_name}:{owner}:{body.suffix or ''}:{training_id}", "notes": [],
+    }
+    row = store.create_fine_tuning_job(
+        owner, training_id=training_id, destination=f"{owner}/{FT_MODEL_PREFIX}{training_id}", model=base_name,
+        version_id=version.id, input=inputs, job=Job(inputs=inputs, data=data, base=version.base_name).model_dump(),
+        openai=fields)
+    return job_object(row, store, settings)
+
+
+def _new_training_id() -> str:
+    from tunery.store.models import new_id
+
+    return new_id()
+
+
+def _job(store, owner: str, job_id: str) -> Training:
+    row = store.get_training(owner, job_id[len(JOB):]) if job_id.startswith(JOB) else None
+    if row is None or row.openai is None:
+        raise OpenAIError(404, f"Fine-tuning job {job_id} not found", param="fine_tuning_job_id",
+                          code="fine_tuning_job_not_found")
+    return row
+
+
+def _hyper_shown(hyper: dict[str, Any]) -> dict[str, Any]:
+    return {k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs") if k in hyper}
+
+
+def job_object(row: Training, store, settings) -> dict[str, Any]:
+    """OpenAI's fine_tuning.job of a training created through this API."""
+    o = row.openai or {}
+    hyper = o.get("hyperparameters") or {}
+    method: dict[str, Any] = ({"type": "dpo", "dpo": {"hyperparameters": dict(hyper)}} if o.get("method") == "dpo"
+                              else {"type": "supervised", "supervised": {"hyperparameters": _hyper_shown(hyper)}})
+    succeeded = row.status == "succeeded"
+    metrics = row.metrics or {}
+    error = None
+    if row.status == "failed":
+        error = {"code": "training_failed", "message": row.error or "the training failed", "param": None}
+    return {
+        "id": JOB + row.id,
+        "object": "fine_tuning.job",
+        "model": o.get("model", row.model),
+        "created_at": _ts(row.created_at),
+        "finished_at": _ts(row.completed_at) if row.status in FINAL else None,
+        "status": STATUS.get(row.status, row.status),
+        "fine_tuned_model": fine_tuned_name(row) if succeeded else None,
+        "organization_id": row.owner,
+        "trained_tokens": metrics.get("trained_tokens") if succeeded else None,
+        "result_files": [result_file(row, store, settings)] if succeeded else [],
+        "error": error,
+        "seed": o.get("seed"),
+        "estimated_finish": _estimated_finish(row),
+        "metadata": o.get("metadata"),
+        "hyperparameters": _hyper_shown(hyper),
+        "method": method,
+        "training_file": o.get("training_file"),
+        "validation_file": o.get("validation_file"),
+        "integrations": [],
+        "user_provided_suffix": o.get("suffix"),
+    }
+
+
+def _estimated_finish(row: Training) -> int | None:
+    """A running job's finish, at the pace of its steps so far."""
+    metrics = row.metrics or {}
+    step, total = metrics.get("step"), metrics.get("max_steps")
+    if row.status != "processing" or row.started_at is None or not step or not total:
+        return None
+    elapsed = time.time() - row.started_at.timestamp()
+    return int(row.started_at.timestamp() + elapsed * total / step)
+
+
+def metrics_csv(row: Training) -> str:
+    """The job's step metrics as OpenAI writes its results file: step, train_loss, train_accuracy,
+    valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those cells are empty)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    for h in (row.metrics or {}).get("history") or []:
+        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), ""])
+    return out.getvalue()
+
+
+def result_file(row: Training, store, settings) -> str:
+    """The id of the job's results file (purpose fine-tune-results, its metrics CSV), made on the
+    first look at the succeeded job and kept (deleting it does not bring it back)."""
+    o = row.openai or {}
+    if o.get("result_file"):
+        return str(o["result_file"])
+    file_id = f"r{row.id}"
+    existing = store.get_file(row.owner, file_id)
+    if existing is None:
+        import hashlib
+
+        content = metrics_csv(row).encode()
+        folder = settings.files_dir / row.owner
+        folder.mkdir(parents=True, exist_ok=True)
+        local = folder / f"{file_id}-step_metrics.csv"
+        local.write_bytes(content)
+        try:
+            url = settings.objects.put(local, f"files/{row.owner}/{local.name}")
+        finally:
+            local.unlink(missing_ok=True)
+        try:
+            store.create_file(row.owner, name="step_metrics.csv", content_type="text/csv", size=len(content),
+                              sha256=hashlib.sha256(content).hexdigest(), md5=hashlib.md5(content).hexdigest(),
+                              path=url, file_id=file_id, purpose=RESULTS)
+        except Conflict:  # another request made it at the same moment: the same bytes, the same name
+            pass
+        store.record_file_check(file_id, status="processed", details=None, data_format=None, rows=None)
+    store.set_training_openai(row.id, {"result_file": FILE + file_id})
+    return FILE + file_id
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """metadata[k]=v query parameters, as the openai client sends a `metadata` dict."""
+    out = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata[") and key.endswith("]"):
+            out[key[len("metadata["):-1]] = value
+    return out
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(request: Request, owner: Owner, store: StoreDep, settings: SettingsDep, after: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+    """The caller's fine-tuning jobs, newest first, after the job `after`; `metadata[k]=v` keeps the
+    jobs whose metadata has each of those pairs."""
+    after_id = after[len(JOB):] if after and after.startswith(JOB) else after
+    rows, more = store.list_fine_tuning_jobs(owner, after=after_id, limit=limit, metadata=_metadata_filter(request))
+    return {"object": "list", "data": [job_object(r, store, settings) for r in rows], "has_more": more}
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    return job_object(_job(store, owner, job_id), store, settings)
+
+
+def _note(store, row: Training, message: str) -> None:
+    notes = list((row.openai or {}).get("notes") or [])
+    notes.append({"at": time.time(), "message": message})
+    store.set_training_openai(row.id, {"notes": notes})
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Cancel a job in any state but a final one: queued or paused ones at once, a running one within
+    seconds (its worker stops it)."""
+    row = _job(store, owner, job_id)
+    if row.status in FINAL:
+        raise OpenAIError(400, f"Job {job_id} has already {STATUS[row.status]} and cannot be cancelled",
+                          param="fine_tuning_job_id")
+    store.cancel_training(owner, row.id)
+    _note(store, row, "Fine-tuning job cancellation requested")
+    return job_object(_job(store, owner, job_id), store, settings)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Pause a queued or running job: a running one is stopped by its worker within seconds, keeping
+    its checkpoints; it shows "running" until then, "paused" after."""
+    row = _job(store, owner, job_id)
+    if row.status not in ("starting", "processing") or row.cancel_requested:
+        raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a queued or running "
+                          "job can be paused", param="fine_tuning_job_id")
+    store.pause_training(owner, row.id)
+    _note(store, row, "Fine-tuning job paused")
+    return job_object(_job(store, owner, job_id), store, settings)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Resume a paused job: queued again, and a worker goes on from its newest checkpoint."""
+    row = _job(store, owner, job_id)
+    if row.status != "paused" and not (row.status == "processing" and row.pause_requested):
+        raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a paused job can be "
+                          "resumed", param="fine_tuning_job_id")
+    store.resume_training(owner, row.id)
+    _note(store, row, "Fine-tuning job resumed")
+    return job_object(_job(store, owner, job_id), store, settings)
+
+
+# -- events and checkpoints ------------------------------------------------------------------------------
+
+def _event(job: Training, key: str, at: float | None, message: str, *, level: str = "info",
+           data: dict[str, Any] | None = None, type: str = "message") -> dict[str, Any]:
+    return {"id": f"{EVENT}{job.id}-{key}", "object": "fine_tuning.job.event", "created_at": int(at or 0),
+            "level": level, "message": message, "data": data or {}, "type": type}
+
+
+def job_events(job: Training) -> list[dict[str, Any]]:
+    """Every event of a job, oldest first: its lifecycle (created, started, paused, resumed, ended)
+    as messages, and each step's metrics as OpenAI reports them (step, train_loss, valid_loss,
+    total_steps, learning_rate)."""
+    o = job.openai or {}
+    created = job.created_at.timestamp()
+    events: list[tuple[float, int, dict[str, Any]]] = [
+        (created, 0, _event(job, "created", created, f"Created fine-tuning job: {JOB}{job.id}")),
+        (created, 1, _event(job, "validated", created, f"Validated training file: {o.get('training_file')}")),
+    ]
+    if job.started_at is not None:
+        at = job.started_at.timestamp()
+        events.append((at, 2, _event(job, "started", at, "Fine-tuning job started")))
+    metrics = job.metrics or {}
+    total = metrics.get("max_steps")
+    for h in metrics.get("history") or []:
+        step = h.get("step")
+        if not isinstance(step, int) or ("loss" not in h and "val_loss" not in h):
+            continue
+        at = float(h.get("time") or (job.started_at or job.created_at).timestamp())
+        data: dict[str, Any] = {"step": step, "total_steps": total}
+        message = f"Step {step}/{total}:" if total else f"Step {step}:"
+        if "loss" in h:
+            data["train_loss"] = h["loss"]
+            message += f" training loss={h['loss']:.4f}"
+        if "val_loss" in h:
+            data["valid_loss"] = h["val_loss"]
+            message += f", validation loss={h['val_loss']:.4f}"
+        if h.get("learning_rate") is not None:
+            data["learning_rate"] = h["learning_rate"]
+        events.append((at, 3, _event(job, f"step-{step}", at, message, data=data, type="metrics")))
+    for i, note in enumerate(o.get("notes") or []):
+        events.append((note["at"], 4, _event(job, f"note-{i}", note["at"], note["message"])))
+    if job.status in FINAL and job.completed_at is not None:
+        at = job.completed_at.timestamp()
+        if job.status == "succeeded":
+            events.append((at, 5, _event(job, "model", at, f"New fine-tuned model created: {fine_tuned_name(job)}")))
+            events.append((at, 6, _event(job, "done", at, "The job has successfully completed")))
+        elif job.status == "failed":
+            events.append((at, 6, _event(job, "done", at, f"Fine-tuning job failed: {job.error}", level="error")))
+        else:
+            events.append((at, 6, _event(job, "done", at, "Fine-tuning job cancelled")))
+    events.sort(key=lambda e: (e[0], e[1]))
+    return [e[2] for e in events]
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """Items newest first (given oldest first), those after the one whose id is `after`."""
+    newest = items[::-1]
+    if after is not None:
+        ids = [i["id"] for i in newest]
+        newest = newest[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": newest[:limit], "has_more": len(newest) > limit}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_events(job_id: str, owner: Owner, store: StoreDep, after: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+    """The job's events, newest first, after the event `after`."""
+    return _page(job_events(_job(store, owner, job_id)), after, limit)
+
+
+def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
+    """The job's checkpoints, oldest first: those its run holds (the Trainer keeps the newest few),
+    and for a succeeded job its final weights, each with the metrics of its step. Only the final
+    one is served (as the job's fine_tuned_model, or its ckpt-step name)."""
+    history = {h["step"]: h for h in (job.metrics or {}).get("history") or [] if isinstance(h.get("step"), int)}
+    steps: set[int] = set()
+    if job.run_url:
+        from tunery.artifacts.run import CHECKPOINT_PREFIX
+
+        try:
+            names = settings.run(job.run_url).checkpoint_names()
+        except Exception:  # a storage hiccup: list what is certain
+            names = []
+        steps |= {int(n[len(CHECKPOINT_PREFIX):]) for n in names}
+    final = final_step(job) if job.status == "succeeded" else None
+    if final is not None:
+        steps.add(final)
+    name = fine_tuned_name(job)
+    out = []
+    for step in sorted(steps):
+        h = history.get(step, {})
+        at = h.get("time") or (job.completed_at or job.created_at).timestamp()
+        metrics = {"step": step, "train_loss": h.get("loss"), "valid_loss": h.get("val_loss"),
+                   "train_mean_token_accuracy": None, "valid_mean_token_accuracy": None,
+                   "full_valid_loss": h.get("val_loss") if step == final else None,
+                   "full_valid_mean_token_accuracy": None}
+        out.append({"id": f"{CHECKPOINT}{job.id}-{step}", "object": "fine_tuning.job.checkpoint",
+                    "created_at": int(at), "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
+                    "fine_tuning_job_id": JOB + job.id, "metrics": metrics, "step_number": step})
+    return out
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep, after: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+    """The job's checkpoints, newest first, after the checkpoint `after`."""
+    page = _page(job_checkpoints(_job(store, owner, job_id), settings), after, limit)
+    page["first_id"] = page["data"][0]["id"] if page["data"] else None
+    page["last_id"] = page["data"][-1]["id"] if page["data"] else None
+    return page
+
+
+# -- models ----------------------------------------------------------------------------------------------
+
+@router.delete("/models/{model_id:path}")
+def delete_model(model_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
+    """Delete a fine-tuned model (`ft:...`): its job stays, its weights stay in the job's run, and
+    the name is no longer served or listed. Base models can not be deleted (403)."""
+    if not model_id.startswith("ft:"):
+        model_owner, slash, name = model_id.partition("/")
+        if slash and model_owner == BASE_OWNER:
+            raise OpenAIError(403, f"You do not have permission to delete the base model '{model_id}'",
+                              param="model", code="model_not_deletable")
+        raise OpenAIError(400, f"'{model_id}' is not a fine-tuned model: only ft: models can be deleted here",
+                          param="model", code="model_not_deletable")
+    job, model, _ = resolve_fine_tuned(store, owner, model_id.split(":ckpt-step-")[0])
+    store.delete_model(owner, model.name)
+    store.set_training_openai(job.id, {"deleted": True})
+    return {"id": model_id, "object": "model", "deleted": True}
