@@ -341,6 +341,17 @@ def completions(body: CompletionBody, owner: Owner, store: StoreDep, settings: S
         return e.response()
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
+
+
+def _param(loc) -> str | None:
+    """The parameter an error's location names (its body/query part dropped, and the union member tags
+    pydantic adds, such as `literal['auto']` or `constrained-int`)."""
+    parts = [str(p) for p in list(loc)[1:]
+             if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p or "-" in p))]
+    return ".".join(parts) or None
+
+
 def install(app) -> None:
     """OpenAI's error shape for bad bodies under the prefix too."""
     from fastapi.exceptions import RequestValidationError
@@ -349,9 +360,13 @@ def install(app) -> None:
 
     async def handler(request: Request, exc: RequestValidationError):
         if request.url.path.startswith("/openai/"):
-            first = exc.errors()[0] if exc.errors() else {}
-            param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-            return OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param).response()
+            errors = exc.errors()
+            first = errors[0] if errors else {}
+            param = _param(first.get("loc", []))
+            # A value that fits none of a union's types ("auto" or a number) fails each of them.
+            reasons = list(dict.fromkeys(e.get("msg", "invalid") for e in errors if _param(e.get("loc", [])) == param))
+            message = f"{param or 'body'}: {', or '.join(reasons) or 'invalid request'}"
+            return OpenAIError(400, message, param=param).response()
         if previous is None:
             return JSONResponse({"detail": exc.errors()}, status_code=422)
         answer = previous(request, exc)  # the /v1 handler: sync or async
