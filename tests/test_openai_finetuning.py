@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 
 import pytest
@@ -80,14 +81,19 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     assert client.files.retrieve(chat_file.id).id == chat_file.id
     assert client.files.content(chat_file.id).text.count("\n") == 12
 
+    validation = client.files.create(file=("valid.jsonl", "".join(json.dumps(r) + "\n" for r in chat_rows(4))),
+                                     purpose="fine-tune")
+    assert validation.status == "processed"
+
     # "Create a fine-tuned model".
     job = client.fine_tuning.jobs.create(
-        training_file=chat_file.id, model="tunery/tiny", suffix="animals", seed=7, metadata={"team": "zoo"},
+        training_file=chat_file.id, validation_file=validation.id, model="tunery/tiny", suffix="animals", seed=7,
+        metadata={"team": "zoo"},
         method={"type": "supervised",
                 "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4,
                                                    "learning_rate_multiplier": "auto"}}})
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job" and job.status == "queued"
-    assert job.model == "tunery/tiny" and job.training_file == chat_file.id and job.validation_file is None
+    assert job.model == "tunery/tiny" and job.training_file == chat_file.id and job.validation_file == validation.id
     assert (job.seed, job.metadata, job.user_provided_suffix) == (7, {"team": "zoo"}, "animals")
     assert job.hyperparameters.model_dump() == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 0.1}
     assert job.method.type == "supervised"
@@ -115,6 +121,7 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     metrics = [e for e in events if e.type == "metrics"]
     assert sorted(e.data["step"] for e in metrics) == [1, 2, 3]
     assert all(e.data["total_steps"] == 3 and e.data["train_loss"] > 0 for e in metrics)
+    assert [e.data["step"] for e in metrics if "valid_loss" in e.data] == [3]  # validated after the one epoch
     assert any(e.message == f"New fine-tuned model created: {job.fine_tuned_model}" for e in events)
     page = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert [e.id for e in page.data] == [e.id for e in events[:2]] and page.has_more
@@ -140,6 +147,8 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     assert [int(r["step"]) for r in table] == [1, 2, 3]
     assert list(table[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
     assert all(float(r["train_loss"]) > 0 for r in table)
+    assert [r["valid_loss"] != "" for r in table] == [False, False, True]
+    assert checkpoints[0].metrics.valid_loss == pytest.approx(float(table[-1]["valid_loss"]))
     assert client.fine_tuning.jobs.retrieve(job.id).result_files == [result_id]  # made once
 
     # "Use a fine-tuned model".
@@ -212,11 +221,10 @@ def test_a_bad_file_is_reported_by_line_and_no_job_starts(server, client, tmp_pa
 
 
 def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, chat_file):
-    # All hyperparameters "auto": 12 rows → 9 epochs (at least 100 examples), batch 1, multiplier 0.1.
+    # 300 steps (batch_size auto: 1 for 12 rows), so that the pause lands well before the end.
     job = client.fine_tuning.jobs.create(training_file=chat_file.id, model="tiny",
-                                         hyperparameters={"n_epochs": "auto", "batch_size": "auto",
-                                                          "learning_rate_multiplier": "auto"})
-    assert job.hyperparameters.model_dump() == {"n_epochs": 9, "batch_size": 1, "learning_rate_multiplier": 0.1}
+                                         hyperparameters={"n_epochs": 25, "batch_size": "auto"})
+    assert job.hyperparameters.model_dump() == {"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": 0.1}
     assert job.user_provided_suffix is None and job.fine_tuned_model is None
 
     deadline = time.monotonic() + 300
@@ -229,8 +237,9 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     assert paused.status == "paused", logs_of(server, job.id)
     kept = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert kept, "a paused job keeps its checkpoints"
-    step_at_pause = kept[0].step_number
-    assert 0 < step_at_pause < 108
+    # Well before the end (were all 300 steps done before the worker's next heartbeat brought the pause,
+    # the resume would take the final checkpoint's weights as they are).
+    assert 0 < kept[0].step_number <= 300
     time.sleep(2)  # nothing runs while paused
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     with pytest.raises(openai.BadRequestError):
@@ -245,7 +254,7 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     assert "paused (resumes from checkpoint-" in logs and "resuming from" in logs
     steps = sorted(e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
                    if e.type == "metrics")
-    assert steps == list(range(1, 109))
+    assert steps == list(range(1, 301))
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert "Fine-tuning job paused" in messages and "Fine-tuning job resumed" in messages
     assert done.fine_tuned_model.startswith("ft:tunery/tiny:alice::")
@@ -257,8 +266,13 @@ def test_cancel_and_list_filters(server, client, chat_file):
     many = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
     running = client.fine_tuning.jobs.create(training_file=chat_file.id, model="tunery/tiny", method=many,
                                              metadata={"team": "cancel", "run": "1"})
-    queued = client.fine_tuning.jobs.create(training_file=chat_file.id, model="tunery/tiny", method=many,
+    # Every hyperparameter "auto": 12 rows → 9 epochs (at least 100 examples), batch 1, multiplier 0.1.
+    queued = client.fine_tuning.jobs.create(training_file=chat_file.id, model="tunery/tiny",
+                                            hyperparameters={"n_epochs": "auto", "batch_size": "auto",
+                                                             "learning_rate_multiplier": "auto"},
                                             metadata={"team": "cancel", "run": "2"})
+    assert queued.hyperparameters.model_dump() == {"n_epochs": 9, "batch_size": 1, "learning_rate_multiplier": 0.1}
+    assert queued.status == "queued"
     # Queued behind the other (one worker): cancelled at once; a second cancel is refused.
     assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):

@@ -313,3 +313,63 @@ def test_prediction_leases_are_taken_over_only_when_expired_and_by_one_server(st
         assert rows[expired].lease_owner.startswith("server-") and rows[expired].lease_expires_at > utcnow()
         assert rows[canceled].status == "canceled"
     assert store.renew_prediction_leases("live-server", 30) == 1
+
+
+def test_pause_and_resume_in_each_state(store):
+    # Queued: paused at once, not claimed while paused; resumed: queued again.
+    queued = _training(store)
+    assert store.pause_training("alice", queued.id).status == "paused"
+    assert store.claim_training("w1", 30) is None
+    assert store.resume_training("alice", queued.id).status == "starting"
+    claimed = store.claim_training("w1", 30)
+    assert claimed.id == queued.id and claimed.attempts == 1
+
+    # Running: flagged, the worker hears "pause" and stops it; the claim is not a lost attempt.
+    assert store.pause_training("alice", queued.id).status == "processing"
+    assert store.heartbeat(queued.id, "w1", 30) == "pause"
+    assert store.paused_training(queued.id, "w2") is None  # not its lease
+    paused = store.paused_training(queued.id, "w1")
+    assert (paused.status, paused.lease_owner, paused.attempts, paused.pause_requested) == ("paused", None, 0, False)
+    assert store.heartbeat(queued.id, "w1", 30) == "lost"
+    assert store.resume_training("alice", queued.id).status == "starting"
+    assert store.claim_training("w2", 30).id == queued.id
+
+    # A pause asked for, then the worker died: the next claim pauses it instead of running it.
+    store.pause_training("alice", queued.id)
+    _expire_lease(store, queued.id)
+    assert store.claim_training("w3", 30) is None
+    assert store.load_training(queued.id).status == "paused"
+
+    # A resume before the worker stopped it: the pause is called off and it keeps running.
+    other = _training(store)
+    store.claim_training("w1", 30)
+    store.pause_training("alice", other.id)
+    assert store.resume_training("alice", other.id).status == "processing"
+    assert store.heartbeat(other.id, "w1", 30) == "ok"
+
+    # Paused: canceled at once. Finished ones are left as they are.
+    assert store.cancel_training("alice", queued.id).status == "canceled"
+    assert store.pause_training("alice", queued.id).status == "canceled"
+    assert store.resume_training("alice", queued.id).status == "canceled"
+    assert store.pause_training("bob", other.id) is None
+
+
+def test_fine_tuning_jobs_are_listed_newest_first_with_metadata_filters(store):
+    ids = []
+    for i in range(5):
+        tid = f"job{i}"
+        store.create_fine_tuning_job("alice", training_id=tid, destination=f"alice/ftjob-{tid}",
+                                     model="tunery/smollm2-135m", version_id=base_version_id("smollm2-135m"),
+                                     input={}, job={}, openai={"metadata": {"even": str(i % 2 == 0)}})
+        ids.append(tid)
+    _training(store)  # a Replicate training is not a fine-tuning job
+    rows, more = store.list_fine_tuning_jobs("alice", limit=10)
+    assert [r.id for r in rows] == ids[::-1] and not more
+    rows, more = store.list_fine_tuning_jobs("alice", limit=2, after="job3")
+    assert [r.id for r in rows] == ["job2", "job1"] and more
+    rows, more = store.list_fine_tuning_jobs("alice", limit=2, metadata={"even": "True"})
+    assert [r.id for r in rows] == ["job4", "job2"] and more
+    assert store.list_fine_tuning_jobs("bob") == ([], False)
+    assert store.get_model("alice", "alice", "ftjob-job0") is not None
+    assert store.delete_model("alice", "ftjob-job0") and not store.delete_model("alice", "ftjob-job0")
+    assert not store.delete_model("tunery", "smollm2-135m")

@@ -255,13 +255,16 @@ class Store(JobsMixin):
             return row
 
     def list_files_after(self, owner: str, *, purpose: str | None = None, after: str | None = None,
-                         order: str = "desc", limit: int = 10000) -> tuple[list[File], bool]:
+                         order: str = "desc", limit: int = 10000,
+                         unset_purpose: str | None = None) -> tuple[list[File], bool]:
         """(files, whether more follow) in created_at order `order` ("asc" or "desc"), starting after
-        the file `after` (an id, OpenAI's cursor), only those of `purpose` when given."""
+        the file `after` (an id, OpenAI's cursor), only those of `purpose` when given (a file without
+        a purpose counting as `unset_purpose`)."""
         with self._reading() as s:
             stmt = select(File).where(File.owner == owner)
             if purpose is not None:
-                stmt = stmt.where(File.purpose == purpose)
+                stmt = stmt.where(or_(File.purpose == purpose, File.purpose.is_(None)) if purpose == unset_purpose
+                                  else File.purpose == purpose)
             if after is not None:
                 mark = s.scalar(select(File).where(File.id == after, File.owner == owner))
                 if mark is not None:

@@ -126,7 +126,8 @@ def list_files(owner: Owner, store: StoreDep, purpose: str | None = None,
                order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
     """The caller's files, newest first (or oldest with order=asc), after the file `after`."""
     after_id = after[len(FILE):] if after and after.startswith(FILE) else after
-    rows, more = store.list_files_after(owner, purpose=purpose, after=after_id, order=order, limit=limit)
+    rows, more = store.list_files_after(owner, purpose=purpose, after=after_id, order=order, limit=limit,
+                                        unset_purpose="fine-tune")
     data = [file_object(r) for r in rows]
     return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
@@ -667,7 +668,7 @@ def delete_model(model_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]
                               param="model", code="model_not_deletable")
         raise OpenAIError(400, f"'{model_id}' is not a fine-tuned model: only ft: models can be deleted here",
                           param="model", code="model_not_deletable")
-    job, model, _ = resolve_fine_tuned(store, owner, model_id.split(":ckpt-step-")[0])
+    job, model, _ = resolve_fine_tuned(store, owner, model_id)
     store.delete_model(owner, model.name)
     store.set_training_openai(job.id, {"deleted": True})
     return {"id": model_id, "object": "model", "deleted": True}
