@@ -160,6 +160,9 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     chunks = list(client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=5,
                                                  temperature=0, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    completion = client.completions.create(model=job.fine_tuned_model, prompt="Item: the red cat.", max_tokens=3,
+                                           temperature=0)
+    assert completion.model == job.fine_tuned_model and completion.usage.completion_tokens <= 3
     final = client.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, messages=messages,
                                            max_tokens=5, temperature=0)
     assert final.choices[0].message.content == reply.choices[0].message.content
@@ -363,3 +366,53 @@ def test_a_dpo_job_on_a_preference_file(server, client, tmp_path):
     with pytest.raises(openai.BadRequestError) as raised:
         client.fine_tuning.jobs.create(training_file=prefs.id, model="tunery/tiny")
     assert raised.value.code == "invalid_training_file"
+
+
+def test_a_job_runs_on_a_worker_with_another_home(tmp_path_factory, tiny_model_dir):
+    """The job's files are read from the storage: a worker on another machine (another home, the same
+    database and storage) trains it, and the server serves the result."""
+    import threading
+
+    from tunery.settings import Settings
+    from tunery.store import Store
+    from tunery.worker.runner import Worker
+
+    root = tmp_path_factory.mktemp("openai-ft-homes")
+    live = LiveServer(root / "server-home", start_workers=False, storage_url=str(root / "storage"))
+    try:
+        live.store.ensure_base_models([("tiny", "a tiny random Llama", str(tiny_model_dir))])
+        client = openai.OpenAI(base_url=f"{live.url}/openai/v1", api_key=live.store.create_token("carol"),
+                               max_retries=0, timeout=120)
+        upload = client.files.create(file=("chat.jsonl", "".join(json.dumps(r) + "\n" for r in chat_rows(8))),
+                                     purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=upload.id, model="tunery/tiny", suffix="remote",
+                                             hyperparameters={"n_epochs": 1, "batch_size": 4})
+        # A job whose file is deleted before a worker takes it fails, with OpenAI's error object.
+        doomed_file = client.files.create(file=("gone.jsonl", '{"text": "soon gone"}\n'), purpose="fine-tune")
+        doomed = client.fine_tuning.jobs.create(training_file=doomed_file.id, model="tunery/tiny")
+        client.files.delete(doomed_file.id)
+        training = live.store.load_training(job.id.removeprefix("ftjob-"))
+        assert training.job["data"]["train_data"].startswith(str(root / "storage"))
+
+        elsewhere = Settings(home=root / "worker-home", database_url=live.settings.database_url,
+                             storage_url=str(root / "storage"))
+        store = Store(elsewhere.db_url, migrate=False)
+        try:
+            worker = Worker(store, elsewhere, poll_interval=0.2)
+            assert worker.run_once(threading.Event()) and worker.run_once(threading.Event())
+        finally:
+            store.close()
+        done = client.fine_tuning.jobs.retrieve(job.id)
+        assert done.status == "succeeded", f"{done.error}\n{logs_of(live, job.id)}"
+        assert live.store.load_training(done.id.removeprefix("ftjob-")).run_url.startswith(str(root / "storage"))
+        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                               messages=[{"role": "user", "content": "Item: the red cat."}])
+        assert reply.choices[0].message.role == "assistant"
+        assert len(client.fine_tuning.jobs.checkpoints.list(done.id).data) >= 1
+        failed = client.fine_tuning.jobs.retrieve(doomed.id)
+        assert failed.status == "failed" and failed.fine_tuned_model is None and failed.result_files == []
+        assert failed.error.code == "training_failed" and "gone.jsonl" in failed.error.message
+        assert failed.finished_at is not None and failed.trained_tokens is None
+        assert client.fine_tuning.jobs.list_events(doomed.id).data[0].level == "error"
+    finally:
+        live.stop()
