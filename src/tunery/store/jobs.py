@@ -150,13 +150,18 @@ class JobsMixin:
                 row.pause_requested = False
             return row
 
-    def set_training_openai(self, training_id: str, changes: dict[str, Any]) -> Training | None:
-        """Merge `changes` into the training's OpenAI fields (None for a training without them)."""
+    def set_training_openai(self, training_id: str, changes: dict[str, Any], *,
+                            append: dict[str, Any] | None = None) -> Training | None:
+        """Merge `changes` into the training's OpenAI fields, and add each value of `append` to the
+        list under its key, in one transaction (None for a training without those fields)."""
         with self.session() as s:
             row = s.get(Training, training_id, with_for_update=True)
             if row is None or row.openai is None:
                 return None
-            row.openai = {**row.openai, **changes}
+            fields = {**row.openai, **changes}
+            for key, item in (append or {}).items():
+                fields[key] = [*(fields.get(key) or []), item]
+            row.openai = fields
             return row
 
     # -- trainings: the worker's side ---------------------------------------------------------

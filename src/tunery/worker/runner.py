@@ -256,7 +256,7 @@ class _Run:
                         # resume goes on from the newest one.
                         self._kill(proc)
                         self.progress.feed_text(decoder.decode(events.read()))
-                        last = self.artifacts.checkpoint_names()
+                        last = [n for n in self.artifacts.checkpoint_names() if self.artifacts.checkpoint_complete(n)]
                         self.progress.note("paused" + (f" (resumes from {last[-1]})" if last else
                                                        " (no checkpoint yet: a resume starts over)"))
                         self._flush()

@@ -500,9 +500,8 @@ def retrieve_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsD
 
 
 def _note(store, row: Training, message: str) -> None:
-    notes = list((row.openai or {}).get("notes") or [])
-    notes.append({"at": time.time(), "message": message})
-    store.set_training_openai(row.id, {"notes": notes})
+    """A message event of the job's own (pause, resume, cancel requests), at this moment."""
+    store.set_training_openai(row.id, {}, append={"notes": {"at": time.time(), "message": message}})
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
