@@ -29,7 +29,7 @@ Column = tuple[str, Callable[[], contextlib.AbstractContextManager]]
 def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[int]], list[str]]:
     """Prompt token ids (as training tokenized prompts) and reference texts, for generation.
     Text rows have neither: they are scored by loss only."""
-    from tunery.data.tokenize import prompt_ids
+    from tunery.data.tokenize import chat_messages, prompt_ids
 
     if fmt == "prompt_completion":
         return [prompt_ids(tokenizer, r["prompt"]) for r in rows], [r["completion"].strip() for r in rows]
@@ -38,7 +38,8 @@ def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[
         for r in rows:
             msgs = r["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            text = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(chat_messages(msgs[:last]), tokenize=False,
+                                                 add_generation_prompt=True)
             prompts.append(list(tokenizer(text, add_special_tokens=False).input_ids))
             refs.append(msgs[last]["content"].strip())
         return prompts, refs
