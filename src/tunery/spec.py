@@ -42,7 +42,8 @@ class TrainingInputs(BaseModel):
     # -- Replicate's Llama 2 training inputs ------------------------------------------
     train_data: str = Field(
         description="URL or path of a JSONL file; each row is {\"text\": ...}, "
-        "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}.",
+        "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]} (with method=dpo: "
+        "{\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}).",
     )
     num_train_epochs: int = Field(3, ge=1, description="Number of epochs (passes over the training data).")
     train_batch_size: int = Field(
