@@ -110,3 +110,47 @@ def test_smollm2_finetunes_a_few_steps(tmp_path, qa_rows):
     assert m["base"]["name"] == "smollm2-135m" and m["base"]["kind"] == "registry"
     assert losses[-1] < losses[0]
     assert m["metrics"]["val_loss"] is not None
+
+
+def test_train_dpo_then_eval_the_preference_rate(tmp_path, tiny_model_dir):
+    from test_dpo import preference_rows
+
+    rows = preference_rows()
+    prefs, held_out = write_jsonl(tmp_path / "prefs.jsonl", rows[:24]), write_jsonl(tmp_path / "held.jsonl", rows[24:])
+    run_dir = tmp_path / "run"
+    proc = tunery("train", "--method", "dpo", "--train-data", prefs, "--base", tiny_model_dir, "--max-steps", 3,
+                  "--no-run-validation", "--learning-rate", 5e-3, "--test-data", held_out, "--events", "-",
+                  "-o", run_dir)
+    steps = [e for e in map(json.loads, proc.stdout.splitlines()) if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3] and all("reward_accuracy" in e for e in steps)
+    assert " reward acc " in [ln for ln in proc.stderr.splitlines() if ln.startswith("train step 3/3")][0]
+    assert "reward_accuracy=" in proc.stderr and "preference_rate" in proc.stderr  # the done line, the eval table
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["inputs"]["method"] == "dpo"
+
+    report = json.loads(tunery("eval", "--weights", run_dir, "--test-data", held_out, "--compare", "--json").stdout)
+    assert report["columns"] == ["base", "tuned"] and report["format"] == "preference"
+    # The same numbers as right after training (up to the precision the two loads compute in).
+    for col in ("base", "tuned"):
+        after_training = manifest["eval"]["metrics"][col]
+        assert report["metrics"][col]["preference_rate"] == after_training["preference_rate"]
+        assert report["metrics"][col]["logp_margin"] == pytest.approx(after_training["logp_margin"], abs=0.02)
+    table = tunery("eval", "--weights", run_dir, "--test-data", held_out, "--compare").stdout
+    assert "preference_rate" in table and "logp_margin" in table and "non-preferred" in table
+
+
+def test_dpo_and_data_mismatches_are_one_line_errors(tmp_path, qa_rows, tiny_model_dir):
+    from test_dpo import preference_rows
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows()[:4])
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    sft = tunery("train", "--train-data", prefs, "--base", tiny_model_dir, "-o", tmp_path / "a", check=False)
+    assert sft.returncode == 2 and "Traceback" not in sft.stderr
+    assert f"{prefs} (train_data) has preference rows, which train with method=dpo" in sft.stderr
+    dpo = tunery("train", "--method", "dpo", "--train-data", qa, "--base", tiny_model_dir, "-o", tmp_path / "b",
+                 check=False)
+    assert dpo.returncode == 2 and "has prompt_completion rows, but method=dpo trains on preference rows" in dpo.stderr
+    packed = tunery("train", "--method", "dpo", "--train-data", prefs, "--pack-sequences", check=False)
+    assert packed.returncode == 2 and "pack_sequences is not available with method=dpo" in packed.stderr
+    check = json.loads(tunery("data", "check", prefs, "--base", tiny_model_dir, "--json").stdout)
+    assert check["format"] == "preference" and check["rows"] == 4 and check["steps_per_epoch"] == 1

@@ -12,13 +12,25 @@ from tunery.data import read_jsonl
 from tunery.errors import DataError, LineError, TuneryError
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+PREF = {
+    "input": {"messages": [{"role": "user", "content": "Hi"}]},
+    "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+    "non_preferred_output": [{"role": "assistant", "content": "What?"}],
+}
 
 
 def test_reads_each_format(tmp_path):
     cases = {
         "text": [{"text": "one"}, {"text": "two"}],
         "prompt_completion": [{"prompt": "Q:", "completion": " A"}],
-        "messages": [CHAT, {"messages": [{"role": "system", "content": "Be kind."}, *CHAT["messages"]]}],
+        "messages": [CHAT, {"messages": [{"role": "system", "content": "Be kind."}, *CHAT["messages"]]},
+                     {"messages": [*CHAT["messages"], {"role": "user", "content": "Again"},
+                                   {"role": "assistant", "content": "Hello", "weight": 0},
+                                   {"role": "user", "content": "Once more"},
+                                   {"role": "assistant", "content": "Hi", "weight": 1}]}],
+        "preference": [PREF, {**PREF, "input": {"messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]}}],
     }
     for fmt, rows in cases.items():
         path = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
@@ -59,6 +71,13 @@ def _msgs(*messages) -> str:
 USER = {"role": "user", "content": "Hi"}
 BOT = {"role": "assistant", "content": "Hello"}
 
+
+def _pref(drop: str | None = None, **changes) -> str:
+    row = {**PREF, **changes}
+    row.pop(drop or "", None)
+    return json.dumps(row)
+
+
 BAD_LINES = [
     # (line, field, words the reason must contain)
     (b'{"text": "caf\xe9"}', None, "not valid UTF-8"),
@@ -66,7 +85,8 @@ BAD_LINES = [
     ('{"text": "a"', None, "not valid JSON"),
     ("[1, 2]", None, "expected a JSON object, got an array"),
     ('"just a string"', None, "expected a JSON object, got a string"),
-    ('{"input": "x", "output": "y"}', None, "no 'text', 'prompt'/'completion' or 'messages' key"),
+    ('{"input": "x", "output": "y"}', None, "no 'text', 'prompt'/'completion', 'messages' or "
+     "'input'/'preferred_output'/'non_preferred_output' key (keys found: 'input', 'output')"),
     ('{"prompt": "x"}', "completion", "missing"),
     ('{"completion": "x"}', "prompt", "missing"),
     ('{"text": "a", "id": 3}', "id", "unknown key in a text row"),
@@ -91,6 +111,41 @@ BAD_LINES = [
     (_msgs(USER, {"role": "assistant", "content": 7}), "messages[1].content", "must be a string"),
     (_msgs(USER, {**BOT, "name": "bob"}), "messages[1].name", "unknown key in a message"),
     (_msgs(USER, {"role": "system", "content": "S"}), "messages", "has no assistant message"),
+    # OpenAI's weight on assistant messages
+    (_msgs(USER, {**BOT, "weight": 2}), "messages[1].weight", "must be 0 (not trained on) or 1 (trained on); got 2"),
+    (_msgs(USER, {**BOT, "weight": 0.5}), "messages[1].weight", "got 0.5"),
+    (_msgs(USER, {**BOT, "weight": True}), "messages[1].weight", "got a boolean"),
+    (_msgs(USER, {**BOT, "weight": "1"}), "messages[1].weight", "got a string"),
+    (_msgs({**USER, "weight": 1}, BOT), "messages[0].weight", "only assistant messages have a weight (this one is user)"),
+    (_msgs(USER, {**BOT, "weight": 0}), "messages", "every assistant message has weight 0, so there is nothing to train on"),
+    (_msgs(USER, {**BOT, "weight": 0}, USER, {**BOT, "weight": 0}), "messages", "every assistant message has weight 0"),
+    # OpenAI's preference (DPO) rows
+    (_pref(input="Hi"), "input", "must be an object holding the conversation's messages, got a string"),
+    (_pref(input={}), "input.messages", "missing"),
+    (_pref(input={"messages": []}), "input.messages", "got an empty list"),
+    (_pref(input={"messages": [USER], "tools": []}), "input.tools", "not supported"),
+    (_pref(input={"messages": [USER], "parallel_tool_calls": False}), "input.parallel_tool_calls", "not supported"),
+    (_pref(input={"messages": [USER], "extra": 1}), "input.extra", "unknown key in a preference input"),
+    (_pref(input={"messages": [USER, BOT]}), "input.messages[1].role", "the last input message must be the user's"),
+    (_pref(input={"messages": [{"role": "tool", "content": "x"}]}), "input.messages[0].role", "must be one of"),
+    (_pref(input={"messages": [{**USER, "weight": 1}]}), "input.messages[0].weight", "unknown key in a message"),
+    (_pref(input={"messages": [{"role": "user", "content": 3}]}), "input.messages[0].content", "must be a string"),
+    (_pref(preferred_output={"role": "assistant", "content": "x"}), "preferred_output",
+     "must be a list of exactly one assistant message, got an object"),
+    (_pref(preferred_output=[]), "preferred_output", "got a list of 0 messages"),
+    (_pref(non_preferred_output=[BOT, BOT]), "non_preferred_output", "got a list of 2 messages"),
+    (_pref(preferred_output=[{"role": "user", "content": "x"}]), "preferred_output[0].role",
+     "must be assistant; got 'user'"),
+    (_pref(preferred_output=[{"role": "assistant", "content": ""}]), "preferred_output[0].content", "is empty"),
+    (_pref(non_preferred_output=[{"role": "assistant"}]), "non_preferred_output[0].content", "missing"),
+    (_pref(non_preferred_output=[{**BOT, "weight": 1}]), "non_preferred_output[0].weight",
+     "unknown key in an output message"),
+    (_pref(non_preferred_output=["Hello"]), "non_preferred_output[0]", "expected an object"),
+    (_pref(non_preferred_output=PREF["preferred_output"]), "non_preferred_output[0].content",
+     "is the same as preferred_output's"),
+    (_pref(drop="non_preferred_output"), "non_preferred_output", "missing"),
+    (_pref(drop="input"), "input", "missing"),
+    (_pref(score=1), "score", "unknown key in a preference row"),
 ]
 
 
@@ -179,3 +234,43 @@ def test_missing_file_is_a_plain_tuneryerror(tmp_path):
     with pytest.raises(TuneryError, match="train_data: cannot read the file") as info:
         read_jsonl(tmp_path / "nope.jsonl", name="train_data")
     assert not isinstance(info.value, DataError)
+
+
+def test_every_problem_of_a_preference_row_is_reported(tmp_path):
+    row = {"input": {"messages": [BOT], "tools": [{}]}, "preferred_output": [{"role": "user", "content": ""}],
+           "non_preferred_output": "no"}
+    with pytest.raises(DataError) as info:
+        read_jsonl(write_jsonl(tmp_path / "p.jsonl", [PREF, row]), name="prefs.jsonl")
+    shown = [str(e) for e in info.value.errors]
+    assert shown == [
+        "prefs.jsonl:2: input.tools: not supported: tool calls are not trained here (remove it, with any tool "
+        "messages)",
+        "prefs.jsonl:2: input.messages[0].role: the last input message must be the user's (the outputs answer it); "
+        "got assistant",
+        "prefs.jsonl:2: preferred_output[0].role: must be assistant; got 'user'",
+        "prefs.jsonl:2: preferred_output[0].content: is empty",
+        "prefs.jsonl:2: non_preferred_output: must be a list of exactly one assistant message, got a string",
+    ]
+
+
+def test_preference_and_chat_rows_do_not_mix(tmp_path):
+    with pytest.raises(DataError) as info:
+        read_jsonl(write_jsonl(tmp_path / "m.jsonl", [PREF, CHAT]), name="m.jsonl")
+    assert str(info.value.errors[0]) == ("m.jsonl:2: a messages row in a preference file (line 1 set the format); "
+                                         "every row must use the same format")
+
+
+def test_method_and_format_must_agree(tmp_path):
+    from tunery.data import check_method
+
+    prefs = read_jsonl(write_jsonl(tmp_path / "p.jsonl", [PREF]), name="prefs.jsonl")
+    chats = read_jsonl(write_jsonl(tmp_path / "c.jsonl", [CHAT]), name="chats.jsonl")
+    check_method("dpo", prefs)
+    check_method("sft", chats)
+    with pytest.raises(TuneryError) as info:
+        check_method("sft", prefs)
+    assert str(info.value) == ("prefs.jsonl (train_data) has preference rows, which train with method=dpo; "
+                               "method=sft trains on text, prompt/completion or chat rows")
+    with pytest.raises(TuneryError, match=r"^chats.jsonl \(validation_data\) has messages rows, but method=dpo "
+                                          r"trains on preference rows"):
+        check_method("dpo", chats, "validation_data")

@@ -160,3 +160,40 @@ def test_no_rows_no_examples_and_bad_limits(tokenizer):
     assert tokenize_rows([], "text", tokenizer, max_length=8) == []
     with pytest.raises(ValueError):
         tokenize_rows([{"text": "a"}], "text", tokenizer, max_length=0)
+
+
+def test_assistant_turns_of_weight_0_are_not_labelled(tokenizer):
+    chat = [SYSTEM, USER, {**BOT, "weight": 0}, USER2, {**BOT2, "weight": 1}]
+    [ex] = tokenize_rows([{"messages": chat}], "messages", tokenizer, max_length=512)
+    assert [tokenizer.decode(run) for run in labelled_runs(ex)] == ["A dog.<|im_end|>"]
+    # The weight is for the loss mask only: the text is the chat's, as without weights.
+    [plain] = tokenize_rows([{"messages": [SYSTEM, USER, BOT, USER2, BOT2]}], "messages", tokenizer, max_length=512)
+    assert ex.input_ids == plain.input_ids
+    [last_off] = tokenize_rows([{"messages": [USER, BOT, USER2, {**BOT2, "weight": 0}]}], "messages", tokenizer,
+                               max_length=512)
+    assert [tokenizer.decode(run) for run in labelled_runs(last_off)] == ["A cow.<|im_end|>"]
+
+
+def test_weight_0_at_the_end_leaves_the_appended_eos_unlabelled(plain_template_tokenizer):
+    tok = plain_template_tokenizer
+    [ex] = tokenize_rows([{"messages": [USER, BOT, USER2, {**BOT2, "weight": 0}]}], "messages", tok, max_length=512)
+    assert ex.input_ids[-1] == tok.eos_token_id and ex.labels[-1] == IGNORE_INDEX
+    assert [tok.decode(run).strip() for run in labelled_runs(ex)] == ["A cow."]
+
+
+def test_preference_pairs_label_only_the_compared_answers(tokenizer):
+    from tunery.data import preference_examples
+
+    row = {"input": {"messages": [SYSTEM, USER, BOT, USER2]},
+           "preferred_output": [BOT2], "non_preferred_output": [{"role": "assistant", "content": "A cat."}]}
+    [pair] = preference_examples([row], tokenizer, max_length=512)
+    assert [tokenizer.decode(run) for run in labelled_runs(pair.preferred)] == ["A dog.<|im_end|>"]
+    assert [tokenizer.decode(run) for run in labelled_runs(pair.non_preferred)] == ["A cat.<|im_end|>"]
+    # The same prompt before each answer: the chat rendered up to the generation prompt.
+    prompt = tokenizer.apply_chat_template([SYSTEM, USER, BOT, USER2], tokenize=False, add_generation_prompt=True)
+    n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert pair.preferred.input_ids[:n] == pair.non_preferred.input_ids[:n]
+    assert tokenizer.decode(pair.preferred.input_ids[:n]) == prompt
+    assert all(label == IGNORE_INDEX for label in pair.preferred.labels[:n])
+    with pytest.raises(ValueError, match="preference_examples"):
+        tokenize_rows([row], "preference", tokenizer, max_length=512)

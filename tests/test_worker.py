@@ -225,3 +225,24 @@ def test_writes_of_a_growing_training_are_spaced_by_its_size():
     assert flush_interval(50_000_000) == 10.0  # never rarer than every 10 s
     sizes = [0, 80_000, 150_000, 400_000, 900_000, 2_000_000]
     assert [flush_interval(n) for n in sizes] == sorted(flush_interval(n) for n in sizes)
+
+
+def test_a_dpo_training_runs_through_the_worker(store, settings, tmp_path, tiny_model_dir):
+    """A Replicate-shaped training with input method=dpo: reward metrics in the training's metrics
+    and logs, and the held-out preference rate in its evaluation."""
+    from test_dpo import preference_rows
+
+    rows = preference_rows()
+    train_file = write_jsonl(tmp_path / "prefs.jsonl", rows[:24])
+    val_file = write_jsonl(tmp_path / "held.jsonl", rows[24:])
+    training = queue(store, train_file, tiny_model_dir, method="dpo", validation_data=str(val_file), max_steps=2,
+                     learning_rate=5e-3)
+    assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
+    done = store.load_training(training.id)
+    assert done.status == "succeeded", done.error
+    m = done.metrics
+    assert [h["step"] for h in m["history"]] == [1, 2]
+    assert all("reward_accuracy" in h and "reward_margin" in h for h in m["history"])
+    assert "val_reward_accuracy" in m and m["reward_accuracy"] is not None
+    assert set(m["eval"]) == {"base", "tuned"} and "preference_rate" in m["eval"]["tuned"]
+    assert "step 2/2 loss " in done.logs and " reward acc " in done.logs and "preference_rate" in done.logs

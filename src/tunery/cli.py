@@ -115,7 +115,9 @@ def _train_command(
     m = result.manifest["metrics"]
     err.print(
         f"[green]done[/] {result.run_url}  steps={m['steps']} loss={_fmt(m['train_loss'])} "
-        f"val_loss={_fmt(m['val_loss'])} {m['tokens_per_second']:.1f} tok/s "
+        f"val_loss={_fmt(m['val_loss'])} "
+        + (f"reward_accuracy={_fmt(m.get('reward_accuracy'))} " if result.manifest.get("method") == "dpo" else "")
+        + f"{m['tokens_per_second']:.1f} tok/s "
         f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
     )
     if result.report is not None:

@@ -42,7 +42,8 @@ class TrainingInputs(BaseModel):
     # -- Replicate's Llama 2 training inputs ------------------------------------------
     train_data: str = Field(
         description="URL or path of a JSONL file; each row is {\"text\": ...}, "
-        "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}.",
+        "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]} (with method=dpo: "
+        "{\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}).",
     )
     num_train_epochs: int = Field(3, ge=1, description="Number of epochs (passes over the training data).")
     train_batch_size: int = Field(
@@ -91,7 +92,8 @@ class TrainingInputs(BaseModel):
         "sft",
         description="sft: supervised tuning on text, prompt/completion or chat rows; dpo: direct preference "
         "optimization (TRL's DPOTrainer) on preference rows {\"input\": {\"messages\": [...]}, "
-        "\"preferred_output\": [...], \"non_preferred_output\": [...]}.",
+        "\"preferred_output\": [...], \"non_preferred_output\": [...]}; the reference is the base (LoRA, "
+        "QLoRA: the adapter disabled), dropout is off (TRL's default) and sequences are not packed.",
     )
     dpo_beta: float = Field(
         0.1, gt=0, le=10,
@@ -128,7 +130,9 @@ class TrainingInputs(BaseModel):
     loraplus_lr_ratio: float = Field(
         16.0, ge=1, le=64,
         description="LoRA+: the B matrices learn this many times faster than learning_rate (1: plain LoRA). "
-        "Chosen by benchmarks/quality.py.",
+        "Chosen by benchmarks/quality.py. Applies to method=dpo too: on SmolLM2 at the default learning_rate, "
+        "plain LoRA barely moved in 3 epochs where LoRA+ learned the preference without lowering the "
+        "preferred answers' likelihood.",
     )
     use_rslora: bool = Field(
         False, description="Rank-stabilized LoRA: scale updates by lora_alpha/sqrt(lora_rank) instead of /lora_rank."
@@ -227,6 +231,15 @@ _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
     ("fsdp", ("fsdp", "peft_method"),
      lambda m: "fsdp is not available with peft_method=qlora (its 4-bit weights cannot be sharded here); "
      "use lora or full" if m.fsdp and m.peft_method == "qlora" else None),
+    ("pack_sequences", ("pack_sequences", "method"),
+     lambda m: "pack_sequences is not available with method=dpo (TRL's DPOTrainer pads each preferred and "
+     "non-preferred answer as its own sequence)" if m.pack_sequences and m.method == "dpo" else None),
+    ("train_on_inputs", ("train_on_inputs", "method"),
+     lambda m: "train_on_inputs is not available with method=dpo (DPO compares the log-probabilities of the two "
+     "answers only)" if m.train_on_inputs and m.method == "dpo" else None),
+    ("fsdp", ("fsdp", "method"),
+     lambda m: "fsdp is not available with method=dpo here; use lora or qlora, or full without fsdp"
+     if m.fsdp and m.method == "dpo" else None),
     ("max_seq_length", ("max_seq_length", "pack_sequences", "chunk_size"),
      lambda m: f"max_seq_length ({m.max_seq_length}) cannot exceed chunk_size ({m.chunk_size}) when packing"
      if m.max_seq_length is not None and m.pack_sequences and m.max_seq_length > m.chunk_size else None),

@@ -80,6 +80,11 @@ export interface HistoryPoint {
   learning_rate?: number;
   tokens_per_second?: number;
   time?: number;
+  /** DPO runs: the fraction of pairs whose preferred answer has the higher reward, and the mean gap. */
+  reward_accuracy?: number;
+  reward_margin?: number;
+  val_reward_accuracy?: number;
+  val_reward_margin?: number;
 }
 
 export interface Metrics {

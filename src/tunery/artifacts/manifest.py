@@ -34,6 +34,8 @@ def build_manifest(*, inputs, given: dict, base: str, resolved, files: dict, dat
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"name": base, **resolved.as_dict()},
         "peft_method": inputs.peft_method,
+        "method": inputs.method,
+        **({"dpo_beta": inputs.dpo_beta} if inputs.method == "dpo" else {}),
         "inputs": given,
         "resolved_inputs": inputs.model_dump(),
         "data": files,

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tunery.data.jsonl import Dataset, Format, read_jsonl
+from tunery.data.jsonl import Dataset, Format, check_method, read_jsonl
 from tunery.data.packing import PackingStats, Sequence, pack, packing_stats, padding_fraction, unpacked, wrap
 from tunery.data.sources import fetch, sha256_file
 from tunery.data.split import split_train_validation
-from tunery.data.tokenize import IGNORE_INDEX, Example, prompt_ids, tokenize_rows
+from tunery.data.tokenize import (
+    IGNORE_INDEX,
+    Example,
+    PreferencePair,
+    preference_examples,
+    prompt_ids,
+    tokenize_rows,
+)
 
 if TYPE_CHECKING:
     from tunery.data.collate import Collator
@@ -24,11 +31,14 @@ __all__ = [
     "Example",
     "Format",
     "PackingStats",
+    "PreferencePair",
     "Sequence",
+    "check_method",
     "fetch",
     "pack",
     "packing_stats",
     "padding_fraction",
+    "preference_examples",
     "prompt_ids",
     "read_jsonl",
     "sha256_file",

@@ -44,7 +44,16 @@ def check_data(
     resolved = resolve_base(base, settings)
     tokenizer = load_tokenizer(resolved)
     max_length = max_seq_length or chunk_size
-    examples = tokenize_rows(ds.rows, ds.format, tokenizer, max_length=max_length)
+    if ds.format == "preference":
+        # Two sequences per row (the conversation with each answer), labelled on the answers; DPO pads
+        # them, never packs them, and this estimate times supervised steps, not DPO's.
+        from tunery.data import preference_examples
+
+        pairs = preference_examples(ds.rows, tokenizer, max_length=max_length)
+        examples = [e for p in pairs for e in (p.preferred, p.non_preferred)]
+        pack_sequences, estimate = False, False
+    else:
+        examples = tokenize_rows(ds.rows, ds.format, tokenizer, max_length=max_length)
     lengths = [len(e.input_ids) for e in examples]
     trained = [sum(lab != -100 for lab in e.labels) for e in examples]
     # Packing needs every example to fit a chunk; without packing, rows may be longer than chunk_size.
@@ -72,7 +81,7 @@ def check_data(
         "packed_sequences": len(packed),
         "packed_fill": round(packed_fill, 4) if packed_fill is not None else None,
         "padding_fraction": round(padding_fraction(unpacked(examples), micro_batch_size), 4),
-        "steps_per_epoch": -(-len(sequences) // train_batch_size),
+        "steps_per_epoch": -(-(len(ds.rows) if ds.format == "preference" else len(sequences)) // train_batch_size),
     }
     if estimate:
         tps = _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size, peft_method, probe_steps,

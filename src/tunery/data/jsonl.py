@@ -1,11 +1,16 @@
 """Read and validate a JSONL training file.
 
-Every row of a file must have the same one of three shapes:
+Every row of a file must have the same one of four shapes:
 
 * ``{"text": str}``: plain text, trained on as a whole;
 * ``{"prompt": str, "completion": str}``: the loss is on the completion only (by default);
 * ``{"messages": [{"role": ..., "content": ...}, ...]}``: a chat, rendered with the base model's
-  chat template; the loss is on the assistant turns only (by default).
+  chat template; the loss is on the assistant turns only (by default). As in OpenAI's
+  fine-tuning format, an assistant message may carry ``"weight": 0`` (not trained on) or
+  ``"weight": 1`` (trained on, the default);
+* ``{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
+  "non_preferred_output": [{"role": "assistant", "content": ...}]}``: a preference pair in
+  OpenAI's DPO format, for method=dpo: two answers to the same conversation, the first preferred.
 
 `read_jsonl` checks the whole file before returning and reports every problem it finds at
 once, each with its line number, so a user fixes a file in one round instead of one line
@@ -22,16 +27,21 @@ from typing import Any, Literal, cast
 
 from tunery.errors import DataError, LineError, TuneryError
 
-Format = Literal["text", "prompt_completion", "messages"]
+Format = Literal["text", "prompt_completion", "messages", "preference"]
 
 #: The keys a row of each format must have, and may only have.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "preference": ("input", "preferred_output", "non_preferred_output"),
 }
+#: The formats supervised tuning (method=sft) trains on; preference rows are for method=dpo.
+SFT_FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content")
+#: Keys OpenAI's preference format allows in `input` that tunery does not train on.
+UNSUPPORTED_INPUT_KEYS = ("tools", "parallel_tool_calls")
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -128,11 +138,16 @@ def read_jsonl(path: str | Path, *, name: str | None = None) -> Dataset:
 def detect_format(row: dict) -> Format | None:
     """The format a row's keys ask for, or None when it has none of the known keys.
 
-    ``messages`` wins over ``prompt``/``completion``, which win over ``text``; the keys of
-    the other formats are then reported as unknown keys of the chosen one.
+    ``messages`` wins over the preference keys (``preferred_output``, ``non_preferred_output``, or
+    an object ``input``), which win over ``prompt``/``completion``, which win over ``text``;
+    the keys of the other formats are then reported as unknown keys of the chosen one.
     """
     if "messages" in row:
         return "messages"
+    # An "input" alone makes a preference row only when it holds an object (OpenAI's {"messages": ...}):
+    # {"input": "...", "output": "..."} rows are another format, not a broken preference row.
+    if "preferred_output" in row or "non_preferred_output" in row or isinstance(row.get("input"), dict):
+        return "preference"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"
     if "text" in row:
@@ -165,7 +180,8 @@ def _parse_line(raw: bytes, name: str, number: int) -> tuple[Any, str | None, li
     fmt = detect_format(row)
     if fmt is None:
         found = ", ".join(repr(k) for k in row) or "none"
-        reason = f"no 'text', 'prompt'/'completion' or 'messages' key (keys found: {found})"
+        reason = (f"no 'text', 'prompt'/'completion', 'messages' or 'input'/'preferred_output'/"
+                  f"'non_preferred_output' key (keys found: {found})")
         return row, None, [err(None, reason)]
 
     allowed = FORMAT_KEYS[fmt]
@@ -178,6 +194,8 @@ def _parse_line(raw: bytes, name: str, number: int) -> tuple[Any, str | None, li
     if fmt == "messages":
         if "messages" in row:
             errors += [err(field, reason) for field, reason in _check_messages(row["messages"])]
+    elif fmt == "preference":
+        errors += [err(field, reason) for field, reason in _check_preference(row)]
     else:
         for key in allowed:
             if key in row:
@@ -187,36 +205,125 @@ def _parse_line(raw: bytes, name: str, number: int) -> tuple[Any, str | None, li
     return row, fmt, errors
 
 
-def _check_messages(messages: Any) -> list[tuple[str, str]]:
-    """Problems of a ``messages`` value, as (field, reason) pairs."""
+def _check_messages(messages: Any, *, where: str = "messages", weights: bool = True) -> list[tuple[str, str]]:
+    """Problems of a chat's messages, as (field, reason) pairs; `where` is the field holding them.
+
+    With `weights` (a chat row) an assistant message may carry OpenAI's ``weight`` (0: not trained
+    on, 1: trained on), and the chat needs an assistant message of weight 1. Without (the input of
+    a preference row, whose outputs are what is trained) any ``weight`` is an unknown key.
+    """
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else _json_type(messages)
-        return [("messages", f"must be a non-empty list of {{role, content}} objects, got {got}")]
+        return [(where, f"must be a non-empty list of {{role, content}} objects, got {got}")]
+    allowed = (*MESSAGE_KEYS, "weight") if weights else MESSAGE_KEYS
     problems: list[tuple[str, str]] = []
-    has_assistant = False
+    assistants = trained = 0
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        at = f"{where}[{i}]"
         if not isinstance(message, dict):
-            problems.append((where, f"expected an object with role and content, got {_json_type(message)}"))
+            problems.append((at, f"expected an object with role and content, got {_json_type(message)}"))
             continue
         for key in message:
-            if key not in MESSAGE_KEYS:
-                problems.append((f"{where}.{key}", "unknown key in a message (allowed: role, content)"))
+            if key not in allowed:
+                problems.append((f"{at}.{key}", f"unknown key in a message (allowed: {', '.join(allowed)})"))
         for key in MESSAGE_KEYS:
             if key not in message:
-                problems.append((f"{where}.{key}", "missing"))
+                problems.append((f"{at}.{key}", "missing"))
         role = message.get("role")
         if "role" in message and role not in ROLES:
             shown = repr(role) if isinstance(role, str) else _json_type(role)
-            problems.append((f"{where}.role", f"must be one of {', '.join(ROLES)}; got {shown}"))
+            problems.append((f"{at}.role", f"must be one of {', '.join(ROLES)}; got {shown}"))
         if "content" in message:
             problem = _check_string(message["content"])
             if problem:
-                problems.append((f"{where}.content", problem))
-        has_assistant = has_assistant or role == "assistant"
-    if not has_assistant:
-        problems.append(("messages", "has no assistant message, so there is nothing to train on"))
+                problems.append((f"{at}.content", problem))
+        weight = message.get("weight", 1)
+        if weights and "weight" in message:
+            if role in ROLES and role != "assistant":
+                problems.append((f"{at}.weight", f"only assistant messages have a weight (this one is {role})"))
+            elif type(weight) is not int or weight not in (0, 1):  # bool is an int subclass: not a weight
+                number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                shown = repr(weight) if number else _json_type(weight)
+                problems.append((f"{at}.weight", f"must be 0 (not trained on) or 1 (trained on); got {shown}"))
+        if role == "assistant":
+            assistants += 1
+            trained += weight != 0
+    if weights and not assistants:
+        problems.append((where, "has no assistant message, so there is nothing to train on"))
+    elif weights and not trained:
+        problems.append((where, "every assistant message has weight 0, so there is nothing to train on"))
     return problems
+
+
+def _check_preference(row: dict) -> list[tuple[str, str]]:
+    """Problems of a preference row's values (its keys are checked by the caller)."""
+    problems: list[tuple[str, str]] = []
+    if "input" in row:
+        value = row["input"]
+        if not isinstance(value, dict):
+            problems.append(("input", f"must be an object holding the conversation's messages, got "
+                                      f"{_json_type(value)}"))
+        else:
+            for key in value:
+                if key in UNSUPPORTED_INPUT_KEYS:
+                    problems.append((f"input.{key}", "not supported: tool calls are not trained here "
+                                                     "(remove it, with any tool messages)"))
+                elif key != "messages":
+                    problems.append((f"input.{key}", "unknown key in a preference input (allowed: messages)"))
+            if "messages" not in value:
+                problems.append(("input.messages", "missing"))
+            else:
+                messages = value["messages"]
+                found = _check_messages(messages, where="input.messages", weights=False)
+                problems += found
+                if not found and messages[-1].get("role") != "user":
+                    problems.append((f"input.messages[{len(messages) - 1}].role",
+                                     "the last input message must be the user's (the outputs answer it); "
+                                     f"got {messages[-1]['role']}"))
+    for key in ("preferred_output", "non_preferred_output"):
+        if key in row:
+            problems += _check_output(row[key], key)
+    if not problems and all(key in row for key in FORMAT_KEYS["preference"]):
+        if row["preferred_output"][0]["content"] == row["non_preferred_output"][0]["content"]:
+            problems.append(("non_preferred_output[0].content", "is the same as preferred_output's, so there "
+                                                                "is no preference to learn"))
+    return problems
+
+
+def _check_output(value: Any, where: str) -> list[tuple[str, str]]:
+    """Problems of a preference row's output: a list of exactly one assistant message."""
+    if not isinstance(value, list) or len(value) != 1:
+        got = f"a list of {len(value)} messages" if isinstance(value, list) else _json_type(value)
+        return [(where, f"must be a list of exactly one assistant message, got {got}")]
+    message = value[0]
+    at = f"{where}[0]"
+    if not isinstance(message, dict):
+        return [(at, f"expected an object with role and content, got {_json_type(message)}")]
+    problems = [(f"{at}.{key}", "unknown key in an output message (allowed: role, content)")
+                for key in message if key not in MESSAGE_KEYS]
+    problems += [(f"{at}.{key}", "missing") for key in MESSAGE_KEYS if key not in message]
+    if "role" in message and message["role"] != "assistant":
+        role = message["role"]
+        shown = repr(role) if isinstance(role, str) else _json_type(role)
+        problems.append((f"{at}.role", f"must be assistant; got {shown}"))
+    if "content" in message and (problem := _check_string(message["content"])):
+        problems.append((f"{at}.content", problem))
+    return problems
+
+
+def check_method(method: str, dataset: Dataset, field: str = "train_data") -> None:
+    """TuneryError (one line naming the file and its format) when `dataset` cannot train with `method`:
+    DPO trains on preference rows only, supervised tuning on every other format."""
+    if method == "dpo" and dataset.format != "preference":
+        raise TuneryError(
+            f"{dataset.name} ({field}) has {dataset.format} rows, but method=dpo trains on preference rows "
+            '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
+        )
+    if method != "dpo" and dataset.format == "preference":
+        raise TuneryError(
+            f"{dataset.name} ({field}) has preference rows, which train with method=dpo; method={method} "
+            "trains on text, prompt/completion or chat rows"
+        )
 
 
 def _check_string(value: Any) -> str | None:

@@ -8,7 +8,11 @@ What is labelled, by format (``train_on_inputs=True`` labels every token instead
 
 * text: every token, plus the end-of-sequence token appended to each row;
 * prompt_completion: the completion's tokens and the appended end-of-sequence token;
-* messages: each assistant turn's content and the template's end-of-turn marker after it.
+* messages: each assistant turn's content and the template's end-of-turn marker after it, except
+  the turns of weight 0 (OpenAI's ``"weight": 0`` on an assistant message);
+* preference (`preference_examples`): two chats per row, the input's messages followed by the
+  preferred or by the non-preferred answer, each labelled on that answer only. DPO training
+  tokenizes these rows itself (TRL's DPOTrainer); these Examples serve evaluation and data checks.
 """
 
 from __future__ import annotations
@@ -74,9 +78,42 @@ def tokenize_rows(
     elif fmt == "messages":
         _require_chat_template(tokenizer)
         examples = [_chat_example(tokenizer, row["messages"], eos, train_on_inputs) for row in rows]
+    elif fmt == "preference":
+        raise ValueError("preference rows tokenize into pairs: use preference_examples")
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return [_truncate(example, max_length) for example in examples]
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized preference row: the conversation ending in the preferred answer, and ending
+    in the non-preferred one; each labelled on its answer (and end-of-turn marker) only."""
+
+    preferred: Example
+    non_preferred: Example
+
+
+def preference_chats(row: dict) -> tuple[list[dict], list[dict]]:
+    """A preference row's two chats: input messages + preferred output, input messages + non-preferred
+    output. The input's own assistant turns get weight 0: only the compared answers are scored."""
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in row["input"]["messages"]]
+    return context + row["preferred_output"], context + row["non_preferred_output"]
+
+
+def preference_examples(rows: list[dict], tokenizer: Any, *, max_length: int) -> list[PreferencePair]:
+    """Tokenize preference rows into pairs of Examples (chat template rendering, as for chat rows),
+    each truncated to ``max_length`` tokens like `tokenize_rows` does."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    _require_chat_template(tokenizer, "preference rows")
+    eos = eos_token_id(tokenizer)
+    pairs = []
+    for row in rows:
+        preferred, non_preferred = preference_chats(row)
+        pairs.append(PreferencePair(_truncate(_chat_example(tokenizer, preferred, eos, False), max_length),
+                                    _truncate(_chat_example(tokenizer, non_preferred, eos, False), max_length)))
+    return pairs
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -120,18 +157,28 @@ def _truncate(example: Example, max_length: int) -> Example:
     return Example(example.input_ids[:max_length], example.labels[:max_length], truncated=True)
 
 
-def _require_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise TuneryError(
-            'this data has chat rows ({"messages": [...]}), which need a base model whose tokenizer '
-            "has a chat template; this one has none: use an instruct/chat base model, or convert the "
-            'rows to {"prompt", "completion"} or {"text"}'
-        )
+def _require_chat_template(tokenizer: Any, what: str = "") -> None:
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if what:
+        raise TuneryError(f"this data has {what}, which are chats and need a base model whose tokenizer has a "
+                          "chat template; this one has none: use an instruct/chat base model")
+    raise TuneryError(
+        'this data has chat rows ({"messages": [...]}), which need a base model whose tokenizer '
+        "has a chat template; this one has none: use an instruct/chat base model, or convert the "
+        'rows to {"prompt", "completion"} or {"text"}'
+    )
+
+
+def chat_messages(messages: list[dict]) -> list[dict]:
+    """Messages as a chat template takes them: role and content only (a training row's ``weight``
+    is for the loss mask, not for the template)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
@@ -177,7 +224,10 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
 
 
 def _chat_example(tokenizer: Any, messages: list[dict], eos: int, train_on_inputs: bool) -> Example:
-    text, spans = assistant_spans(tokenizer, messages)
+    text, all_spans = assistant_spans(tokenizer, messages)
+    # OpenAI's weight: an assistant turn of weight 0 is context, not something to learn to say.
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    spans = [span for span, weight in zip(all_spans, weights, strict=True) if weight != 0]
     # No special tokens added: chat templates write their own BOS where the model wants one.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding.input_ids)
@@ -192,7 +242,8 @@ def _chat_example(tokenizer: Any, messages: list[dict], eos: int, train_on_input
         ids.append(eos)
         # The appended EOS ends the answer when the chat ends with one; after a final user turn
         # it is not something the model should learn to say.
-        labels.append(eos if messages[-1]["role"] == "assistant" else IGNORE_INDEX)
+        trained_last = messages[-1]["role"] == "assistant" and messages[-1].get("weight", 1) != 0
+        labels.append(eos if trained_last else IGNORE_INDEX)
     if train_on_inputs:
         labels = list(ids)
     return Example(ids, labels)

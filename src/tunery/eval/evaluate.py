@@ -4,6 +4,11 @@ Two kinds of numbers: loss and perplexity on the completion (assistant) tokens, 
 as in training; and, for prompt/completion and chat data, metrics of greedy (by default)
 generations against the references. With a LoRA run both columns come from one loaded model:
 the base column runs with the adapter disabled.
+
+Preference rows (OpenAI's DPO format) are scored by the log-probabilities of their two answers
+instead: preference_rate is the fraction of rows where the model gives the preferred answer a
+higher summed log-probability than the non-preferred one (each given the conversation rendered
+with the chat template up to the assistant's turn), logp_margin the mean difference of the two.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ Column = tuple[str, Callable[[], contextlib.AbstractContextManager]]
 def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[int]], list[str]]:
     """Prompt token ids (as training tokenized prompts) and reference texts, for generation.
     Text rows have neither: they are scored by loss only."""
-    from tunery.data.tokenize import prompt_ids
+    from tunery.data.tokenize import chat_messages, prompt_ids
 
     if fmt == "prompt_completion":
         return [prompt_ids(tokenizer, r["prompt"]) for r in rows], [r["completion"].strip() for r in rows]
@@ -38,7 +43,8 @@ def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[
         for r in rows:
             msgs = r["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            text = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(chat_messages(msgs[:last]), tokenize=False,
+                                                 add_generation_prompt=True)
             prompts.append(list(tokenizer(text, add_special_tokens=False).input_ids))
             refs.append(msgs[last]["content"].strip())
         return prompts, refs
@@ -67,6 +73,47 @@ def completion_loss(model, tokenizer, examples, *, batch_size: int, advance: Cal
         count += int((target != -100).sum())
         advance(len(batch["input_ids"]))
     return total / max(1, count)
+
+
+def sequence_logps(model, tokenizer, examples, *, batch_size: int, advance: Callable[[int], None]) -> list[float]:
+    """Each example's summed log-probability of its labelled tokens given the tokens before them."""
+    import torch
+
+    from tunery.data import Collator, unpacked
+
+    collate = Collator(tokenizer.pad_token_id, packed=False)
+    device = next(model.parameters()).device
+    out: list[float] = []
+    seqs = unpacked(examples)
+    for i in range(0, len(seqs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(seqs[i:i + batch_size]).items()}
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        mask = target != -100
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += (logps * mask).sum(dim=1).tolist()
+        advance(len(target))
+    return out
+
+
+def preference_metrics(model, tokenizer, pairs, *, batch_size: int,
+                       advance: Callable[[int], None]) -> tuple[dict[str, float], list[float]]:
+    """preference_rate, logp_margin (and the mean log-probabilities of each answer) of `pairs`
+    (data.PreferencePair), and each row's margin."""
+    preferred = sequence_logps(model, tokenizer, [p.preferred for p in pairs], batch_size=batch_size,
+                               advance=advance)
+    non_preferred = sequence_logps(model, tokenizer, [p.non_preferred for p in pairs], batch_size=batch_size,
+                                   advance=advance)
+    margins = [a - b for a, b in zip(preferred, non_preferred, strict=True)]
+    n = max(1, len(margins))
+    return {
+        "preference_rate": sum(m > 0 for m in margins) / n,
+        "logp_margin": sum(margins) / n,
+        "logp_preferred": sum(preferred) / n,
+        "logp_non_preferred": sum(non_preferred) / n,
+    }, margins
 
 
 def generate_all(model, tokenizer, prompts: list[list[int]], *, params, max_new_tokens: int,
@@ -106,6 +153,9 @@ def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: 
     from tunery.infer.predict import SamplingParams
 
     params = params or SamplingParams(temperature=0)
+    if fmt == "preference":
+        return _evaluate_preferences(model, tokenizer, rows, columns=columns, batch_size=batch_size,
+                                     max_length=max_length, n_examples=n_examples, progress=progress, console=console)
     started = time.time()
     examples = tokenize_rows(rows, fmt, tokenizer, max_length=max_length)
     prompts, refs = prompts_and_references(rows, fmt, tokenizer)
@@ -146,6 +196,42 @@ def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: 
         "examples": shown,
         "settings": {"max_new_tokens": max_new_tokens, "temperature": params.temperature, "stops": stops,
                      "batch_size": batch_size},
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _evaluate_preferences(model, tokenizer, rows: list[dict], *, columns: list[Column], batch_size: int,
+                          max_length: int, n_examples: int, progress: bool, console: Console | None) -> dict[str, Any]:
+    """The report of `evaluate_model` for preference rows: preference_rate and logp_margin per column;
+    the examples show each column's margin (log p(preferred) − log p(non-preferred)) on a row."""
+    from tunery.data import preference_examples
+
+    started = time.time()
+    pairs = preference_examples(rows, tokenizer, max_length=max_length)
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, dict[str, float]] = {}
+    margins: dict[str, list[float]] = {}
+    with _progress(progress, console, len(columns) * 2 * len(pairs)) as advance:
+        for name, context in columns:
+            with context():
+                metrics[name], margins[name] = preference_metrics(model, tokenizer, pairs, batch_size=batch_size,
+                                                                  advance=advance)
+    if was_training:
+        model.train()
+    shown = []
+    for i in range(min(n_examples, len(rows))):
+        ex = {"prompt": _prompt_text(rows[i], "preference"), "reference": rows[i]["preferred_output"][0]["content"],
+              "non_preferred": rows[i]["non_preferred_output"][0]["content"]}
+        ex.update({name: f"margin {m[i]:+.2f}" for name, m in margins.items()})
+        shown.append(ex)
+    return {
+        "rows": len(rows),
+        "format": "preference",
+        "columns": [name for name, _ in columns],
+        "metrics": metrics,
+        "examples": shown,
+        "settings": {"batch_size": batch_size, "max_length": max_length},
         "seconds": round(time.time() - started, 1),
     }
 
@@ -241,6 +327,8 @@ def _prompt_text(row: dict, fmt: str) -> str:
         return row["prompt"]
     if fmt == "messages":
         return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1])
+    if fmt == "preference":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["input"]["messages"])
     return row.get("text", "")
 
 

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 # Metrics where lower is better (their change is shown as an improvement when negative).
-LOWER_IS_BETTER = {"loss", "perplexity"}
-ORDER = ["loss", "perplexity", "exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "chrf", "bleu"]
+LOWER_IS_BETTER = {"loss", "perplexity", "logp_non_preferred"}
+ORDER = ["loss", "perplexity", "exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "chrf", "bleu",
+         "preference_rate", "logp_margin", "logp_preferred", "logp_non_preferred"]
 
 
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[float | None], float | None]]:
@@ -45,10 +46,13 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if report["examples"]:
         ex = Table(title="examples", show_lines=True)
-        for c in ["prompt", "reference", *cols]:
+        pairs = report.get("format") == "preference"  # the reference is the preferred answer
+        texts = ["prompt", "preferred", "non-preferred"] if pairs else ["prompt", "reference"]
+        for c in [*texts, *cols]:
             ex.add_column(c, overflow="fold", max_width=60 if c == "prompt" else 40)
         for e in report["examples"]:
-            ex.add_row(_tail(e["prompt"]), e["reference"], *[e.get(c, "") for c in cols])
+            cells = [_tail(e["prompt"]), e["reference"]] + ([e.get("non_preferred", "")] if pairs else [])
+            ex.add_row(*cells, *[e.get(c, "") for c in cols])
         console.print(ex)
 
 
@@ -64,7 +68,11 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report["examples"]:
         lines += ["", "## Examples", ""]
         for i, e in enumerate(report["examples"], 1):
-            lines += [f"### {i}", "", "```", e["prompt"], "```", "", f"- reference: `{e['reference']}`"]
+            if "non_preferred" in e:
+                lines += [f"### {i}", "", "```", e["prompt"], "```", "", f"- preferred: `{e['reference']}`",
+                          f"- non-preferred: `{e['non_preferred']}`"]
+            else:
+                lines += [f"### {i}", "", "```", e["prompt"], "```", "", f"- reference: `{e['reference']}`"]
             lines += [f"- {c}: `{e.get(c, '')}`" for c in cols]
             lines.append("")
     return "\n".join(lines) + "\n"

@@ -163,7 +163,7 @@ def _resolve(
 
 def _check_data(inputs: TrainingInputs, train: tuple, validation: tuple | None) -> None:
     """Every line of the data valid, and enough rows to train on; a 422 listing the problems."""
-    from tunery.data import read_jsonl, split_train_validation
+    from tunery.data import check_method, read_jsonl, split_train_validation
 
     datasets = []
     errors = []
@@ -184,6 +184,16 @@ def _check_data(inputs: TrainingInputs, train: tuple, validation: tuple | None) 
             title="Invalid training data",
             errors=errors[:_MAX_LISTED],
         )
+    try:
+        for ds, field in zip(datasets, ("train_data", "validation_data"), strict=False):
+            check_method(inputs.method, ds, field)
+    except TuneryError as exc:
+        raise ApiError(
+            422,
+            str(exc),
+            title="Invalid training data",
+            errors=[{"file": ds.name, "line": None, "field": "method", "reason": str(exc)}],
+        ) from None
     if validation and datasets[1].format != datasets[0].format:
         reason = (
             f"{validation[1]} has {datasets[1].format} rows but {train[1]} has {datasets[0].format} rows; "

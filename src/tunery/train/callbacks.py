@@ -65,6 +65,25 @@ class TokenMeter:
         return self.real / dt if dt > 0 else 0.0
 
 
+#: TRL's DPO metrics (its log keys) and the names our step events and history give them; a
+#: validation record has the same with a val_ prefix (from TRL's eval_ keys).
+DPO_METRICS = {
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "reward_margin",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+}
+
+
+def dpo_metrics(logs: dict[str, Any], *, validation: bool = False) -> dict[str, Any]:
+    """The DPO metrics in a Trainer log, under our names (none for an SFT log)."""
+    prefix, name_prefix = ("eval_", "val_") if validation else ("", "")
+    return {name_prefix + ours: logs[prefix + theirs] for theirs, ours in DPO_METRICS.items()
+            if prefix + theirs in logs}
+
+
 class EventsCallback(TrainerCallback):
     """Turns the Trainer's logs into tunery events and keeps the metric history for the manifest."""
 
@@ -93,11 +112,13 @@ class EventsCallback(TrainerCallback):
                 "tokens_per_second": round(self.meter.rate_since_last(), 2),
                 "tokens_seen": self.meter.real,
                 "max_steps": state.max_steps,
+                **dpo_metrics(logs),
             }
             self.history.append(record)
             self.sink.emit("step", **record)
         elif "eval_loss" in logs:
-            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "val_loss": logs["eval_loss"]}
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "val_loss": logs["eval_loss"],
+                      **dpo_metrics(logs, validation=True)}
             self.history.append(record)
             self.sink.emit("validation", **record)
 
@@ -152,6 +173,7 @@ class ProgressCallback(TrainerCallback):
         self.task = None
         self.loss: float | None = None
         self.val_loss: float | None = None
+        self.reward_accuracy: float | None = None  # DPO: how often the preferred answer has the higher reward
         self.started = 0.0
         self.first_step = 0
         self.last_line = 0.0
@@ -192,9 +214,12 @@ class ProgressCallback(TrainerCallback):
             self.loss = logs["loss"]
         if "eval_loss" in logs:
             self.val_loss = logs["eval_loss"]
+        if "rewards/accuracies" in logs:
+            self.reward_accuracy = logs["rewards/accuracies"]
         if self.progress is not None:
             if "loss" in logs:
-                self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+                acc = f" acc {self.reward_accuracy:.2f}" if self.reward_accuracy is not None else ""
+                self.progress.update(self.task, loss=f"{logs['loss']:.4f}{acc}")
             if "eval_loss" in logs:
                 self.progress.update(self.task, val=f"{logs['eval_loss']:.4f}")
             return
@@ -206,13 +231,16 @@ class ProgressCallback(TrainerCallback):
             self.console.print(self.line(state, now), markup=False, highlight=False, soft_wrap=True)
 
     def line(self, state, now: float) -> str:
-        """`step 12/38 (epoch 0.32) loss 1.2345 val 1.3000 | 173 tok/s | elapsed 0:41 | ETA 1:30`."""
+        """`step 12/38 (epoch 0.32) loss 1.2345 val 1.3000 | 173 tok/s | elapsed 0:41 | ETA 1:30`
+        (DPO: `loss 0.6931 reward acc 0.75 val ...`)."""
         done = state.global_step - self.first_step
         elapsed = now - self.started
         left = state.max_steps - state.global_step
         eta = _clock(elapsed / done * left) if done > 0 else "-"
         val = f" val {self.val_loss:.4f}" if self.val_loss is not None else ""
         loss = f"{self.loss:.4f}" if self.loss is not None else "-"
+        if self.reward_accuracy is not None:
+            loss += f" reward acc {self.reward_accuracy:.2f}"
         return (f"train step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0.0:.2f}) loss {loss}{val}"
                 f" | {self.meter.overall_rate():.0f} tok/s | elapsed {_clock(elapsed)} | ETA {eta}")
 

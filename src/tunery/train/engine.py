@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
+from trl import DPOTrainer
 
 from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
@@ -66,17 +67,14 @@ def world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-class TuneryTrainer(Trainer):
-    """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
-    the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
+class LoraPlusOptimizer(Trainer):
+    """The optimizer of our trainers: AdamW as the Trainer makes it, or with LoRA+
+    (loraplus_lr_ratio > 1) peft's LoRA+ groups: the B matrices at learning_rate × ratio,
+    everything else at learning_rate."""
 
-    meter: TokenMeter
-    labelled_only: bool = False
     loraplus_lr_ratio: float = 1.0
 
     def create_optimizer(self, model=None):
-        """AdamW as the Trainer makes it, or with LoRA+ (loraplus_lr_ratio > 1) peft's LoRA+ groups:
-        the B matrices at learning_rate × ratio, everything else at learning_rate."""
         if self.loraplus_lr_ratio <= 1 or self.optimizer is not None:
             return super().create_optimizer(model)
         from peft.optimizers import create_loraplus_optimizer
@@ -87,6 +85,14 @@ class TuneryTrainer(Trainer):
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
         )
         return self.optimizer
+
+
+class TuneryTrainer(LoraPlusOptimizer):
+    """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
+    the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
+
+    meter: TokenMeter
+    labelled_only: bool = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("_real_tokens", None)
@@ -137,7 +143,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
     has_val = bool(data.validation) and inputs.run_validation
     eval_strategy = ("steps" if inputs.eval_steps else "epoch") if has_val else "no"
     bf16 = training_precision(inputs, device).name == "bf16"
-    args = TrainingArguments(
+    common: dict[str, Any] = dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=inputs.num_train_epochs,
         max_steps=inputs.max_steps,
@@ -163,24 +169,23 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         report_to=inputs.trackers or "none",
         run_name=run_name or run.name,
         disable_tqdm=True,
-        remove_unused_columns=False,
         prediction_loss_only=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu",
         optim="adamw_torch",
-        gradient_checkpointing=False,  # already enabled by models.load.adapt when asked for
+        gradient_checkpointing=False,  # already enabled by models.load.adapt when asked for (TRL's default is on)
         # Every trainable parameter (LoRA's or, in full fine-tuning, all) is used in each forward:
         # spare DDP the extra graph traversal that looking for unused ones costs every step.
         ddp_find_unused_parameters=False,
         **fsdp_arguments(model, inputs),
     )
+    if inputs.method == "dpo":
+        return _build_dpo_trainer(model, tokenizer, data, inputs, common, run=run, sink=sink, progress=progress,
+                                  extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes, base=base)
+    args = TrainingArguments(**common, remove_unused_columns=False)
     meter = TokenMeter(world=world_size())
-    events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
-    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
-    if checkpoint_minutes > 0:
-        callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
-    if run.remote:
-        callbacks.append(CheckpointsToStorage(run))
+    events_cb, callbacks = _callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
+                                      extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
                                          and not inputs.wrap_packed_sequences))
     trainer = TuneryTrainer(
@@ -206,3 +211,108 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         trainer.labelled_only = True
         trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
     return trainer, meter, events_cb
+
+
+def _callbacks(meter: TokenMeter, tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
+               extra_callbacks: list | None, checkpoint_minutes: float) -> tuple[EventsCallback, list]:
+    """Our callbacks, for either trainer: events, the progress line, timed checkpoints, storage copies."""
+    events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
+    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
+    if checkpoint_minutes > 0:
+        callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
+    if run.remote:
+        callbacks.append(CheckpointsToStorage(run))
+    return events_cb, callbacks
+
+
+def preference_dataset(rows: list[dict]):
+    """Preference rows as TRL's conversational preference dataset: prompt (the input's messages),
+    chosen (the preferred output) and rejected (the non-preferred output), each a list of messages."""
+    from datasets import Dataset
+
+    from tunery.data.tokenize import chat_messages
+
+    return Dataset.from_list([
+        {"prompt": chat_messages(r["input"]["messages"]), "chosen": chat_messages(r["preferred_output"]),
+         "rejected": chat_messages(r["non_preferred_output"])}
+        for r in rows
+    ])
+
+
+def _build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
+                       sink: EventSink, progress: bool, extra_callbacks: list | None, checkpoint_minutes: float,
+                       base: str | None):
+    """TRL's DPOTrainer on our loaded, adapted model, with our TrainingArguments values and callbacks.
+
+    The reference policy: for LoRA and QLoRA the base itself, i.e. the model with its adapter
+    disabled (TRL's default with a peft model would keep a frozen copy of the fresh adapter, which
+    computes the same numbers); for a full fine-tune the reference log-probs are computed once
+    before the first step (precompute_ref_log_probs), so no second copy of the model is held."""
+    import datasets
+    from peft import PeftModel
+    from trl import DPOConfig
+
+    datasets.disable_progress_bars()  # TRL's dataset preparation would draw bars on stderr
+    peft = isinstance(model, PeftModel)
+    args = DPOConfig(**common, beta=inputs.dpo_beta, max_length=inputs.max_length,
+                     precompute_ref_log_probs=not peft)
+    meter = TokenMeter(world=world_size())
+    events_cb, callbacks = _callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
+                                      extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
+    has_val = bool(data.validation) and inputs.run_validation
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # TRL draws a tqdm bar while it precomputes the reference log-probs; our events report progress.
+    quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"
+    try:
+        trainer = TuneryDPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=preference_dataset(data.train),
+            eval_dataset=preference_dataset(data.validation) if has_val else None,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+    if peft and "ref" in model.peft_config:
+        model.delete_adapter("ref")  # the reference is then the model with its adapter disabled
+    for name, p in model.named_parameters():
+        # TRL keeps a quantized base's adapter in bf16; ours stays fp32 like the SFT path's (bf16 comes
+        # from autocast), so updates smaller than bf16's resolution are not lost.
+        if name in trainable and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainer.remove_callback(PrinterCallback)
+    if "tensorboard" in inputs.trackers:
+        from tunery.train.tracking import add_tensorboard
+
+        add_tensorboard(trainer, run, inputs, base or "")
+    trainer.meter = meter
+    if peft:
+        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
+    return trainer, meter, events_cb
+
+
+class TuneryDPOTrainer(LoraPlusOptimizer, DPOTrainer):
+    """TRL's DPOTrainer counting tokens for tokens/s: every non-padding token of the chosen and
+    rejected sequences (both go through the model), and their completion tokens as trained."""
+
+    meter: TokenMeter
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.meter.add(int(inputs["attention_mask"].sum()), int(inputs["completion_mask"].sum()))
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if self.meter.world > 1:
+            def reduce_sum(values):
+                total = self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), "sum")
+                return [int(v) for v in total.tolist()]
+
+            self.meter.sync(reduce_sum)
+        return super().log(logs, *args, **kwargs)

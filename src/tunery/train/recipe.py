@@ -54,6 +54,8 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
     from tunery.data import pack, padding_fraction, split_train_validation, tokenize_rows, unpacked, wrap
 
     train_ds, val_ds = datasets if datasets is not None else load_datasets(inputs, settings)
+    if inputs.method == "dpo":
+        return prepare_preferences(inputs, tokenizer, train_ds, val_ds, sink=sink)
     train_rows, val_rows = split_train_validation(
         train_ds,
         val_ds,
@@ -101,13 +103,64 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
     return PreparedData(train_seq, val_seq, stats, files)
 
 
+def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
+                        sink: EventSink | None = None) -> PreparedData:
+    """Preference rows for DPO, split like SFT rows: `train`/`validation` hold the rows themselves
+    (TRL's DPOTrainer tokenizes them); the stats come from tokenizing each pair here the same way
+    (chat template; the two answers labelled), so a DPO run reports tokens, truncation and padding
+    like an SFT run does. Padding is counted per micro batch of pairs, whose 2 × micro_batch_size
+    sequences (preferred ones, then non-preferred ones) TRL pads together."""
+    from tunery.data import padding_fraction, preference_examples, split_train_validation, unpacked
+
+    train_rows, val_rows = split_train_validation(
+        train_ds, val_ds, num_validation_samples=inputs.num_validation_samples, run_validation=inputs.run_validation
+    )
+    pairs = preference_examples(train_rows, tokenizer, max_length=inputs.max_length)
+    val_pairs = preference_examples(val_rows, tokenizer, max_length=inputs.max_length) if val_rows else []
+    truncated = sum(any(e.truncated for e in (p.preferred, p.non_preferred)) for p in pairs + val_pairs)
+    if truncated and sink is not None:
+        sink.emit("warning", message=f"{truncated} preference rows were longer than {inputs.max_length} tokens and "
+                  "were truncated (raise max_seq_length / chunk_size to keep them whole)")
+    # TRL drops a pair whose prompt alone fills max_length (truncation left no answer to compare).
+    no_label = [i for i, p in enumerate(pairs) if not (p.preferred.labelled_tokens and p.non_preferred.labelled_tokens)]
+    if len(no_label) == len(pairs):
+        raise TuneryError("no preference row has an answer left after truncation to max_seq_length: raise it")
+    if no_label and sink is not None:
+        sink.emit("warning", message=f"{len(no_label)} preference rows have a prompt of max_seq_length "
+                  f"({inputs.max_length}) tokens or more and are left out")
+    batched = []
+    m = inputs.micro_batch_size
+    for i in range(0, len(pairs), m):
+        chunk = pairs[i:i + m]
+        batched += [p.preferred for p in chunk] + [p.non_preferred for p in chunk]
+    train_examples = [e for p in pairs for e in (p.preferred, p.non_preferred)]
+    stats = {
+        "train_rows": len(train_rows),
+        "validation_rows": len(val_rows),
+        "train_tokens": sum(len(e.input_ids) for e in train_examples),
+        "trained_tokens": sum(e.labelled_tokens for e in train_examples),
+        "trained_tokens_per_row": round(sum(e.labelled_tokens for e in train_examples) / max(1, len(pairs)), 2),
+        "rows_truncated": truncated,
+        "rows_without_labels": len(no_label),
+        "sequences": len(train_examples),
+        "packing_fill": None,
+        "padding_fraction": round(padding_fraction(unpacked(batched), 2 * m), 4) if batched else 0.0,
+        "max_length": inputs.max_length,
+    }
+    files = {"train_data": file_info(train_ds)}
+    if val_ds is not None:
+        files["validation_data"] = file_info(val_ds)
+    return PreparedData(train_rows, val_rows, stats, files)
+
+
 def file_info(ds) -> dict[str, Any]:
     return {"source": ds.name, "sha256": ds.sha256, "rows": len(ds.rows), "format": ds.format}
 
 
 def load_datasets(inputs: TrainingInputs, settings: Settings):
-    """Fetch and fully validate train_data (and validation_data): raises before any compute."""
-    from tunery.data import fetch, read_jsonl
+    """Fetch and fully validate train_data (and validation_data), and check that their format is the
+    one `inputs.method` trains on: raises before any compute."""
+    from tunery.data import check_method, fetch, read_jsonl
 
     settings.download_dir.mkdir(parents=True, exist_ok=True)
     options = settings.storage_options
@@ -117,6 +170,9 @@ def load_datasets(inputs: TrainingInputs, settings: Settings):
     if inputs.validation_data and inputs.run_validation:
         val_ds = read_jsonl(fetch(inputs.validation_data, settings.download_dir, storage=True, storage_options=options),
                             name=inputs.validation_data)
+    check_method(inputs.method, train_ds)
+    if val_ds is not None:
+        check_method(inputs.method, val_ds, "validation_data")
     return train_ds, val_ds
 
 
@@ -328,9 +384,10 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         else:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
             train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
-        final_val = None
+        final_val, final_eval = None, {}
         if data.validation and inputs.run_validation:
-            final_val = trainer.evaluate().get("eval_loss")
+            final_eval = trainer.evaluate()
+            final_val = final_eval.get("eval_loss")
 
     # 5. Save: adapter (or full model), tokenizer, manifest, archive; then to storage.
     full = inputs.peft_method == "full"
@@ -373,6 +430,13 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         "packing_fill": data.stats["packing_fill"],
         "history": events_cb.history,
     }
+    if inputs.method == "dpo":
+        from tunery.train.callbacks import dpo_metrics
+
+        last_step: dict[str, Any] = next((h for h in reversed(events_cb.history) if "loss" in h), {})
+        for name in ("reward_accuracy", "reward_margin"):
+            metrics[name] = last_step.get(name)
+        metrics.update(dpo_metrics(final_eval, validation=True))
     manifest = build_manifest(
         inputs=inputs, given=given, base=base, resolved=resolved, files=data.files, data_stats=data.stats,
         metrics=metrics, samples=events_cb.samples, output=out_name, device=device,
@@ -389,6 +453,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         f"{metrics['tokens_per_second']:.1f} real tokens/s, padding {data.stats['padding_fraction']:.1%}, "
         f"final loss {metrics['train_loss']}, val loss {final_val}"
     )
+    if inputs.method == "dpo":
+        summary += f", reward accuracy {metrics['reward_accuracy']} (validation {metrics.get('val_reward_accuracy')})"
     sink.emit("log", message=summary)
     final = {k: v for k, v in metrics.items() if k != "history"}
     if report is not None:
@@ -437,13 +503,16 @@ def _checkpoint_state(checkpoint: str | None) -> dict | None:
 
 def history_from_log(log_history: list[dict]) -> list[dict]:
     """The Trainer's saved log history in the shape of our step/validation records."""
+    from tunery.train.callbacks import dpo_metrics
+
     out = []
     for h in log_history:
         if "loss" in h:
             out.append({"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["loss"],
-                        "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")})
+                        "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm"), **dpo_metrics(h)})
         elif "eval_loss" in h:
-            out.append({"step": h.get("step"), "epoch": h.get("epoch"), "val_loss": h["eval_loss"]})
+            out.append({"step": h.get("step"), "epoch": h.get("epoch"), "val_loss": h["eval_loss"],
+                        **dpo_metrics(h, validation=True)})
     return out
 
 

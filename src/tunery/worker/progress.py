@@ -11,7 +11,9 @@ from typing import Any
 
 # The metrics' history is rewritten with every update; cap it so a long training stays cheap.
 MAX_HISTORY = 2000
-HISTORY_KEYS = ("step", "loss", "val_loss", "learning_rate", "tokens_per_second")
+HISTORY_KEYS = ("step", "loss", "val_loss", "learning_rate", "tokens_per_second",
+                # DPO runs (method=dpo): how often and by how much the preferred answer wins
+                "reward_accuracy", "reward_margin", "val_reward_accuracy", "val_reward_margin")
 
 
 def _num(value: Any, spec: str) -> str:
@@ -23,6 +25,8 @@ def step_line(event: dict) -> str:
     total = event.get("max_steps")
     line = f"step {event.get('step')}" + (f"/{total}" if total and total > 0 else "")
     line += f" loss {_num(event.get('loss'), '.4f')} lr {_num(event.get('learning_rate'), '.2e')}"
+    if event.get("reward_accuracy") is not None:
+        line += f" reward acc {_num(event.get('reward_accuracy'), '.2f')} margin {_num(event.get('reward_margin'), '.3f')}"
     if event.get("tokens_per_second") is not None:
         line += f" {_num(event.get('tokens_per_second'), '.1f')} tok/s"
     return line
@@ -74,8 +78,12 @@ class Progress:
             self._step(event)
             self.note(step_line(event))
         elif kind == "validation":
-            self._record(event.get("step"), val_loss=event.get("val_loss"))
-            self.note(f"step {event.get('step')} validation loss {_num(event.get('val_loss'), '.4f')}")
+            self._record(event.get("step"), val_loss=event.get("val_loss"),
+                         val_reward_accuracy=event.get("val_reward_accuracy"),
+                         val_reward_margin=event.get("val_reward_margin"))
+            acc = (f" reward acc {_num(event.get('val_reward_accuracy'), '.2f')}"
+                   if event.get("val_reward_accuracy") is not None else "")
+            self.note(f"step {event.get('step')} validation loss {_num(event.get('val_loss'), '.4f')}{acc}")
         elif kind == "sample":
             self.note(f"sample at step {event.get('step')}: {event.get('output', '')!r}")
             self.samples = [s for s in self.samples if s.get("step") != event.get("step")]
@@ -107,7 +115,8 @@ class Progress:
         for later in [s for s in self.history if s > step]:
             del self.history[later]
         self._record(step, loss=event.get("loss"), learning_rate=event.get("learning_rate"),
-                     tokens_per_second=event.get("tokens_per_second"), time=event.get("time"))
+                     tokens_per_second=event.get("tokens_per_second"), time=event.get("time"),
+                     reward_accuracy=event.get("reward_accuracy"), reward_margin=event.get("reward_margin"))
         if event.get("max_steps"):
             self.latest["max_steps"] = event["max_steps"]
 
@@ -147,7 +156,7 @@ def eval_line(event: dict[str, Any]) -> str:
     cols = event.get("metrics") or {}
     base, tuned = cols.get("base", {}), cols.get("tuned", {})
     parts = []
-    for name in ("loss", "exact_match", "rougeL"):
+    for name in ("loss", "exact_match", "rougeL", "preference_rate", "logp_margin"):
         if name in tuned:
             before = f"{_num(base.get(name), '.4f')} → " if name in base else ""
             parts.append(f"{name} {before}{_num(tuned[name], '.4f')}")

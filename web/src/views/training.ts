@@ -31,6 +31,12 @@ export function trainingView(id: string): View {
     lineChart("lr", "Learning rate", [{ label: "learning rate", color: "#0d9488" }], lr),
     lineChart("tps", "Tokens / s", [{ label: "tokens/s", color: "#db2777" }], (v) => num(Math.round(v))),
   ];
+  // DPO runs (method=dpo) only: how often, and by how much, the preferred answer out-scores the other.
+  const dpoCharts = [
+    lineChart("reward_accuracy", "Reward accuracy", [{ label: "train", color: "#16a34a" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 2)),
+    lineChart("reward_margin", "Reward margin", [{ label: "train", color: "#7c3aed" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 3)),
+  ];
+  for (const c of dpoCharts) c.el.hidden = true;
   const dataBox = h("div", { "data-section": "data" }, h("p", { class: "muted" }, "Appears once the data is tokenized."));
   const samplesBox = h("div", { "data-section": "samples" });
   const evalCard = h("div");
@@ -51,7 +57,7 @@ export function trainingView(id: string): View {
     sub,
     notice,
     card("Progress", progressBox),
-    card("Metrics", h("div", { class: "charts" }, charts.map((c) => c.el))),
+    card("Metrics", h("div", { class: "charts" }, [...charts, ...dpoCharts].map((c) => c.el))),
     h("div", { class: "two" }, card("Data", dataBox), card("Validation samples", samplesBox)),
     evalCard,
     outputCard,
@@ -180,6 +186,12 @@ export function trainingView(id: string): View {
     charts[0].update(series(m.history, ["loss", "val_loss"]));
     charts[1].update(series(m.history, ["learning_rate"]));
     charts[2].update(series(m.history, ["tokens_per_second"]));
+    const dpo = (m.history ?? []).some((p) => typeof p.reward_accuracy === "number");
+    for (const c of dpoCharts) c.el.hidden = !dpo;
+    if (dpo) {
+      dpoCharts[0].update(series(m.history, ["reward_accuracy", "val_reward_accuracy"]));
+      dpoCharts[1].update(series(m.history, ["reward_margin", "val_reward_margin"]));
+    }
 
     const data = dataFromStats(m.data) ?? dataSummary(t.logs);
     if (data) {
@@ -278,15 +290,16 @@ export function trainingView(id: string): View {
     destroy() {
       stop();
       window.clearTimeout(exportsTimer);
-      charts.forEach((c) => c.destroy());
+      [...charts, ...dpoCharts].forEach((c) => c.destroy());
     },
   };
 }
 
-/** "up" for a change for the better (lower loss and perplexity, higher scores), "down" for worse. */
+/** "up" for a change for the better (lower loss, perplexity and log-prob of the non-preferred answer,
+ * higher scores), "down" for worse. */
 function better(metric: string, change: number | null): string {
   if (change === null || change === 0) return "";
-  return (/loss|perplexity/.test(metric) ? change < 0 : change > 0) ? "up" : "down";
+  return (/loss|perplexity|non_preferred/.test(metric) ? change < 0 : change > 0) ? "up" : "down";
 }
 
 function stat(label: string, value: string, key: string): HTMLElement {
