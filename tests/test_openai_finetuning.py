@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 
 import pytest
@@ -38,8 +39,8 @@ def chat_rows(n: int = 12) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    # A short checkpoint interval (0.2 s): a pause always finds a checkpoint to resume from.
-    live = LiveServer(tmp_path_factory.mktemp("openai-ft"), start_workers=True, checkpoint_minutes=0.003)
+    # No timed checkpoints: checkpoints come at each epoch's end, and where a pause stops a training.
+    live = LiveServer(tmp_path_factory.mktemp("openai-ft"), start_workers=True, checkpoint_minutes=0)
     live.store.ensure_base_models([("tiny", "a tiny random Llama", str(tiny_model_dir))])
     yield live
     live.stop()
@@ -240,9 +241,13 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     assert paused.status == "paused", logs_of(server, job.id)
     kept = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert kept, "a paused job keeps its checkpoints"
-    # Well before the end (were all 300 steps done before the worker's next heartbeat brought the pause,
-    # the resume would take the final checkpoint's weights as they are).
-    assert 0 < kept[0].step_number <= 300
+    # The training saved a checkpoint at the step it stopped at (not only at an epoch's end), so
+    # nothing done before the pause is done again.
+    reached = max(e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
+                  if e.type == "metrics")
+    assert 0 < reached < 300
+    assert kept[0].step_number == reached, (kept, logs_of(server, job.id))
+    assert f"paused after saving checkpoint-{reached} (resumes from it)" in logs_of(server, job.id)
     time.sleep(2)  # nothing runs while paused
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     with pytest.raises(openai.BadRequestError):
@@ -254,7 +259,7 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     done = wait_for(client, job.id)
     assert done.status == "succeeded", f"{done.error}\n{logs_of(server, job.id)}"
     logs = logs_of(server, job.id)
-    assert "paused (resumes from checkpoint-" in logs and "resuming from" in logs
+    assert re.search(rf"resuming from \S*checkpoint-{reached}\n", logs), logs
     steps = sorted(e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
                    if e.type == "metrics")
     assert steps == list(range(1, 301))
@@ -359,13 +364,32 @@ def test_a_dpo_job_on_a_preference_file(server, client, tmp_path):
     assert training.input["method"] == "dpo" and training.input["dpo_beta"] == 0.1
     done = wait_for(client, job.id)
     assert done.status == "succeeded", f"{done.error}\n{logs_of(server, job.id)}"
-    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3,
+    # The guide's steps on a DPO job: its events carry the reward metrics, as do its checkpoints and
+    # its results file, and the ft: model answers, streamed and not.
+    metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert metrics and all("train_reward_accuracy" in e.data and "train_reward_margin" in e.data for e in metrics)
+    assert all(0 <= e.data["train_reward_accuracy"] <= 1 for e in metrics)
+    assert "reward accuracy=" in metrics[0].message
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and "train_reward_accuracy" in checkpoints[0].metrics.model_dump()
+    table = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).text)))
+    assert len(table) == len(metrics) and table[-1]["train_reward_margin"] != ""
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, temperature=0,
                                            messages=[{"role": "user", "content": "Item: the red cat."}])
     assert reply.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=done.fine_tuned_model, max_tokens=3, stream=True, temperature=0,
+        messages=[{"role": "user", "content": "Item: the red cat."}]) if c.choices)
+    assert streamed == reply.choices[0].message.content
     # A supervised job on preference rows, and a DPO job on chat rows, are refused.
     with pytest.raises(openai.BadRequestError) as raised:
         client.fine_tuning.jobs.create(training_file=prefs.id, model="tunery/tiny")
     assert raised.value.code == "invalid_training_file"
+    with open(write_jsonl(tmp_path / "chat.jsonl", chat_rows(4)), "rb") as f:
+        chat = client.files.create(file=f, purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.fine_tuning.jobs.create(training_file=chat.id, model="tunery/tiny", method={"type": "dpo"})
+    assert raised.value.code == "invalid_training_file" and "preference" in raised.value.message
 
 
 def test_a_job_runs_on_a_worker_with_another_home(tmp_path_factory, tiny_model_dir):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -256,6 +258,20 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def agreed(flag: bool, device) -> bool:
+    """`flag` of any process training together: a decision to save (or stop) after a step must be
+    the same in every process, or the ones that save would wait for the others forever. One
+    process: `flag` itself."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 class TimedCheckpoints(TrainerCallback):
     """Save a checkpoint once `seconds` have passed since the last one (or the start), so a long
     epoch loses at most that much work to a crash, whatever the save steps."""
@@ -265,7 +281,8 @@ class TimedCheckpoints(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.last >= self.seconds and state.global_step < state.max_steps:
+        due = time.monotonic() - self.last >= self.seconds and state.global_step < state.max_steps
+        if agreed(due, args.device):
             control.should_save = True
         return control
 
@@ -285,3 +302,21 @@ class CheckpointsToStorage(TrainerCallback):
             from pathlib import Path
 
             self.run.push_checkpoint(Path(args.output_dir) / checkpoint_name(state.global_step))
+
+
+class PauseOnRequest(TrainerCallback):
+    """Pause where the training is: once the file `path` exists (the worker creates it when its job
+    is paused), save a checkpoint at the end of the current step and stop, so a resume goes on from
+    that very step. Every process stops at the same step. `paused` is the step it stopped at."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.paused: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        asked = self.path.exists() and state.global_step < state.max_steps
+        if agreed(asked, args.device):
+            control.should_save = True
+            control.should_training_stop = True
+            self.paused = state.global_step
+        return control

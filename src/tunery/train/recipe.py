@@ -188,6 +188,7 @@ def train(
     callbacks: list | None = None,
     test_data: str | Path | None = None,
     given: dict | None = None,
+    pause_file: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune `base` on `inputs.train_data` and write a run (see module docstring, and
     artifacts.Run for what is inside one).
@@ -198,7 +199,8 @@ def train(
     (default: those set in `inputs`). Emits events to `events` and always to the run's event file. `callbacks` are extra
     transformers TrainerCallbacks (e.g. a notebook's own logging). With `test_data` (a JSONL
     path or URL) the tuned model is evaluated against the base after the last step (eval.json,
-    eval.md, loss.png, and the manifest's "eval").
+    eval.md, loss.png, and the manifest's "eval"). Once the file `pause_file` exists, the training
+    saves a checkpoint after the current step and raises `Paused` (a `paused` event, not `failed`).
     """
     from tunery.spec import parse_inputs
 
@@ -220,11 +222,15 @@ def train(
         sink, progress = EventSink(), False
     try:
         try:
-            result = _train(inputs, given, base, run, resume, sink, progress, settings, callbacks or [], test_data)
+            result = _train(inputs, given, base, run, resume, sink, progress, settings, callbacks or [], test_data,
+                            pause_file)
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if isinstance(exc, Paused) or not is_out_of_memory(exc):
                 raise
             raise OutOfMemoryError(out_of_memory_message(exc, inputs)) from exc
+    except Paused as exc:
+        sink.emit("paused", step=exc.step, checkpoint=exc.checkpoint)
+        raise
     except BaseException as exc:
         sink.emit("failed", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         raise
@@ -268,8 +274,19 @@ def _check_batch_for_processes(inputs: TrainingInputs) -> None:
         )
 
 
+class Paused(Exception):
+    """The training stopped on request after `step`, whose checkpoint a resume goes on from."""
+
+    def __init__(self, step: int):
+        from tunery.artifacts.run import checkpoint_name
+
+        self.step, self.checkpoint = step, checkpoint_name(step)
+        super().__init__(f"paused after step {step} ({self.checkpoint})")
+
+
 def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: bool, sink: EventSink,
-           progress: bool, settings: Settings, callbacks: list, test_data: str | Path | None) -> TrainResult:
+           progress: bool, settings: Settings, callbacks: list, test_data: str | Path | None,
+           pause_file: str | Path | None = None) -> TrainResult:
     from tunery.models.load import adapt, load_model, load_tokenizer, pick_device
     from tunery.models.resolve import resolve_base
 
@@ -339,6 +356,12 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
 
     if inputs.trackers:
         sink.emit("log", message=f"tracking with {', '.join(inputs.trackers)} as {run.name} in {run.tracking}")
+    pauser = None
+    if pause_file is not None:
+        from tunery.train.callbacks import PauseOnRequest
+
+        pauser = PauseOnRequest(pause_file)
+        callbacks = [*callbacks, pauser]
     with tracking(run, inputs, base=base, run_name=run.name):
         trainer, meter, events_cb = build_trainer(
             model, tokenizer, data, inputs, run=run, sink=sink, progress=progress, device=device,
@@ -383,6 +406,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
             train_loss_mean, train_runtime = (sum(losses) / len(losses) if losses else None), 0.0
         else:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
+            if pauser is not None and pauser.paused is not None:
+                raise Paused(pauser.paused)
             train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
         final_val, final_eval = None, {}
         if data.validation and inputs.run_validation:

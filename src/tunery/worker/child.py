@@ -3,8 +3,9 @@
 The worker starts it in its own process group, so that a cancel can stop it with everything
 it started, and so that a crash or an out-of-memory kill fails the job, not the worker. The
 attempt's file holds the run's URL (whose job.json holds the inputs and the base), whether to
-resume, where to write events, the settings, and the worker's pid. Exit status 0 means the
-training succeeded.
+resume, where to write events, the settings, the worker's pid, and the file whose appearance
+pauses the training. Exit status 0 means the training succeeded, PAUSED that it saved a
+checkpoint and stopped on request.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+PAUSED = 75  # EX_TEMPFAIL: stopped on request, to be resumed
 
 
 def _die_with_worker(worker_pid: int, interval: float = 0.5) -> None:
@@ -53,25 +56,29 @@ def main(argv: list[str]) -> int:
     _die_with_worker(attempt["parent_pid"])
 
     from tunery.settings import Settings
-    from tunery.train.recipe import train
+    from tunery.train.recipe import Paused, train
 
     settings = Settings(**attempt["settings"])
     run = settings.run(attempt["run"])
     job = run.read_job()
     inputs = job.training_inputs()
-    train(
-        inputs,
-        given=job.inputs,
-        base=job.base,
-        output_dir=run.url,
-        resume=attempt["resume"],
-        events=attempt["events"],
-        progress=False,
-        settings=settings,
-        # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
-        # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
-        test_data=inputs.validation_data,
-    )
+    try:
+        train(
+            inputs,
+            given=job.inputs,
+            base=job.base,
+            output_dir=run.url,
+            resume=attempt["resume"],
+            events=attempt["events"],
+            progress=False,
+            settings=settings,
+            # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
+            # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
+            test_data=inputs.validation_data,
+            pause_file=attempt.get("pause"),
+        )
+    except Paused:  # the checkpoint of the step it stopped at is saved (and in the storage)
+        return PAUSED
     return 0
 
 

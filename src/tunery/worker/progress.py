@@ -51,6 +51,7 @@ class Progress:
         self.changed = False
         self.failed_error: str | None = None
         self.succeeded: dict[str, Any] | None = None
+        self.paused: str | None = None  # the checkpoint a paused training saved last
         self._partial = ""
 
     def feed_text(self, text: str) -> None:
@@ -94,6 +95,8 @@ class Progress:
             self.changed = True
         elif kind == "checkpoint":
             self.note(f"saved checkpoint at step {event.get('step')}")
+        elif kind == "paused":
+            self.paused = event.get("checkpoint")
         elif kind == "failed":
             self.failed_error = str(event.get("error") or "training failed")
             self.note(f"failed: {self.failed_error}")

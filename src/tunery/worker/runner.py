@@ -37,6 +37,7 @@ MAX_FLUSH_INTERVAL = 10.0  # ...and at most
 # Writes are spaced so that they cost at most about this many bytes a second.
 FLUSH_BYTES_PER_SECOND = 100_000
 POLL = 0.2  # seconds between looks at the child
+PAUSE_GRACE = 300.0  # seconds a paused child has to finish its step and save a checkpoint
 CHILD_RETRIES = 2  # a training process the system kills is started again this many times
 CRASH_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL}
 
@@ -134,7 +135,7 @@ class _Run:
         self.training = training
         self.stop_event = stop_event
         self.artifacts = worker.settings.training_run(training.id)  # the run folder (artifacts.Run)
-        self.job_path = self.events_path = self.output_path = Path()  # the running child's files
+        self.job_path = self.events_path = self.output_path = self.pause_path = Path()  # the running child's files
         self.processes = 1
         self.progress = Progress(training.metrics)
         # What a write of logs + metrics weighs (logs so far plus the last metrics written).
@@ -187,10 +188,12 @@ class _Run:
         """Start the training process for this attempt (each start with files of its own)."""
         prefix = f"{self.training.attempts}-{secrets.token_hex(2)}"
         self.job_path, self.events_path, self.output_path = self.artifacts.attempt_files(prefix)
+        self.pause_path = self.job_path.with_suffix(".pause")
         self.events_path.touch()
         self.job_path.write_text(json.dumps({
             "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
             "settings": self.worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
+            "pause": str(self.pause_path),
         }), encoding="utf-8")
         command, env = self._launch()
         with open(self.output_path, "wb") as output:
@@ -227,13 +230,22 @@ class _Run:
         worker = self.worker
         next_beat = time.monotonic() + worker.heartbeat_interval
         next_flush = time.monotonic()
+        pausing_until: float | None = None  # asked to pause: the child checkpoints and stops by then
         with open(self.events_path, "rb") as events:
             while True:
                 exited = proc.poll() is not None
                 self.progress.feed_text(decoder.decode(events.read()))
-                if exited:
+                # Asked to pause, it may have finished (or failed) first: then that is its end.
+                ended = self.progress.succeeded is not None or (self.progress.failed_error is not None
+                                                                and self.progress.paused is None)
+                if exited and (pausing_until is None or ended):
                     self._flush()
                     return None
+                if pausing_until is not None and (exited or time.monotonic() >= pausing_until):
+                    self._kill(proc)  # when it has not stopped in time: as it is, from its last checkpoint
+                    self.progress.feed_text(decoder.decode(events.read()))
+                    self._paused()
+                    return "paused"
                 if time.monotonic() >= next_flush:
                     self._flush()
                     next_flush = time.monotonic() + flush_interval(self._logs_bytes + self._metrics_bytes)
@@ -250,18 +262,14 @@ class _Run:
                                     worker.worker_id, self.id)
                         self._kill(proc)
                         return "lost"
-                    if answer == "pause":
-                        # Stopped where it is: the run keeps its checkpoints (saved at the steps or
-                        # epochs the inputs ask for, and every settings.checkpoint_minutes), and a
-                        # resume goes on from the newest one.
-                        self._kill(proc)
-                        self.progress.feed_text(decoder.decode(events.read()))
-                        last = [n for n in self.artifacts.checkpoint_names() if self.artifacts.checkpoint_complete(n)]
-                        self.progress.note("paused" + (f" (resumes from {last[-1]})" if last else
-                                                       " (no checkpoint yet: a resume starts over)"))
+                    if answer == "pause" and pausing_until is None:
+                        # The child saves a checkpoint after its current step and exits (PAUSED), so
+                        # a resume goes on from that step. One that does not stop within
+                        # PAUSE_GRACE is stopped as it is, and resumes from its newest checkpoint.
+                        self.pause_path.touch()
+                        pausing_until = time.monotonic() + PAUSE_GRACE
+                        self.progress.note("pausing: saving a checkpoint after the current step")
                         self._flush()
-                        self.store.paused_training(self.id, worker.worker_id)
-                        return "paused"
                     if answer == "cancel":
                         self._kill(proc)
                         self.progress.feed_text(decoder.decode(events.read()))
@@ -270,6 +278,17 @@ class _Run:
                         self.store.finish_training(self.id, worker.worker_id, status="canceled")
                         return "canceled"
                 time.sleep(POLL)
+
+    def _paused(self) -> None:
+        """Record the pause: where a resume goes on from, and the training's state."""
+        last = [n for n in self.artifacts.checkpoint_names() if self.artifacts.checkpoint_complete(n)]
+        if self.progress.paused:
+            self.progress.note(f"paused after saving {self.progress.paused} (resumes from it)")
+        else:
+            self.progress.note("paused" + (f" (resumes from {last[-1]})" if last else
+                                           " (no checkpoint yet: a resume starts over)"))
+        self._flush()
+        self.store.paused_training(self.id, self.worker.worker_id)
 
     def _heartbeat(self) -> str:
         try:

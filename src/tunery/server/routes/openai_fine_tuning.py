@@ -53,6 +53,11 @@ PURPOSES = ("fine-tune",)  # what may be uploaded; "fine-tune-results" files are
 RESULTS = "fine-tune-results"
 MAX_DETAILS = 100  # bad lines listed in a file's status_details (and in a job's 400)
 MAX_METADATA = 16
+# A DPO job's reward metrics: (tunery's history key, the name in events, checkpoints and the CSV, in messages).
+REWARDS = [("reward_accuracy", "train_reward_accuracy", "reward accuracy"),
+           ("reward_margin", "train_reward_margin", "reward margin"),
+           ("val_reward_accuracy", "valid_reward_accuracy", "validation reward accuracy"),
+           ("val_reward_margin", "valid_reward_margin", "validation reward margin")]
 
 STATUS = {"starting": "queued", "processing": "running", "paused": "paused", "succeeded": "succeeded",
           "failed": "failed", "canceled": "cancelled"}
@@ -438,9 +443,13 @@ def metrics_csv(row: Training) -> str:
     valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those cells are empty)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    dpo = (row.openai or {}).get("method") == "dpo"
+    rewards = [(key, name) for key, name, _ in REWARDS] if dpo else []
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                     *(name for _, name in rewards)])
     for h in (row.metrics or {}).get("history") or []:
-        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), ""])
+        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), "",
+                         *(h.get(key, "") for key, _ in rewards)])
     return out.getvalue()
 
 
@@ -553,7 +562,7 @@ def _event(job: Training, key: str, at: float | None, message: str, *, level: st
 def job_events(job: Training) -> list[dict[str, Any]]:
     """Every event of a job, oldest first: its lifecycle (created, started, paused, resumed, ended)
     as messages, and each step's metrics as OpenAI reports them (step, train_loss, valid_loss,
-    total_steps, learning_rate)."""
+    total_steps, learning_rate; a DPO job's also train_/valid_reward_accuracy and _reward_margin)."""
     o = job.openai or {}
     created = job.created_at.timestamp()
     events: list[tuple[float, int, dict[str, Any]]] = [
@@ -580,6 +589,10 @@ def job_events(job: Training) -> list[dict[str, Any]]:
             message += f", validation loss={h['val_loss']:.4f}"
         if h.get("learning_rate") is not None:
             data["learning_rate"] = h["learning_rate"]
+        for key, name, shown in REWARDS:  # a DPO job's
+            if h.get(key) is not None:
+                data[name] = h[key]
+                message += f", {shown}={h[key]:.4f}"
         events.append((at, 3, _event(job, f"step-{step}", at, message, data=data, type="metrics")))
     for i, note in enumerate(o.get("notes") or []):
         events.append((note["at"], 4, _event(job, f"note-{i}", note["at"], note["message"])))
@@ -637,7 +650,8 @@ def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
         metrics = {"step": step, "train_loss": h.get("loss"), "valid_loss": h.get("val_loss"),
                    "train_mean_token_accuracy": None, "valid_mean_token_accuracy": None,
                    "full_valid_loss": h.get("val_loss") if step == final else None,
-                   "full_valid_mean_token_accuracy": None}
+                   "full_valid_mean_token_accuracy": None,
+                   **{name: h[key] for key, name, _ in REWARDS if h.get(key) is not None}}
         out.append({"id": f"{CHECKPOINT}{job.id}-{step}", "object": "fine_tuning.job.checkpoint",
                     "created_at": int(at), "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
                     "fine_tuning_job_id": JOB + job.id, "metrics": metrics, "step_number": step})
