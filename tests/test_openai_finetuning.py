@@ -250,6 +250,13 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     assert f"paused after saving checkpoint-{reached} (resumes from it)" in logs_of(server, job.id)
     time.sleep(2)  # nothing runs while paused
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    # Replicate's API (and its client, which knows no "paused") sees it waiting, flagged paused.
+    import replicate
+
+    training = replicate.Client(api_token=client.api_key, base_url=server.url).trainings.get(
+        job.id.removeprefix("ftjob-"))
+    assert training.status == "starting"
+    assert server.client("alice").get(f"/v1/trainings/{training.id}").json()["paused"] is True
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.pause(job.id)
 

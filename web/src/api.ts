@@ -33,6 +33,7 @@ export interface Training {
   version: string;
   destination: string;
   status: Status;
+  paused?: boolean; // paused through OpenAI's jobs API (status stays "starting", as Replicate has no paused)
   input: Record<string, unknown>;
   output: { weights?: string; version?: string } | null;
   error: string | null;

@@ -4,7 +4,7 @@ import { ApiError, LineError, Status, TERMINAL } from "./api";
 import { Child, h } from "./dom";
 import type { Field } from "./format";
 
-export function badge(status: Status): HTMLElement {
+export function badge(status: Status | "paused"): HTMLElement {
   return h("span", { class: `badge ${status}`, "data-status": status }, status);
 }
 

@@ -125,7 +125,9 @@ def training_json(row: Training, base_url: str, *, summary: bool = False) -> dic
         "model": row.model,
         "version": row.version_id,
         "destination": row.destination,
-        "status": row.status,
+        # Replicate's statuses have no "paused" (its client refuses other values): a paused training
+        # (paused through OpenAI's jobs API) waits as "starting", with `paused: true` beside it.
+        "status": "starting" if row.status == "paused" else row.status,
         "input": row.input,
         "output": output,
         "error": row.error,
@@ -139,6 +141,8 @@ def training_json(row: Training, base_url: str, *, summary: bool = False) -> dic
         "completed_at": iso(row.completed_at),
         "urls": {"get": url, "cancel": f"{url}/cancel"},
     }
+    if row.status == "paused":
+        body["paused"] = True
     if summary:
         del body["logs"]
     return body

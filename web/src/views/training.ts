@@ -148,7 +148,7 @@ export function trainingView(id: string): View {
     const p = progress(t.metrics, t.status);
     clock.observe(t.id, p.step, now);
     const done = TERMINAL.includes(t.status);
-    fill(title, h("h1", null, "Training ", h("span", { class: "mono" }, t.id)), badge(t.status));
+    fill(title, h("h1", null, "Training ", h("span", { class: "mono" }, t.id)), badge(t.paused ? "paused" : t.status));
     const playground = t.output?.version
       ? `#/playground?version=${encodeURIComponent(t.output.version)}&compare=${encodeURIComponent(`${t.model}:${t.version}`)}`
       : null;

@@ -55,7 +55,7 @@ function row(t: TrainingSummary, now: number): HTMLElement {
   return h(
     "tr",
     { class: "clickable", "data-training": t.id, "data-status": t.status, onclick: open },
-    h("td", null, badge(t.status)),
+    h("td", null, badge(t.paused ? "paused" : t.status)),
     h("td", null, h("a", { href: `#/trainings/${t.id}`, class: "mono" }, t.id.slice(0, 10))),
     h("td", null, t.destination),
     h("td", { class: "muted" }, t.model),
