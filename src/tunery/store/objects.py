@@ -120,7 +120,7 @@ def training_json(row: Training, base_url: str, *, summary: bool = False) -> dic
     if summary:
         history = list(metrics.get("history") or [])[-SUMMARY_HISTORY:]
         metrics = {k: v for k, v in metrics.items() if k not in ("samples", "data", "history")} | {"history": history}
-    body = {
+    body: dict[str, Any] = {
         "id": row.id,
         "model": row.model,
         "version": row.version_id,

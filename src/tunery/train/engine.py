@@ -1,4 +1,5 @@
-"""Builds transformers' Trainer from a TrainingInputs: the spec turned into flat arguments."""
+"""Builds transformers' Trainer from a TrainingInputs: the spec turned into flat arguments (TRL's
+DPOTrainer for method=dpo: train/dpo.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
-from trl import DPOTrainer
 
 from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
@@ -67,12 +67,25 @@ def world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-class LoraPlusOptimizer(Trainer):
-    """The optimizer of our trainers: AdamW as the Trainer makes it, or with LoRA+
-    (loraplus_lr_ratio > 1) peft's LoRA+ groups: the B matrices at learning_rate × ratio,
-    everything else at learning_rate."""
+class TrainerBase(Trainer):
+    """What our trainers (supervised and DPO) share. The optimizer: AdamW as the Trainer makes it,
+    or with LoRA+ (loraplus_lr_ratio > 1) peft's LoRA+ groups: the B matrices at learning_rate ×
+    ratio, everything else at learning_rate. And the token meter, summed over the processes
+    when they log."""
 
     loraplus_lr_ratio: float = 1.0
+    meter: TokenMeter
+
+    def log(self, logs, *args, **kwargs):
+        # Every process logs at the same steps (the Trainer gathers the loss there): sum the token
+        # counts of all processes first, so tokens/s is the whole job's.
+        if self.meter.world > 1:
+            def reduce_sum(values):
+                total = self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), "sum")
+                return [int(v) for v in total.tolist()]
+
+            self.meter.sync(reduce_sum)
+        return super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.loraplus_lr_ratio <= 1 or self.optimizer is not None:
@@ -87,7 +100,7 @@ class LoraPlusOptimizer(Trainer):
         return self.optimizer
 
 
-class TuneryTrainer(LoraPlusOptimizer):
+class TuneryTrainer(TrainerBase):
     """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
     the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
 
@@ -112,17 +125,6 @@ class TuneryTrainer(LoraPlusOptimizer):
             loss = loss * self.accelerator.num_processes
         # prediction_step wants outputs: a dict holding only the loss (no logits were made).
         return (loss, {"loss": loss}) if return_outputs else loss
-
-    def log(self, logs, *args, **kwargs):
-        # Every process logs at the same steps (the Trainer gathers the loss there): sum the token
-        # counts of all processes first, so tokens/s is the whole job's.
-        if self.meter.world > 1:
-            def reduce_sum(values):
-                total = self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), "sum")
-                return [int(v) for v in total.tolist()]
-
-            self.meter.sync(reduce_sum)
-        return super().log(logs, *args, **kwargs)
 
 
 def training_precision(inputs: TrainingInputs, device: str) -> Precision:
@@ -180,11 +182,13 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         **fsdp_arguments(model, inputs),
     )
     if inputs.method == "dpo":
-        return _build_dpo_trainer(model, tokenizer, data, inputs, common, run=run, sink=sink, progress=progress,
-                                  extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes, base=base)
+        from tunery.train.dpo import build_dpo_trainer
+
+        return build_dpo_trainer(model, tokenizer, data, inputs, common, run=run, sink=sink, progress=progress,
+                                 extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes, base=base)
     args = TrainingArguments(**common, remove_unused_columns=False)
     meter = TokenMeter(world=world_size())
-    events_cb, callbacks = _callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
+    events_cb, callbacks = our_callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
                                       extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
                                          and not inputs.wrap_packed_sequences))
@@ -213,7 +217,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
     return trainer, meter, events_cb
 
 
-def _callbacks(meter: TokenMeter, tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
+def our_callbacks(meter: TokenMeter, tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
                extra_callbacks: list | None, checkpoint_minutes: float) -> tuple[EventsCallback, list]:
     """Our callbacks, for either trainer: events, the progress line, timed checkpoints, storage copies."""
     events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
@@ -223,96 +227,3 @@ def _callbacks(meter: TokenMeter, tokenizer, inputs: TrainingInputs, *, run, sin
     if run.remote:
         callbacks.append(CheckpointsToStorage(run))
     return events_cb, callbacks
-
-
-def preference_dataset(rows: list[dict]):
-    """Preference rows as TRL's conversational preference dataset: prompt (the input's messages),
-    chosen (the preferred output) and rejected (the non-preferred output), each a list of messages."""
-    from datasets import Dataset
-
-    from tunery.data.tokenize import chat_messages
-
-    return Dataset.from_list([
-        {"prompt": chat_messages(r["input"]["messages"]), "chosen": chat_messages(r["preferred_output"]),
-         "rejected": chat_messages(r["non_preferred_output"])}
-        for r in rows
-    ])
-
-
-def _build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
-                       sink: EventSink, progress: bool, extra_callbacks: list | None, checkpoint_minutes: float,
-                       base: str | None):
-    """TRL's DPOTrainer on our loaded, adapted model, with our TrainingArguments values and callbacks.
-
-    The reference policy: for LoRA and QLoRA the base itself, i.e. the model with its adapter
-    disabled (TRL's default with a peft model would keep a frozen copy of the fresh adapter, which
-    computes the same numbers); for a full fine-tune the reference log-probs are computed once
-    before the first step (precompute_ref_log_probs), so no second copy of the model is held."""
-    import datasets
-    from peft import PeftModel
-    from trl import DPOConfig
-
-    datasets.disable_progress_bars()  # TRL's dataset preparation would draw bars on stderr
-    peft = isinstance(model, PeftModel)
-    args = DPOConfig(**common, beta=inputs.dpo_beta, max_length=inputs.max_length,
-                     precompute_ref_log_probs=not peft)
-    meter = TokenMeter(world=world_size())
-    events_cb, callbacks = _callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
-                                      extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
-    has_val = bool(data.validation) and inputs.run_validation
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    # TRL draws a tqdm bar while it precomputes the reference log-probs; our events report progress.
-    quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"
-    try:
-        trainer = TuneryDPOTrainer(
-            model=model,
-            ref_model=None,
-            args=args,
-            train_dataset=preference_dataset(data.train),
-            eval_dataset=preference_dataset(data.validation) if has_val else None,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    finally:
-        if quiet is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
-    if peft and "ref" in model.peft_config:
-        model.delete_adapter("ref")  # the reference is then the model with its adapter disabled
-    for name, p in model.named_parameters():
-        # TRL keeps a quantized base's adapter in bf16; ours stays fp32 like the SFT path's (bf16 comes
-        # from autocast), so updates smaller than bf16's resolution are not lost.
-        if name in trainable and p.dtype != torch.float32:
-            p.data = p.data.float()
-    trainer.remove_callback(PrinterCallback)
-    if "tensorboard" in inputs.trackers:
-        from tunery.train.tracking import add_tensorboard
-
-        add_tensorboard(trainer, run, inputs, base or "")
-    trainer.meter = meter
-    if peft:
-        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
-    return trainer, meter, events_cb
-
-
-class TuneryDPOTrainer(LoraPlusOptimizer, DPOTrainer):
-    """TRL's DPOTrainer counting tokens for tokens/s: every non-padding token of the chosen and
-    rejected sequences (both go through the model), and their completion tokens as trained."""
-
-    meter: TokenMeter
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.meter.add(int(inputs["attention_mask"].sum()), int(inputs["completion_mask"].sum()))
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-
-    def log(self, logs, *args, **kwargs):
-        if self.meter.world > 1:
-            def reduce_sum(values):
-                total = self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), "sum")
-                return [int(v) for v in total.tolist()]
-
-            self.meter.sync(reduce_sum)
-        return super().log(logs, *args, **kwargs)
