@@ -48,3 +48,11 @@ def test_parse_inputs_names_everything_in_one_message():
         parse_inputs({"train_data": "d", "seed": "x", "micro_batch_size": 3})
     assert str(info.value) == ("invalid training input: seed: Input should be a valid integer, unable to parse "
                                "string as an integer; micro_batch_size (3) must divide train_batch_size (4)")
+
+
+def test_loraplus_defaults_by_method_and_an_explicit_ratio_wins():
+    # 16 for supervised tuning (benchmarks/quality.py), plain LoRA for DPO (benchmarks/dpo_quality.py).
+    assert parse_inputs({"train_data": "d.jsonl"}).loraplus_ratio == 16
+    assert parse_inputs({"train_data": "d.jsonl", "method": "dpo"}).loraplus_ratio == 1
+    assert parse_inputs({"train_data": "d.jsonl", "method": "dpo", "loraplus_lr_ratio": 4}).loraplus_ratio == 4
+    assert parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 1}).loraplus_ratio == 1

@@ -127,12 +127,11 @@ class TrainingInputs(BaseModel):
     )
     lr_scheduler_type: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    loraplus_lr_ratio: float = Field(
-        16.0, ge=1, le=64,
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, le=64,
         description="LoRA+: the B matrices learn this many times faster than learning_rate (1: plain LoRA). "
-        "Chosen by benchmarks/quality.py. Applies to method=dpo too: on SmolLM2 at the default learning_rate, "
-        "plain LoRA barely moved in 3 epochs where LoRA+ learned the preference without lowering the "
-        "preferred answers' likelihood.",
+        "Default: 16 for method=sft (chosen by benchmarks/quality.py), 1 for method=dpo (benchmarks/"
+        "dpo_quality.py: 16 pushed the preferred answers' likelihood below the base's).",
     )
     use_rslora: bool = Field(
         False, description="Rank-stabilized LoRA: scale updates by lora_alpha/sqrt(lora_rank) instead of /lora_rank."
@@ -182,6 +181,13 @@ class TrainingInputs(BaseModel):
     @property
     def gradient_accumulation_steps(self) -> int:
         return self.train_batch_size // self.micro_batch_size
+
+    @property
+    def loraplus_ratio(self) -> float:
+        """loraplus_lr_ratio, or its default for the method."""
+        if self.loraplus_lr_ratio is not None:
+            return self.loraplus_lr_ratio
+        return 1.0 if self.method == "dpo" else 16.0
 
     @property
     def max_length(self) -> int:

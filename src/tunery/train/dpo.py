@@ -83,7 +83,7 @@ def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
         add_tensorboard(trainer, run, inputs, base or "")
     trainer.meter = meter
     if peft:
-        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
+        trainer.loraplus_lr_ratio = inputs.loraplus_ratio
     return trainer, meter, events_cb
 
 

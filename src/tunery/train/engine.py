@@ -210,7 +210,7 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         add_tensorboard(trainer, run, inputs, base or "")
     trainer.meter = meter
     if inputs.peft_method != "full":
-        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
+        trainer.loraplus_lr_ratio = inputs.loraplus_ratio
     if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
         trainer.labelled_only = True
         trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
