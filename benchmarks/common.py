@@ -76,6 +76,14 @@ def score(model, tokenizer, test_rows: list[dict]) -> dict:
     return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"]}
 
 
+def summary(values: list[float], sign: str = "") -> str:
+    """mean ± standard deviation of one arm's seeds (`sign` "+" shows the mean's sign, for differences)."""
+    import statistics
+
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{sign}.3f} ± {spread:.3f}"
+
+
 def versions() -> dict:
     import peft
     import torch

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result, cpu_flags, git_commit, machine, versions  # noqa: E402
+from common import append_result, cpu_flags, git_commit, machine, summary, versions  # noqa: E402
 from plain_dpo import PlainDPOSettings, train_plain_dpo  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -152,11 +152,6 @@ def run_plain(base: str, base_dir: str, train_rows: list[dict], test_rows: list[
     return out
 
 
-def summary(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2,3")
@@ -208,14 +203,14 @@ def main() -> None:
         margin = [r["logp_margin"] for r in runs[name]]
         pref = [r["logp_preferred"] for r in runs[name]]
         table[name] = {"preference_rate": rate, "logp_margin": margin, "logp_preferred": pref}
-        line = (f"{name:12} preference_rate {summary(rate)}  logp_margin {summary(margin)}  "
-                f"logp preferred {summary(pref)}")
+        line = (f"{name:12} preference_rate {summary(rate, '+')}  logp_margin {summary(margin, '+')}  "
+                f"logp preferred {summary(pref, '+')}")
         if name != "plain":
             d_rate = [a - b for a, b in zip(rate, table["plain"]["preference_rate"], strict=True)]
             d_margin = [a - b for a, b in zip(margin, table["plain"]["logp_margin"], strict=True)]
             ratio = statistics.mean(margin) / statistics.mean(table["plain"]["logp_margin"]) \
                 if statistics.mean(table["plain"]["logp_margin"]) else float("nan")
-            line += (f"\n{'':12} difference: preference_rate {summary(d_rate)}  logp_margin {summary(d_margin)}  "
+            line += (f"\n{'':12} difference: preference_rate {summary(d_rate, '+')}  logp_margin {summary(d_margin, '+')}  "
                      f"margin {ratio:.2f}× plain's")
         print(line)
     total = time.time() - started

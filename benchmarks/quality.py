@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result, cpu_flags, git_commit, machine, score, versions  # noqa: E402
+from common import append_result, cpu_flags, git_commit, machine, score, summary, versions  # noqa: E402
 from plain_script import PlainSettings, train_plain  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,11 +80,6 @@ def run_plain(base_dir: str, train_rows: list[dict], test_rows: list[dict], args
                 "tokens_per_second": round(r.real_tokens / r.train_runtime_s, 1), "steps": r.steps,
                 "final_loss": r.losses[-1]})
     return out
-
-
-def summary(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
 def main() -> None:

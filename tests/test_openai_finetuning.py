@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 
 from conftest import write_jsonl  # noqa: E402
 from test_api_support import LiveServer  # noqa: E402
-from tunery.server.routes.openai_fine_tuning import dpo_available, resolve_hyperparameters  # noqa: E402
+from tunery.server.routes.openai_fine_tuning import resolve_hyperparameters  # noqa: E402
 from tunery.store.models import Training  # noqa: E402
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
@@ -353,8 +353,6 @@ def test_the_auto_rule():
     assert resolve_hyperparameters(100, {"beta": 0.3, "n_epochs": 2}, "dpo")["beta"] == 0.3
 
 
-@pytest.mark.skipif(not dpo_available(), reason="needs DPO training: tunery.data has no preference format yet "
-                    "(lands with the dpo branch)")
 def test_a_dpo_job_on_a_preference_file(server, client, tmp_path):
     rows = [{"input": {"messages": [{"role": "user", "content": f"Item: the {c} {a}."}]},
              "preferred_output": [{"role": "assistant", "content": a}],

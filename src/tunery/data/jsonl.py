@@ -311,19 +311,22 @@ def _check_output(value: Any, where: str) -> list[tuple[str, str]]:
     return problems
 
 
+def method_problem(method: str, fmt: str) -> str | None:
+    """Why rows of format `fmt` cannot train with `method` (to follow a file's name), or None: DPO
+    trains on preference rows only, supervised tuning on every other format."""
+    if method == "dpo" and fmt != "preference":
+        return (f"has {fmt} rows, but method=dpo trains on preference rows "
+                '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}')
+    if method != "dpo" and fmt == "preference":
+        return (f"has preference rows, which train with method=dpo; method={method} "
+                "trains on text, prompt/completion or chat rows")
+    return None
+
+
 def check_method(method: str, dataset: Dataset, field: str = "train_data") -> None:
-    """TuneryError (one line naming the file and its format) when `dataset` cannot train with `method`:
-    DPO trains on preference rows only, supervised tuning on every other format."""
-    if method == "dpo" and dataset.format != "preference":
-        raise TuneryError(
-            f"{dataset.name} ({field}) has {dataset.format} rows, but method=dpo trains on preference rows "
-            '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
-        )
-    if method != "dpo" and dataset.format == "preference":
-        raise TuneryError(
-            f"{dataset.name} ({field}) has preference rows, which train with method=dpo; method={method} "
-            "trains on text, prompt/completion or chat rows"
-        )
+    """TuneryError (one line naming the file and its format) when `dataset` cannot train with `method`."""
+    if problem := method_problem(method, dataset.format):
+        raise TuneryError(f"{dataset.name} ({field}) {problem}")
 
 
 def _check_string(value: Any) -> str | None:

@@ -51,27 +51,35 @@ def prompts_and_references(rows: list[dict], fmt: str, tokenizer) -> tuple[list[
     return [], []
 
 
-def completion_loss(model, tokenizer, examples, *, batch_size: int, advance: Callable[[int], None]) -> float:
-    """Mean cross-entropy per labelled token (completion tokens only, as in training)."""
+def _scored_batches(model, tokenizer, examples, batch_size: int):
+    """(fp32 logits of each position, the label it predicts) per padded batch of `examples`,
+    without gradients: what the loss and the log-probabilities below are computed from."""
     import torch
 
     from tunery.data import Collator, unpacked
 
     collate = Collator(tokenizer.pad_token_id, packed=False)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
     seqs = unpacked(examples)
     for i in range(0, len(seqs), batch_size):
         batch = {k: v.to(device) for k, v in collate(seqs[i:i + batch_size]).items()}
         labels = batch.pop("labels")
         with torch.no_grad():
             logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
+        yield logits, labels[:, 1:]
+
+
+def completion_loss(model, tokenizer, examples, *, batch_size: int, advance: Callable[[int], None]) -> float:
+    """Mean cross-entropy per labelled token (completion tokens only, as in training)."""
+    import torch
+
+    total, count = 0.0, 0
+    for logits, target in _scored_batches(model, tokenizer, examples, batch_size):
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
         ).item()
         count += int((target != -100).sum())
-        advance(len(batch["input_ids"]))
+        advance(len(target))
     return total / max(1, count)
 
 
@@ -79,18 +87,8 @@ def sequence_logps(model, tokenizer, examples, *, batch_size: int, advance: Call
     """Each example's summed log-probability of its labelled tokens given the tokens before them."""
     import torch
 
-    from tunery.data import Collator, unpacked
-
-    collate = Collator(tokenizer.pad_token_id, packed=False)
-    device = next(model.parameters()).device
     out: list[float] = []
-    seqs = unpacked(examples)
-    for i in range(0, len(seqs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(seqs[i:i + batch_size]).items()}
-        labels = batch.pop("labels")
-        with torch.no_grad():
-            logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
+    for logits, target in _scored_batches(model, tokenizer, examples, batch_size):
         mask = target != -100
         logps = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out += (logps * mask).sum(dim=1).tolist()

@@ -154,11 +154,7 @@ class Store(JobsMixin):
         with self.session() as s:
             model = s.scalar(select(Model).where(Model.owner == BASE_OWNER, Model.name == name,
                                                  Model.registered_by.is_not(None)))
-            if model is None:
-                return False
-            s.execute(delete(Version).where(Version.model_id == model.id))
-            s.delete(model)
-            return True
+            return self._drop_model(s, model)
 
     def create_model(self, owner: str, name: str, *, description: str | None = None,
                      visibility: str = "private", hardware: str = "cpu") -> Model:
@@ -180,11 +176,16 @@ class Store(JobsMixin):
         with self.session() as s:
             model = s.scalar(select(Model).where(Model.owner == owner, Model.name == name,
                                                  Model.is_base.is_(False)))
-            if model is None:
-                return False
-            s.execute(delete(Version).where(Version.model_id == model.id))
-            s.delete(model)
-            return True
+            return self._drop_model(s, model)
+
+    @staticmethod
+    def _drop_model(s, model: Model | None) -> bool:
+        """Delete `model` and its versions in session `s`; False when there is no model."""
+        if model is None:
+            return False
+        s.execute(delete(Version).where(Version.model_id == model.id))
+        s.delete(model)
+        return True
 
     @staticmethod
     def _visible(viewer: str):

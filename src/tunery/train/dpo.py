@@ -7,12 +7,11 @@ import os
 from typing import Any
 
 import torch
-from transformers import PrinterCallback
 from trl import DPOTrainer
 
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import TokenMeter
-from tunery.train.engine import TrainerBase, our_callbacks, world_size
+from tunery.train.engine import TrainerBase, equip, our_callbacks
 from tunery.train.events import EventSink
 
 
@@ -47,9 +46,8 @@ def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
     peft = isinstance(model, PeftModel)
     args = DPOConfig(**common, beta=inputs.dpo_beta, max_length=inputs.max_length,
                      precompute_ref_log_probs=not peft)
-    meter = TokenMeter(world=world_size())
-    events_cb, callbacks = our_callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
-                                      extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
+    meter, events_cb, callbacks = our_callbacks(tokenizer, inputs, run=run, sink=sink, progress=progress,
+                                                extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
     has_val = bool(data.validation) and inputs.run_validation
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     # TRL draws a tqdm bar while it precomputes the reference log-probs; our events report progress.
@@ -76,14 +74,7 @@ def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
         # from autocast), so updates smaller than bf16's resolution are not lost.
         if name in trainable and p.dtype != torch.float32:
             p.data = p.data.float()
-    trainer.remove_callback(PrinterCallback)
-    if "tensorboard" in inputs.trackers:
-        from tunery.train.tracking import add_tensorboard
-
-        add_tensorboard(trainer, run, inputs, base or "")
-    trainer.meter = meter
-    if peft:
-        trainer.loraplus_lr_ratio = inputs.loraplus_ratio
+    equip(trainer, meter, inputs, run=run, base=base)
     return trainer, meter, events_cb
 
 

@@ -187,9 +187,8 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         return build_dpo_trainer(model, tokenizer, data, inputs, common, run=run, sink=sink, progress=progress,
                                  extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes, base=base)
     args = TrainingArguments(**common, remove_unused_columns=False)
-    meter = TokenMeter(world=world_size())
-    events_cb, callbacks = our_callbacks(meter, tokenizer, inputs, run=run, sink=sink, progress=progress,
-                                      extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
+    meter, events_cb, callbacks = our_callbacks(tokenizer, inputs, run=run, sink=sink, progress=progress,
+                                                extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
                                          and not inputs.wrap_packed_sequences))
     trainer = TuneryTrainer(
@@ -201,8 +200,31 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    # Our events and progress bar replace the Trainer's dict printing (which would also corrupt
-    # `--events -` on stdout).
+    equip(trainer, meter, inputs, run=run, base=base)
+    if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
+        trainer.labelled_only = True
+        trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
+    return trainer, meter, events_cb
+
+
+def our_callbacks(tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
+                  extra_callbacks: list | None, checkpoint_minutes: float) -> tuple[TokenMeter, EventsCallback, list]:
+    """The token meter and our callbacks, for either trainer: events, the progress line, timed
+    checkpoints, storage copies."""
+    meter = TokenMeter(world=world_size())
+    events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
+    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
+    if checkpoint_minutes > 0:
+        callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
+    if run.remote:
+        callbacks.append(CheckpointsToStorage(run))
+    return meter, events_cb, callbacks
+
+
+def equip(trainer: TrainerBase, meter: TokenMeter, inputs: TrainingInputs, *, run, base: str | None) -> None:
+    """What either trainer gets once built: our events and progress bar replace the Trainer's dict
+    printing (which would also corrupt `--events -` on stdout); TensorBoard in the run's tracking
+    folder when asked for; the token meter; LoRA+ for an adapter."""
     trainer.remove_callback(PrinterCallback)
     if "tensorboard" in inputs.trackers:
         from tunery.train.tracking import add_tensorboard
@@ -211,19 +233,3 @@ def build_trainer(model, tokenizer, data, inputs: TrainingInputs, *, run, sink: 
     trainer.meter = meter
     if inputs.peft_method != "full":
         trainer.loraplus_lr_ratio = inputs.loraplus_ratio
-    if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
-        trainer.labelled_only = True
-        trainer.loss_is_scaled_for_ga = True  # labelled_loss divides by num_items_in_batch itself
-    return trainer, meter, events_cb
-
-
-def our_callbacks(meter: TokenMeter, tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
-               extra_callbacks: list | None, checkpoint_minutes: float) -> tuple[EventsCallback, list]:
-    """Our callbacks, for either trainer: events, the progress line, timed checkpoints, storage copies."""
-    events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
-    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
-    if checkpoint_minutes > 0:
-        callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
-    if run.remote:
-        callbacks.append(CheckpointsToStorage(run))
-    return events_cb, callbacks

@@ -30,6 +30,7 @@ from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.data.jsonl import method_problem
 from tunery.server.deps import Owner, SettingsDep, StoreDep
 from tunery.server.download import download
 from tunery.server.routes.files import store_upload
@@ -251,16 +252,6 @@ class JobCreate(BaseModel):
     integrations: list[dict[str, Any]] | None = None
 
 
-def dpo_available() -> bool:
-    """Whether this build trains DPO: tunery's data reader knows preference rows and TRL is installed."""
-    import importlib.util
-    from typing import get_args
-
-    from tunery.data.jsonl import Format
-
-    return "preference" in get_args(Format) and importlib.util.find_spec("trl") is not None
-
-
 def _training_file(store, settings, owner: str, file_id: str, param: str, method: str) -> File:
     """The caller's valid training (or validation) file, checked now if it never was; OpenAIError
     400 `invalid_<param>` naming its bad lines otherwise, or a format the method cannot train on."""
@@ -273,13 +264,8 @@ def _training_file(store, settings, owner: str, file_id: str, param: str, method
     if row.status != "processed":
         raise OpenAIError(400, f"The file {file_id} is not valid training data:\n{row.status_details}",
                           param=param, code=f"invalid_{param}")
-    if method == "dpo" and row.data_format != "preference":
-        raise OpenAIError(400, f"DPO trains on preference rows ({{\"input\": {{\"messages\": [...]}}, "
-                          f"\"preferred_output\": [...], \"non_preferred_output\": [...]}}); {file_id} has "
-                          f"{row.data_format} rows", param=param, code=f"invalid_{param}")
-    if method != "dpo" and row.data_format == "preference":
-        raise OpenAIError(400, f"{file_id} has preference rows: train them with method type 'dpo'",
-                          param=param, code=f"invalid_{param}")
+    if problem := method_problem(method, row.data_format or ""):
+        raise OpenAIError(400, f"{file_id} {problem}", param=param, code=f"invalid_{param}")
     return row
 
 
@@ -318,8 +304,6 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     if method == "reinforcement":
         raise OpenAIError(400, "Reinforcement fine-tuning is not supported: use 'supervised' or 'dpo'",
                           param="method.type")
-    if method == "dpo" and not dpo_available():
-        raise OpenAIError(400, "DPO training is not available on this server", param="method.type")
     if body.integrations:
         raise OpenAIError(400, "Integrations are not supported: set report_to on a tunery training instead",
                           param="integrations")
