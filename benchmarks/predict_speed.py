@@ -63,7 +63,7 @@ def pct(values: list[float], q: float) -> float:
 
 def burst(engine, n: int, adapters: list, new_tokens: int) -> dict:
     """`n` requests at once (half on the base, half on the adapters); aggregate rate and latencies."""
-    from tunery.infer.engine import Request, SamplingParams
+    from tunery.infer.generation import Request, SamplingParams
 
     weights = [None if i % 2 == 0 or not adapters else adapters[(i // 2) % len(adapters)] for i in range(n)]
     requests = [Request.make(PROMPTS[i % len(PROMPTS)], weights=w,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from test_api_support import LiveServer, ScriptedEngine, free_port
-from tunery.server.cli import predictions_app, trainings_app
+from tunery.client.commands import predictions_app, trainings_app
 from tunery.store.store import base_version_id
 
 PIECES = ["One", " two", "\nthree"]
@@ -66,7 +66,7 @@ def test_trainings_commands(server, env, tmp_path, qa_rows):
     training_id = created.output.strip()
     training = server.store.load_training(training_id)
     assert training.input["train_data"].startswith(server.url + "/v1/files/")  # uploaded first
-    assert training.input["run_validation"] is False and training.job["inputs"]["max_steps"] == 2
+    assert training.input["run_validation"] is False and training.input["max_steps"] == 2
 
     listed = run(trainings_app, ["list"], env).output
     assert training_id in listed and "starting" in listed

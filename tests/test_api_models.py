@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from test_api_support import LiveServer
+from tunery.server.replicate.shapes import OUTPUT_SCHEMA
 from tunery.spec import TrainingInputs
-from tunery.store.objects import OUTPUT_SCHEMA
 from tunery.store.store import base_version_id
 
 PROBLEM = "application/problem+json"

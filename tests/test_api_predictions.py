@@ -12,7 +12,7 @@ from replicate.stream import EventSource
 
 from test_api_models import assert_problem
 from test_api_support import LiveServer, ScriptedEngine, wait_for
-from tunery.server.sse import encode, events_from_row
+from tunery.server.replicate.sse import encode, events_from_row
 from tunery.store.models import Prediction, Version
 from tunery.store.store import base_version_id
 
@@ -131,7 +131,7 @@ def test_sse_wire_format(alice):
 
 
 def test_sse_encoding_round_trips_through_the_official_decoder():
-    from tunery.server.runner import Event
+    from tunery.service.prediction_runner import Event
 
     for piece in [" a", "  b", "", "\n", "x\r\ny", "tab\t", "data: z", ": not a comment"]:
         (event,) = decode(encode(Event(7, "output", piece)))

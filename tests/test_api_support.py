@@ -89,7 +89,7 @@ class ScriptedEngine:
         self.calls: list[dict[str, Any]] = []
 
     def submit(self, request, *, block: bool = False):
-        from tunery.infer.engine import Generation
+        from tunery.infer.generation import Generation
 
         weights = request.weights
         self.calls.append({"prompt": request.prompt, "weights": str(weights.source) if weights else None,

@@ -10,7 +10,7 @@ import pytest
 
 from test_api_models import assert_problem
 from test_api_support import LiveServer, StaticFiles
-from tunery.artifacts import Job
+from tunery.artifacts import TrainingJob as Job
 from tunery.store.models import Version
 from tunery.store.store import base_version_id
 
@@ -266,10 +266,11 @@ def test_create_from_an_uploaded_file(server, alice, good_file):
         assert training["output"] is None and training["error"] is None
         assert training["urls"]["get"] == f"{server.url}/v1/trainings/{training['id']}"
         assert training["urls"]["cancel"].endswith("/cancel")
-        job = Job.model_validate(server.store.load_training(training["id"]).job)
+        row = server.store.load_training(training["id"])
+        job = Job.of(row.input, row.job)
         assert job.base == "smollm2-135m"
         assert job.data == {"train_data": server.store.get_file("alice", good_file["id"]).path}
-        assert job.inputs == {"train_data": url, **GOOD}  # the inputs as given: no defaults filled in
+        assert job.given() == {"train_data": url, **GOOD}  # the inputs as given: no defaults filled in
         inputs = job.training_inputs()  # what the worker trains with
         assert inputs.train_data == job.data["train_data"] and inputs.max_steps == 2 and inputs.num_train_epochs == 3
 

@@ -251,7 +251,7 @@ def test_register_a_gguf_file(tmp_path):
     """A .gguf base is dequantized once into the model cache; its version resolves to that copy."""
     from tunery.models.registry import smollm2_gguf_path
     from tunery.models.resolve import resolve_base
-    from tunery.server.bases import register_base
+    from tunery.service.bases import register_base
     from tunery.settings import get_settings
 
     store = Store(f"sqlite:///{tmp_path / 'tunery.db'}")

@@ -94,7 +94,8 @@ def test_dpo_raises_the_held_out_preference_rate(tmp_path, prefs, tiny_model_dir
     # The run is an ordinary LoRA run: one adapter (no copy of TRL's reference), and it predicts.
     assert sorted(p.name for p in (result.run_dir / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors"]
-    from tunery.infer.predict import SamplingParams, stream
+    from tunery.infer.generation import SamplingParams
+    from tunery.infer.predict import stream
     from tunery.infer.weights import resolve_weights
 
     assert resolve_weights(result.run_dir).kind == "adapter"

@@ -12,7 +12,8 @@ import pytest
 
 from tunery.export import ExportError
 from tunery.export import gguf as gguf_export
-from tunery.export.gguf import check_gguf, write_gguf
+from tunery.export.gguf import write_gguf
+from tunery.export.gguf_check import check_gguf
 
 TEXTS = [
     "Hello world! How are you today?",

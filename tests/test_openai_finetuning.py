@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 
 from conftest import write_jsonl  # noqa: E402
 from test_api_support import LiveServer  # noqa: E402
-from tunery.server.routes.openai_fine_tuning import resolve_hyperparameters  # noqa: E402
+from tunery.server.openai.fine_tuning import resolve_hyperparameters  # noqa: E402
 from tunery.store.models import Training  # noqa: E402
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]

@@ -16,7 +16,7 @@ import torch
 import tunery.infer.predict as predict_module
 from tunery.errors import TuneryError
 from tunery.infer.embedded import EmbeddedEngine
-from tunery.infer.engine import EngineBusy, Request, SamplingParams
+from tunery.infer.generation import EngineBusy, Request, SamplingParams
 from tunery.infer.predict import predict
 from tunery.models.resolve import resolve_base
 from tunery.settings import get_settings

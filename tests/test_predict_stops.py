@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunery.infer.predict import SamplingParams
+from tunery.infer.generation import SamplingParams
 from tunery.infer.stops import StopCutter, parse_stop_sequences
 
 

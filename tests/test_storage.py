@@ -24,9 +24,11 @@ import pytest
 
 from conftest import write_jsonl
 from test_worker import wait_for
-from tunery.artifacts import Job, Run, Storage, check_storage
+from tunery.artifacts import Run, Storage, check_storage
+from tunery.artifacts import TrainingJob as Job
 from tunery.artifacts.run import ARCHIVE, EVENTS
 from tunery.errors import TuneryError
+from tunery.server.replicate.shapes import webhook_body
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.store.testing import PG_SKIP_REASON, fresh_database, pg_url
@@ -63,7 +65,7 @@ def test_a_training_moves_between_machines_through_the_bucket(tmp_path, bucket, 
         pytest.skip(PG_SKIP_REASON)
     storage, options = bucket
     with fresh_database("postgresql", tmp_path) as db_url:
-        store = Store(db_url, base_url="http://tunery.test")
+        store = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)
         store.ensure_base_models([("tiny", None, str(tiny_model_dir))])
         store.create_model("alice", "dest")
         # The data is in the bucket too: neither worker can read the other's disk.
@@ -77,7 +79,7 @@ def test_a_training_moves_between_machines_through_the_bucket(tmp_path, bucket, 
         run_url = f"{storage}/trainings/{training.id}"
 
         victim_home, heir_home, api_home = (tmp_path / n for n in ("victim", "heir", "api"))
-        code = "from tunery.worker.cli import worker_command; worker_command(worker_id='doomed')"
+        code = "from tunery.server.cli import worker_command; worker_command(worker_id='doomed')"
         victim = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                                   env=_storage_env(victim_home, db_url, storage, options),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

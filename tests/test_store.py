@@ -8,13 +8,14 @@ import hashlib
 import pytest
 from sqlalchemy import select
 
+from tunery.server.replicate.shapes import webhook_body
 from tunery.store import BadCursor, Conflict, Store, base_version_id
 from tunery.store.models import ApiToken, Base, Training
 
 
 @pytest.fixture
 def store(db_url):
-    s = Store(db_url, base_url="http://tunery.test")
+    s = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)
     yield s
     s.close()
 
@@ -106,7 +107,7 @@ def test_create_model_conflicts(store):
 def test_base_models_are_idempotent_with_stable_ids(store, db_url):
     store.ensure_base_models(BASES)
     store.ensure_base_models(BASES)
-    restarted = Store(db_url, base_url="http://tunery.test")  # a second process starting on the same database
+    restarted = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)  # a second process starting on the same database
     restarted.ensure_base_models(BASES)
     restarted.close()
 

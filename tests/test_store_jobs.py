@@ -11,13 +11,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
+from tunery.server.replicate.shapes import webhook_body
 from tunery.store import Store, base_version_id
 from tunery.store.models import Training, WebhookDelivery, utcnow
 
 
 @pytest.fixture
 def store(db_url):
-    s = Store(db_url, base_url="http://tunery.test")
+    s = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)
     s.ensure_base_models([("smollm2-135m", None, "smollm2-135m")])
     s.create_model("alice", "dest")
     yield s
@@ -358,9 +359,10 @@ def test_fine_tuning_jobs_are_listed_newest_first_with_metadata_filters(store):
     ids = []
     for i in range(5):
         tid = f"job{i}"
-        store.create_fine_tuning_job("alice", training_id=tid, destination=f"alice/ftjob-{tid}",
-                                     model="tunery/smollm2-135m", version_id=base_version_id("smollm2-135m"),
-                                     input={}, job={}, openai={"metadata": {"even": str(i % 2 == 0)}})
+        store.create_training("alice", training_id=tid, destination=f"alice/ftjob-{tid}",
+                              model="tunery/smollm2-135m", version_id=base_version_id("smollm2-135m"),
+                              input={}, job={}, openai={"metadata": {"even": str(i % 2 == 0)}},
+                              new_destination=f"fine-tuned by fine-tuning job ftjob-{tid}")
         ids.append(tid)
     _training(store)  # a Replicate training is not a fine-tuning job
     rows, more = store.list_fine_tuning_jobs("alice", limit=10)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tunery.errors import TuneryError
-from tunery.infer.engine import Request, SamplingParams
+from tunery.infer.generation import Request, SamplingParams
 from tunery.infer.vllm import VLLMEngine
 from tunery.models.registry import DEFAULT_BASE
 

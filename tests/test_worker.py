@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import write_jsonl
-from tunery.artifacts import Job
+from tunery.artifacts import TrainingJob as Job
+from tunery.server.replicate.shapes import webhook_body
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.store.testing import fresh_database, pg_url
@@ -36,7 +37,7 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def store(db_url, tiny_model_dir):
-    s = Store(db_url, base_url="http://tunery.test")
+    s = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)
     s.ensure_base_models([("tiny", "a tiny random Llama", str(tiny_model_dir))])
     s.create_model("alice", "dest")
     yield s

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from test_api_support import LiveServer
 from test_worker import wait_for
-from tunery.artifacts import Job
+from tunery.artifacts import TrainingJob as Job
 from tunery.errors import TuneryError
 from tunery.settings import Settings
 from tunery.store import base_version_id

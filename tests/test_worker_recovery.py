@@ -13,7 +13,9 @@ import time
 
 from conftest import write_jsonl
 from test_worker import wait_for
-from tunery.artifacts import Job, Run
+from tunery.artifacts import Run
+from tunery.artifacts import TrainingJob as Job
+from tunery.server.replicate.shapes import webhook_body
 from tunery.settings import Settings
 from tunery.store import Store, base_version_id
 from tunery.train.events import read_events
@@ -36,7 +38,7 @@ def test_a_killed_worker_process_loses_nothing(tmp_path, qa_rows, tiny_model_dir
     # SQLite, the default, shared by two processes; the store tests cover leases on PostgreSQL too.
     db_url = f"sqlite:///{tmp_path / 'tunery.db'}"
     home = tmp_path / "home"
-    store = Store(db_url, base_url="http://tunery.test")
+    store = Store(db_url, base_url="http://tunery.test", webhook_body=webhook_body)
     store.ensure_base_models([("tiny", None, str(tiny_model_dir))])
     store.create_model("alice", "dest")
     data = write_jsonl(tmp_path / "train.jsonl", qa_rows)
@@ -49,7 +51,7 @@ def test_a_killed_worker_process_loses_nothing(tmp_path, qa_rows, tiny_model_dir
 
     env = {**os.environ, "TUNERY_HOME": str(home), "TUNERY_LEASE_SECONDS": "3",
            "TUNERY_PUBLIC_URL": "http://tunery.test"}
-    code = ("from tunery.worker.cli import worker_command; "
+    code = ("from tunery.server.cli import worker_command; "
             f"worker_command(database_url={db_url!r}, worker_id='doomed')")
     victim = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,12 +105,12 @@ def test_torn_checkpoints_are_dropped(tmp_path):
 def test_worker_command_stops_on_sigterm_and_tokens_create_prints_a_token(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'tunery.db'}"
     env = {**os.environ, "TUNERY_HOME": str(tmp_path / "home"), "TUNERY_DATABASE_URL": db_url}
-    code = "from tunery.worker.cli import tokens_create; tokens_create(owner='alice', label='ci')"
+    code = "from tunery.server.cli import tokens_create; tokens_create(owner='alice', label='ci')"
     made = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     token = made.stdout.strip()
     assert made.returncode == 0 and token.startswith("tny_"), made.stderr
 
-    code = "from tunery.worker.cli import worker_command; worker_command(worker_id='calm')"
+    code = "from tunery.server.cli import worker_command; worker_command(worker_id='calm')"
     worker = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     try:
         store = Store(db_url)

@@ -13,6 +13,7 @@ import pytest
 import replicate
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
 
+from tunery.server.replicate.shapes import webhook_body
 from tunery.store import Store, base_version_id
 from tunery.worker.progress import Progress, step_line
 from tunery.worker.webhooks import WebhookSender, sign
@@ -49,7 +50,7 @@ class Receiver:
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'tunery.db'}", base_url="http://tunery.test")
+    s = Store(f"sqlite:///{tmp_path / 'tunery.db'}", base_url="http://tunery.test", webhook_body=webhook_body)
     s.create_model("alice", "dest")
     yield s
     s.close()

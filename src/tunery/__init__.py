@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
+from tunery.version import __version__
 
 __all__ = ["__version__", "train", "predict", "TrainingInputs"]
 

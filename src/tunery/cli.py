@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 
 from tunery.errors import TuneryError
+from tunery.infer.generation import SamplingParams
+from tunery.models.registry import DEFAULT_BASE
 
 # Deprecation chatter from the libraries is for their developers, not for our users.
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -84,7 +86,7 @@ def _train_command(
     ctx: typer.Context,
     *,
     base: Annotated[str, typer.Option("--base", help="Base model: registry name, HF id, model dir or .gguf.",
-                                      rich_help_panel="Run")] = "smollm2-135m",
+                                      rich_help_panel="Run")] = DEFAULT_BASE,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory or storage URL, "  # noqa: UP045
                                                       "e.g. s3://bucket/runs/x (default: $TUNERY_HOME/runs/run-<time>).",
                                                       rich_help_panel="Run")] = None,
@@ -148,20 +150,24 @@ app.command("train", no_args_is_help=True)(_train_command)
 
 # -- predict ------------------------------------------------------------------------------
 
+# The one set of sampling defaults is SamplingParams' own (Replicate's); the options read them.
+_SAMPLING = SamplingParams()
+
+
 @app.command()
 def predict(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text ('-' reads stdin).")],
     weights: Annotated[Optional[str], typer.Option(help="Run directory or URL, weights archive or adapter dir.")] = None,  # noqa: UP045
     base: Annotated[Optional[str], typer.Option(help="Base model (default: the one the weights were trained on).")] = None,  # noqa: UP045, E501
-    max_new_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.75,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the top tokens with this much mass.")] = 0.9,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = _SAMPLING.max_new_tokens,  # noqa: E501
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = _SAMPLING.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the top tokens with this much mass.")] = _SAMPLING.top_p,  # noqa: E501
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = _SAMPLING.top_k,
     stop_sequences: Annotated[Optional[str], typer.Option(help="Comma-separated; output ends before the first.")] = None,  # noqa: UP045, E501
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,  # noqa: UP045
 ) -> None:
     """Generate from a base model or a tuned run; tokens stream to stdout as they are generated."""
-    from tunery.infer.predict import SamplingParams, stream
+    from tunery.infer.predict import stream
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -221,9 +227,10 @@ def eval_command(
                                                        "(default: the run directory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 8,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation length (default: longest reference + 16).")] = None,  # noqa: UP045, E501
+    # Greedy, unlike predict's default: a score must not depend on the sampling draw.
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = _SAMPLING.top_p,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = _SAMPLING.top_k,
     stop_sequences: Annotated[Optional[str], typer.Option(help="Comma-separated stop sequences.")] = None,  # noqa: UP045
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,  # noqa: UP045
     examples: Annotated[int, typer.Option(help="Examples to show.")] = 5,
@@ -233,11 +240,12 @@ def eval_command(
     ROUGE, chrF, BLEU; writes eval.json and eval.md."""
     from tunery.eval.evaluate import evaluate
     from tunery.eval.report import render
-    from tunery.infer.predict import SamplingParams
 
     if weights is None and base is None:
-        base = "smollm2-135m"
+        base = DEFAULT_BASE
     try:
+        # Without --max-new-tokens the evaluator generates up to the longest reference + 16 tokens,
+        # capped by params.max_new_tokens: 256 here (not predict's default), so long references fit.
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, stop_sequences=stop_sequences,
                                 seed=seed, max_new_tokens=max_new_tokens or 256)
         report = evaluate(test_data, weights=weights, base=base, compare=compare, params=params,
@@ -256,7 +264,7 @@ def eval_command(
 @data_app.command("check")
 def data_check(
     file: Annotated[str, typer.Argument(help="JSONL file (path or http(s) URL).")],
-    base: Annotated[str, typer.Option(help="Base model whose tokenizer to use.")] = "smollm2-135m",
+    base: Annotated[str, typer.Option(help="Base model whose tokenizer to use.")] = DEFAULT_BASE,
     chunk_size: Annotated[int, typer.Option(help="Packed sequence length.")] = 2048,
     max_seq_length: Annotated[Optional[int], typer.Option(help="Truncation length (default chunk_size).")] = None,  # noqa: UP045, E501
     micro_batch_size: Annotated[int, typer.Option(help="Micro batch size for the padding estimate.")] = 4,
@@ -268,7 +276,7 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a JSONL file and report rows, tokens, truncation, packing fill and estimated training time."""
-    from tunery.data.check import check_data, render_report
+    from tunery.train.preflight import check_data, render_report
 
     try:
         report = check_data(
@@ -316,8 +324,8 @@ def demo(
 # -- the service ----------------------------------------------------------------------------
 # These modules import neither torch nor transformers at load, so the CLI stays quick to start.
 
-from tunery.server.cli import bases_app, models_create, predictions_app, serve_command, trainings_app  # noqa: E402
-from tunery.worker.cli import tokens_create, worker_command  # noqa: E402
+from tunery.client.commands import models_create, predictions_app, trainings_app  # noqa: E402
+from tunery.server.cli import bases_app, serve_command, tokens_create, worker_command  # noqa: E402
 
 tokens_app = typer.Typer(help="API tokens for the server.", no_args_is_help=True)
 tokens_app.command("create")(tokens_create)

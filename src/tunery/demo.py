@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunery.artifacts.run import LOSS_PLOT
+from tunery.models.registry import DEFAULT_BASE
 from tunery.settings import get_settings
 
 # Chosen by measurement on a 2-core CPU (README, "The main job"): two epochs reach the plateau
@@ -40,7 +41,7 @@ def run_demo(*, output_dir: Path | None = None, max_steps: int = -1, console: Co
     settings = get_settings()
     run_dir = Path(output_dir) if output_dir else settings.runs_dir / time.strftime("demo-%Y%m%d-%H%M%S")
     train_file, test_file = write_sample(run_dir / "data")
-    console.print(f"[bold]tunery demo[/]: LoRA fine-tune of smollm2-135m on {train_file}, "
+    console.print(f"[bold]tunery demo[/]: LoRA fine-tune of {DEFAULT_BASE} on {train_file}, "
                   f"then base vs tuned on {test_file}")
     started = time.time()
     inputs = {
@@ -49,7 +50,7 @@ def run_demo(*, output_dir: Path | None = None, max_steps: int = -1, console: Co
         "max_steps": max_steps,
         "validation_prompt": json.loads(test_file.read_text().splitlines()[0])["prompt"],
     }
-    result = train(inputs, base="smollm2-135m", output_dir=run_dir, test_data=test_file)
+    result = train(inputs, base=DEFAULT_BASE, output_dir=run_dir, test_data=test_file)
     report = result.report
     assert report is not None  # test_data was given
     render(report, console)

@@ -3,6 +3,13 @@
 export type Child = Node | string | number | null | undefined | false | Child[];
 export type Attrs = Record<string, unknown>;
 
+/** A page of the dashboard: its element, and what to stop when the router leaves it. Lives here
+ * (not in main.ts, which imports every view) so that the views import nothing above them. */
+export interface View {
+  el: HTMLElement;
+  destroy(): void;
+}
+
 /** An element with attributes (`on*` functions become listeners; `class`, `for`, `data-*` and
  * `aria-*` attributes; anything else a property) and children (strings become text). */
 export function h<K extends keyof HTMLElementTagNameMap>(

@@ -4,17 +4,12 @@ import "uplot/dist/uPlot.min.css";
 import "./style.css";
 
 import { owner, signOut, token } from "./api";
-import { fill, go, h } from "./dom";
+import { fill, go, h, View } from "./dom";
 import { newTrainingView } from "./views/new";
 import { playgroundView } from "./views/playground";
 import { signInView } from "./views/signin";
 import { trainingView } from "./views/training";
 import { trainingsView } from "./views/trainings";
-
-export interface View {
-  el: HTMLElement;
-  destroy(): void;
-}
 
 type Route = [RegExp, (match: RegExpMatchArray, query: URLSearchParams) => View, string];
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from tunery.artifacts.run import ARCHIVE, TOKENIZER
+from tunery.version import __version__
 
 
 def versions() -> dict[str, str]:
@@ -14,10 +15,8 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import tunery
-
     return {
-        "tunery": tunery.__version__,
+        "tunery": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,

@@ -44,6 +44,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import TuneryError
+from tunery.spec import TrainingInputs
 
 JOB = "job.json"
 EVENTS = "events.jsonl"
@@ -69,22 +70,33 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step}"
 
 
-class Job(BaseModel):
-    """What a worker runs: the inputs exactly as the user gave them, where their data files are
-    now (a URL each: storage, http(s), or a path on a shared disk), and the base model."""
+class TrainingJob(BaseModel):
+    """What a worker runs, typed: the inputs as the user gave them (the fields set are those given),
+    where their data files are now (a URL each: storage, http(s), or a path on a shared disk), and
+    the base model. Validated once in each process that reads it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    inputs: dict[str, Any] = Field(description="the training inputs as the user gave them")
+    inputs: TrainingInputs = Field(description="the training inputs as the user gave them")
     data: dict[str, str] = Field(default_factory=dict,
                                  description="train_data / validation_data: the URL the training reads")
     base: str
 
-    def training_inputs(self):
-        """The typed inputs the training runs with: the user's, with the data at its resolved URLs."""
-        from tunery.spec import parse_inputs
+    @classmethod
+    def of(cls, given: dict[str, Any], job: dict[str, Any]) -> TrainingJob:
+        """The job of a training row: the user's inputs (`given`) and the row's `job` (data, base)."""
+        return cls(inputs=TrainingInputs.model_validate(given), data=job.get("data") or {}, base=job["base"])
 
-        return parse_inputs({**self.inputs, **self.data})
+    def training_inputs(self) -> TrainingInputs:
+        """The inputs the training runs with: the user's, with the data at its resolved URLs."""
+        return self.inputs.model_copy(update=self.data)
+
+    def given(self) -> dict[str, Any]:
+        """The inputs exactly as the user gave them (for the manifest and the `started` event)."""
+        return self.inputs.model_dump(mode="json", exclude_unset=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_unset=True)
 
 
 def is_url(location: str | Path) -> bool:
@@ -284,12 +296,12 @@ class Run:
             self.fs.rm(self._remote(name), recursive=True)
 
     # -- the job
-    def write_job(self, job: Job) -> None:
-        self.write_bytes(JOB, job.model_dump_json(indent=2).encode())
+    def write_job(self, job: TrainingJob) -> None:
+        self.write_bytes(JOB, job.model_dump_json(indent=2, exclude_unset=True).encode())
 
-    def read_job(self) -> Job:
+    def read_job(self) -> TrainingJob:
         try:
-            return Job.model_validate_json(self.read_bytes(JOB))
+            return TrainingJob.model_validate_json(self.read_bytes(JOB))
         except (OSError, FileNotFoundError) as e:
             raise TuneryError(f"run {shown(self.url)}: cannot read its {JOB}: {e}") from e
 

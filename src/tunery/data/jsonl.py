@@ -36,8 +36,6 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "preference": ("input", "preferred_output", "non_preferred_output"),
 }
-#: The formats supervised tuning (method=sft) trains on; preference rows are for method=dpo.
-SFT_FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content")
 #: Keys OpenAI's preference format allows in `input` that tunery does not train on.

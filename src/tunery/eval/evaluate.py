@@ -121,7 +121,7 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, params, max_new_
     from dataclasses import replace
 
     from tunery.infer.embedded import EmbeddedEngine
-    from tunery.infer.engine import Request
+    from tunery.infer.generation import Request
 
     if not prompts:
         return []
@@ -148,7 +148,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: 
     newline — at the first newline, so a base model that rambles on is judged on its first line.
     """
     from tunery.data import tokenize_rows
-    from tunery.infer.predict import SamplingParams
+    from tunery.infer.generation import SamplingParams
 
     params = params or SamplingParams(temperature=0)
     if fmt == "preference":

@@ -5,7 +5,8 @@ Formats:
 - merged: the adapter folded into its base, a Hugging Face model folder (export/merged.py), in
   bf16 (default), f16 or f32; downloaded as a zip of the folder;
 - gguf: one GGUF file for llama.cpp (export/gguf.py), in q8_0 (default), f16 or f32, written
-  from the merged model and read back with transformers' GGUF loader to check it;
+  from the merged model and read back with transformers' GGUF loader to check it
+  (export/gguf_check.py);
 - ollama: that GGUF plus a Modelfile (export/ollama.py), downloaded as a zip, with the
   `ollama create` line to use it;
 - gguf-lora: the adapter alone as a LoRA GGUF for llama.cpp's `--lora`, over a GGUF of the base
@@ -140,7 +141,8 @@ def _make(fmt: str, name: str, manifest: dict, output: Path, tokenizer: Path | N
         info = write_merged(manifest, output, tokenizer, folder, dtype=dtype, settings=settings)
         _zip(folder, work / "product", root=name)
         return info
-    from tunery.export.gguf import check_gguf, write_gguf, write_lora_gguf
+    from tunery.export.gguf import write_gguf, write_lora_gguf
+    from tunery.export.gguf_check import check_gguf
 
     if fmt == "gguf-lora":
         if manifest.get("peft_method") == "full":

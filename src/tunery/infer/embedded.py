@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tunery.errors import TuneryError
-from tunery.infer.engine import EngineBusy, Generation, Request
+from tunery.infer.generation import EngineBusy, Generation, Request
 from tunery.infer.lora_batch import BatchedLora, Plan
 from tunery.infer.stops import StopCutter
 from tunery.infer.stream import PROMPT_CONTEXT, IncrementalDecoder

@@ -2,8 +2,8 @@
 
 A prompt is used verbatim, as Replicate does: it is tokenized exactly as training tokenized
 prompts (`add_special_tokens=True`, no chat template), so a fine-tuned model sees at inference
-what it saw in training. The engines themselves (`infer.engine`, `infer.embedded`,
-`infer.vllm`) serve many requests at once; the HTTP service submits to them directly.
+what it saw in training. The engines themselves (`infer.embedded`, `infer.vllm`, on the interface in
+`infer.generation`) serve many requests at once; the HTTP service submits to them directly.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import threading
 from pathlib import Path
 
 from tunery.errors import TuneryError
-from tunery.infer.engine import Engine, Request, SamplingParams, engine_for
+from tunery.infer.engines import engine_for
+from tunery.infer.generation import Engine, Request, SamplingParams
 from tunery.infer.weights import Weights, resolve_weights
 from tunery.models.registry import DEFAULT_BASE
 
-__all__ = ["SamplingParams", "base_for", "predict", "stream"]
+__all__ = ["base_for", "predict", "stream"]
 
 _LAST: Engine | None = None
 _LAST_LOCK = threading.Lock()

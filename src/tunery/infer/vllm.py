@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from tunery.errors import TuneryError
-from tunery.infer.engine import EngineBusy, Generation, Request
+from tunery.infer.generation import EngineBusy, Generation, Request
 from tunery.infer.stops import StopCutter
 from tunery.infer.weights import Weights, weights_stamp
 from tunery.settings import Settings, get_settings

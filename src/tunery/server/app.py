@@ -1,5 +1,6 @@
-"""The FastAPI application: Replicate's /v1 API over the store, the prediction runner, and
-(optionally) training workers running inside the server process.
+"""The FastAPI application: Replicate's /v1 API, OpenAI's under /openai/v1 and Azure's scoring, each
+a thin layer over `tunery.service`; the prediction runner; and (optionally) training workers
+running inside the server process.
 
 Nothing heavy is imported here: the API starts in about a second and keeps answering while a
 worker trains; torch is loaded by the prediction runner on the first prediction.
@@ -15,14 +16,13 @@ import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tunery import __version__
-from tunery.server import dashboard, errors
-from tunery.server.exports import Exports
-from tunery.server.routes import ROUTERS
-from tunery.server.routes import openai as openai_routes
-from tunery.server.runner import PredictionRunner
+from tunery.server import azure, dashboard, errors, openai, replicate
+from tunery.server.replicate.shapes import webhook_body
+from tunery.service.exports import Exports
+from tunery.service.prediction_runner import PredictionRunner
 from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
+from tunery.version import __version__
 
 #: Blocking routes run on worker threads; `Prefer: wait` holds one for up to a minute, so allow many.
 THREADS = 100
@@ -53,7 +53,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         own = store is None
-        the_store = store or Store(settings.db_url, base_url=_store_base_url(settings))
+        the_store = store or Store(settings.db_url, base_url=_store_base_url(settings), webhook_body=webhook_body)
+        if the_store.webhook_body is None:  # a store opened elsewhere: its webhooks are Replicate's objects
+            the_store.webhook_body = webhook_body
         the_store.ensure_base_models(base_model_entries())
         # Predictions run in this process; those a server that died left unfinished (a previous
         # run of this one, or another on the same database) are taken over as their leases expire.
@@ -79,8 +81,8 @@ def create_app(
     app.state.settings = settings
     app.state.exports = Exports(settings)
     errors.install(app)
-    openai_routes.install(app)
-    for router in ROUTERS:
+    openai.install(app)
+    for router in [*replicate.ROUTERS, *openai.ROUTERS, *azure.ROUTERS]:
         app.include_router(router)
     dashboard.install(app)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes + MULTIPART_SLACK)

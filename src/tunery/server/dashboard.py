@@ -1,5 +1,5 @@
-"""The web dashboard: one page at `/` and its built assets at `/static/`, plus the read-only
-API routes the page needs beyond Replicate's (`routes/file_checks.py`).
+"""The web dashboard: one page at `/` and its built assets at `/static/`. The page calls Replicate's
+/v1 API (and `/v1/files/{id}/check`, the one file check) like any client.
 
 The page is a static bundle built from `web/` (`npm ci && npm run build` writes it into
 `static/` beside this file, which ships in the package). It holds no data and no secrets:
@@ -14,8 +14,6 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-
-from tunery.server.routes import file_checks
 
 STATIC = Path(__file__).parent / "static"
 
@@ -37,9 +35,7 @@ _NOT_BUILT = """<!doctype html><meta charset="utf-8"><title>tunery</title>
 
 
 def install(app: FastAPI, static_dir: Path = STATIC) -> None:
-    """Serve the dashboard on `app`: `/` (the page), `/static/*` (its assets) and the routes it
-    calls that Replicate's API lacks."""
-    app.include_router(file_checks.router)
+    """Serve the dashboard on `app`: `/` (the page) and `/static/*` (its assets)."""
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> Response:

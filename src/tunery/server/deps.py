@@ -1,5 +1,6 @@
-"""The typed dependencies every route declares: settings, store, predictions runner, the public
-base URL, the authenticated owner, and list paging. Routes take these and nothing global."""
+"""The typed dependencies the routes of every API declare: settings, store, prediction runner,
+exports, the public base URL, the authenticated owner, list paging, and the model and version a
+path names. Routes take these and nothing global."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from urllib.parse import urlencode, urlsplit
 from fastapi import Depends, Query, Request
 
 from tunery.server.errors import ApiError, not_found
-from tunery.server.runner import PredictionRunner
+from tunery.service.exports import Exports
+from tunery.service.prediction_runner import PredictionRunner
 from tunery.settings import Settings
 from tunery.store.models import Model, Version
 from tunery.store.pages import Page
@@ -29,9 +31,14 @@ def get_runner(request: Request) -> PredictionRunner:
     return request.app.state.runner
 
 
+def get_exports(request: Request) -> Exports:
+    return request.app.state.exports
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[PredictionRunner, Depends(get_runner)]
+ExportsDep = Annotated[Exports, Depends(get_exports)]
 
 
 def public_base_url(request: Request, settings: SettingsDep) -> str:

@@ -1,6 +1,8 @@
-"""Every error the API answers is an RFC 7807 problem: `{"title", "detail", "status"}` served as
-application/problem+json (what the official client parses into ReplicateError), plus an
-`errors` list where there is one problem per field or per line of a file.
+"""Every error the /v1 APIs (Replicate's, Azure's scoring, the dashboard's) answer is an RFC 7807
+problem: `{"title", "detail", "status"}` served as application/problem+json (what the official
+Replicate client parses into ReplicateError), plus an `errors` list where there is one problem
+per field or per line of a file. The service's errors become problems here (`service_problem`);
+OpenAI's API renders them its own way (server/openai/errors.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunery.service import errors as service
 from tunery.store.pages import BadCursor
 
 log = logging.getLogger("tunery.server")
@@ -85,6 +88,26 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: The HTTP status of each kind of service error, in a problem.
+STATUS: list[tuple[type[service.ServiceError], int]] = [
+    (service.NotFound, 404), (service.Conflict, 409), (service.Busy, 429), (service.TooLarge, 413),
+    (service.Invalid, 422), (service.ServiceError, 422),
+]
+
+
+def service_problem(exc: service.ServiceError) -> ApiError:
+    """The problem a service error answers as: its status by kind, its title, message and list."""
+    status = next(code for kind, code in STATUS if isinstance(exc, kind))
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, service.Busy) else None
+    return ApiError(status, exc.message, title=exc.title, errors=exc.errors, headers=headers)
+
+
+def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, service.ServiceError)
+    error = service_problem(exc)
+    return problem(error.status, error.detail, title=error.title, errors=error.errors, headers=error.headers)
+
+
 def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return problem(exc.status, exc.detail, title=exc.title, errors=exc.errors, headers=exc.headers)
@@ -117,6 +140,7 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Answer every error of `app` (ours, FastAPI's validation, unknown routes, crashes) as a problem."""
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(service.ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(BadCursor, _bad_cursor)

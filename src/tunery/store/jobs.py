@@ -1,6 +1,6 @@
 """The job lifecycle: trainings (claimed by workers under a lease) and predictions.
 
-Who moves a job where is in `models.Status`. Every change a webhook reports queues its
+Who moves a training or a prediction where is written beside `models.TERMINAL`. Every change a webhook reports queues its
 delivery in the same transaction (see outbox.py). A worker's writes are ignored once it no
 longer holds the lease, so a worker that was presumed dead can not overwrite the work of
 the one that took its job over.
@@ -29,6 +29,7 @@ class JobsMixin:
     """Trainings and predictions; mixed into Store, whose sessions and base_url it uses."""
 
     base_url: str
+    webhook_body: outbox.WebhookBody | None
 
     def session(self) -> contextlib.AbstractContextManager[Session]:  # provided by Store
         raise NotImplementedError
@@ -40,27 +41,20 @@ class JobsMixin:
 
     def create_training(self, owner: str, *, model: str, version_id: str, destination: str,
                         input: dict[str, Any], job: dict[str, Any], webhook: str | None = None,
-                        webhook_events_filter: Sequence[str] | None = None) -> Training:
-        """Queue a training (status "starting") of `model`'s version `version_id` into `destination`."""
+                        webhook_events_filter: Sequence[str] | None = None, training_id: str | None = None,
+                        openai: dict[str, Any] | None = None, new_destination: str | None = None) -> Training:
+        """Queue a training (status "starting") of `model`'s version `version_id` into `destination`
+        ("owner/name"), under `training_id` when given. With `new_destination` (its description) the
+        destination is a new private model, created in the same transaction."""
         with self.session() as s:
+            if new_destination is not None:
+                dest_owner, _, dest_name = destination.partition("/")
+                s.add(Model(owner=dest_owner, name=dest_name, visibility="private", description=new_destination))
             row = Training(owner=owner, model=model, version_id=version_id, destination=destination,
-                           input=input, job=job, webhook=webhook, webhook_events_filter=webhook_events_filter)
-            s.add(row)
-            _count_run(s, model)
-        return row
-
-    def create_fine_tuning_job(self, owner: str, *, training_id: str, destination: str, model: str,
-                               version_id: str, input: dict[str, Any], job: dict[str, Any],
-                               openai: dict[str, Any]) -> Training:
-        """Queue a training created through OpenAI's fine-tuning API, with its id chosen by the caller,
-        and the private model `destination` ("owner/name") its version is pushed to, in one
-        transaction."""
-        dest_owner, _, dest_name = destination.partition("/")
-        with self.session() as s:
-            s.add(Model(owner=dest_owner, name=dest_name, visibility="private",
-                        description=f"fine-tuned by fine-tuning job ftjob-{training_id}"))
-            row = Training(id=training_id, owner=owner, model=model, version_id=version_id,
-                           destination=destination, input=input, job=job, openai=openai)
+                           input=input, job=job, webhook=webhook, webhook_events_filter=webhook_events_filter,
+                           openai=openai)
+            if training_id is not None:
+                row.id = training_id
             s.add(row)
             _count_run(s, model)
         return row
@@ -200,7 +194,7 @@ class JobsMixin:
                 row.attempts += 1
                 if first_start:
                     row.started_at = now
-                    outbox.enqueue(s, row, "start", self.base_url)
+                    outbox.enqueue(s, row, "start", self.base_url, self.webhook_body)
                 return row
 
     def _held(self, s: Session, training_id: str, worker_id: str) -> Training | None:
@@ -234,7 +228,7 @@ class JobsMixin:
                 row.metrics = {**(row.metrics or {}), **metrics}
             if text:
                 row.logs = (row.logs or "") + text
-                outbox.enqueue(s, row, "logs", self.base_url)
+                outbox.enqueue(s, row, "logs", self.base_url, self.webhook_body)
 
     def release_training(self, training_id: str, worker_id: str) -> bool:
         """Give a running training back, for another worker (or this one, restarted) to resume at
@@ -326,7 +320,7 @@ class JobsMixin:
         row.completed_at = utcnow()
         row.lease_owner = None
         row.lease_expires_at = None
-        outbox.enqueue(s, row, "completed", self.base_url)
+        outbox.enqueue(s, row, "completed", self.base_url, self.webhook_body)
 
     # -- predictions --------------------------------------------------------------------------
 
@@ -369,7 +363,7 @@ class JobsMixin:
                 return None
             row.status = "processing"
             row.started_at = utcnow()
-            outbox.enqueue(s, row, "start", self.base_url)
+            outbox.enqueue(s, row, "start", self.base_url, self.webhook_body)
             return row
 
     def set_prediction_output(self, prediction_id: str, output: list[str], runner: str | None = None) -> None:
@@ -379,7 +373,7 @@ class JobsMixin:
             if row is None or not self._runs_here(row, runner) or row.status != "processing":
                 return
             row.output = list(output)
-            outbox.enqueue(s, row, "output", self.base_url)
+            outbox.enqueue(s, row, "output", self.base_url, self.webhook_body)
 
     def finish_prediction(self, prediction_id: str, *, status: str, output: list[str] | None = None,
                           error: str | None = None, metrics: dict[str, Any] | None = None,
@@ -466,7 +460,7 @@ class JobsMixin:
         if error is not None:
             row.error = error
         row.completed_at = utcnow()
-        outbox.enqueue(s, row, "completed", self.base_url)
+        outbox.enqueue(s, row, "completed", self.base_url, self.webhook_body)
 
 
 def _count_run(s: Session, model: str) -> None:

@@ -7,7 +7,6 @@ Ids are Replicate-style: 26 lowercase base32 characters for trainings, predictio
 from __future__ import annotations
 
 import base64
-import enum
 import secrets
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +20,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso(value: datetime | None) -> str | None:
+    """An ISO 8601 UTC timestamp ending in Z (Replicate's form); naive datetimes (as SQLite
+    returns them) are taken to be UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def new_id() -> str:
     """26 characters of base32, like Replicate's prediction/training ids."""
     return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()[:26]
@@ -30,32 +39,17 @@ def new_version_id() -> str:
     return secrets.token_hex(32)
 
 
-class Status(str, enum.Enum):
-    """Lifecycle of a training or prediction. Who moves it:
-
-    starting   → processing (a worker claims it), canceled (a cancel before it was claimed),
-                 paused (a pause before it was claimed)
-    processing → succeeded | failed (the worker), canceled (the worker, after a cancel request),
-                 paused (the worker, after a pause request: it stops, keeping the checkpoints);
-                 a processing job whose lease expired is claimed again by any worker and resumed
-    paused     → starting (a resume: a worker claims it and resumes from its last checkpoint),
-                 canceled (a cancel)
-
-    Only trainings: a prediction is never paused.
-    """
-
-    starting = "starting"
-    processing = "processing"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-    paused = "paused"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Status.succeeded, Status.failed, Status.canceled)
-
-
+#: Lifecycle of a training or prediction, and who moves it:
+#:
+#: starting   → processing (a worker claims it), canceled (a cancel before it was claimed),
+#:              paused (a pause before it was claimed)
+#: processing → succeeded | failed (the worker), canceled (the worker, after a cancel request),
+#:              paused (the worker, after a pause request: it stops, keeping the checkpoints);
+#:              a processing job whose lease expired is claimed again by any worker and resumed
+#: paused     → starting (a resume: a worker claims it and resumes from its last checkpoint),
+#:              canceled (a cancel)
+#:
+#: Only trainings are ever paused. TERMINAL are the final states: nothing moves out of them.
 TERMINAL = ("succeeded", "failed", "canceled")
 UNFINISHED = ("starting", "processing")
 

@@ -7,6 +7,7 @@ webhook is never sent for a change that was rolled back, and none is lost on a r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,14 +33,9 @@ def wants(row: Training | Prediction, event: str) -> bool:
     return event in (events if events else EVENTS)
 
 
-def api_json(row: Training | Prediction, base_url: str) -> dict[str, Any]:
-    """The object as GET /v1/trainings/{id} or /v1/predictions/{id} answers it."""
-    # Imported here: objects.py belongs to the API layer and is the one place the shapes live.
-    from tunery.store import objects
-
-    if isinstance(row, Training):
-        return objects.training_json(row, base_url)
-    return objects.prediction_json(row, base_url)
+#: Renders a training or prediction as a webhook body: (row, base URL) -> JSON object. The API
+#: that owns webhooks (Replicate's) gives it to the Store; the store itself knows no wire shapes.
+WebhookBody = Callable[[Training | Prediction, str], dict[str, Any]]
 
 
 def dumps(body: dict[str, Any]) -> str:
@@ -52,8 +48,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def enqueue(session: Session, row: Training | Prediction, event: str,
-            base_url: str) -> WebhookDelivery | None:
+def enqueue(session: Session, row: Training | Prediction, event: str, base_url: str,
+            render: WebhookBody | None) -> WebhookDelivery | None:
     """Queue `event` for `row` in `session`'s transaction, if its webhook wants it.
 
     A throttled event (`logs`, `output`) within 500 ms of the last one of its kind either
@@ -62,8 +58,10 @@ def enqueue(session: Session, row: Training | Prediction, event: str,
     """
     if not wants(row, event):
         return None
+    if render is None:
+        raise RuntimeError("this Store was opened without webhook_body, so it cannot write webhook bodies")
     session.flush()  # so defaults (created_at, ...) are in the body
-    body = dumps(api_json(row, base_url))
+    body = dumps(render(row, base_url))
     now = utcnow()
     if event in THROTTLED:
         last = session.scalars(

@@ -43,13 +43,17 @@ def hash_token(token: str) -> str:
 class Store(JobsMixin):
     """All of the service's state, in the database at `url` (SQLite file or PostgreSQL).
 
-    `base_url` is where clients reach the API; it goes into webhook bodies. With `migrate`, the
-    schema is brought to the newest alembic revision before anything else happens.
+    `base_url` is where clients reach the API; `webhook_body` renders a training or prediction as
+    a webhook's body (the API that owns webhooks gives it; a store without it refuses to queue a
+    webhook). With `migrate`, the schema is brought to the newest alembic revision before anything
+    else happens.
     """
 
-    def __init__(self, url: str, *, base_url: str = "http://127.0.0.1:8000", migrate: bool = True):
+    def __init__(self, url: str, *, base_url: str = "http://127.0.0.1:8000", migrate: bool = True,
+                 webhook_body: outbox.WebhookBody | None = None):
         self.url = url
         self.base_url = base_url.rstrip("/")
+        self.webhook_body = webhook_body
         self.engine = db.make_engine(url)
         self._read, self._write = db.session_factories(self.engine)
         if migrate:

@@ -1,5 +1,5 @@
-"""Preference tuning: TRL's DPOTrainer on our loaded, adapted model, with the supervised trainer's
-arguments, callbacks, optimizer (LoRA+) and token meter (train/engine.py builds it for method=dpo)."""
+"""Preference tuning (method=dpo): TRL's DPOTrainer on our loaded, adapted model, with the arguments,
+callbacks, optimizer (LoRA+) and token meter every method shares (train/trainer.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from trl import DPOTrainer
 
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import TokenMeter
-from tunery.train.engine import TrainerBase, equip, our_callbacks
 from tunery.train.events import EventSink
+from tunery.train.trainer import TrainerBase, equip, our_callbacks
 
 
 def preference_dataset(rows: list[dict]):
@@ -32,7 +32,8 @@ def preference_dataset(rows: list[dict]):
 def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
                        sink: EventSink, progress: bool, extra_callbacks: list | None, checkpoint_minutes: float,
                        base: str | None):
-    """TRL's DPOTrainer on our loaded, adapted model, with our TrainingArguments values and callbacks.
+    """TRL's DPOTrainer on our loaded, adapted model, with `common` (train.trainer.training_arguments)
+    and our callbacks. Returns the trainer, its token meter and the events callback.
 
     The reference policy: for LoRA and QLoRA the base itself, i.e. the model with its adapter
     disabled (TRL's default with a peft model would keep a frozen copy of the fresh adapter, which

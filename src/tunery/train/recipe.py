@@ -21,6 +21,7 @@ from typing import Any
 
 from tunery.artifacts.run import ARCHIVE, CHECKPOINT_DONE, Run
 from tunery.errors import OutOfMemoryError, SpecError, TuneryError, is_out_of_memory, out_of_memory_message
+from tunery.models.registry import DEFAULT_BASE
 from tunery.settings import Settings, get_settings
 from tunery.spec import TrainingInputs
 from tunery.train.events import EventSink
@@ -179,7 +180,7 @@ def load_datasets(inputs: TrainingInputs, settings: Settings):
 def train(
     inputs: TrainingInputs | dict,
     *,
-    base: str = "smollm2-135m",
+    base: str = DEFAULT_BASE,
     output_dir: str | Path | None = None,
     resume: bool = False,
     events: EventSink | str | Path | None = None,
@@ -249,7 +250,7 @@ def _echo_to_stderr(event: dict) -> None:
 def _run_name() -> str:
     """A new run directory's name: the time, or under several processes the launcher's run id
     (the same in every process, where each one's clock might name a different directory)."""
-    from tunery.train.engine import world_size
+    from tunery.train.trainer import world_size
 
     if world_size() == 1:
         return time.strftime("run-%Y%m%d-%H%M%S")
@@ -262,7 +263,7 @@ def _run_name() -> str:
 def _check_batch_for_processes(inputs: TrainingInputs) -> None:
     """train_batch_size is the global batch: under `accelerate launch` it is split over the
     processes, so it must be a multiple of micro_batch_size × processes."""
-    from tunery.train.engine import world_size
+    from tunery.train.trainer import world_size
 
     world = world_size()
     step = inputs.micro_batch_size * world
@@ -319,7 +320,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         training=True,
         trainable_base=inputs.peft_method == "full",
     )
-    from tunery.train.engine import training_precision
+    from tunery.train.trainer import training_precision
 
     chosen = training_precision(inputs, device)
     weights = str(model.dtype).removeprefix("torch.")
@@ -351,7 +352,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     sink.emit("log", message=f"{inputs.peft_method}: {trainable:,} trainable of {total:,} parameters on {device}")
 
     # 4. Train (with the experiment trackers of report_to open, through the last validation).
-    from tunery.train.engine import build_trainer
+    from tunery.train.methods import build_trainer
     from tunery.train.tracking import tracking
 
     if inputs.trackers:
@@ -370,7 +371,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         )
         newest = run.newest_checkpoint() if resume else None
         checkpoint = str(newest) if newest is not None else None
-        from tunery.train.engine import world_size
+        from tunery.train.trainer import world_size
 
         processes = world_size()
         sharding = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp") if processes > 1 else None

@@ -1,16 +1,15 @@
-"""The child process that runs one training: `python -m tunery.worker.child JOB.json`.
+"""The child process that runs one training: `python -m tunery.worker.child ARGS.json`.
 
 The worker starts it in its own process group, so that a cancel can stop it with everything
-it started, and so that a crash or an out-of-memory kill fails the job, not the worker. The
-attempt's file holds the run's URL (whose job.json holds the inputs and the base), whether to
-resume, where to write events, the settings, the worker's pid, and the file whose appearance
-pauses the training. Exit status 0 means the training succeeded, PAUSED that it saved a
+it started, and so that a crash or an out-of-memory kill fails the job, not the worker. Its
+argument file (`ChildArgs`) holds the run's URL (whose job.json is the typed `TrainingJob`),
+whether to resume, where to write events, the settings, the worker's pid, and the file whose
+appearance pauses the training. Exit status 0 means the training succeeded, PAUSED that it saved a
 checkpoint and stopped on request.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -18,7 +17,24 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
+from tunery.settings import Settings
+
 PAUSED = 75  # EX_TEMPFAIL: stopped on request, to be resumed
+
+
+class ChildArgs(BaseModel):
+    """What the worker tells the training process of one attempt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str  # the run's URL; its job.json is the TrainingJob
+    resume: bool
+    events: str  # the file the training appends its events to
+    settings: Settings
+    parent_pid: int
+    pause: str | None = None  # the file whose appearance asks the training to checkpoint and stop
 
 
 def _die_with_worker(worker_pid: int, interval: float = 0.5) -> None:
@@ -50,32 +66,31 @@ def _die_with_worker(worker_pid: int, interval: float = 0.5) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m tunery.worker.child JOB.json", file=sys.stderr)
+        print("usage: python -m tunery.worker.child ARGS.json", file=sys.stderr)
         return 2
-    attempt = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    _die_with_worker(attempt["parent_pid"])
+    args = ChildArgs.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
+    _die_with_worker(args.parent_pid)
 
-    from tunery.settings import Settings
     from tunery.train.recipe import Paused, train
 
-    settings = Settings(**attempt["settings"])
-    run = settings.run(attempt["run"])
+    settings = args.settings
+    run = settings.run(args.run)
     job = run.read_job()
     inputs = job.training_inputs()
     try:
         train(
             inputs,
-            given=job.inputs,
+            given=job.given(),
             base=job.base,
             output_dir=run.url,
-            resume=attempt["resume"],
-            events=attempt["events"],
+            resume=args.resume,
+            events=args.events,
             progress=False,
             settings=settings,
             # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
             # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
             test_data=inputs.validation_data,
-            pause_file=attempt.get("pause"),
+            pause_file=args.pause,
         )
     except Paused:  # the checkpoint of the step it stopped at is saved (and in the storage)
         return PAUSED

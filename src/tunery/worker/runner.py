@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunery.artifacts.run import Job
+from tunery.artifacts.run import TrainingJob
 from tunery.settings import Settings
 from tunery.store.models import Training
 from tunery.store.store import Store
+from tunery.worker.child import ChildArgs
 from tunery.worker.progress import Progress
 
 log = logging.getLogger("tunery.worker")
@@ -48,7 +49,7 @@ def flush_interval(row_bytes: int) -> float:
     return min(MAX_FLUSH_INTERVAL, max(FLUSH_INTERVAL, row_bytes / FLUSH_BYTES_PER_SECOND))
 
 
-def processes_for(job: Job, settings: Settings) -> tuple[int, str]:
+def processes_for(job: TrainingJob, settings: Settings) -> tuple[int, str]:
     """(processes to train `job` with, a note on them for the log). One per device named in the
     settings (or `train_processes`), as many of them as split its global batch evenly: the
     global batch is train_batch_size, cut into micro batches shared out over the processes."""
@@ -117,7 +118,7 @@ class Worker:
         log.info("worker %s: running training %s (attempt %d)", self.worker_id, training.id,
                  training.attempts)
         try:
-            _Run(self, training, stop_event or threading.Event()).run()
+            Attempt(self, training, stop_event or threading.Event()).run()
         except Exception as exc:
             log.exception("worker %s: training %s", self.worker_id, training.id)
             self.store.finish_training(training.id, self.worker_id, status="failed",
@@ -125,7 +126,7 @@ class Worker:
         return True
 
 
-class _Run:
+class Attempt:
     """One attempt at one training, from starting the child to the final state."""
 
     def __init__(self, worker: Worker, training: Training, stop_event: threading.Event):
@@ -146,7 +147,7 @@ class _Run:
         worker, training = self.worker, self.training
         # No child of an earlier attempt still runs here: it dies with its worker (see child.py),
         # well before that worker's lease expires and this attempt could begin.
-        job = Job.model_validate(training.job)
+        job = TrainingJob.of(training.input or {}, training.job or {})
         torn = self.artifacts.drop_torn_checkpoints()
         resume = training.attempts > 1 or bool(self.artifacts.checkpoint_names())
         self.artifacts.write_job(job)
@@ -190,11 +191,9 @@ class _Run:
         self.job_path, self.events_path, self.output_path = self.artifacts.attempt_files(prefix)
         self.pause_path = self.job_path.with_suffix(".pause")
         self.events_path.touch()
-        self.job_path.write_text(json.dumps({
-            "run": self.artifacts.url, "resume": resume, "events": str(self.events_path),
-            "settings": self.worker.settings.model_dump(mode="json"), "parent_pid": os.getpid(),
-            "pause": str(self.pause_path),
-        }), encoding="utf-8")
+        self.job_path.write_text(ChildArgs(
+            run=self.artifacts.url, resume=resume, events=str(self.events_path), settings=self.worker.settings,
+            parent_pid=os.getpid(), pause=str(self.pause_path)).model_dump_json(), encoding="utf-8")
         command, env = self._launch()
         with open(self.output_path, "wb") as output:
             return subprocess.Popen([*command, "-m", "tunery.worker.child", str(self.job_path)], env=env,
@@ -315,6 +314,8 @@ class _Run:
         worker, progress = self.worker, self.progress
         if progress.succeeded is not None and returncode == 0:
             metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
+            if self.training.openai is not None:  # a fine-tuning job's results file, there when it succeeds
+                self._save_results(metrics)
             try:
                 done = self.store.succeed_training(
                     self.id, worker.worker_id, run_url=self.artifacts.url,
@@ -330,6 +331,14 @@ class _Run:
             error = f"{error} (after {retries} retries from the last checkpoint)"
         self.store.finish_training(self.id, worker.worker_id, status="failed", error=error)
         log.info("worker %s: training %s failed: %s", worker.worker_id, self.id, error)
+
+    def _save_results(self, metrics: dict[str, Any]) -> None:
+        from tunery.service.trainings import save_results
+
+        try:
+            save_results(self.store, self.worker.settings, self.training, metrics)
+        except Exception:  # the storage went away: the training stands, without its results file
+            log.exception("worker %s: saving the results file of training %s", self.worker.worker_id, self.id)
 
     def _exit_reason(self, returncode: int, *, tail: bool = True) -> str:
         """Why the child ended without a `failed` event: its signal or status, and the tail of its output."""

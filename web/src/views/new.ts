@@ -1,7 +1,6 @@
 import { allModels, api, ApiError, FileCheck, FileObject, Model, owner, Training } from "../api";
-import { fill, go, h } from "../dom";
+import { fill, go, h, View } from "../dom";
 import { Field, fields, num, parseValue } from "../format";
-import type { View } from "../main";
 import { card, errorBox, fieldInput, FieldInput, lineError, message } from "../widgets";
 
 /** Replicate's own training inputs come first in the spec; the rest go under "More options". */

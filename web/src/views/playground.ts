@@ -1,7 +1,6 @@
 import { allModels, api, localPath, Page, Prediction, streamEvents, Version } from "../api";
-import { fill, h } from "../dom";
+import { fill, h, View } from "../dom";
 import { fields, parseValue } from "../format";
-import type { View } from "../main";
 import { card, errorBox, fieldInput, FieldInput, message } from "../widgets";
 
 interface Choice {

@@ -1,6 +1,5 @@
 import { signIn } from "../api";
-import { h } from "../dom";
-import type { View } from "../main";
+import { h, View } from "../dom";
 import { message } from "../widgets";
 
 /** Ask for an API token; keep it for this tab only once GET /v1/account accepts it. */

@@ -9,9 +9,8 @@ interface ExportInfo {
   urls: { download: string };
 }
 import { lineChart } from "../chart";
-import { every, fill, h } from "../dom";
+import { every, fill, h, View } from "../dom";
 import { dataFromStats, dataSummary, duration, eta, evalRows, num, progress, runTime, samples, series, StepClock } from "../format";
-import type { View } from "../main";
 import { badge, bar, card, errorBox, kv, message } from "../widgets";
 import { POLL_MS } from "./trainings";
 

@@ -1,7 +1,6 @@
 import { api, Page, TrainingSummary } from "../api";
-import { every, fill, go, h } from "../dom";
+import { every, fill, go, h, View } from "../dom";
 import { ago, duration, eta, num, progress, runTime, StepClock } from "../format";
-import type { View } from "../main";
 import { badge, bar, errorBox } from "../widgets";
 
 export const POLL_MS = 2000;

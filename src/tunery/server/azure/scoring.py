@@ -19,11 +19,19 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.errors import TuneryError
 from tunery.server.deps import PathModel, RunnerDep, SettingsDep, StoreDep
 from tunery.server.errors import ApiError, invalid
-from tunery.store.models import Model, Version
+from tunery.service import predictions
+from tunery.service.errors import Busy, NotFound, ServiceError
+from tunery.store.models import Version
 
 router = APIRouter(tags=["azure"])
+
+#: Azure's parameters, and the SamplingParams each sets. Azure's own defaults: do_sample false
+#: (greedy), and when sampling temperature 1.0 and top_p 1.0; the rest are SamplingParams'.
+KNOWN = {"top_p", "top_k", "temperature", "max_new_tokens", "do_sample", "return_full_text", "seed",
+         "stop_sequences"}
 
 
 class _Input(BaseModel):
@@ -38,49 +46,47 @@ class ScoreBody(BaseModel):
 
 
 def _params(parameters: dict[str, Any]):
-    from tunery.infer.engine import SamplingParams
+    from tunery.infer.generation import SamplingParams
 
-    known = {"top_p", "top_k", "temperature", "max_new_tokens", "do_sample", "return_full_text", "seed",
-             "stop_sequences"}
-    unknown = sorted(set(parameters) - known)
+    unknown = sorted(set(parameters) - KNOWN)
     if unknown:
-        raise invalid(f"input_data.parameters: unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})",
+        raise invalid(f"input_data.parameters: unknown parameter {unknown[0]!r} (known: {', '.join(sorted(KNOWN))})",
                       [{"field": f"input_data.parameters.{unknown[0]}", "reason": "unknown parameter"}])
     sample = bool(parameters.get("do_sample", False))
+    given: dict[str, Any] = {"temperature": float(parameters.get("temperature", 1.0)) if sample else 0.0,
+                             "top_p": float(parameters.get("top_p", 1.0)),
+                             "stop_sequences": parameters.get("stop_sequences"), "seed": parameters.get("seed")}
     try:
-        return SamplingParams(max_new_tokens=int(parameters.get("max_new_tokens", 128)),
-                              temperature=float(parameters.get("temperature", 1.0)) if sample else 0.0,
-                              top_p=float(parameters.get("top_p", 1.0)), top_k=int(parameters.get("top_k", 50)),
-                              stop_sequences=parameters.get("stop_sequences"), seed=parameters.get("seed"))
+        if "max_new_tokens" in parameters:
+            given["max_new_tokens"] = int(parameters["max_new_tokens"])
+        if "top_k" in parameters:
+            given["top_k"] = int(parameters["top_k"])
+        return SamplingParams(**given)
     except (TypeError, ValueError) as e:
         raise invalid(f"input_data.parameters: {e}", [{"field": "input_data.parameters", "reason": str(e)}]) from None
 
 
-def _score(model: Model, version: Version, body: ScoreBody, store, settings, runner) -> list[dict[str, str]]:
-    from tunery.errors import TuneryError
-    from tunery.infer.engine import EngineBusy, Request
-
+def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str, str]]:
     params = _params(body.input_data.parameters)
     full = bool(body.input_data.parameters.get("return_full_text", True))
     prompts = body.input_data.input_string
-    held = 0
     try:
-        for _ in prompts:
-            if not runner.reserve():
-                raise ApiError(429, "Request was throttled: too many predictions in flight", title="Too many requests",
-                               headers={"Retry-After": "1"})
-            held += 1
-        engine = runner.engine(version.base_name)
-        generations = [engine.submit(Request.make(p, weights=version.run_url, params=params, settings=settings))
-                       for p in prompts]
+        slots = predictions.take_slots(runner, len(prompts))
+    except Busy:
+        raise ApiError(429, "Request was throttled: too many predictions in flight", title="Too many requests",
+                       headers={"Retry-After": "1"}) from None
+    try:
+        generations = [predictions.generate(runner, settings, version, p, params) for p in prompts]
         texts = [g.text() for g in generations]
-    except EngineBusy as e:
-        raise ApiError(429, str(e), title="Too many requests", headers={"Retry-After": "1"}) from None
-    except (TuneryError, ValueError) as e:
+    except Busy as e:
+        raise ApiError(429, e.message, title="Too many requests", headers={"Retry-After": "1"}) from None
+    except ServiceError as e:
+        raise invalid(e.message, [{"field": "input_data", "reason": e.message}]) from None
+    except (TuneryError, ValueError) as e:  # the engine refused it while generating
         raise invalid(str(e), [{"field": "input_data", "reason": str(e)}]) from None
     finally:
-        for _ in range(held):
-            runner.unreserve()
+        for slot in slots:
+            slot.release()
     return [{"0": (prompt + text) if full else text} for prompt, text in zip(prompts, texts, strict=True)]
 
 
@@ -88,10 +94,11 @@ def _score(model: Model, version: Version, body: ScoreBody, store, settings, run
 def score_latest(body: ScoreBody, model: PathModel, store: StoreDep, settings: SettingsDep,
                  runner: RunnerDep) -> list[dict[str, str]]:
     """Azure ML's scoring request on the model's latest version."""
-    version = store.latest_version(model.id)
-    if version is None:
-        raise ApiError(404, f"model {model.owner}/{model.name} has no version yet", title="Not found")
-    return _score(model, version, body, store, settings, runner)
+    try:
+        version = predictions.latest_version(store, model)
+    except NotFound:
+        raise ApiError(404, f"model {model.owner}/{model.name} has no version yet", title="Not found") from None
+    return _score(version, body, settings, runner)
 
 
 @router.post("/v1/models/{model_owner}/{model_name}/versions/{version_id}/score")
@@ -101,4 +108,4 @@ def score_version(body: ScoreBody, model: PathModel, version_id: str, store: Sto
     version = store.get_version(model.id, version_id)
     if version is None:
         raise ApiError(404, f"version {version_id} of {model.owner}/{model.name} not found", title="Not found")
-    return _score(model, version, body, store, settings, runner)
+    return _score(version, body, settings, runner)

@@ -1,12 +1,11 @@
 """Uploaded files (Replicate's /v1/files): training data sent to the server itself, whose
-`urls.get` is then passed as `train_data`."""
+`urls.get` is then passed as `train_data`; and `/check`, the dashboard's look at a file as
+training data right after its upload (the one check a training's create runs)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mimetypes
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,13 +14,11 @@ from fastapi.responses import StreamingResponse
 
 from tunery.server.deps import BaseUrl, Owner, PagingDep, SettingsDep, StoreDep
 from tunery.server.download import download
-from tunery.server.errors import ApiError, invalid, not_found
-from tunery.store.models import File
-from tunery.store.objects import file_json
+from tunery.server.errors import invalid, not_found
+from tunery.server.replicate.shapes import file_json
+from tunery.service import files
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-
-_CHUNK = 1024 * 1024
 
 
 @router.post("", status_code=201)
@@ -41,39 +38,8 @@ def create_file(
     content_type = (
         declared_type or content.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
     )
-    return file_json(store_upload(content, owner, store, settings, name=name, content_type=content_type,
-                                  meta=meta), base)
-
-
-def store_upload(content: UploadFile, owner: str, store, settings, *, name: str, content_type: str,
-                 meta: dict[str, Any] | None = None, purpose: str | None = None) -> File:
-    """Save an upload into the storage (files/<owner>/...) and record it; its row. Shared by
-    Replicate's /v1/files and OpenAI's /openai/v1/files, so both find the same files."""
-    folder = settings.files_dir / owner
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{secrets.token_hex(8)}-{name[-100:]}"
-    url = None
-    try:
-        size, sha256, md5 = _save(content, path, settings.max_upload_bytes)
-        url = settings.objects.put(path, f"files/{owner}/{path.name}")
-        row = store.create_file(
-            owner,
-            name=name,
-            content_type=content_type,
-            size=size,
-            sha256=sha256,
-            md5=md5,
-            path=url,
-            meta=meta,
-            purpose=purpose,
-        )
-    except BaseException:
-        path.unlink(missing_ok=True)
-        if url is not None:
-            settings.objects.delete(url)
-        raise
-    path.unlink(missing_ok=True)  # the storage has it
-    return row
+    row = files.save_upload(store, settings, owner, content.file, name=name, content_type=content_type, meta=meta)
+    return file_json(row, base)
 
 
 @router.get("")
@@ -93,9 +59,27 @@ def get_file(file_id: str, owner: Owner, store: StoreDep, base: BaseUrl) -> dict
 @router.get("/{file_id}/download")
 def download_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
     row = store.get_file(owner, file_id)
-    if row is None or not settings.objects.exists(row.path):
+    if row is None or not files.file_exists(settings, row):
         raise not_found(f"file {file_id}")
     return download(settings.objects.open(row.path), filename=row.name, size=row.size, media_type=row.content_type)
+
+
+@router.get("/{file_id}/check")
+def check_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Validate one of the caller's files as training data (JSONL, every line). Always 200 for a
+    file that exists: `valid`, the `format` and `rows` of a valid file, else `errors` as a
+    training's 422 lists them (`{"file", "line", "field", "reason"}`) and `detail` summarising."""
+    row = store.get_file(owner, file_id)
+    if row is None or not files.file_exists(settings, row):
+        raise not_found(f"file {file_id}")
+    check = files.check_file(store, settings, row)
+    answer: dict[str, Any] = {"id": row.id, "name": row.name, "size": row.size, "valid": check.valid,
+                              "format": check.format, "rows": check.rows}
+    if check.valid:
+        detail = f"{row.name}: {check.rows} valid {check.format} rows"
+    else:
+        detail = check.summary
+    return answer | {"detail": detail, "errors": check.errors[:files.MAX_LISTED], "errors_total": len(check.errors)}
 
 
 @router.delete("/{file_id}", status_code=204)
@@ -104,9 +88,8 @@ def delete_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsD
     when the file was fetched; one given by its URL is read again by the worker: delete a file
     only once the trainings using it have started)."""
     row = store.get_file(owner, file_id)
-    if row is None or not store.delete_file(owner, file_id):
+    if row is None or not files.delete_file(store, settings, owner, row):
         raise not_found(f"file {file_id}")
-    settings.objects.delete(row.path)
     return Response(status_code=204)
 
 
@@ -122,18 +105,3 @@ def _metadata(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid("metadata: must be a JSON object", [{"field": "metadata", "reason": "not an object"}])
     return value
-
-
-def _save(upload: UploadFile, path: Path, limit: int) -> tuple[int, str, str]:
-    """Copy the upload to `path`; (size, sha256, md5). A 413 as soon as it passes `limit`."""
-    sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
-    upload.file.seek(0)
-    with open(path, "wb") as out:
-        while chunk := upload.file.read(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"file too large: the limit is {limit} bytes", title="Payload too large")
-            sha256.update(chunk)
-            md5.update(chunk)
-            out.write(chunk)
-    return size, sha256.hexdigest(), md5.hexdigest()

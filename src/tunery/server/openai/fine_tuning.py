@@ -1,11 +1,7 @@
 """OpenAI's fine-tuning API under /openai/v1, on tunery's own files, trainings and models: point the
 official `openai` client at `<server>/openai/v1` with a tunery token and follow OpenAI's
-fine-tuning guide.
+fine-tuning guide. (Its files are in files.py.)
 
-- `/files`: upload (`purpose=fine-tune`), list, retrieve, `/content`, delete; ids `file-<id>` of
-  the same files Replicate's /v1/files stores. A fine-tune file is validated as it is uploaded:
-  `status` "processed", or "error" with every bad line in `status_details`, and a job on such a
-  file is refused (400 `invalid_training_file`), so no job ever starts on bad data.
 - `/fine_tuning/jobs`: create, list (`after`, `limit`, `metadata[k]=v`), retrieve, cancel, pause,
   resume, `/events`, `/checkpoints`. A job `ftjob-<id>` IS the tunery training `<id>` (same row,
   workers, storage and webhooks); its version is pushed to a private model `ftjob-<id>` of the
@@ -19,148 +15,34 @@ before the job is created, so a job is never seen in `validating_files`.)
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import secrets
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunery.data.jsonl import method_problem
 from tunery.server.deps import Owner, SettingsDep, StoreDep
-from tunery.server.download import download
-from tunery.server.routes.files import store_upload
-from tunery.server.routes.openai import (
-    FT_MODEL_PREFIX,
-    OpenAIError,
-    final_step,
-    fine_tuned_name,
-    resolve_fine_tuned,
-)
-from tunery.store.models import File, Training
-from tunery.store.store import BASE_OWNER, Conflict
+from tunery.server.openai.errors import OpenAIError, from_service
+from tunery.server.openai.files import FILE, file_row, ts
+from tunery.server.openai.names import FT_MODEL_PREFIX, final_step, fine_tuned_name, resolve_fine_tuned
+from tunery.service import trainings
+from tunery.service.errors import InvalidData, ServiceError, Unavailable
+from tunery.service.files import RESULTS
+from tunery.service.trainings import REWARDS
+from tunery.store.models import TERMINAL, Training
+from tunery.store.store import BASE_OWNER
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
-FILE = "file-"
 JOB = "ftjob-"
 CHECKPOINT = "ftckpt-"
 EVENT = "ftevent-"
-PURPOSES = ("fine-tune",)  # what may be uploaded; "fine-tune-results" files are the jobs' own
-RESULTS = "fine-tune-results"
-MAX_DETAILS = 100  # bad lines listed in a file's status_details (and in a job's 400)
 MAX_METADATA = 16
-# A DPO job's reward metrics: (tunery's history key, the name in events, checkpoints and the CSV, in messages).
-REWARDS = [("reward_accuracy", "train_reward_accuracy", "reward accuracy"),
-           ("reward_margin", "train_reward_margin", "reward margin"),
-           ("val_reward_accuracy", "valid_reward_accuracy", "validation reward accuracy"),
-           ("val_reward_margin", "valid_reward_margin", "validation reward margin")]
 
 STATUS = {"starting": "queued", "processing": "running", "paused": "paused", "succeeded": "succeeded",
           "failed": "failed", "canceled": "cancelled"}
-FINAL = ("succeeded", "failed", "canceled")
-
-
-def _ts(value) -> int | None:
-    return int(value.timestamp()) if value is not None else None
-
-
-# -- files -----------------------------------------------------------------------------------------
-
-def file_object(row: File) -> dict[str, Any]:
-    """OpenAI's file object. A file uploaded through Replicate's API has no purpose of its own: it
-    shows as "fine-tune", "uploaded" (not validated yet)."""
-    return {"id": FILE + row.id, "object": "file", "bytes": row.size, "created_at": _ts(row.created_at),
-            "filename": row.name, "purpose": row.purpose or "fine-tune", "status": row.status or "uploaded",
-            "status_details": row.status_details, "expires_at": None}
-
-
-def _file_row(store, owner: str, file_id: str, *, param: str | None = None) -> File:
-    row = store.get_file(owner, file_id[len(FILE):]) if file_id.startswith(FILE) else None
-    if row is None:
-        raise OpenAIError(404 if param is None else 400, f"No such File object: {file_id}", param=param or "id",
-                          code=None if param is None else f"invalid_{param}")
-    return row
-
-
-def _line(error) -> str:
-    return f"line {error.line}: {error.field}: {error.reason}" if error.field else f"line {error.line}: {error.reason}"
-
-
-def check_file(store, settings, row: File) -> File:
-    """Validate a file as training data (tunery's read_jsonl: every line) and record the outcome on
-    the file: "processed" with its format and rows, or "error" with the bad lines, one a line."""
-    from tunery.data import read_jsonl
-    from tunery.errors import DataError, TuneryError
-
-    try:
-        local = settings.objects.get(row.path, settings.download_dir / "files")
-        data = read_jsonl(local, name=row.name)
-    except DataError as exc:
-        lines = [_line(e) for e in exc.errors[:MAX_DETAILS]]
-        if len(exc.errors) > MAX_DETAILS:
-            lines.append(f"... and {len(exc.errors) - MAX_DETAILS} more bad lines")
-        details = "\n".join(([exc.summary] if exc.summary else []) + lines) or str(exc)
-        return store.record_file_check(row.id, status="error", details=details, data_format=None, rows=None)
-    except TuneryError as exc:
-        return store.record_file_check(row.id, status="error", details=str(exc), data_format=None, rows=None)
-    return store.record_file_check(row.id, status="processed", details=None, data_format=data.format,
-                                   rows=len(data))
-
-
-@router.post("/files")
-def create_file(file: UploadFile, owner: Owner, store: StoreDep, settings: SettingsDep,
-                purpose: Annotated[str, Form()]) -> dict[str, Any]:
-    """Upload a file (multipart `file` and `purpose`). Only `fine-tune` files are taken; each is
-    validated as training data at once (see check_file)."""
-    if purpose not in PURPOSES:
-        raise OpenAIError(400, f"Invalid purpose '{purpose}': this server takes files for fine-tuning only "
-                          "(purpose 'fine-tune')", param="purpose", code="invalid_purpose")
-    name = (file.filename or "file").rsplit("/", 1)[-1] or "file"
-    row = store_upload(file, owner, store, settings, name=name, content_type=file.content_type or
-                       "application/jsonl", purpose=purpose)
-    return file_object(check_file(store, settings, row))
-
-
-@router.get("/files")
-def list_files(owner: Owner, store: StoreDep, purpose: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None,
-               order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
-    """The caller's files, newest first (or oldest with order=asc), after the file `after`."""
-    after_id = after[len(FILE):] if after and after.startswith(FILE) else after
-    rows, more = store.list_files_after(owner, purpose=purpose, after=after_id, order=order, limit=limit,
-                                        unset_purpose="fine-tune")
-    data = [file_object(r) for r in rows]
-    return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
-
-
-@router.get("/files/{file_id}")
-def retrieve_file(file_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
-    return file_object(_file_row(store, owner, file_id))
-
-
-@router.get("/files/{file_id}/content")
-def file_content(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
-    row = _file_row(store, owner, file_id)
-    if not settings.objects.exists(row.path):
-        raise OpenAIError(404, f"No such File object: {file_id} (its content is gone)", param="id")
-    return download(settings.objects.open(row.path), filename=row.name, size=row.size,
-                    media_type=row.content_type)
-
-
-@router.delete("/files/{file_id}")
-def delete_file(file_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
-    """Delete a file (a job still queued on it then fails: delete files once their jobs ran)."""
-    row = _file_row(store, owner, file_id)
-    if not store.delete_file(owner, row.id):
-        raise OpenAIError(404, f"No such File object: {file_id}", param="id")
-    settings.objects.delete(row.path)
-    return {"id": file_id, "object": "file", "deleted": True}
 
 
 # -- hyperparameters ---------------------------------------------------------------------------------
@@ -252,28 +134,27 @@ class JobCreate(BaseModel):
     integrations: list[dict[str, Any]] | None = None
 
 
-def _training_file(store, settings, owner: str, file_id: str, param: str, method: str) -> File:
-    """The caller's valid training (or validation) file, checked now if it never was; OpenAIError
-    400 `invalid_<param>` naming its bad lines otherwise, or a format the method cannot train on."""
-    row = _file_row(store, owner, file_id, param=param)
+def _training_file(store, settings, owner: str, file_id: str, param: str, method: str) -> trainings.Data:
+    """The caller's file `file_id` as a training's data, checked (the service's one file check); a
+    400 `invalid_<param>` naming its bad lines, or a format the method cannot train on, otherwise."""
+    row = file_row(store, owner, file_id, param=param)
     if row.purpose == RESULTS:
         raise OpenAIError(400, f"{file_id} is a job's results file, not training data", param=param,
                           code=f"invalid_{param}")
-    if row.status is None:
-        row = check_file(store, settings, row)
-    if row.status != "processed":
-        raise OpenAIError(400, f"The file {file_id} is not valid training data:\n{row.status_details}",
+    field = "train_data" if param == "training_file" else "validation_data"
+    data = trainings.data_from_file(store, settings, row, field, label=file_id)
+    if not data.check.valid:
+        raise OpenAIError(400, f"The file {file_id} is not valid training data:\n{data.check.status_details()}",
                           param=param, code=f"invalid_{param}")
-    if problem := method_problem(method, row.data_format or ""):
+    from tunery.data.jsonl import method_problem
+
+    if problem := method_problem(method, data.check.format or ""):
         raise OpenAIError(400, f"{file_id} {problem}", param=param, code=f"invalid_{param}")
-    return row
+    return data
 
 
 def _base(store, settings, owner: str, name: str):
     """(base model, its version) named as /openai/v1/models lists it ("tunery/<name>", or just "<name>")."""
-    from tunery.errors import ModelNotFoundError
-    from tunery.models.resolve import check_base
-
     if name.startswith("ft:"):
         raise OpenAIError(400, f"Fine-tuning a fine-tuned model ('{name}') is not supported yet: fine-tune its "
                           "base model on the combined data instead", param="model", code="model_not_available")
@@ -287,18 +168,20 @@ def _base(store, settings, owner: str, name: str):
                           "base model (tunery/<name>, as GET /openai/v1/models lists them)", param="model",
                           code="model_not_available")
     try:
-        check_base(version.base_name, settings, label=f"{model.owner}/{model.name}")
-    except ModelNotFoundError as exc:
-        raise OpenAIError(400, str(exc), param="model", code="model_not_available") from None
+        trainings.check_trainable(settings, model, version)
+    except ServiceError as exc:
+        raise OpenAIError(400, exc.message, param="model", code="model_not_available") from None
     return model, version
+
+
+_PARAMS = {"train_data": "training_file", "validation_data": "validation_file"}
 
 
 @router.post("/fine_tuning/jobs")
 def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Create a fine-tuning job: the files and every input are checked first, and a bad request
     leaves nothing behind (no job, no model)."""
-    from tunery.artifacts.run import Job
-    from tunery.spec import format_input_errors, input_errors
+    from tunery.store.models import new_id
 
     method = body.method.type if body.method else "supervised"
     if method == "reinforcement":
@@ -321,30 +204,24 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     if "beta" in given and kind != "dpo":
         raise OpenAIError(400, "beta is a DPO hyperparameter", param="hyperparameters.beta")
     model, version = _base(store, settings, owner, body.model)
-    train = _training_file(store, settings, owner, body.training_file, "training_file", kind)
-    valid = (_training_file(store, settings, owner, body.validation_file, "validation_file", kind)
-             if body.validation_file else None)
-    if valid is not None and valid.data_format != train.data_format:
-        raise OpenAIError(400, f"{body.validation_file} has {valid.data_format} rows but {body.training_file} has "
-                          f"{train.data_format} rows", param="validation_file", code="invalid_validation_file")
-    hyper = resolve_hyperparameters(train.rows or 0, given, kind)
+    data = {"train_data": _training_file(store, settings, owner, body.training_file, "training_file", kind)}
+    if body.validation_file:
+        data["validation_data"] = _training_file(store, settings, owner, body.validation_file, "validation_file",
+                                                 kind)
+    hyper = resolve_hyperparameters(data["train_data"].check.rows or 0, given, kind)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     inputs: dict[str, Any] = {
         "train_data": body.training_file, "num_train_epochs": hyper["n_epochs"],
         "train_batch_size": hyper["batch_size"], "micro_batch_size": _micro_batch(hyper["batch_size"]),
         "learning_rate": hyper["learning_rate_multiplier"] * BASE_LEARNING_RATE, "seed": seed, "method": kind,
-        "run_validation": valid is not None,
+        "run_validation": body.validation_file is not None,
     }
-    data = {"train_data": train.path}
     if kind == "dpo":
         inputs["dpo_beta"] = hyper["beta"]
-    if valid is not None:
+    if body.validation_file:
         inputs["validation_data"] = body.validation_file
-        inputs["num_validation_samples"] = valid.rows or 0
-        data["validation_data"] = valid.path
-    if errors := input_errors({**inputs, **data}):
-        raise OpenAIError(400, format_input_errors(errors), param="hyperparameters")
-    training_id = _new_training_id()
+        inputs["num_validation_samples"] = data["validation_data"].check.rows or 0
+    training_id = new_id()
     base_name = f"{model.owner}/{model.name}"
     fields: dict[str, Any] = {
         "model": base_name, "suffix": body.suffix, "metadata": body.metadata, "seed": seed,
@@ -352,17 +229,20 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
         "validation_file": body.validation_file,
         "fine_tuned_model": f"ft:{base_name}:{owner}:{body.suffix or ''}:{training_id}", "notes": [],
     }
-    row = store.create_fine_tuning_job(
-        owner, training_id=training_id, destination=f"{owner}/{FT_MODEL_PREFIX}{training_id}", model=base_name,
-        version_id=version.id, input=inputs, job=Job(inputs=inputs, data=data, base=version.base_name).model_dump(),
-        openai=fields)
-    return job_object(row, store, settings)
-
-
-def _new_training_id() -> str:
-    from tunery.store.models import new_id
-
-    return new_id()
+    try:
+        row = trainings.create_training(
+            store, settings, owner=owner, base=model, version=version,
+            destination=f"{owner}/{FT_MODEL_PREFIX}{training_id}", inputs=inputs, data=data, openai=fields,
+            training_id=training_id, new_destination=f"fine-tuned by fine-tuning job {JOB}{training_id}")
+    except InvalidData as exc:
+        param = _PARAMS.get(exc.field or "", "validation_file")
+        raise OpenAIError(400, exc.message, param=param,
+                          code=f"invalid_{param}") from None
+    except Unavailable as exc:
+        raise OpenAIError(400, exc.message, param="model", code="model_not_available") from None
+    except ServiceError as exc:
+        raise from_service(exc, param="hyperparameters") from None
+    return job_object(row)
 
 
 def _job(store, owner: str, job_id: str) -> Training:
@@ -377,7 +257,7 @@ def _hyper_shown(hyper: dict[str, Any]) -> dict[str, Any]:
     return {k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs") if k in hyper}
 
 
-def job_object(row: Training, store, settings) -> dict[str, Any]:
+def job_object(row: Training) -> dict[str, Any]:
     """OpenAI's fine_tuning.job of a training created through this API."""
     o = row.openai or {}
     hyper = o.get("hyperparameters") or {}
@@ -392,13 +272,13 @@ def job_object(row: Training, store, settings) -> dict[str, Any]:
         "id": JOB + row.id,
         "object": "fine_tuning.job",
         "model": o.get("model", row.model),
-        "created_at": _ts(row.created_at),
-        "finished_at": _ts(row.completed_at) if row.status in FINAL else None,
+        "created_at": ts(row.created_at),
+        "finished_at": ts(row.completed_at) if row.status in TERMINAL else None,
         "status": STATUS.get(row.status, row.status),
         "fine_tuned_model": fine_tuned_name(row) if succeeded else None,
         "organization_id": row.owner,
         "trained_tokens": metrics.get("trained_tokens") if succeeded else None,
-        "result_files": [result_file(row, store, settings)] if succeeded else [],
+        "result_files": [_result_file(o["result_file"])] if succeeded and o.get("result_file") else [],
         "error": error,
         "seed": o.get("seed"),
         "estimated_finish": _estimated_finish(row),
@@ -422,50 +302,9 @@ def _estimated_finish(row: Training) -> int | None:
     return int(row.started_at.timestamp() + elapsed * total / step)
 
 
-def metrics_csv(row: Training) -> str:
-    """The job's step metrics as OpenAI writes its results file: step, train_loss, train_accuracy,
-    valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those cells are empty)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    dpo = (row.openai or {}).get("method") == "dpo"
-    rewards = [(key, name) for key, name, _ in REWARDS] if dpo else []
-    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
-                     *(name for _, name in rewards)])
-    for h in (row.metrics or {}).get("history") or []:
-        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), "",
-                         *(h.get(key, "") for key, _ in rewards)])
-    return out.getvalue()
-
-
-def result_file(row: Training, store, settings) -> str:
-    """The id of the job's results file (purpose fine-tune-results, its metrics CSV), made on the
-    first look at the succeeded job and kept (deleting it does not bring it back)."""
-    o = row.openai or {}
-    if o.get("result_file"):
-        return str(o["result_file"])
-    file_id = f"r{row.id}"
-    existing = store.get_file(row.owner, file_id)
-    if existing is None:
-        import hashlib
-
-        content = metrics_csv(row).encode()
-        folder = settings.files_dir / row.owner
-        folder.mkdir(parents=True, exist_ok=True)
-        local = folder / f"{file_id}-step_metrics.csv"
-        local.write_bytes(content)
-        try:
-            url = settings.objects.put(local, f"files/{row.owner}/{local.name}")
-        finally:
-            local.unlink(missing_ok=True)
-        try:
-            store.create_file(row.owner, name="step_metrics.csv", content_type="text/csv", size=len(content),
-                              sha256=hashlib.sha256(content).hexdigest(), md5=hashlib.md5(content).hexdigest(),
-                              path=url, file_id=file_id, purpose=RESULTS)
-        except Conflict:  # another request made it at the same moment: the same bytes, the same name
-            pass
-        store.record_file_check(file_id, status="processed", details=None, data_format=None, rows=None)
-    store.set_training_openai(row.id, {"result_file": FILE + file_id})
-    return FILE + file_id
+def _result_file(file_id: str) -> str:
+    """A results file's OpenAI id (recorded as tunery's file id; older jobs recorded OpenAI's)."""
+    return file_id if file_id.startswith(FILE) else FILE + file_id
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
@@ -478,18 +317,18 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(request: Request, owner: Owner, store: StoreDep, settings: SettingsDep, after: str | None = None,
+def list_jobs(request: Request, owner: Owner, store: StoreDep, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The caller's fine-tuning jobs, newest first, after the job `after`; `metadata[k]=v` keeps the
     jobs whose metadata has each of those pairs."""
     after_id = after[len(JOB):] if after and after.startswith(JOB) else after
     rows, more = store.list_fine_tuning_jobs(owner, after=after_id, limit=limit, metadata=_metadata_filter(request))
-    return {"object": "list", "data": [job_object(r, store, settings) for r in rows], "has_more": more}
+    return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
-    return job_object(_job(store, owner, job_id), store, settings)
+def retrieve_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
+    return job_object(_job(store, owner, job_id))
 
 
 def _note(store, row: Training, message: str) -> None:
@@ -498,41 +337,41 @@ def _note(store, row: Training, message: str) -> None:
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def cancel_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
     """Cancel a job in any state but a final one: queued or paused ones at once, a running one within
     seconds (its worker stops it)."""
     row = _job(store, owner, job_id)
-    if row.status in FINAL:
+    if row.status in TERMINAL:
         raise OpenAIError(400, f"Job {job_id} has already {STATUS[row.status]} and cannot be cancelled",
                           param="fine_tuning_job_id")
     store.cancel_training(owner, row.id)
     _note(store, row, "Fine-tuning job cancellation requested")
-    return job_object(_job(store, owner, job_id), store, settings)
+    return job_object(_job(store, owner, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def pause_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
     """Pause a queued or running job: a running one is stopped by its worker within seconds, keeping
     its checkpoints; it shows "running" until then, "paused" after."""
     row = _job(store, owner, job_id)
-    if row.status not in ("starting", "processing") or row.cancel_requested:
+    if not trainings.can_pause(row):
         raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a queued or running "
                           "job can be paused", param="fine_tuning_job_id")
-    store.pause_training(owner, row.id)
+    trainings.pause_training(store, owner, row)
     _note(store, row, "Fine-tuning job paused")
-    return job_object(_job(store, owner, job_id), store, settings)
+    return job_object(_job(store, owner, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-def resume_job(job_id: str, owner: Owner, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def resume_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
     """Resume a paused job: queued again, and a worker goes on from its newest checkpoint."""
     row = _job(store, owner, job_id)
-    if row.status != "paused" and not (row.status == "processing" and row.pause_requested):
+    if not trainings.can_resume(row):
         raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a paused job can be "
                           "resumed", param="fine_tuning_job_id")
-    store.resume_training(owner, row.id)
+    trainings.resume_training(store, owner, row)
     _note(store, row, "Fine-tuning job resumed")
-    return job_object(_job(store, owner, job_id), store, settings)
+    return job_object(_job(store, owner, job_id))
 
 
 # -- events and checkpoints ------------------------------------------------------------------------------
@@ -580,7 +419,7 @@ def job_events(job: Training) -> list[dict[str, Any]]:
         events.append((at, 3, _event(job, f"step-{step}", at, message, data=data, type="metrics")))
     for i, note in enumerate(o.get("notes") or []):
         events.append((note["at"], 4, _event(job, f"note-{i}", note["at"], note["message"])))
-    if job.status in FINAL and job.completed_at is not None:
+    if job.status in TERMINAL and job.completed_at is not None:
         at = job.completed_at.timestamp()
         if job.status == "succeeded":
             events.append((at, 5, _event(job, "model", at, f"New fine-tuned model created: {fine_tuned_name(job)}")))

@@ -1,4 +1,5 @@
-"""`tunery data check`: the training's own validation and tokenization, without training.
+"""Preflight of a training, `tunery data check`: the training's own validation and tokenization of a
+JSONL file with a base's tokenizer, without training.
 
 Reports rows, tokens, tokens trained per row (after prompt masking), rows truncated, the
 fill of packed sequences at the given chunk_size, padding, and an estimate of the training
@@ -15,12 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tunery.errors import TuneryError
+from tunery.models.registry import DEFAULT_BASE
 
 
 def check_data(
     source: str,
     *,
-    base: str = "smollm2-135m",
+    base: str = DEFAULT_BASE,
     chunk_size: int = 2048,
     max_seq_length: int | None = None,
     micro_batch_size: int = 4,

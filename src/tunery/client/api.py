@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 
 from tunery.errors import TuneryError
-
-TERMINAL = ("succeeded", "failed", "canceled")
+from tunery.store.models import TERMINAL
 
 
 class ApiError(TuneryError):

@@ -1,20 +1,20 @@
-"""Rows as Replicate's JSON objects: the one place a row becomes what clients see.
+"""Rows as Replicate's JSON objects: the one place a row becomes what Replicate's clients see.
 
-The HTTP API answers with these dicts and the store writes them as webhook bodies, so a
-webhook carries exactly what `GET` returns. Plain dicts, no web framework: the store and the
-worker import this module without pulling in the server. Every URL is absolute, built on
+The HTTP API answers with these dicts, and the store is given `webhook_body` to write webhook
+bodies with, so a webhook carries exactly what `GET` returns. Replicate's rules of presentation
+live here too (a paused training shows as "starting"). Every URL is absolute, built on
 `base_url` (the server's public URL, no trailing slash), because the official client follows
 the URLs it is given as they are.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import dataclasses
 from functools import lru_cache
 from typing import Any
 
-from tunery import __version__
-from tunery.store.models import File, Model, Prediction, Training, Version
+from tunery.store.models import File, Model, Prediction, Training, Version, iso
+from tunery.version import __version__
 
 COG_VERSION = f"tunery-{__version__}"
 
@@ -27,77 +27,37 @@ OUTPUT_SCHEMA: dict[str, Any] = {
     "x-cog-array-display": "concatenate",
 }
 
-#: The prediction inputs every tunery version takes (infer.predict.SamplingParams' names and
-#: defaults, plus the prompt).
-PREDICTION_INPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "title": "Input",
-    "required": ["prompt"],
-    "properties": {
-        "prompt": {
-            "type": "string",
-            "title": "Prompt",
-            "x-order": 0,
-            "description": "Text to continue, used verbatim (no chat template).",
-        },
-        "max_new_tokens": {
-            "type": "integer",
-            "title": "Max New Tokens",
-            "default": 128,
-            "minimum": 1,
-            "x-order": 1,
-            "description": "Maximum number of tokens to generate.",
-        },
-        "temperature": {
-            "type": "number",
-            "title": "Temperature",
-            "default": 0.75,
-            "minimum": 0,
-            "x-order": 2,
-            "description": "Sampling temperature; 0 is greedy.",
-        },
-        "top_p": {
-            "type": "number",
-            "title": "Top P",
-            "default": 0.9,
-            "exclusiveMinimum": 0,
-            "maximum": 1,
-            "x-order": 3,
-            "description": "Sample from the smallest set of tokens with this much mass.",
-        },
-        "top_k": {
-            "type": "integer",
-            "title": "Top K",
-            "default": 50,
-            "minimum": 0,
-            "x-order": 4,
-            "description": "Sample from the k most likely tokens; 0 disables it.",
-        },
-        "stop_sequences": {
-            "type": "string",
-            "title": "Stop Sequences",
-            "x-order": 5,
-            "description": "Comma-separated; the output ends before the first one.",
-        },
-        "seed": {
-            "type": "integer",
-            "title": "Seed",
-            "minimum": 0,
-            "x-order": 6,
-            "description": "Random seed, for repeatable sampling.",
-        },
-    },
+#: The prediction inputs every tunery version takes (besides the prompt): their JSON types,
+#: bounds and descriptions. The defaults are SamplingParams' own (see `prediction_input_schema`).
+_SAMPLING_FIELDS: dict[str, dict[str, Any]] = {
+    "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
+                       "description": "Maximum number of tokens to generate."},
+    "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
+                    "description": "Sampling temperature; 0 is greedy."},
+    "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
+              "description": "Sample from the smallest set of tokens with this much mass."},
+    "top_k": {"type": "integer", "title": "Top K", "minimum": 0,
+              "description": "Sample from the k most likely tokens; 0 disables it."},
+    "stop_sequences": {"type": "string", "title": "Stop Sequences",
+                       "description": "Comma-separated; the output ends before the first one."},
+    "seed": {"type": "integer", "title": "Seed", "minimum": 0, "description": "Random seed, for repeatable sampling."},
 }
 
 
-def iso(value: datetime | None) -> str | None:
-    """An ISO 8601 UTC timestamp ending in Z (Replicate's form); naive datetimes (as SQLite
-    returns them) are taken to be UTC."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+@lru_cache(maxsize=1)
+def prediction_input_schema() -> dict[str, Any]:
+    """The Cog-style Input schema of every version: the prompt, then SamplingParams' fields with
+    their defaults (the engine's, so the schema, the CLI and the dashboard show the same ones)."""
+    from tunery.infer.generation import SamplingParams
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    properties: dict[str, Any] = {"prompt": {"type": "string", "title": "Prompt", "x-order": 0,
+                                             "description": "Text to continue, used verbatim (no chat template)."}}
+    for order, (name, schema) in enumerate(_SAMPLING_FIELDS.items(), start=1):
+        default = {"default": defaults[name]} if defaults.get(name) is not None else {}
+        properties[name] = {"type": schema["type"], "title": schema["title"], **default,
+                            **{k: v for k, v in schema.items() if k not in ("type", "title")}, "x-order": order}
+    return {"type": "object", "title": "Input", "required": ["prompt"], "properties": properties}
 
 
 # What a summary keeps of the metric history: enough recent points for a rate and an ETA.
@@ -237,7 +197,7 @@ def openapi_schema() -> dict[str, Any]:
         "components": {
             "schemas": {
                 **defs,
-                "Input": PREDICTION_INPUT_SCHEMA,
+                "Input": prediction_input_schema(),
                 "Output": OUTPUT_SCHEMA,
                 "TrainingInput": training,
                 "TrainingOutput": {
@@ -252,3 +212,24 @@ def openapi_schema() -> dict[str, Any]:
             }
         },
     }
+
+
+def export_json(training_id: str, base_url: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """An export of a training (its name, format, state and where to download it)."""
+    from tunery.export.exporter import file_name
+
+    out = {"name": entry["name"], "format": entry["format"], "status": entry.get("status", "succeeded"),
+           "error": entry.get("error"), "file": file_name(entry["name"]),
+           "urls": {"download": f"{base_url}/v1/trainings/{training_id}/exports/{entry['name']}"}}
+    for key in ("check", "max_abs_diff", "relative_diff", "tolerance", "argmax_agreement", "ollama_create",
+                "dtype", "quant"):
+        if key in entry:
+            out[key] = entry[key]
+    return out
+
+
+def webhook_body(row: Training | Prediction, base_url: str) -> dict[str, Any]:
+    """A webhook's body: the object as GET /v1/trainings/{id} or /v1/predictions/{id} answers it."""
+    if isinstance(row, Training):
+        return training_json(row, base_url)
+    return prediction_json(row, base_url)

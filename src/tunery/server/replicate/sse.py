@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 
-from tunery.server.runner import Channel, Event
+from tunery.service.prediction_runner import Channel, Event
 from tunery.store.models import TERMINAL, Prediction
 
 KEEPALIVE_SECONDS = 10.0  # a comment line this often keeps proxies and client read timeouts quiet

@@ -6,7 +6,8 @@ A registered base is an ordinary public base model "tunery/<name>" whose version
 the source itself (a local path made absolute, or the id or URL as given). Every process that
 reads the version — the API checking a training, the trainer child, the prediction engines —
 hands that to models.resolve_base, so none needs to look the name up again. The CLI
-(`tunery bases`) and the admin-only /v1/bases routes both call `register_base`.
+(`tunery bases`) and the admin-only /v1/bases routes both call `register_base` and show
+`base_record`.
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
-from tunery.server.schemas import NAME_PATTERN
 from tunery.settings import Settings
-from tunery.store.models import Model, Version
-from tunery.store.objects import iso
+from tunery.store.models import Model, Version, iso
 from tunery.store.store import BASE_OWNER, Conflict, Store
+
+#: Owner and model names: what Replicate allows in a model's URL.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 
 
 def register_base(store: Store, settings: Settings, *, name: str, source: str, description: str | None,
                   registered_by: str) -> dict[str, Any]:
     """Check that `source` loads (config and tokenizer; every weight file present), convert or
     download it into the model cache when it is a GGUF or a URL, compute its content hash (cached
-    for every later start), then add "tunery/<name>". Returns what `base_json` shows plus the
-    resolved kind, path and sha256. Raises TuneryError in one line (store.Conflict when the name is
+    for every later start), then add "tunery/<name>". Returns its `base_record` plus the resolved
+    kind, path and sha256. Raises TuneryError in one line (store.Conflict when the name is
     taken); nothing is written to the database unless every check passed."""
     from tunery.models.registry import REGISTRY
     from tunery.models.resolve import probe_base, resolve_base
@@ -46,7 +48,7 @@ def register_base(store: Store, settings: Settings, *, name: str, source: str, d
     version = store.add_base(name, base_name, description=description, registered_by=registered_by)
     model = store.registered_base(name)
     assert model is not None
-    return base_json(model, version) | {"kind": resolved.kind, "path": resolved.path, "sha256": resolved.sha256}
+    return base_record(model, version) | {"kind": resolved.kind, "path": resolved.path, "sha256": resolved.sha256}
 
 
 def source_name(source: str) -> str:
@@ -58,7 +60,7 @@ def source_name(source: str) -> str:
     return source
 
 
-def base_json(model: Model, version: Version | None) -> dict[str, Any]:
+def base_record(model: Model, version: Version | None) -> dict[str, Any]:
     """A registered base as /v1/bases and `tunery bases list` show it."""
     return {
         "name": model.name,

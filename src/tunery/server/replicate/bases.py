@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from tunery.errors import TuneryError
-from tunery.server.bases import base_json, register_base
 from tunery.server.deps import AdminOwner, PagingDep, SettingsDep, StoreDep
 from tunery.server.errors import ApiError, invalid, not_found
-from tunery.server.schemas import BaseCreate
+from tunery.server.replicate.schemas import BaseCreate
+from tunery.service.bases import base_record, register_base
 from tunery.store.store import BASE_OWNER, Conflict
 
 router = APIRouter(prefix="/v1/bases", tags=["bases"])
@@ -35,7 +35,7 @@ def create_base(body: BaseCreate, admin: AdminOwner, store: StoreDep, settings: 
 def list_bases(_admin: AdminOwner, store: StoreDep, paging: PagingDep) -> dict[str, Any]:
     """The registered bases (not the built-in ones), newest first, with their sources."""
     page = store.list_bases(cursor=paging.cursor, limit=paging.limit)
-    return paging.render(page, lambda m: base_json(m, store.latest_version(m.id)))
+    return paging.render(page, lambda m: base_record(m, store.latest_version(m.id)))
 
 
 @router.delete("/{name}", status_code=204)

@@ -1,5 +1,5 @@
-"""Request bodies of the API, as Replicate's clients send them. (Responses are built by
-`tunery.store.objects`, which the webhooks share.) Fields the official client sends that
+"""Request bodies of Replicate's API, as its clients send them. (Responses are built by
+`shapes`, which the webhooks share.) Fields the official client sends that
 tunery has no use for (webhook_completed, github_url, ...) are accepted and ignored."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-WebhookEvent = Literal["start", "output", "logs", "completed"]
+from tunery.service.bases import NAME_PATTERN
 
-#: Owner and model names: what Replicate allows in a model's URL.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+WebhookEvent = Literal["start", "output", "logs", "completed"]
 
 
 class _Body(BaseModel):

@@ -9,8 +9,8 @@ from fastapi import APIRouter
 
 from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, PathVersion, StoreDep
 from tunery.server.errors import ApiError, invalid
-from tunery.server.schemas import ModelCreate
-from tunery.store.objects import model_json, version_json
+from tunery.server.replicate.schemas import ModelCreate
+from tunery.server.replicate.shapes import model_json, version_json
 from tunery.store.store import Conflict
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from tunery.artifacts import ARCHIVE
 from tunery.server.deps import (
     BaseUrl,
+    ExportsDep,
     Owner,
     OwnHosts,
     PagingDep,
@@ -21,9 +22,9 @@ from tunery.server.deps import (
 )
 from tunery.server.download import download
 from tunery.server.errors import ApiError, not_found
-from tunery.server.schemas import ExportCreate, TrainingCreate
-from tunery.server.training_request import prepare_job
-from tunery.store.objects import training_json
+from tunery.server.replicate.schemas import ExportCreate, TrainingCreate
+from tunery.server.replicate.shapes import export_json, training_json
+from tunery.service import exports, trainings
 
 router = APIRouter(tags=["trainings"])
 
@@ -41,17 +42,9 @@ def create_training(
 ) -> dict[str, Any]:
     """Queue a training of this base version; every input and every line of the data is checked
     first, and a bad request leaves nothing behind."""
-    job = prepare_job(store, settings, owner=owner, base=model, version=version, body=body, own_hosts=hosts)
-    row = store.create_training(
-        owner,
-        model=f"{model.owner}/{model.name}",
-        version_id=version.id,
-        destination=body.destination,
-        input=body.input,
-        job=job.model_dump(),
-        webhook=body.webhook,
-        webhook_events_filter=body.webhook_events_filter,
-    )
+    row = trainings.create_training(
+        store, settings, owner=owner, base=model, version=version, destination=body.destination, inputs=body.input,
+        own_hosts=hosts, webhook=body.webhook, webhook_events_filter=body.webhook_events_filter)
     return training_json(row, base)
 
 
@@ -101,74 +94,28 @@ def training_weights(training_id: str, owner: Owner, store: StoreDep, settings: 
     return download(run.open_archive(), filename=ARCHIVE, size=run.archive_size(), media_type="application/zip")
 
 
-def _exported_run(store, settings, owner: str, training_id: str):
-    row = store.get_training(owner, training_id)
-    if row is None:
-        raise not_found(f"training {training_id}")
-    if row.status != "succeeded" or not row.run_url:
-        raise ApiError(409, f"training {training_id} is {row.status}: only a succeeded training can be exported",
-                       title="Conflict")
-    return row, settings.run(row.run_url)
-
-
-def _export_json(training_id: str, base: str, entry: dict[str, Any]) -> dict[str, Any]:
-    from tunery.export.exporter import file_name
-
-    out = {"name": entry["name"], "format": entry["format"], "status": entry.get("status", "succeeded"),
-           "error": entry.get("error"), "file": file_name(entry["name"]),
-           "urls": {"download": f"{base}/v1/trainings/{training_id}/exports/{entry['name']}"}}
-    for key in ("check", "max_abs_diff", "relative_diff", "tolerance", "argmax_agreement", "ollama_create",
-                "dtype", "quant"):
-        if key in entry:
-            out[key] = entry[key]
-    return out
-
-
 @router.post("/v1/trainings/{training_id}/exports", status_code=202)
-def create_export(training_id: str, body: ExportCreate, request: Request, owner: Owner, store: StoreDep,
-                  settings: SettingsDep, base: BaseUrl) -> dict[str, Any]:
+def create_export(training_id: str, body: ExportCreate, owner: Owner, store: StoreDep, settings: SettingsDep,
+                  made: ExportsDep, base: BaseUrl) -> dict[str, Any]:
     """Export a succeeded training (merged weights, GGUF, or GGUF + Ollama Modelfile) into its run's
     exports; answered at once with the export's state, downloadable when it has succeeded."""
-    from tunery.errors import TuneryError
-    from tunery.export.exporter import export_name, list_exports
-
-    try:
-        name = export_name(body.format, dtype=body.dtype, quant=body.quant)
-    except TuneryError as e:
-        raise ApiError(422, str(e), title="Invalid export", errors=[{"field": "format", "reason": str(e)}]) from None
-    row, run = _exported_run(store, settings, owner, training_id)
-    done = {e["name"]: e for e in list_exports(run)}
-    if name in done:
-        return _export_json(training_id, base, {**done[name], "status": "succeeded"})
-    state = request.app.state.exports.start(training_id, row.run_url, body.format, dtype=body.dtype, quant=body.quant)
-    return _export_json(training_id, base, state)
+    state = exports.start_export(store, settings, made, owner, training_id, body.format, dtype=body.dtype,
+                                 quant=body.quant)
+    return export_json(training_id, base, state)
 
 
 @router.get("/v1/trainings/{training_id}/exports")
-def list_training_exports(training_id: str, request: Request, owner: Owner, store: StoreDep, settings: SettingsDep,
+def list_training_exports(training_id: str, owner: Owner, store: StoreDep, settings: SettingsDep, made: ExportsDep,
                           base: BaseUrl) -> dict[str, Any]:
     """The training's exports: those in its run (succeeded) and those this server is making or failed."""
-    from tunery.export.exporter import list_exports
-
-    row = store.get_training(owner, training_id)
-    if row is None:
-        raise not_found(f"training {training_id}")
-    states = request.app.state.exports.states(training_id)
-    done = {e["name"]: {**e, "status": "succeeded"} for e in list_exports(settings.run(row.run_url))} \
-        if row.run_url and row.status == "succeeded" else {}
-    merged = {**states, **done}
-    return {"results": [_export_json(training_id, base, merged[name]) for name in sorted(merged)]}
+    found = exports.training_exports(store, settings, made, owner, training_id)
+    return {"results": [export_json(training_id, base, entry) for entry in found]}
 
 
 @router.get("/v1/trainings/{training_id}/exports/{name}")
 def download_export(training_id: str, name: str, owner: Owner, store: StoreDep,
                     settings: SettingsDep) -> StreamingResponse:
     """An export's file: a .zip (merged, ollama) or a .gguf."""
-    from tunery.export.exporter import file_name, list_exports
-
-    _, run = _exported_run(store, settings, owner, training_id)
-    if name not in {e["name"] for e in list_exports(run)}:
-        raise not_found(f"export {name} of training {training_id}")
-    local = run.pull(run.export_entry(file_name(name)))
+    local = exports.export_file(store, settings, owner, training_id, name)
     kind = "application/zip" if local.suffix == ".zip" else "application/octet-stream"
     return download(open(local, "rb"), filename=local.name, size=local.stat().st_size, media_type=kind)

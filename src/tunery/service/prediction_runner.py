@@ -1,5 +1,5 @@
 """Predictions run inside the server process: each on a thread of its own that submits it to the
-serving engine of its base model (`infer.engine.engine_for`: one per base, created on first use,
+serving engine of its base model (`infer.engines.engine_for`: one per base, created on first use,
 kept loaded) and relays the engine's text stream. The engine batches the running predictions;
 the runner holds at most `capacity` of them (the engine's batch plus its queue): beyond that the
 API answers 429 before creating anything.
@@ -33,35 +33,12 @@ from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
 
 if TYPE_CHECKING:
-    from tunery.infer.engine import Engine, Generation, SamplingParams
+    from tunery.infer.generation import Engine, Generation, SamplingParams
 
-log = logging.getLogger("tunery.server.predictions")
+log = logging.getLogger("tunery.service.predictions")
 
 FLUSH_SECONDS = 0.5
 KEEP_FINISHED = 256  # finished channels kept in memory for late SSE clients (older ones: from the row)
-
-#: Prediction inputs and their SamplingParams names (max_tokens is the newer Replicate models' name).
-SAMPLING_INPUTS = {
-    "max_new_tokens": "max_new_tokens",
-    "max_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "stop_sequences": "stop_sequences",
-    "seed": "seed",
-}
-
-
-def sampling_params(inputs: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from a prediction's input (unknown keys are ignored, as Cog does). Raises
-    ValueError naming the first bad value, or a missing / non-string prompt."""
-    from tunery.infer.engine import SamplingParams
-
-    if not isinstance(inputs.get("prompt"), str):
-        raise ValueError("prompt: required, and must be a string")
-    given = {SAMPLING_INPUTS[k]: v for k, v in inputs.items() if k in SAMPLING_INPUTS and v is not None}
-    return SamplingParams(**given)
-
 
 @dataclass(frozen=True)
 class Event:
@@ -106,11 +83,14 @@ class Channel:
 
 
 @dataclass
-class _Job:
+class _Running:
+    """A prediction this runner holds: what to run, and how to stop it."""
+
     id: str
     base: str
     weights: str | None
-    input: dict[str, Any]
+    prompt: str
+    params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
     thread: threading.Thread | None = None
@@ -131,7 +111,7 @@ class PredictionRunner:
         self._stopping = threading.Event()
         self._started = False
         self._lease_thread: threading.Thread | None = None
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Running] = {}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self._engines: dict[str, Engine] = {}
         self._own_engines: set[str] = set()  # made here (closed on stop), not given by use_engine
@@ -154,9 +134,16 @@ class PredictionRunner:
         server is gone. Returns how many were taken over."""
         self.store.renew_prediction_leases(self.runner_id, self.lease_seconds)
         adopted = self.store.adopt_orphaned_predictions(self.runner_id, self.lease_seconds)
+        from tunery.service.predictions import sampling_from_input
+
         for row, version in adopted:
             log.info("taking over prediction %s, left unfinished by a server that stopped", row.id)
-            self.submit(row.id, base=version.base_name, weights=version.run_url, inputs=row.input)
+            try:
+                prompt, params = sampling_from_input(row.input or {})
+            except ValueError as exc:  # checked when it was created: only a hand-edited row gets here
+                self.store.finish_prediction(row.id, status="failed", error=str(exc), runner=self.runner_id)
+                continue
+            self.submit(row.id, base=version.base_name, weights=version.run_url, prompt=prompt, params=params)
         return len(adopted)
 
     def _lease_loop(self) -> None:
@@ -207,13 +194,12 @@ class PredictionRunner:
         with self._lock:
             self._reserved = max(0, self._reserved - 1)
 
-    def submit(
-        self, prediction_id: str, *, base: str, weights: str | None, inputs: dict[str, Any], reserved: bool = False
-    ) -> Channel:
+    def submit(self, prediction_id: str, *, base: str, weights: str | None, prompt: str, params: SamplingParams,
+               reserved: bool = False) -> Channel:
         """Start a prediction (its row exists, status "starting") on a thread of its own; returns
         its channel. The API reserves room first; a prediction taken over from a server that died
         runs even beyond capacity (its engine queues it)."""
-        job = _Job(prediction_id, base, weights, dict(inputs))
+        job = _Running(prediction_id, base, weights, prompt, params)
         job.thread = threading.Thread(target=self._thread_main, args=(job,),
                                       name=f"tunery-prediction-{prediction_id}", daemon=True)
         with self._lock:
@@ -242,12 +228,12 @@ class PredictionRunner:
             self._cancel(job)
 
     @staticmethod
-    def _cancel(job: _Job) -> None:
+    def _cancel(job: _Running) -> None:
         job.cancel.set()
         if job.generation is not None:
             job.generation.cancel()
 
-    def _thread_main(self, job: _Job) -> None:
+    def _thread_main(self, job: _Running) -> None:
         try:
             self._run(job)
         except Exception:  # anything one prediction does must end it, not leave it running
@@ -258,7 +244,7 @@ class PredictionRunner:
                 self._jobs.pop(job.id, None)
                 self._forget_finished()
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: _Running) -> None:
         if self._stopping.is_set():
             return  # shutting down: handed back by stop()
         if job.cancel.is_set() or self.store.start_prediction(job.id, self.runner_id) is None:
@@ -269,10 +255,9 @@ class PredictionRunner:
         channel = self.channel(job.id)
         flushed = time.monotonic()
         try:
-            from tunery.infer.engine import Request
+            from tunery.infer.generation import Request
 
-            request = Request.make(job.input["prompt"], weights=job.weights, params=sampling_params(job.input),
-                                   settings=self.settings)
+            request = Request.make(job.prompt, weights=job.weights, params=job.params, settings=self.settings)
             job.generation = generation = self._engine(job.base).submit(request, block=True)
             if job.cancel.is_set():
                 generation.cancel()
@@ -298,7 +283,7 @@ class PredictionRunner:
 
     def _finish(
         self,
-        job: _Job,
+        job: _Running,
         status: str,
         pieces: list[str] | None,
         metrics: dict[str, Any],
@@ -330,7 +315,7 @@ class PredictionRunner:
         with self._lock:
             engine = self._engines.get(base)
             if engine is None:
-                from tunery.infer.engine import engine_for
+                from tunery.infer.engines import engine_for
 
                 engine = self._engines[base] = engine_for(base, self.settings)
                 self._own_engines.add(base)

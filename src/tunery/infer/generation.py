@@ -10,8 +10,8 @@ Engines, each one module of this shape:
 - `infer.embedded.EmbeddedEngine`: transformers in this process, continuous batching (the default);
 - `infer.vllm.VLLMEngine`: a vLLM OpenAI-compatible server (GPUs, clusters).
 
-`engine_for(base)` builds the configured one (settings `engine`, `vllm_url`, `max_batch`,
-`max_queue`). Nothing here imports torch.
+Each imports this module and nothing imports them but `infer.engines.engine_for(base)`, which
+builds the configured one. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from tunery.errors import TuneryError
 from tunery.infer.stops import parse_stop_sequences
 from tunery.infer.weights import Weights, resolve_weights
-from tunery.settings import Settings, get_settings
+from tunery.settings import Settings
 
 GREEDY_BELOW = 1e-5  # Replicate treats a temperature this small as "no sampling"
 
@@ -233,19 +233,6 @@ class Engine(Protocol):
     def close(self) -> None:
         """Stop: running and waiting requests end ("cancelled"); the models are released."""
         ...
-
-
-def engine_for(base: str, settings: Settings | None = None, **overrides) -> Engine:
-    """The configured engine for `base`: vLLM when settings.engine is "vllm", else the embedded one."""
-    settings = settings or get_settings()
-    options = {"max_batch": settings.max_batch, "max_queue": settings.max_queue} | overrides
-    if settings.engine == "vllm":
-        from tunery.infer.vllm import VLLMEngine
-
-        return VLLMEngine(base, settings=settings, **options)
-    from tunery.infer.embedded import EmbeddedEngine
-
-    return EmbeddedEngine(base, **options)
 
 
 def _is_int(value) -> bool:

@@ -9,18 +9,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
-from tunery.server import sse
 from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, RunnerDep, StoreDep
-from tunery.server.errors import ApiError, invalid, not_found
-from tunery.server.runner import PredictionRunner, sampling_params
-from tunery.server.schemas import PredictionCreate
+from tunery.server.errors import invalid, not_found
+from tunery.server.replicate import sse
+from tunery.server.replicate.schemas import PredictionCreate
+from tunery.server.replicate.shapes import prediction_json
+from tunery.service import predictions
+from tunery.service.errors import NotFound
+from tunery.service.prediction_runner import PredictionRunner
 from tunery.store.models import TERMINAL, Model, Version
-from tunery.store.objects import prediction_json
 from tunery.store.store import Store
 
 router = APIRouter(tags=["predictions"])
 
-RETRY_AFTER = 1  # seconds, in a 429's Retry-After
 MAX_WAIT = 60  # seconds; also the official client's read timeout for `Prefer: wait`
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?", re.IGNORECASE)
 
@@ -39,7 +40,7 @@ def create_prediction(
     prefer: PreferHeader = None,
 ) -> dict[str, Any]:
     """Run `body.version` ("<id>", "owner/name:<id>" or "owner/name" for the latest version)."""
-    model, version = _version(store, owner, body.version)
+    model, version = predictions.find_version(store, owner, body.version)
     return _start(store, runner, owner, model, version, body, prefer, base)
 
 
@@ -54,9 +55,10 @@ def create_model_prediction(
     prefer: PreferHeader = None,
 ) -> dict[str, Any]:
     """Run the model's latest version."""
-    version = store.latest_version(model.id)
-    if version is None:
-        raise invalid(f"model {model.owner}/{model.name} has no version yet: train it first")
+    try:
+        version = predictions.latest_version(store, model)
+    except NotFound as exc:
+        raise invalid(exc.message) from None
     return _start(store, runner, owner, model, version, body, prefer, base)
 
 
@@ -101,37 +103,6 @@ def stream_prediction(
     )
 
 
-def _version(store: Store, owner: str, ref: str | None) -> tuple[Model, Version]:
-    """The (model, version) a prediction's `version` names, if the caller may run it; else 422."""
-    if not ref:
-        raise invalid(
-            "version: required ('<id>' or 'owner/name:<id>')", [{"field": "version", "reason": "required"}]
-        )
-    if ":" in ref:
-        name, _, version_id = ref.rpartition(":")
-    else:
-        name, version_id = (ref, "") if "/" in ref else ("", ref)
-    found: tuple[Model, Version] | None = None
-    if name:
-        model_owner, _, model_name = name.partition("/")
-        model = store.get_model(owner, model_owner, model_name)
-        version = None
-        if model is not None:
-            version = (
-                store.get_version(model.id, version_id) if version_id else store.latest_version(model.id)
-            )
-        found = (model, version) if model is not None and version is not None else None
-    else:
-        found = store.find_version(owner, version_id)
-    if found is None:
-        raise invalid(
-            f"version {ref!r} does not exist or is not yours to run",
-            [{"field": "version", "reason": "not found"}],
-            title="Invalid version",
-        )
-    return found
-
-
 def _start(
     store: Store,
     runner: PredictionRunner,
@@ -146,37 +117,9 @@ def _start(
     runs out. A prediction that has not ended is answered as "starting" with no output yet:
     the official client polls on "starting" but takes any other status of a waited request
     as final (and would return None)."""
-    try:
-        sampling_params(body.input)
-    except (TypeError, ValueError) as exc:
-        raise invalid(
-            f"input: {exc}", [{"field": "input", "reason": str(exc)}], title="Invalid input"
-        ) from None
-    if not runner.reserve():
-        raise ApiError(
-            429,
-            f"Request was throttled: this server already holds {runner.capacity} predictions (its "
-            "engine's batch and queue). Expected available in 1 second.",
-            title="Request was throttled",
-            headers={"Retry-After": str(RETRY_AFTER)},
-        )
-    try:
-        row = store.create_prediction(
-            owner,
-            model=f"{model.owner}/{model.name}",
-            version_id=version.id,
-            input=body.input,
-            stream=body.stream,
-            webhook=body.webhook,
-            webhook_events_filter=body.webhook_events_filter,
-            runner=runner.runner_id,
-            lease_seconds=runner.lease_seconds,
-        )
-    except BaseException:
-        runner.unreserve()
-        raise
-    channel = runner.submit(row.id, base=version.base_name, weights=version.run_url, inputs=body.input,
-                            reserved=True)
+    row, channel = predictions.create_prediction(
+        store, runner, owner=owner, model=model, version=version, input=body.input, stream=body.stream,
+        webhook=body.webhook, webhook_events_filter=body.webhook_events_filter)
     wait = _wait_seconds(prefer)
     if wait:
         # Answer a little before the client's own read timeout (the wait + 0.5 s) runs out.

@@ -1,0 +1,178 @@
+"""Predictions: which version a request names, its sampling parameters (typed once, with the
+engine's defaults), and room on the serving engines. Replicate's predictions, OpenAI's
+completions and Azure's scoring all run through here onto the one `PredictionRunner`."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from tunery.service.errors import Busy, Invalid, NotFound
+from tunery.settings import Settings
+from tunery.store.models import Model, Prediction, Version
+from tunery.store.store import Store
+
+if TYPE_CHECKING:
+    from tunery.infer.generation import Generation, SamplingParams
+    from tunery.service.prediction_runner import Channel, PredictionRunner
+
+#: A version's prediction inputs and their SamplingParams names (max_tokens is the newer Replicate
+#: models' name for max_new_tokens). The defaults are SamplingParams' own.
+SAMPLING_INPUTS = {
+    "max_new_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop_sequences": "stop_sequences",
+    "seed": "seed",
+}
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def sampling_from_input(inputs: dict[str, Any]) -> tuple[str, SamplingParams]:
+    """(prompt, SamplingParams) of a prediction's input (unknown keys are ignored, as Cog does).
+    ValueError naming the first bad value, or a missing / non-string prompt."""
+    from tunery.infer.generation import SamplingParams
+
+    if not isinstance(inputs.get("prompt"), str):
+        raise ValueError("prompt: required, and must be a string")
+    given = {SAMPLING_INPUTS[k]: v for k, v in inputs.items() if k in SAMPLING_INPUTS and v is not None}
+    return inputs["prompt"], SamplingParams(**given)
+
+
+def find_version(store: Store, owner: str, ref: str | None) -> tuple[Model, Version]:
+    """The (model, version) that `ref` names ("<id>", "owner/name:<id>", or "owner/name" for the
+    latest version), if the caller may run it; Invalid otherwise."""
+    if not ref:
+        raise Invalid("version: required ('<id>' or 'owner/name:<id>')", field="version",
+                      errors=[{"field": "version", "reason": "required"}])
+    if ":" in ref:
+        name, _, version_id = ref.rpartition(":")
+    else:
+        name, version_id = (ref, "") if "/" in ref else ("", ref)
+    found: tuple[Model, Version] | None = None
+    if name:
+        model_owner, _, model_name = name.partition("/")
+        model = store.get_model(owner, model_owner, model_name)
+        version = None
+        if model is not None:
+            version = store.get_version(model.id, version_id) if version_id else store.latest_version(model.id)
+        found = (model, version) if model is not None and version is not None else None
+    else:
+        found = store.find_version(owner, version_id)
+    if found is None:
+        raise Invalid(f"version {ref!r} does not exist or is not yours to run", field="version",
+                      title="Invalid version", errors=[{"field": "version", "reason": "not found"}])
+    return found
+
+
+def latest_version(store: Store, model: Model) -> Version:
+    """The model's newest version; NotFound when it has none yet."""
+    version = store.latest_version(model.id)
+    if version is None:
+        raise NotFound(f"model {model.owner}/{model.name} has no version yet: train it first", field="version")
+    return version
+
+
+def model_version(store: Store, model: Model, version_id: str) -> Version:
+    version = store.get_version(model.id, version_id)
+    if version is None:
+        raise NotFound(f"version {model.owner}/{model.name}:{version_id} not found", field="version")
+    return version
+
+
+def _busy(runner: PredictionRunner) -> Busy:
+    return Busy(f"Request was throttled: this server already holds {runner.capacity} predictions (its engine's "
+                "batch and queue). Expected available in 1 second.")
+
+
+def create_prediction(store: Store, runner: PredictionRunner, *, owner: str, model: Model, version: Version,
+                      input: dict[str, Any], stream: bool = False, webhook: str | None = None,
+                      webhook_events_filter: list[str] | None = None) -> tuple[Prediction, Channel]:
+    """Check the input, take room on the engine (Busy when there is none), record the prediction
+    and start it; (its row, its channel)."""
+    try:
+        prompt, params = sampling_from_input(input)
+    except (TypeError, ValueError) as exc:
+        raise Invalid(f"input: {exc}", field="input", errors=[{"field": "input", "reason": str(exc)}]) from None
+    if not runner.reserve():
+        raise _busy(runner)
+    try:
+        row = store.create_prediction(owner, model=f"{model.owner}/{model.name}", version_id=version.id, input=input,
+                                      stream=stream, webhook=webhook, webhook_events_filter=webhook_events_filter,
+                                      runner=runner.runner_id, lease_seconds=runner.lease_seconds)
+    except BaseException:
+        runner.unreserve()
+        raise
+    channel = runner.submit(row.id, base=version.base_name, weights=version.run_url, prompt=prompt, params=params,
+                            reserved=True)
+    return row, channel
+
+
+class Slot:
+    """Room for one generation on the serving engines, held until `release()` (idempotent)."""
+
+    def __init__(self, runner: PredictionRunner):
+        self._runner = runner
+        self._held = True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._runner.unreserve()
+
+
+def take_slots(runner: PredictionRunner, count: int = 1) -> list[Slot]:
+    """`count` slots at once, or Busy (and none held)."""
+    slots: list[Slot] = []
+    for _ in range(count):
+        if not runner.reserve():
+            for slot in slots:
+                slot.release()
+            raise _busy(runner)
+        slots.append(Slot(runner))
+    return slots
+
+
+def generate(runner: PredictionRunner, settings: Settings, version: Version, prompt: str,
+             params: SamplingParams) -> Generation:
+    """Submit one generation (no prediction row: OpenAI's completions, Azure's scoring) to its base's
+    engine; the caller holds a Slot for it. Busy when the engine's queue is full, Invalid for a
+    request the engine refuses (a bad adapter, a prompt too long)."""
+    from tunery.errors import TuneryError
+    from tunery.infer.generation import EngineBusy, Request
+
+    try:
+        request = Request.make(prompt, weights=version.run_url, params=params, settings=settings)
+        return runner.engine(version.base_name).submit(request)
+    except EngineBusy as exc:
+        raise Busy(str(exc)) from None
+    except (TuneryError, ValueError) as exc:
+        raise Invalid(str(exc)) from None
+
+
+def tokenizer_for(settings: Settings, version: Version) -> Any:
+    """The tokenizer a version was trained with (its run's), or its base's; kept once loaded."""
+    key = version.run_url or f"base:{version.base_name}"
+    with _TOKENIZERS_LOCK:
+        found = _TOKENIZERS.get(key)
+    if found is not None:
+        return found
+    from tunery.infer.embedded import load_tokenizer_dir
+    from tunery.infer.weights import resolve_weights
+    from tunery.models.load import load_tokenizer
+    from tunery.models.resolve import resolve_base
+
+    weights = resolve_weights(version.run_url, settings) if version.run_url else None
+    if weights is not None and weights.tokenizer is not None:
+        tokenizer = load_tokenizer_dir(weights.tokenizer, weights.source)
+    else:
+        tokenizer = load_tokenizer(resolve_base((weights.base if weights else None) or version.base_name, settings))
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS[key] = tokenizer
+    return tokenizer

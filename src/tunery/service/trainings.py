@@ -1,0 +1,282 @@
+"""Trainings: the one way a training is created, whichever API asks, and the rules of its life.
+
+`create_training` runs every check a worker would otherwise fail on minutes later — the
+destination, the base version and that its files are there, the typed inputs, and the data itself
+(every line of every file, the method against the rows' format, enough rows left to train on) —
+and writes nothing until all passed. The inputs are typed once here (`TrainingInputs`); the row
+keeps them as the user gave them, and the worker runs them as a `TrainingJob`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tunery.service.errors import Conflict, Invalid, InvalidData, NotFound, Unavailable
+from tunery.service.files import MAX_LISTED, DataCheck, check_data, check_file, file_exists, save_result_file
+from tunery.settings import Settings
+from tunery.spec import TrainingInputs, format_input_errors, input_errors
+from tunery.store.models import File, Model, Training, Version
+from tunery.store.store import Store
+
+_FILE_PATH = re.compile(r"^/v1/files/([A-Za-z0-9]+)(?:/download)?/?$")
+DATA_FIELDS = ("train_data", "validation_data")
+#: A DPO training's reward metrics: (tunery's history key, the name in results files and events, in words).
+REWARDS = [("reward_accuracy", "train_reward_accuracy", "reward accuracy"),
+           ("reward_margin", "train_reward_margin", "reward margin"),
+           ("val_reward_accuracy", "valid_reward_accuracy", "validation reward accuracy"),
+           ("val_reward_margin", "valid_reward_margin", "validation reward margin")]
+
+
+# -- what a training is made of -----------------------------------------------------------------------
+
+def check_destination(store: Store, owner: str, destination: str) -> Model:
+    """The caller's own model named by `destination` ("owner/name"); Invalid when malformed,
+    NotFound when it does not exist or belongs to someone else."""
+    dest_owner, slash, dest_name = destination.partition("/")
+    if not slash or not dest_owner or not dest_name or "/" in dest_name:
+        raise Invalid(f"destination {destination!r} must be 'owner/name'", field="destination",
+                      errors=[{"field": "destination", "reason": "must be 'owner/name'"}])
+    model = store.get_model(owner, dest_owner, dest_name)
+    if model is None or model.owner != owner or model.is_base:
+        raise NotFound(f"destination model {destination} (create it first with POST /v1/models; "
+                       "it must be one of your own models) not found", field="destination")
+    return model
+
+
+def check_trainable(settings: Settings, base: Model, version: Version) -> None:
+    """Invalid when `version` is a trained one (only a base's version trains), Unavailable naming
+    the base and the reason when its files are missing (reads no weights)."""
+    from tunery.errors import ModelNotFoundError
+    from tunery.models.resolve import check_base
+
+    if not base.is_base or version.run_url is not None:
+        raise Invalid(f"version {base.owner}/{base.name}:{version.id} is a trained version; "
+                      "train a base model's version (GET /v1/models lists them)", field="version")
+    try:
+        check_base(version.base_name, settings, label=f"{base.owner}/{base.name}")
+    except ModelNotFoundError as exc:
+        raise Unavailable(str(exc), field="version", errors=[{"field": "version", "reason": str(exc)}]) from None
+
+
+def parse_inputs(data: dict[str, Any]) -> TrainingInputs:
+    """The typed inputs; Invalid listing every bad field (unknown, wrong type, out of range) and
+    every inconsistency between fields otherwise."""
+    if errors := input_errors(data):
+        raise Invalid(format_input_errors(errors), field=errors[0].field, title="Invalid training input",
+                      errors=[{"field": e.field, "reason": e.reason} for e in errors])
+    return TrainingInputs.model_validate(data)
+
+
+@dataclass
+class Data:
+    """One data field's file, found and checked: `label` names it in messages, `local` is a copy
+    here, `url` where a worker reads it (None: fetched now, still to be put in the storage)."""
+
+    field: str
+    label: str
+    local: Path
+    url: str | None
+    check: DataCheck
+
+
+def data_from_file(store: Store, settings: Settings, row: File, field: str, *, label: str | None = None) -> Data:
+    """An uploaded file as a training's data: checked (and the outcome recorded on the file)."""
+    check = check_file(store, settings, row)
+    local = settings.objects.get(row.path, settings.download_dir / "files")
+    return Data(field, label or row.name, local, row.path, check)
+
+
+def fetch_data(store: Store, settings: Settings, owner: str, field: str, source: str, *, own_hosts: set[str],
+               downloads: Path) -> Data:
+    """A data source as a training input names it: one of the caller's uploaded files (by its URL on
+    this server), an http(s) URL (downloaded now into `downloads`, size-capped), or a local path if
+    the server allows; checked, every line."""
+    from tunery.data import fetch
+    from tunery.errors import TuneryError
+
+    parts = urlsplit(source) if "://" in source else None
+    if parts is not None and parts.scheme in ("http", "https"):
+        own = _FILE_PATH.match(parts.path)
+        if own and parts.netloc in own_hosts:
+            row = store.get_file(owner, own.group(1))
+            if row is None or not file_exists(settings, row):
+                raise Invalid(f"{field}: no file {own.group(1)} among your uploaded files", field=field,
+                              errors=[{"field": field, "reason": f"no uploaded file {own.group(1)}"}])
+            return data_from_file(store, settings, row, field)
+        # Named in messages without credentials (user:password@, signed-URL query strings).
+        shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        try:
+            path = fetch(source, downloads, max_bytes=settings.max_upload_bytes, allow_local=False)
+        except TuneryError as exc:
+            raise Invalid(f"{field}: {exc}", field=field, errors=[{"field": field, "reason": str(exc)}]) from None
+        return Data(field, shown, path, None, check_data(path, shown))
+    if not settings.allow_local_paths:
+        reason = ("local paths are not allowed on this server: upload the file with POST /v1/files and "
+                  "pass its URL, or give an http(s):// URL")
+        raise Invalid(f"{field}: {reason}", field=field, errors=[{"field": field, "reason": reason}])
+    try:
+        path = fetch(source, settings.download_dir, allow_local=True)
+    except TuneryError as exc:
+        raise Invalid(f"{field}: {exc}", field=field, errors=[{"field": field, "reason": str(exc)}]) from None
+    return Data(field, source, path, str(path), check_data(path, source))  # on a disk the workers share
+
+
+def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | None) -> None:
+    """Every line of the data valid, the rows' format one the method trains on, the same format in
+    both files, and enough rows left to train on; InvalidData naming the file and the problem."""
+    from tunery.data import split_train_validation
+    from tunery.data.jsonl import method_problem
+    from tunery.errors import TuneryError
+
+    files = [train] + ([validation] if validation else [])
+    bad = [d for d in files if not d.check.valid]
+    if bad:
+        errors = [e for d in bad for e in d.check.errors]
+        raise InvalidData("invalid training data:\n" + "\n".join(d.check.detail for d in bad), field=bad[0].field,
+                          errors=errors[:MAX_LISTED], check=bad[0].check)
+    for d in files:
+        if problem := method_problem(inputs.method, d.check.format or ""):
+            message = f"{d.label} ({d.field}) {problem}"
+            raise InvalidData(message, field=d.field, reason=problem,
+                              errors=[{"file": d.label, "line": None, "field": "method", "reason": message}])
+    if validation and validation.check.format != train.check.format:
+        reason = (f"{validation.label} has {validation.check.format} rows but {train.label} has "
+                  f"{train.check.format} rows; training and validation data must use the same format")
+        raise InvalidData(reason, field="validation_data", reason=reason,
+                          errors=[{"file": validation.label, "line": None, "field": "validation_data", "reason": reason}])
+    try:
+        split_train_validation(train.check.dataset, validation.check.dataset if validation else None,
+                               num_validation_samples=inputs.num_validation_samples,
+                               run_validation=inputs.run_validation)
+    except TuneryError as exc:
+        raise InvalidData(str(exc), field="num_validation_samples", reason=str(exc), errors=[
+            {"file": train.label, "line": None, "field": "num_validation_samples", "reason": str(exc)}]) from None
+
+
+# -- creating one -----------------------------------------------------------------------------------------
+
+def create_training(store: Store, settings: Settings, *, owner: str, base: Model, version: Version,
+                    destination: str, inputs: dict[str, Any], data: dict[str, Data] | None = None,
+                    own_hosts: set[str] = frozenset(), webhook: str | None = None,  # type: ignore[assignment]
+                    webhook_events_filter: list[str] | None = None, openai: dict[str, Any] | None = None,
+                    training_id: str | None = None, new_destination: str | None = None) -> Training:
+    """Queue a training of `base` at `version`, pushed to `destination`, on the user's `inputs`
+    (tunery's names), once every check has passed; nothing is left behind when one fails.
+
+    The data comes from `data` (files already found, such as OpenAI's file ids) or else from the
+    sources the inputs name (train_data, and validation_data when it validates). Data fetched now
+    goes into the storage, where a worker on another machine reads it. `destination` must be one
+    of the caller's models, unless `new_destination` (its description) asks for a new private one."""
+    from tunery.store.models import new_id
+
+    if new_destination is None:
+        check_destination(store, owner, destination)
+    check_trainable(settings, base, version)
+    typed = parse_inputs(inputs)
+    training_id = training_id or new_id()
+    downloads = settings.download_dir / secrets.token_hex(8)
+    stored: list[str] = []
+    try:
+        if data is None:
+            fields = ["train_data"] + (["validation_data"] if typed.validation_data and typed.run_validation else [])
+            data = {f: fetch_data(store, settings, owner, f, getattr(typed, f), own_hosts=own_hosts,
+                                  downloads=downloads) for f in fields}
+        check_training_data(typed, data["train_data"], data.get("validation_data"))
+        urls: dict[str, str] = {}
+        for field, found in data.items():
+            url = found.url
+            if url is None:  # fetched now: into the storage, where the worker reads it
+                url = settings.objects.put(found.local, f"data/{training_id}/{field}-{found.local.name[-80:]}")
+                stored.append(url)
+            urls[field] = url
+        return store.create_training(
+            owner, training_id=training_id, model=f"{base.owner}/{base.name}", version_id=version.id,
+            destination=destination, input=inputs, job={"data": urls, "base": version.base_name},
+            webhook=webhook, webhook_events_filter=webhook_events_filter, openai=openai,
+            new_destination=new_destination)
+    except BaseException:
+        for url in stored:
+            settings.objects.delete(url)
+        raise
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+
+
+def get_training(store: Store, owner: str, training_id: str) -> Training:
+    row = store.get_training(owner, training_id)
+    if row is None:
+        raise NotFound(f"training {training_id} not found")
+    return row
+
+
+# -- its life -----------------------------------------------------------------------------------------
+
+def can_pause(row: Training) -> bool:
+    """Only a queued or running training, not already being canceled, can be paused."""
+    return row.status in ("starting", "processing") and not row.cancel_requested
+
+
+def can_resume(row: Training) -> bool:
+    """A paused training, or a running one asked to pause that has not stopped yet."""
+    return row.status == "paused" or (row.status == "processing" and bool(row.pause_requested))
+
+
+def pause_training(store: Store, owner: str, row: Training) -> Training:
+    if not can_pause(row):
+        raise Conflict(f"training {row.id} is {row.status}: only a queued or running training can be paused")
+    return store.pause_training(owner, row.id) or row
+
+
+def resume_training(store: Store, owner: str, row: Training) -> Training:
+    if not can_resume(row):
+        raise Conflict(f"training {row.id} is {row.status}: only a paused training can be resumed")
+    return store.resume_training(owner, row.id) or row
+
+
+def exported_run(store: Store, settings: Settings, owner: str, training_id: str):
+    """(row, run) of a succeeded training, whose weights can be exported; Conflict otherwise."""
+    row = get_training(store, owner, training_id)
+    if row.status != "succeeded" or not row.run_url:
+        raise Conflict(f"training {training_id} is {row.status}: only a succeeded training can be exported")
+    return row, settings.run(row.run_url)
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+def results_csv(row: Training, metrics: dict[str, Any] | None = None) -> str:
+    """The training's step metrics in the columns of OpenAI's results file: step, train_loss,
+    train_accuracy, valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those
+    cells are empty), and a DPO training's reward metrics. `metrics` are the training's final
+    metrics (its row's when not given)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    dpo = (row.input or {}).get("method") == "dpo"
+    rewards = [(key, name) for key, name, _ in REWARDS] if dpo else []
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                     *(name for _, name in rewards)])
+    for h in ((row.metrics if metrics is None else metrics) or {}).get("history") or []:
+        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), "",
+                         *(h.get(key, "") for key, _ in rewards)])
+    return out.getvalue()
+
+
+def results_file_id(training_id: str) -> str:
+    return f"r{training_id}"
+
+
+def save_results(store: Store, settings: Settings, row: Training, metrics: dict[str, Any]) -> File:
+    """Record a finishing training's results file (the step metrics CSV of its final `metrics`)
+    among its owner's files, and on the training."""
+    file_id = results_file_id(row.id)
+    saved = save_result_file(store, settings, row.owner, file_id, name="step_metrics.csv",
+                             content=results_csv(row, metrics).encode(), content_type="text/csv")
+    store.set_training_openai(row.id, {"result_file": file_id})
+    return saved
