@@ -40,6 +40,29 @@ log = logging.getLogger("tunery.service.predictions")
 FLUSH_SECONDS = 0.5
 KEEP_FINISHED = 256  # finished channels kept in memory for late SSE clients (older ones: from the row)
 
+#: A version's prediction inputs and their SamplingParams names (max_tokens is the newer Replicate
+#: models' name for max_new_tokens). The defaults are SamplingParams' own.
+SAMPLING_INPUTS = {
+    "max_new_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop_sequences": "stop_sequences",
+    "seed": "seed",
+}
+
+def sampling_from_input(inputs: dict[str, Any]) -> tuple[str, SamplingParams]:
+    """(prompt, SamplingParams) of a prediction's input (unknown keys are ignored, as Cog does).
+    ValueError naming the first bad value, or a missing / non-string prompt."""
+    from tunery.infer.generation import SamplingParams
+
+    if not isinstance(inputs.get("prompt"), str):
+        raise ValueError("prompt: required, and must be a string")
+    given = {SAMPLING_INPUTS[k]: v for k, v in inputs.items() if k in SAMPLING_INPUTS and v is not None}
+    return inputs["prompt"], SamplingParams(**given)
+
+
 @dataclass(frozen=True)
 class Event:
     """One server-sent event: `kind` is output | error | done; `data` is the text piece, the error
@@ -134,8 +157,6 @@ class PredictionRunner:
         server is gone. Returns how many were taken over."""
         self.store.renew_prediction_leases(self.runner_id, self.lease_seconds)
         adopted = self.store.adopt_orphaned_predictions(self.runner_id, self.lease_seconds)
-        from tunery.service.predictions import sampling_from_input
-
         for row, version in adopted:
             log.info("taking over prediction %s, left unfinished by a server that stopped", row.id)
             try:

@@ -5,42 +5,20 @@ completions and Azure's scoring all run through here onto the one `PredictionRun
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunery.service.errors import Busy, Invalid, NotFound
+from tunery.service.prediction_runner import Channel, PredictionRunner, sampling_from_input
 from tunery.settings import Settings
 from tunery.store.models import Model, Prediction, Version
 from tunery.store.store import Store
 
 if TYPE_CHECKING:
     from tunery.infer.generation import Generation, SamplingParams
-    from tunery.service.prediction_runner import Channel, PredictionRunner
-
-#: A version's prediction inputs and their SamplingParams names (max_tokens is the newer Replicate
-#: models' name for max_new_tokens). The defaults are SamplingParams' own.
-SAMPLING_INPUTS = {
-    "max_new_tokens": "max_new_tokens",
-    "max_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "stop_sequences": "stop_sequences",
-    "seed": "seed",
-}
 
 _TOKENIZERS: dict[str, Any] = {}
 _TOKENIZERS_LOCK = threading.Lock()
-
-
-def sampling_from_input(inputs: dict[str, Any]) -> tuple[str, SamplingParams]:
-    """(prompt, SamplingParams) of a prediction's input (unknown keys are ignored, as Cog does).
-    ValueError naming the first bad value, or a missing / non-string prompt."""
-    from tunery.infer.generation import SamplingParams
-
-    if not isinstance(inputs.get("prompt"), str):
-        raise ValueError("prompt: required, and must be a string")
-    given = {SAMPLING_INPUTS[k]: v for k, v in inputs.items() if k in SAMPLING_INPUTS and v is not None}
-    return inputs["prompt"], SamplingParams(**given)
 
 
 def find_version(store: Store, owner: str, ref: str | None) -> tuple[Model, Version]:
@@ -91,7 +69,7 @@ def _busy(runner: PredictionRunner) -> Busy:
 
 def create_prediction(store: Store, runner: PredictionRunner, *, owner: str, model: Model, version: Version,
                       input: dict[str, Any], stream: bool = False, webhook: str | None = None,
-                      webhook_events_filter: list[str] | None = None) -> tuple[Prediction, Channel]:
+                      webhook_events_filter: Sequence[str] | None = None) -> tuple[Prediction, Channel]:
     """Check the input, take room on the engine (Busy when there is none), record the prediction
     and start it; (its row, its channel)."""
     try:

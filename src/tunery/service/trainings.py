@@ -14,6 +14,7 @@ import io
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | 
 def create_training(store: Store, settings: Settings, *, owner: str, base: Model, version: Version,
                     destination: str, inputs: dict[str, Any], data: dict[str, Data] | None = None,
                     own_hosts: set[str] = frozenset(), webhook: str | None = None,  # type: ignore[assignment]
-                    webhook_events_filter: list[str] | None = None, openai: dict[str, Any] | None = None,
+                    webhook_events_filter: Sequence[str] | None = None, openai: dict[str, Any] | None = None,
                     training_id: str | None = None, new_destination: str | None = None) -> Training:
     """Queue a training of `base` at `version`, pushed to `destination`, on the user's `inputs`
     (tunery's names), once every check has passed; nothing is left behind when one fails.

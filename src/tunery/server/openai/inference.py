@@ -119,7 +119,7 @@ def _params(body: _Sampling):
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
         raise OpenAIError(400, "stop takes at most 4 sequences", param="stop")
-    given = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or OPENAI_MAX_TOKENS,
+    given: dict[str, Any] = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or OPENAI_MAX_TOKENS,
              "temperature": 1.0 if body.temperature is None else body.temperature,
              "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": 0, "stop_sequences": stops or None,
              "seed": body.seed}

@@ -62,10 +62,11 @@ def resolve_model(store: Store, owner: str, model_id: str) -> tuple[Model, Versi
                           param="model", code="model_not_found")
     if not slash:
         raise missing
-    model = store.get_model(owner, model_owner, model_name)
-    if model is None:
+    found = store.get_model(owner, model_owner, model_name)
+    if found is None:
         raise missing
-    version = store.get_version(model.id, version_id) if version_id else store.latest_version(model.id)
-    if version is None:
+    latest = store.get_version(found.id, version_id) if version_id else store.latest_version(found.id)
+    if latest is None:
         raise missing
+    model, version = found, latest
     return model, version
