@@ -75,7 +75,7 @@ class LiveServer:
 
 
 class ScriptedEngine:
-    """The Engine contract (infer/engine.py) with a fixed script of pieces, `delay` seconds apart,
+    """The Engine contract (infer/generation.py) with a fixed script of pieces, `delay` seconds apart,
     many requests at once, each on its own thread; honours stop_sequences (cut before the first),
     max_new_tokens (one piece a token), cancel (within one piece); records each request."""
 

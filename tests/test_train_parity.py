@@ -10,7 +10,7 @@ is handled:
   the two start from different adapters.
 * The labelled-only loss runs the decoder itself, outside the model's forward that accelerate
   wraps in autocast, so under bf16 it ran in fp32 (a CPU) or without autocast's fp32 islands (a
-  GPU); it now enters the Trainer's autocast itself (engine.TuneryTrainer.compute_loss).
+  GPU); it now enters the Trainer's autocast itself (sft.TuneryTrainer.compute_loss).
 * LoRA dropout: tunery draws its CPU masks from 16-bit uniforms (models/dropout.py), peft from
   torch's Bernoulli generator, so the same seed drops different elements; both run without
   dropout here (models/dropout.py's tests check the masks' statistics). Attention for training
