@@ -15,15 +15,20 @@ __all__ = ["__version__", "train", "predict", "TrainingInputs"]
 
 class _NoKernelHubNotice(logging.Filter):
     """bitsandbytes, when imported on a CPU with avx512_bf16 (peft imports it for every LoRA run),
-    tries to download a 4-bit GEMM kernel from a model hub and logs a warning when it cannot.
-    Nothing tunery runs needs that kernel (QLoRA on a CPU computes in fp32, where bitsandbytes'
-    own kernels serve), so the notice is dropped rather than printed on every start."""
+    tries to download a 4-bit GEMM kernel from a model hub through the `kernels` package, which
+    logs a notice when it cannot (offline: "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes'"; no hub: "Failed to load CPU
+    gemm_4bit_forward"). Nothing tunery runs needs that kernel (QLoRA on a CPU computes in fp32,
+    where bitsandbytes' own kernels serve), so those notices are dropped rather than printed on
+    every start; any other kernel's notices pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in record.getMessage()
+        message = record.getMessage()
+        return "gemm_4bit_forward" not in message and "quantization-bitsandbytes" not in message
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_logger).addFilter(_NoKernelHubNotice())
 
 
 def __getattr__(name: str):
