@@ -73,6 +73,12 @@ def file_exists(settings: Settings, row: File | None) -> bool:
     return row is not None and settings.objects.exists(row.path)
 
 
+def local_copy(settings: Settings, row: File) -> Path:
+    """The file's bytes on this machine: its own path on local storage, else a copy fetched once
+    into the download cache (later calls reuse it)."""
+    return settings.objects.get(row.path, settings.download_dir / "files")
+
+
 # -- the one check -----------------------------------------------------------------------------------
 
 @dataclass
@@ -125,8 +131,7 @@ def check_file(store: Store, settings: Settings, row: File) -> DataCheck:
     """Check an uploaded file as training data, wherever the storage keeps it (a local folder, s3://,
     ...), and record the outcome on the file: "processed" with its format and rows, or "error"
     with its bad lines."""
-    local = settings.objects.get(row.path, settings.download_dir / "files")
-    check = check_data(local, row.name)
+    check = check_data(local_copy(settings, row), row.name)
     if check.valid:
         store.record_file_check(row.id, status="processed", details=None, data_format=check.format, rows=check.rows)
     else:

@@ -21,7 +21,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tunery.service.errors import Conflict, Invalid, InvalidData, NotFound, Unavailable
-from tunery.service.files import MAX_LISTED, DataCheck, check_data, check_file, file_exists, save_result_file
+from tunery.service.files import (
+    MAX_LISTED,
+    DataCheck,
+    check_data,
+    check_file,
+    file_exists,
+    local_copy,
+    save_result_file,
+)
 from tunery.settings import Settings
 from tunery.spec import TrainingInputs, format_input_errors, input_errors
 from tunery.store.models import File, Model, Training, Version
@@ -91,8 +99,7 @@ class Data:
 def data_from_file(store: Store, settings: Settings, row: File, field: str, *, label: str | None = None) -> Data:
     """An uploaded file as a training's data: checked (and the outcome recorded on the file)."""
     check = check_file(store, settings, row)
-    local = settings.objects.get(row.path, settings.download_dir / "files")
-    return Data(field, label or row.name, local, row.path, check)
+    return Data(field, label or row.name, local_copy(settings, row), row.path, check)  # fetched once, by the check
 
 
 def fetch_data(store: Store, settings: Settings, owner: str, field: str, source: str, *, own_hosts: set[str],

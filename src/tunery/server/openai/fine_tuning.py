@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -353,24 +354,27 @@ def cancel_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
 def pause_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
     """Pause a queued or running job: a running one is stopped by its worker within seconds, keeping
     its checkpoints; it shows "running" until then, "paused" after."""
-    row = _job(store, owner, job_id)
-    if not trainings.can_pause(row):
-        raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a queued or running "
-                          "job can be paused", param="fine_tuning_job_id")
-    trainings.pause_training(store, owner, row)
-    _note(store, row, "Fine-tuning job paused")
-    return job_object(_job(store, owner, job_id))
+    return _move(store, owner, job_id, trainings.can_pause, trainings.pause_training,
+                 refusal="only a queued or running job can be paused", note="Fine-tuning job paused")
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
 def resume_job(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
     """Resume a paused job: queued again, and a worker goes on from its newest checkpoint."""
+    return _move(store, owner, job_id, trainings.can_resume, trainings.resume_training,
+                 refusal="only a paused job can be resumed", note="Fine-tuning job resumed")
+
+
+def _move(store, owner: str, job_id: str, allowed: Callable[[Training], bool], move: Callable[..., Any], *,
+          refusal: str, note: str) -> dict[str, Any]:
+    """Pause or resume: the core's rule says whether the job may (a 400 naming its state if not),
+    the core moves it, and the job's events get `note`."""
     row = _job(store, owner, job_id)
-    if not trainings.can_resume(row):
-        raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: only a paused job can be "
-                          "resumed", param="fine_tuning_job_id")
-    trainings.resume_training(store, owner, row)
-    _note(store, row, "Fine-tuning job resumed")
+    if not allowed(row):
+        raise OpenAIError(400, f"Job {job_id} is {STATUS.get(row.status, row.status)}: {refusal}",
+                          param="fine_tuning_job_id")
+    move(store, owner, row)
+    _note(store, row, note)
     return job_object(_job(store, owner, job_id))
 
 
