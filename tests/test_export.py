@@ -180,7 +180,7 @@ def test_the_ollama_template_frames_reproduce_the_chat_template(tokenizer):
         assert render_frames(frames, messages) == want
     assert frames["assistant"][1].strip() == "<|im_end|>" and frames["default_system"]  # SmolLM2's ChatML
     template = go_template(frames)
-    assert template.startswith("{{- range $i, $m := .Messages }}") and template.endswith(frames["generation"])
+    assert template.startswith("{{ range $i, $m := .Messages }}") and template.endswith(frames["generation"])
     chat = modelfile("gguf-q8_0.gguf", tokenizer, "messages")
     assert chat.startswith("FROM ./gguf-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in chat
     assert f'SYSTEM """{frames["default_system"]}"""' in chat

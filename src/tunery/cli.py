@@ -273,17 +273,23 @@ def data_check(
     pack_sequences: Annotated[bool, typer.Option(help="Estimate with packing.")] = False,
     peft_method: Annotated[str, typer.Option(help="lora, qlora or full, for the time estimate.")] = "lora",
     estimate: Annotated[bool, typer.Option(help="Time a few real training steps to estimate duration.")] = True,
+    chat_template: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Chat template for chat rows: chatml, llama-2, llama-3, mistral, gemma, phi-3 or Jinja "
+        "(default: the base's own).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a JSONL file and report rows, tokens, truncation, packing fill and estimated training time."""
+    from tunery.chat_templates import chat_template_problem
     from tunery.train.preflight import check_data, render_report
 
+    if chat_template is not None and (problem := chat_template_problem(chat_template)):
+        _fail(TuneryError(f"--chat-template: {problem}"))
     try:
         report = check_data(
             file, base=base, chunk_size=chunk_size, max_seq_length=max_seq_length,
             micro_batch_size=micro_batch_size, train_batch_size=train_batch_size,
             num_train_epochs=num_train_epochs, pack_sequences=pack_sequences,
-            peft_method=peft_method, estimate=estimate,
+            peft_method=peft_method, estimate=estimate, chat_template=chat_template,
         )
     except TuneryError as exc:
         _fail(exc)

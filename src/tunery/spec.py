@@ -152,12 +152,28 @@ class TrainingInputs(BaseModel):
     attn_implementation: Attention = Field(
         "auto", description="Attention kernel: sdpa, eager, flash_attention_2 or auto."
     )
+    chat_template: str | None = Field(
+        None,
+        description="The chat template for messages and preference rows: a name (chatml, llama-2, llama-3, mistral, "
+        "gemma, phi-3) or a Jinja template. Default: the base tokenizer's own (a base without one, such as base "
+        "Llama 2, needs this for chat rows). Saved with the tuned model's tokenizer, so predictions, the OpenAI "
+        "chat API, evaluation and the Ollama Modelfile use it.",
+    )
     report_to: str = Field(
         "none",
         description="Experiment tracking: none, or comma-separated tensorboard, wandb, mlflow. Files go to the "
         "run's tracking folder; W&B runs offline unless WANDB_MODE or WANDB_API_KEY is set, MLflow writes "
         "there unless MLFLOW_TRACKING_URI is set.",
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from tunery.chat_templates import chat_template_problem
+
+        if value is not None and (problem := chat_template_problem(value)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("report_to")
     @classmethod

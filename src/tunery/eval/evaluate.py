@@ -266,7 +266,9 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         model = cast(Any, AutoModelForCausalLM.from_pretrained(w.path)).to(pick_device())
         tokenizer = AutoTokenizer.from_pretrained(w.tokenizer or w.path)
         if compare:
-            report_base = evaluate_model(load_model(resolved), load_tokenizer(resolved), ds.rows, ds.format,
+            # The base in the tuned model's chat template (the one it was trained with).
+            base_tokenizer = load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
+            report_base = evaluate_model(load_model(resolved), base_tokenizer, ds.rows, ds.format,
                                          columns=[("base", contextlib.nullcontext)], params=params,
                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
                                          n_examples=n_examples, progress=progress, console=console)

@@ -5,9 +5,9 @@ rendered on a probe conversation (placeholder contents for a system, a user and 
 turn) and each role's text before and after its content is read off the rendering, together with
 the generation prompt (what the template adds to ask for the assistant's turn) and the system
 message it inserts when there is none. That covers the templates that frame every turn the same
-way (ChatML, Llama 2/3, Mistral, Zephyr, ...), which is what fine-tuned chat models use; a
-template that does anything else (conditionals on content, turn counts) is refused rather than
-approximated. A run trained on prompt/completion or plain text rows gets the raw prompt.
+way (ChatML, Llama 3, Phi-3, Zephyr, ...), or fold the system message into the first user turn
+(Llama 2, Mistral, Gemma), which is what fine-tuned chat models use; a template that does anything
+else (conditionals on content, turn counts) is refused rather than approximated. A run trained on prompt/completion or plain text rows gets the raw prompt.
 
 Stops: the tokenizer's eos and, for chat runs, the end-of-turn text after the assistant's content.
 """
@@ -19,16 +19,36 @@ from typing import Any
 from tunery.export import ExportError
 
 _S, _U, _A, _U2 = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01NEXT\x01"
+_BOS = "\x01BOS\x01"
 
 
 def chat_frames(tokenizer) -> dict[str, Any]:
-    """The chat template's framing of each role: {"system" | "user" | "assistant": (text before the
-    content, text after it), "generation": what asks for the assistant's turn, "default_system":
-    the system message the template adds when there is none, or None}. ExportError for a template
-    whose turns are not framed the same way each time."""
+    """The chat template's framing of each role: {"lead": what opens every prompt, "user" |
+    "assistant": (text before the content,
+    text after it), "system": the system turn's own frame, or None when the template folds a system
+    message into the first user turn (Llama 2, Mistral, Gemma), "first_user_system": then the text
+    around the system message inside that turn, "generation": what asks for the assistant's turn,
+    "default_system": the system message the template adds when there is none, or None}.
+
+    A BOS the template writes first is left to the runtime, which adds it to every prompt (as the
+    tokenizer does); one written between turns (Llama 2's `<s>[INST]`) stays as text. ExportError
+    for a template whose turns are not framed the same way each time."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    jinja: Any = render_jinja_template  # returns (texts, generation indices), whatever its annotation says
+
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    bos = tokenizer.bos_token or ""
+    runtime_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+
     def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
-        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                             add_generation_prompt=generation)
+        texts, _ = jinja(
+            conversations=[[{"role": r, "content": c} for r, c in messages]], chat_template=tokenizer.chat_template,
+            add_generation_prompt=generation, **{**special, "bos_token": _BOS})
+        text = texts[0]
+        if runtime_bos:
+            text = text.removeprefix(_BOS)
+        return text.replace(_BOS, bos)
 
     def cut(text: str, *marks: str) -> list[str]:
         """`text` split at each mark, in order: the segments around them."""
@@ -41,52 +61,86 @@ def chat_frames(tokenizer) -> dict[str, Any]:
             out.append(before)
         return out + [text]
 
-    seg = cut(render([("system", _S), ("user", _U), ("assistant", _A), ("user", _U2)]), _S, _U, _A, _U2)
+    uneven = ExportError("the chat template does not frame each turn the same way: it cannot be translated to "
+                         "an Ollama template")
     alone = cut(render([("user", _U)]), _U)
     user_close = alone[1]
     generation = render([("user", _U)], True)[len(render([("user", _U)])):]
     assistant_close = cut(render([("user", _U), ("assistant", _A)]), _U, _A)[2]
-    same = [seg[4] == user_close, seg[2].startswith(user_close), seg[3].startswith(assistant_close)]
-    user_open = seg[3][len(assistant_close):]
-    same.append(seg[1].endswith(user_open) and alone[0].endswith(user_open))
-    if not all(same):
-        raise ExportError("the chat template does not frame each turn the same way: it cannot be translated to "
-                          "an Ollama template")
-    assistant_open = seg[2][len(user_close):]
-    system_open, system_close = seg[0], seg[1][: len(seg[1]) - len(user_open)]
+    turns = cut(render([("user", _U), ("assistant", _A), ("user", _U2)]), _U, _A, _U2)
+    if not (turns[3] == user_close and turns[1].startswith(user_close) and turns[2].startswith(assistant_close)):
+        raise uneven
+    user_open = turns[2][len(assistant_close):]
+    if not (turns[0].endswith(user_open) and alone[0].endswith(user_open)):
+        raise uneven
+    assistant_open = turns[1][len(user_close):]
     head = alone[0][: len(alone[0]) - len(user_open)]
-    default_system = None
-    if head.startswith(system_open) and head.endswith(system_close) and len(head) > len(system_open + system_close):
-        default_system = head[len(system_open): len(head) - len(system_close)]
-    return {"system": (system_open, system_close), "user": (user_open, user_close),
-            "assistant": (assistant_open, assistant_close), "generation": generation or assistant_open,
+    before, between, after = cut(render([("system", _S), ("user", _U)]), _S, _U)
+    if after != user_close:
+        raise uneven
+    system: tuple[str, str] | None = None
+    folded: tuple[str, str] | None = None
+    default_system, lead = None, head  # lead: what opens every prompt (a BOS the runtime does not add)
+    if between.endswith(user_open):  # a turn of its own
+        system = (before, between[: len(between) - len(user_open)])
+        if head.startswith(system[0]) and head.endswith(system[1]) and len(head) > len(system[0] + system[1]):
+            default_system, lead = head[len(system[0]): len(head) - len(system[1])], ""
+        elif before.startswith(head):
+            system = (before[len(head):], system[1])
+        else:
+            raise uneven
+    elif before.startswith(head + user_open):  # inside the first user turn
+        folded = (before[len(head + user_open):], between)
+    else:
+        raise uneven
+    return {"lead": lead, "system": system, "first_user_system": folded, "user": (user_open, user_close),
+            "assistant": (assistant_open, assistant_close), "generation": generation,
             "default_system": default_system}
 
 
 def render_frames(frames: dict[str, Any], messages: list[dict], generation: bool = True) -> str:
     """What the Go template renders for `messages` (the same walk, in Python): the check that the
     frames reproduce the chat template."""
-    out = ""
-    if frames["default_system"] and not any(m["role"] == "system" for m in messages):
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    if frames["default_system"] and system is None:
         messages = [{"role": "system", "content": frames["default_system"]}, *messages]
+    out, first = frames["lead"], True
     for m in messages:
+        if m["role"] == "system":
+            if frames["system"]:
+                out += frames["system"][0] + m["content"] + frames["system"][1]
+            continue
         before, after = frames[m["role"]]
+        if m["role"] == "user" and first and system and frames["first_user_system"]:
+            before += frames["first_user_system"][0] + system + frames["first_user_system"][1]
+        if m["role"] == "user":
+            first = False
         out += before + m["content"] + after
     return out + (frames["generation"] if generation else "")
 
 
 def go_template(frames: dict[str, Any]) -> str:
-    """An Ollama (Go) template with the frames: every message in order, then the generation prompt."""
+    """An Ollama (Go) template with the frames: every message in order, then the generation prompt.
+    Written on one line with no whitespace-trimming actions, so every frame's own whitespace (the
+    newline after ChatML's <|im_end|>) reaches the prompt as the model saw it in training."""
     def esc(text: str) -> str:
         return text.replace("{{", "{{ \"{{\" }}")
 
-    (s_open, s_close), (u_open, u_close), (a_open, a_close) = frames["system"], frames["user"], frames["assistant"]
-    return ("{{- range $i, $m := .Messages }}"
-            f'{{{{- if eq $m.Role "system" }}}}{esc(s_open)}{{{{ $m.Content }}}}{esc(s_close)}'
-            f'{{{{- else if eq $m.Role "user" }}}}{esc(u_open)}{{{{ $m.Content }}}}{esc(u_close)}'
-            f'{{{{- else if eq $m.Role "assistant" }}}}{esc(a_open)}{{{{ $m.Content }}}}{esc(a_close)}'
-            "{{- end }}{{- end }}"
-            f"{esc(frames['generation'])}")
+    (u_open, u_close), (a_open, a_close) = frames["user"], frames["assistant"]
+    head, system = "", ""
+    user = f"{esc(u_open)}{{{{ $m.Content }}}}{esc(u_close)}"
+    if frames["system"]:
+        s_open, s_close = frames["system"]
+        system = f'{{{{ else if eq $m.Role "system" }}}}{esc(s_open)}{{{{ $m.Content }}}}{esc(s_close)}'
+    else:  # the system message opens the first user turn
+        in_user, after_system = frames["first_user_system"]
+        head = ('{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
+                "{{ end }}{{ $first := true }}")
+        user = (f"{esc(u_open)}{{{{ if and $first $system }}}}{esc(in_user)}{{{{ $system }}}}{esc(after_system)}"
+                f"{{{{ end }}}}{{{{ $first = false }}}}{{{{ $m.Content }}}}{esc(u_close)}")
+    return (f'{head}{esc(frames["lead"])}{{{{ range $i, $m := .Messages }}}}{{{{ if eq $m.Role "user" }}}}{user}{system}'
+            f'{{{{ else if eq $m.Role "assistant" }}}}{esc(a_open)}{{{{ $m.Content }}}}{esc(a_close)}'
+            f"{{{{ end }}}}{{{{ end }}}}{esc(frames['generation'])}")
 
 
 def modelfile(gguf_name: str, tokenizer, data_format: str | None) -> str:

@@ -54,12 +54,16 @@ def pick_attention(name: str, device: str, *, training: bool = False) -> str:
     return "sdpa"
 
 
-def load_tokenizer(resolved: ResolvedBase):
-    """The base's tokenizer, right-padded, with a pad token (eos when the base has none)."""
+def load_tokenizer(resolved: ResolvedBase, chat_template: str | None = None):
+    """The base's tokenizer, right-padded, with a pad token (eos when the base has none) and the
+    `chat_template` input when given (a name or Jinja; data.chat_templates)."""
     from transformers import AutoTokenizer
+
+    from tunery.chat_templates import apply_chat_template
 
     with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(resolved.path)
+    apply_chat_template(tok, chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -32,6 +32,7 @@ def check_data(
     peft_method: str = "lora",
     estimate: bool = True,
     probe_steps: int = 3,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Validate every line of `source` (raises DataError), then tokenize with `base`'s tokenizer and
     return the report as a dict."""
@@ -44,7 +45,7 @@ def check_data(
     settings.download_dir.mkdir(parents=True, exist_ok=True)
     ds = read_jsonl(fetch(source, settings.download_dir), name=source)
     resolved = resolve_base(base, settings)
-    tokenizer = load_tokenizer(resolved)
+    tokenizer = load_tokenizer(resolved, chat_template)
     max_length = max_seq_length or chunk_size
     if ds.format == "preference":
         # Two sequences per row (the conversation with each answer), labelled on the answers; DPO pads

@@ -304,7 +304,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
                              name=str(test_data))
     # 2. Base model and tokenizer.
     resolved = resolve_base(base, settings)
-    tokenizer = load_tokenizer(resolved)
+    tokenizer = load_tokenizer(resolved, inputs.chat_template)
     data = prepare_data(inputs, tokenizer, settings=settings, sink=sink, datasets=datasets)
     sink.emit("data", **data.stats)
     sink.emit("log", message=_describe_data(data.stats))

@@ -26,6 +26,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.chat_templates import generation_prompt
 from tunery.server.deps import Owner, RunnerDep, SettingsDep, StoreDep
 from tunery.server.openai.errors import OpenAIError, from_service
 from tunery.server.openai.names import FT_MODEL_PREFIX, fine_tuned_name, resolve_model
@@ -211,7 +212,7 @@ def chat_completions(body: ChatBody, owner: Owner, store: StoreDep, settings: Se
             raise OpenAIError(400, f"the model '{body.model}' has no chat template: use /completions",
                               param="messages")
         messages = [{"role": m.get("role"), "content": _content(m)} for m in body.messages]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return generation_prompt(tokenizer, messages)
 
     try:
         generation, slot = _generate(runner, store, settings, owner, body, prompt_for)
