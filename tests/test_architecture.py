@@ -115,3 +115,4 @@ def test_the_check_finds_a_back_arrow():
     """The floors test is real: a lower floor importing a higher one is reported."""
     assert _floor("tunery.store.store") < _floor("tunery.server.app")
     assert _floor("tunery.server.replicate.shapes") > _floor("tunery.store.outbox")
+

@@ -12,7 +12,7 @@ import pytest
 
 from tunery.export import ExportError
 from tunery.export import gguf as gguf_export
-from tunery.export.gguf import write_gguf
+from tunery.export.gguf import QUANTS, write_gguf
 from tunery.export.gguf_check import check_gguf
 
 TEXTS = [
@@ -48,18 +48,24 @@ def merged_dir(tmp_path_factory, tiny_model_dir) -> Path:
 def exports(tmp_path_factory, merged_dir) -> dict[str, tuple[Path, dict]]:
     folder = tmp_path_factory.mktemp("gguf")
     written = {}
-    for quant in ("f32", "f16", "bf16", "q8_0"):
+    for quant in QUANTS:
         path = folder / f"model-{quant}.gguf"
         written[quant] = (path, write_gguf(merged_dir, path, quant=quant))
     return written
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("quant", QUANTS)
 def test_reads_back_within_tolerance(exports, merged_dir, quant):
+    import gguf
+
     path, info = exports[quant]
     assert info["quant"] == quant and info["architecture"] == "llama"
     assert info["vocab_size"] == 49152 and info["bytes"] == path.stat().st_size
     assert info["tensors"] == 1 + 2 * 9 + 1  # embedding, 9 per block, final norm; tied: no output.weight
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    if quant not in ("f32", "f16", "bf16", "q8_0"):  # 4/5 bits: the matrices, but the embedding stays Q8_0
+        assert types["blk.0.ffn_down.weight"] == quant.upper() and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
     result = check_gguf(path, merged_dir)
     print(quant, result)
     assert result["max_abs_diff"] <= result["tolerance"]

@@ -191,7 +191,7 @@ def export_command(
                                         "(llama.cpp), ollama (GGUF + Modelfile) or gguf-lora (the adapter "
                                         "for llama.cpp's --lora).")] = "merged",
     dtype: Annotated[str, typer.Option(help="merged: bf16, f16 or f32.")] = "bf16",
-    quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16, bf16 or f32.")] = "q8_0",
+    quant: Annotated[str, typer.Option(help="gguf / ollama: q8_0, f16, bf16, f32, or 4-/5-bit q4_0, q4_1, q5_0, q5_1.")] = "q8_0",
     force: Annotated[bool, typer.Option("--force", help="Export again even if this export exists.")] = False,
 ) -> None:
     """Export a finished run: merged weights, a GGUF file, or a GGUF with an Ollama Modelfile; each

@@ -34,10 +34,11 @@ from typing import Any
 
 from tunery.artifacts.run import ADAPTER, MANIFEST, TOKENIZER, Run
 from tunery.export import ExportError
+from tunery.export.gguf import LORA_QUANTS
+from tunery.export.gguf import QUANTS as GGUF_QUANTS
 
 FORMATS = ("merged", "gguf", "ollama", "gguf-lora")
 MERGED_DTYPES = ("bf16", "f16", "f32")
-GGUF_QUANTS = ("q8_0", "f16", "bf16", "f32")
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 _LOCK = threading.Lock()  # one export at a time per process: each holds a whole model in memory
 
@@ -65,8 +66,9 @@ def export_name(fmt: str, *, dtype: str = "bf16", quant: str = "q8_0") -> str:
         if dtype not in MERGED_DTYPES:
             raise ExportError(f"merged dtype {dtype!r} is not one of {', '.join(MERGED_DTYPES)}")
         return f"merged-{dtype}"
-    if quant not in GGUF_QUANTS:
-        raise ExportError(f"{fmt} quantization {quant!r} is not one of {', '.join(GGUF_QUANTS)}")
+    allowed = LORA_QUANTS if fmt == "gguf-lora" else GGUF_QUANTS
+    if quant not in allowed:
+        raise ExportError(f"{fmt} quantization {quant!r} is not one of {', '.join(allowed)}")
     return f"{fmt}-{quant}"
 
 
@@ -122,7 +124,8 @@ def _read_info(run: Run, name: str) -> dict[str, Any]:
 def list_exports(run: Run) -> list[dict[str, Any]]:
     """The run's finished exports: name, file, size and check."""
     found = [export_name("merged", dtype=d) for d in MERGED_DTYPES]
-    found += [export_name(f, quant=q) for f in FORMATS if f != "merged" for q in GGUF_QUANTS]
+    found += [export_name(f, quant=q) for f in FORMATS if f != "merged"
+              for q in (LORA_QUANTS if f == "gguf-lora" else GGUF_QUANTS)]
     out = []
     for name in found:
         if run.exists(run.export_entry(file_name(name))):

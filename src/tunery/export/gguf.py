@@ -9,8 +9,10 @@ every GGUF runtime expects:
   transformers' rotary embedding rotates the two halves of a head (`rotate_half`), llama.cpp's
   Llama rotates adjacent pairs, and the permutation turns one layout into the other
   (transformers' GGUF loader applies the inverse); Qwen2 is written as it is (NeoX rotary);
-- 1-D tensors (the norms) always in F32, 2-D ones in the asked type; Q8_0 quantizes rows in blocks
-  of 32, and a tensor whose rows are not a multiple of 32 falls back to F16 as llama.cpp does;
+- 1-D tensors (the norms) always in F32, 2-D ones in the asked type; Q8_0, Q5_0/1 and Q4_0/1
+  quantize rows in blocks of 32 (gguf-py's quantizers), a tensor whose rows are not a multiple of
+  32 falls back to F16 as llama.cpp does, and under 4/5 bits the embedding and output matrices
+  stay Q8_0;
 - `output.weight` only when the model does not tie its output layer to the embedding (a file
   without it is read as tied);
 - the byte-level BPE vocabulary as `tokenizer.ggml.model = "gpt2"`, with merges, token types
@@ -42,7 +44,15 @@ import numpy as np
 
 from tunery.export import ExportError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+QUANTS = ("q8_0", "f16", "bf16", "f32", "q5_1", "q5_0", "q4_1", "q4_0")  # the exporter's default first
+#: The block-quantized types (gguf-py's own quantizers, which write what llama.cpp's do): rows in
+#: blocks of 32 weights, one scale (and for _1 a minimum) each.
+BLOCK_QUANTS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+#: Under 4- and 5-bit quants, the embedding and output matrices stay Q8_0, as llama.cpp's quantizer
+#: keeps them at 6-8 bits: every token's logits go through them, and they are a small share of a model.
+KEEP_Q8_0 = ("token_embd.weight", "output.weight")
+#: An adapter is small and its matrices are low-rank products: no 4/5-bit form.
+LORA_QUANTS = ("q8_0", "f16", "bf16", "f32")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The llama.cpp architecture each is written as: llama.cpp runs Mistral as Llama. Only the Llama
 # architecture uses llama.cpp's interleaved rotary layout (q/k permuted); Qwen2 uses NeoX's, which
@@ -72,7 +82,7 @@ class _Tensor:
 
 def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
     """Write a Llama-family Hugging Face model folder (safetensors, config.json, tokenizer files,
-    chat template) as a GGUF file. quant: "f16" | "q8_0" | "f32" | "bf16". Writes to a temporary
+    chat template) as a GGUF file. quant: one of QUANTS. Writes to a temporary
     sibling and renames, so no half-written file is ever left (also on an exception).
     Deterministic: the same input gives the same bytes (no timestamps; sorted iteration).
     Returns a small dict of what was written (architecture, tensors, quant, vocab size, bytes).
@@ -151,8 +161,9 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
     from safetensors import safe_open
 
     adapter_dir, out_path, base_model_dir = Path(adapter_dir), Path(out_path), Path(base_model_dir)
-    if quant not in QUANTS:
-        raise ExportError(f"unknown GGUF quant {quant!r}; supported: {', '.join(QUANTS)}")
+    if quant not in LORA_QUANTS:
+        raise ExportError(f"a LoRA adapter GGUF is written in {', '.join(LORA_QUANTS)} (as llama.cpp's "
+                          f"convert_lora_to_gguf.py writes them), not {quant!r}")
     config = _read_config(base_model_dir)
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for required in (cfg_path, weights):
@@ -204,7 +215,6 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_file_type(file_types()[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    T = gguf.GGMLQuantizationType
     arrays: list[np.ndarray] = []
     for name in sorted(pairs, key=lambda n: (int(n.split(".")[1]), n)):
         pair = pairs[name]
@@ -213,14 +223,7 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
         heads = None if not permutes else n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
         b = permute_rotary(pair["B"], heads) if heads else pair["B"]
         for suffix, matrix in (("lora_a", pair["A"]), ("lora_b", b)):
-            if quant == "f32":
-                qtype = T.F32
-            elif quant == "bf16":
-                qtype = T.BF16
-            elif quant == "q8_0" and matrix.shape[-1] % Q8_0_BLOCK == 0:
-                qtype = T.Q8_0
-            else:
-                qtype = T.F16
+            qtype = _qtype(quant, tuple(matrix.shape), f"{name}.{suffix}")
             t = _Tensor(name, weights, f"{name}.{suffix}", tuple(matrix.shape), qtype, None)
             data = _convert(t, matrix, permute_rotary)
             writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t), _stored_nbytes(t),
@@ -395,13 +398,30 @@ def _adds_special(model_dir: Path, ids: dict[str, int]) -> dict[str, bool]:
 # --- tensors --------------------------------------------------------------------------------------
 
 
+def _qtype(quant: str, shape: tuple[int, ...], gguf_name: str) -> Any:
+    """The GGML type a tensor is stored in under `quant` (see the module docstring)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or quant == "f32":
+        return T.F32
+    if quant in ("f16", "bf16"):
+        return T[quant.upper()]
+    if shape[-1] % Q8_0_BLOCK:
+        return T.F16
+    if quant != "q8_0" and gguf_name in KEEP_Q8_0:
+        return T.Q8_0
+    return T[quant.upper()]
+
+
 def file_types() -> dict[str, Any]:
     """general.file_type for each quant: the writer records it, the checker (export/gguf_check.py)
     reads it back to pick its tolerance."""
     import gguf
 
     F = gguf.LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16,
+            **{quant: F[f"MOSTLY_{quant.upper()}"] for quant in BLOCK_QUANTS}}
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -436,7 +456,6 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
     tied = bool(config.get("tie_word_embeddings", False))
     name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
     permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
-    T = gguf.GGMLQuantizationType
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
@@ -456,14 +475,7 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
         if gguf_base is None:
             raise ExportError(f"cannot export {model_dir}: tensor {hf_name} has no GGUF name in llama.cpp's {config['model_type']} layout")
         shape = shapes[hf_name]
-        if len(shape) == 1 or quant == "f32":
-            qtype = T.F32
-        elif quant == "f16":
-            qtype = T.F16
-        elif quant == "bf16":
-            qtype = T.BF16
-        else:
-            qtype = T.Q8_0 if shape[-1] % Q8_0_BLOCK == 0 else T.F16
+        qtype = _qtype(quant, shape, f"{gguf_base}.{suffix}")
         heads = None
         if not permutes:
             pass

@@ -26,6 +26,13 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "f16": {"rel": 1e-2, "argmax": 0.95},
     "bf16": {"rel": 5e-2, "argmax": 0.9},
     "q8_0": {"rel": 1e-1, "argmax": 0.9},
+    # 5 and 4 bits per weight (block scales, _1 also a minimum) move a random test model's logits by
+    # ~16% (q5) and ~21-30% (q4) of their range, with 76-91% / 75-87% top-token agreement (the tiny
+    # test Llama, two seeds; its near-tied logits make agreement fragile): bounds with a 2.5x / 2x margin.
+    "q5_1": {"rel": 4e-1, "argmax": 0.7},
+    "q5_0": {"rel": 4e-1, "argmax": 0.7},
+    "q4_1": {"rel": 6e-1, "argmax": 0.6},
+    "q4_0": {"rel": 6e-1, "argmax": 0.6},
 }
 
 DEFAULT_PROMPTS = [

@@ -79,4 +79,4 @@ class ExportCreate(BaseModel):
     format: str = Field("merged", description="merged (a Hugging Face model folder), gguf (llama.cpp) or ollama "
                         "(GGUF + Modelfile).")
     dtype: str = Field("bf16", description="merged: bf16, f16 or f32.")
-    quant: str = Field("q8_0", description="gguf / ollama: q8_0, f16, bf16 or f32.")
+    quant: str = Field("q8_0", description="gguf / ollama: q8_0, f16, bf16, f32, or 4-/5-bit q4_0, q4_1, q5_0, q5_1.")
