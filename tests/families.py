@@ -10,9 +10,11 @@ generation config, and a tokenizer of the family's kind trained here on a small 
 - byte-level BPE (Llama 3, Qwen), trained with the `tokenizers` library behind the family's own
   pre-tokenizer split regex;
 
-with the family's special tokens and chat template (none for base Llama 2). Nothing is
-downloaded. Trained tokenizers are cached in the process, so each folder after the first takes well
-under a second.
+with the family's special tokens and chat template (none for base Llama 2). The weights are seeded
+and drawn wider than transformers' default (see INIT), so a few LoRA steps can teach a tiny model a
+short answer. Nothing is downloaded. Trained tokenizers are cached in the process; the trainings
+take hundredths of a second, so a folder costs a few hundredths once transformers has imported
+the model code (two or three seconds, the first time).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ FAMILIES = ("llama-2", "llama-3", "mistral", "qwen2.5", "qwen3", "gemma-2", "gem
 
 # The same small shape for every family (head_dim 16); kv heads 2 where the architecture has GQA.
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, HEAD_DIM = 64, 2, 4, 2, 128, 16
+# Weights drawn 10x wider than transformers' default (0.02): at 64 wide, 0.02 leaves every logit
+# within about ±1.5, and a LoRA (which leaves the output layer frozen) cannot make any token likely
+# (its loss stays near log(vocab)); at 0.2 a dozen LoRA steps teach a short answer, so tests can
+# check that what a run predicts is what it was trained to say.
+INIT = 0.2
 
 # Llama 3's and Qwen2's split regexes, as in their tokenizer.json files (Qwen splits every digit).
 LLAMA3_SPLIT = (
@@ -567,7 +574,7 @@ def _config(name: str, tok):
 
     ids = tok.convert_tokens_to_ids
     shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)
+                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, initializer_range=INIT)
     if name == "llama-2":
         return LlamaConfig(**shape, vocab_size=len(tok), max_position_embeddings=4096, rms_norm_eps=1e-5,
                            tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

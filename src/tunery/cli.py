@@ -276,9 +276,12 @@ def data_check(
     chat_template: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Chat template for chat rows: chatml, llama-2, llama-3, mistral, gemma, phi-3 or Jinja "
         "(default: the base's own).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="Estimate memory with gradient checkpointing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Validate a JSONL file and report rows, tokens, truncation, packing fill and estimated training time."""
+    """Validate a JSONL file and report rows, tokens, truncation, packing fill, the training's peak memory
+    against this machine's device, and estimated training time."""
     from tunery.chat_templates import chat_template_problem
     from tunery.train.preflight import check_data, render_report
 
@@ -290,6 +293,7 @@ def data_check(
             micro_batch_size=micro_batch_size, train_batch_size=train_batch_size,
             num_train_epochs=num_train_epochs, pack_sequences=pack_sequences,
             peft_method=peft_method, estimate=estimate, chat_template=chat_template,
+            gradient_checkpointing=gradient_checkpointing,
         )
     except TuneryError as exc:
         _fail(exc)

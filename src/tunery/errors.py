@@ -20,6 +20,12 @@ class OutOfMemoryError(TuneryError):
 def out_of_memory_message(exc: BaseException, inputs) -> str:
     """What ran out, how big the largest batch was, and the inputs that shrink it, best first."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return (f"out of memory during training: {first}. Each step holds micro_batch_size ({inputs.micro_batch_size}) "
+            f"sequences of up to {inputs.max_length} tokens. Try " + "; or ".join(memory_remedies(inputs)) + ".")
+
+
+def memory_remedies(inputs) -> list[str]:
+    """The training inputs that make a training need less memory, best first."""
     m, t = inputs.micro_batch_size, inputs.train_batch_size
     tries = []
     if m > 1:
@@ -31,8 +37,7 @@ def out_of_memory_message(exc: BaseException, inputs) -> str:
     elif inputs.peft_method == "full":
         tries.append("peft_method lora or qlora (no optimizer state for the base weights)")
     tries.append(f"a smaller max_seq_length (now {inputs.max_length} tokens per sequence)")
-    return (f"out of memory during training: {first}. Each step holds micro_batch_size ({m}) sequences of up "
-            f"to {inputs.max_length} tokens. Try " + "; or ".join(tries) + ".")
+    return tries
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

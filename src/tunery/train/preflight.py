@@ -33,6 +33,7 @@ def check_data(
     estimate: bool = True,
     probe_steps: int = 3,
     chat_template: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Validate every line of `source` (raises DataError), then tokenize with `base`'s tokenizer and
     return the report as a dict."""
@@ -86,6 +87,9 @@ def check_data(
         "padding_fraction": round(padding_fraction(unpacked(examples), micro_batch_size), 4),
         "steps_per_epoch": -(-(len(ds.rows) if ds.format == "preference" else len(sequences)) // train_batch_size),
     }
+    report["memory"] = _memory(source, resolved, sequences, chunk_size=chunk_size, max_seq_length=max_seq_length,
+                               micro_batch_size=micro_batch_size, train_batch_size=train_batch_size,
+                               peft_method=peft_method, gradient_checkpointing=gradient_checkpointing)
     if estimate:
         tps = _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size, peft_method, probe_steps,
                                        packed=pack_sequences)
@@ -138,6 +142,22 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
     return tokens / elapsed if elapsed > 0 else 0.0
 
 
+def _memory(source: str, resolved, sequences: list, **inputs: Any) -> dict[str, Any]:
+    """The training's peak memory estimate on this machine's device (train.recipe.memory_check's),
+    and whether it fits: {"total", the parts, "capacity", "device", "fits", "problem"}."""
+    from tunery.models.load import pick_device
+    from tunery.models.memory import device_memory, summary
+    from tunery.spec import TrainingInputs
+    from tunery.train.recipe import memory_check
+
+    spec = TrainingInputs.model_validate({"train_data": source, **inputs})
+    device = pick_device()
+    capacity, where = device_memory(device)
+    estimate, problem = memory_check(spec, resolved.path, sequences, device)
+    return {**summary(estimate), "capacity": capacity, "device": where, "fits": problem is None,
+            "problem": problem, "gradient_checkpointing": spec.gradient_checkpointing}
+
+
 def render_report(r: dict[str, Any], console: Console) -> None:
     t = Table(title=f"data check: {r['file']}", show_header=False)
     t.add_column("what")
@@ -154,6 +174,14 @@ def render_report(r: dict[str, Any], console: Console) -> None:
                   f"fill {r['packed_fill']:.1%}")
     t.add_row("padding (unpacked)", f"{r['padding_fraction']:.1%}")
     t.add_row("steps per epoch", str(r["steps_per_epoch"]))
+    if mem := r.get("memory"):
+        from tunery.models.memory import gib
+
+        t.add_row("peak memory (estimate)", f"~{gib(mem['total'])} of {mem['device']}: weights "
+                  f"{gib(mem['weights'])}, optimizer and gradients {gib(mem['trainable'])}, activations "
+                  f"{gib(mem['activations'])}, logits {gib(mem['logits'])}")
+        if not mem["fits"]:
+            t.add_row("peak memory (estimate)", f"[bold red]does not fit[/]: {mem['problem']}")
     if est := r.get("estimate"):
         secs = est["seconds"]
         if secs is None:

@@ -10,6 +10,7 @@ underneath), so `accelerate launch -m tunery.cli train ...` runs on several GPUs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -226,7 +227,7 @@ def train(
             result = _train(inputs, given, base, run, resume, sink, progress, settings, callbacks or [], test_data,
                             pause_file)
         except Exception as exc:
-            if isinstance(exc, Paused) or not is_out_of_memory(exc):
+            if isinstance(exc, (Paused, TuneryError)) or not is_out_of_memory(exc):
                 raise
             raise OutOfMemoryError(out_of_memory_message(exc, inputs)) from exc
     except Paused as exc:
@@ -239,6 +240,40 @@ def train(
         if not isinstance(events, EventSink):
             sink.close()
     return result
+
+
+def memory_check(inputs: TrainingInputs, model_dir: str | Path, sequences: list, device: str,
+                 sink: EventSink | None = None) -> tuple[Any, str | None]:
+    """The training's peak memory estimate (models.memory) for its longest micro batch of
+    `sequences` on `device`, logged to `sink` as a `memory` event: (the estimate, None when it fits
+    the device, else the one-line reason with what to change). Nothing is loaded."""
+    from tunery.data import IGNORE_INDEX
+    from tunery.models.load import pick_dtype
+    from tunery.models.memory import device_memory, estimate_training, summary, will_not_fit
+    from tunery.train.trainer import training_precision
+
+    rows = min(inputs.micro_batch_size, len(sequences))  # sequences in the biggest micro batch
+    longest = max((len(s.input_ids) for s in sequences), default=0)
+    labelled = max((sum(label != IGNORE_INDEX for label in s.labels) for s in sequences), default=0)
+    weights = pick_dtype(inputs.precision, device, training=True, trainable_base=inputs.peft_method == "full",
+                         quantized=inputs.peft_method == "qlora")
+    compute = 4 if training_precision(inputs, device).name == "fp32" else 2
+    estimate = estimate_training(
+        model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
+        gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weights.itemsize, compute_bytes=compute,
+        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
+        labelled_tokens=rows * labelled if inputs.loss_computation == "labelled" else None,
+        device=device)
+    from tunery.train.trainer import world_size
+
+    if inputs.fsdp and world_size() > 1:  # FSDP shards the weights, gradients and optimizer state
+        estimate = dataclasses.replace(estimate, weights=estimate.weights // world_size(),
+                                       trainable=estimate.trainable // world_size())
+    capacity, where = device_memory(device)
+    if sink is not None:
+        sink.emit("memory", **summary(estimate), capacity=capacity, device=where)
+        sink.emit("log", message=f"memory: {estimate.describe()} of {where}")
+    return estimate, will_not_fit(estimate, capacity, where, inputs)
 
 
 def _echo_to_stderr(event: dict) -> None:
@@ -309,8 +344,10 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     sink.emit("data", **data.stats)
     sink.emit("log", message=_describe_data(data.stats))
 
-    # 3. Model.
+    # 3. Model: refused before it is loaded when it cannot fit this process's device.
     device = pick_device()
+    if problem := memory_check(inputs, resolved.path, data.train, device, sink)[1]:
+        raise OutOfMemoryError(problem)
     model = load_model(
         resolved,
         precision=inputs.precision,

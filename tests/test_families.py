@@ -1,0 +1,303 @@
+"""The family table (issue 20): tiny random models of real architectures with tokenizers of the real
+kind (tests/families.py: Llama 2 and 3, Mistral, Qwen2.5 and 3, Gemma 2 and 3, Phi-3), through the
+stages a user runs — train (LoRA, QLoRA, full, chat rows), predict, evaluate, export — each for the
+families where it works today.
+
+Not here, because they do not work yet:
+- Gemma 2, every stage: attention `auto` asks transformers for sdpa (`sdpa_short_eager` when
+  training on a CPU), which Gemma2ForCausalLM refuses (it soft-caps its attention scores); a
+  training with `attn_implementation: eager` runs, but predicting, evaluating and exporting it do not;
+- chat rows on Qwen3 and Phi-3 with more than one exchange (their templates render a chat's first
+  turns differently from the whole chat); on Llama 2, which has no chat template, without naming one;
+- GGUF (and Ollama) exports of all but Qwen2.5: Llama 2 and Mistral (SentencePiece byte-fallback
+  tokenizers), Llama 3 (llama3 rope scaling), Qwen3, Gemma 3 and Phi-3 (architectures).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from families import FAMILIES, make_family
+
+# Gemma 2 is left out of every stage below: see the module docstring.
+TRAINABLE = tuple(f for f in FAMILIES if f != "gemma-2")
+# Families whose chat template tunery can label multi-turn chats with.
+CHAT = ("llama-3", "mistral", "qwen2.5", "gemma-3")
+GGUF = ("qwen2.5",)
+SENTENCEPIECE = ("llama-2", "mistral", "gemma-2", "gemma-3", "phi-3")
+
+ARCHITECTURES = {"llama-2": "LlamaForCausalLM", "llama-3": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2.5": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma-2": "Gemma2ForCausalLM",
+                 "gemma-3": "Gemma3ForCausalLM", "phi-3": "Phi3ForCausalLM"}
+# The markers each family's chat template writes, each one token of the family's vocabulary.
+TURN_TOKENS = {"llama-3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "mistral": ["<s>", "</s>"], "qwen2.5": ["<|im_start|>", "<|im_end|>"],
+               "qwen3": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+               "gemma-2": ["<bos>", "<start_of_turn>", "<end_of_turn>"],
+               "gemma-3": ["<bos>", "<start_of_turn>", "<end_of_turn>"],
+               "phi-3": ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]}
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "eel", "yak"]
+# One short answer to learn, so that what a tuned model says can be checked on a random base.
+QA = [{"prompt": f"Item: the {COLORS[i % 8]} {ANIMALS[i * 3 % 8]}.\nAnswer:", "completion": " yes"} for i in range(24)]
+PROMPT = "Item: the red cat.\nAnswer:"
+# Chats of one and of two exchanges (every assistant turn trained).
+CHATS = [{"messages": [{"role": "user", "content": f"Is the {COLORS[i % 8]} {ANIMALS[i * 3 % 8]} an animal?"},
+                       {"role": "assistant", "content": "Yes."}]
+          + ([{"role": "user", "content": f"And is it {COLORS[i % 8]}?"}, {"role": "assistant", "content": "Yes."}]
+             if i % 2 else [])}
+         for i in range(24)]
+INPUTS = {"max_steps": 12, "learning_rate": 5e-3, "lora_dropout": 0.0, "train_batch_size": 4, "micro_batch_size": 4,
+          "num_validation_samples": 4}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """family(name): the family's model folder, built once per module."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = make_family(name, root / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("family-data")
+    return {"qa": write_jsonl(folder / "qa.jsonl", QA), "qa_test": write_jsonl(folder / "qa_test.jsonl", QA[:6]),
+            "chat": write_jsonl(folder / "chat.jsonl", CHATS),
+            "chat_test": write_jsonl(folder / "chat_test.jsonl", CHATS[:6])}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, family, data):
+    """trained(name, kind): a finished run of the family (kind: lora, full, qlora or chat), trained
+    once per module."""
+    from tunery.train.recipe import train
+
+    root = tmp_path_factory.mktemp("family-runs")
+    runs: dict[tuple[str, str], object] = {}
+
+    def get(name: str, kind: str):
+        if (name, kind) not in runs:
+            inputs = {"train_data": str(data["chat" if kind == "chat" else "qa"]), **INPUTS}
+            if kind in ("full", "qlora"):
+                inputs["peft_method"] = kind
+            runs[name, kind] = train(inputs, base=str(family(name)), output_dir=root / f"{name}-{kind}",
+                                     progress=False)
+        return runs[name, kind]
+
+    return get
+
+
+# --- the fixtures themselves ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_fixture_is_the_family(name, family):
+    """Each folder is the family's architecture with a tokenizer of its kind, as its Hub repository
+    has them: what the stages below are run on."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = family(name)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.architectures == [ARCHITECTURES[name]]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == ARCHITECTURES[name] and model.config.vocab_size >= len(tok)
+    bpe = json.loads((folder / "tokenizer.json").read_text())["model"]
+    assert bpe["type"] == "BPE"
+    if name in SENTENCEPIECE:
+        assert bpe["byte_fallback"] and (folder / "tokenizer.model").is_file()
+        assert "<0xF0>" in tok.get_vocab()  # bytes for what the vocabulary lacks
+    else:
+        assert not bpe["byte_fallback"] and "Ġ" in tok.get_vocab()  # byte-level: a space is Ġ
+    text = "Hello world! 12345 café 🙂\n  def f(x):"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert tok.eos_token_id is not None
+    if name == "llama-2":
+        assert tok.chat_template is None and tok.pad_token is None  # a base model, as Meta's
+    else:
+        chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+        ids = tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        for marker in TURN_TOKENS[name]:
+            assert tok.convert_tokens_to_ids(marker) in ids, marker  # one token, not split
+            assert len(tok(marker, add_special_tokens=False).input_ids) == 1, marker
+    if name == "phi-3" or name.startswith("qwen"):
+        assert model.config.vocab_size > len(tok)  # embeddings padded past the tokenizer, as theirs
+    with torch.no_grad():
+        logits = model(torch.tensor([tok(text).input_ids])).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_the_same_name_builds_the_same_folder(tmp_path, family):
+    first = family("qwen2.5")
+    again = make_family("qwen2.5", tmp_path / "again")
+    for file in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / file).read_bytes() == (again / file).read_bytes(), file
+
+
+# --- training, predictions, evaluation ------------------------------------------------------------
+
+
+def _predict(run_dir):
+    """The run's greedy answer to PROMPT and why it stopped, on the embedded engine (as `tunery predict`)."""
+    from tunery.infer.generation import SamplingParams
+    from tunery.infer.predict import stream
+
+    generation = stream(PROMPT, weights=run_dir, params=SamplingParams(temperature=0, max_new_tokens=5))
+    return generation.text(), generation.metrics["stop_reason"]
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_lora_trains_and_predicts_what_it_learned(name, trained):
+    result = trained(name, "lora")
+    adapter = result.run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    adapted = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if name == "phi-3" else {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in config["target_modules"]} == adapted
+    losses = [h["loss"] for h in result.manifest["metrics"]["history"] if "loss" in h]
+    assert len(losses) == INPUTS["max_steps"] and losses[-1] < losses[0] / 3
+    assert _predict(result.run_dir) == (" yes", "eos")
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_full_finetune_trains_and_predicts_what_it_learned(name, trained):
+    result = trained(name, "full")
+    assert (result.run_dir / "model" / "model.safetensors").is_file()
+    assert not (result.run_dir / "adapter").exists()
+    assert _predict(result.run_dir) == (" yes", "eos")
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_qlora_trains(name, trained):
+    result = trained(name, "qlora")
+    assert result.manifest["peft_method"] == "qlora"
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [h["loss"] for h in result.manifest["metrics"]["history"] if "loss" in h]
+    assert losses[-1] < losses[0] / 3
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_chat_rows_train_on_the_family_template(name, trained):
+    """Chat rows are rendered with the family's own template, the loss on the assistant's answers
+    through their end-of-turn marker; the run keeps the template for inference."""
+    from transformers import AutoTokenizer
+
+    from tunery.data.tokenize import tokenize_rows
+
+    result = trained(name, "chat")
+    assert result.manifest["data"]["train_data"]["format"] == "messages"
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(result.run_dir / "tokenizer")
+    assert tok.chat_template == AutoTokenizer.from_pretrained(result.manifest["base"]["path"]).chat_template
+    example = tokenize_rows([CHATS[1]], "messages", tok, max_length=256)[0]
+    labelled = tok.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100])
+    end = {"llama-3": "<|eot_id|>", "mistral": "</s>", "qwen2.5": "<|im_end|>", "gemma-3": "<end_of_turn>"}[name]
+    assert labelled.startswith(f"Yes.{end}Yes.{end}"), labelled
+    assert "animal" not in labelled and "user" not in labelled
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_eval_compares_base_and_tuned(name, trained, data, tmp_path):
+    from tunery.eval.evaluate import evaluate
+
+    report = evaluate(data["qa_test"], weights=trained(name, "lora").run_dir, compare=True, progress=False,
+                      output_dir=tmp_path)
+    assert report["columns"] == ["base", "tuned"] and report["rows"] == 6
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == report["metrics"]
+    base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
+    assert tuned["exact_match"] == 1.0 and base["exact_match"] == 0.0
+    assert tuned["loss"] < base["loss"] / 3
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_eval_on_chat_rows_answers_in_the_template(name, trained, data, tmp_path):
+    """Evaluation renders each chat with the template up to the last answer and generates it,
+    stopping at the family's end of turn."""
+    from tunery.eval.evaluate import evaluate
+
+    report = evaluate(data["chat_test"], weights=trained(name, "chat").run_dir, compare=True, progress=False,
+                      output_dir=tmp_path)
+    assert report["columns"] == ["base", "tuned"] and report["rows"] == 6
+    assert report["metrics"]["tuned"]["exact_match"] == 1.0 and report["metrics"]["base"]["exact_match"] == 0.0
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_merged_export_is_base_plus_adapter(name, trained, family, tmp_path):
+    """The merged folder loads in transformers as the family's own class and gives the logits of
+    base + adapter (and not the base's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.artifacts import Run
+    from tunery.export.exporter import export
+
+    run = Run(trained(name, "lora").run_dir)
+    done = export(run, "merged", dtype="f32", force=True)
+    assert done.info["relative_diff"] <= done.info["tolerance"]
+    with zipfile.ZipFile(done.file) as zf:
+        zf.extractall(tmp_path)
+    folder = tmp_path / "merged-f32"
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(merged).__name__ == ARCHITECTURES[name]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(family(name)).chat_template
+    base = AutoModelForCausalLM.from_pretrained(family(name), dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    base_logits = _logits(base, ids)
+    reference = PeftModel.from_pretrained(base, str(run.weights_dir(False))).eval()
+    a, b = _logits(reference, ids), _logits(merged, ids)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert (a - base_logits).abs().max() > 10 * (a - b).abs().max()  # the adapter is in
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_merged_export_of_a_full_finetune(name, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunery.artifacts import Run
+    from tunery.export.exporter import export
+
+    result = trained(name, "full")
+    done = export(Run(result.run_dir), "merged", dtype="f32", force=True)
+    assert done.info["relative_diff"] <= done.info["tolerance"]
+    with zipfile.ZipFile(done.file) as zf:
+        zf.extractall(tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-f32", dtype=torch.float32)
+    tuned = AutoModelForCausalLM.from_pretrained(result.run_dir / "model", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 20, 40]])
+    assert torch.allclose(_logits(merged, ids), _logits(tuned, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GGUF)
+def test_gguf_export_reads_back(name, trained):
+    from tunery.artifacts import Run
+    from tunery.export.exporter import export
+
+    done = export(Run(trained(name, "lora").run_dir), "gguf", quant="f32", force=True)
+    assert done.file.suffix == ".gguf" and done.info["gguf"]["architecture"] == "qwen2"
+    check = done.info["check"]  # read back by transformers' GGUF loader, against base + adapter
+    assert check["tokenizer_match"] and check["max_abs_diff"] <= check["tolerance"]
