@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from tunery.data.jsonl import Format
 from tunery.errors import TuneryError
 
@@ -77,7 +79,13 @@ def tokenize_rows(
         ]
     elif fmt == "messages":
         _require_chat_template(tokenizer)
-        examples = [_chat_example(tokenizer, row["messages"], eos, train_on_inputs) for row in rows]
+        examples = []
+        for k, row in enumerate(rows):
+            try:
+                examples.append(_chat_example(tokenizer, row["messages"], eos, train_on_inputs))
+            except TemplateError as exc:  # the template's own raise_exception, e.g. no system role
+                raise TuneryError(f"chat row {k + 1}: the chat template refuses it: {exc} (use chat_template to "
+                                  "give another template, or change the row)") from None
     elif fmt == "preference":
         raise ValueError("preference rows tokenize into pairs: use preference_examples")
     else:
@@ -200,11 +208,9 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
             continue
         upto = _render(tokenizer, messages[: i + 1])
         if not text.startswith(upto):
-            raise TuneryError(
-                "the base model's chat template renders a chat's first turns differently from the "
-                "whole chat, so assistant turns cannot be located for the loss mask; use "
-                '{"prompt", "completion"} rows with this base model'
-            )
+            # Templates that render earlier turns differently from the last one (Qwen3 drops
+            # their reasoning; Phi-3 ends a chat with its eos): find each answer in the whole chat.
+            return text, _spans_in_order(tokenizer, messages, text)
         start = -1
         if i > 0:
             before = _render(tokenizer, messages[:i], add_generation_prompt=True)
@@ -221,6 +227,40 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
             )
         spans.append((start, len(upto.rstrip())))
     return text, spans
+
+
+def _spans_in_order(tokenizer: Any, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Each assistant turn's span found in `text` in order: its content, then the template's
+    end-of-turn marker when it follows (what the template writes between an answer and the next
+    user turn's opening, without trailing whitespace)."""
+    _U, _A, _U2 = "\x01USER\x01", "\x01ASSISTANT\x01", "\x01NEXT\x01"
+    try:
+        opening = _render(tokenizer, [{"role": "user", "content": _U}]).partition(_U)[0]
+        going = _render(tokenizer, [{"role": "user", "content": _U}, {"role": "assistant", "content": _A},
+                                    {"role": "user", "content": _U2}])
+    except Exception:  # a template that refuses these probe chats: no marker to add
+        opening = going = ""
+    between = going.partition(_A)[2].partition(_U2)[0]
+    # The user turn's opening ends `between`; a first turn's may carry more in front (a BOS).
+    cut = next((k for k in range(len(opening), 0, -1) if between.endswith(opening[-k:])), 0)
+    marker = between[: len(between) - cut].rstrip()
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        start = text.find(content, cursor) if content else -1
+        if start < 0:
+            raise TuneryError(
+                f"the base model's chat template does not reproduce assistant message {i} verbatim, "
+                'so its tokens cannot be labelled; use {"prompt", "completion"} rows with this base model'
+            )
+        end = start + len(content)
+        if marker and text.startswith(marker, end):
+            end += len(marker)
+        spans.append((start, end))
+        cursor = end
+    return spans
 
 
 def _chat_example(tokenizer: Any, messages: list[dict], eos: int, train_on_inputs: bool) -> Example:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, cast
 
 from tunery.models.precision import resolve_precision
@@ -34,10 +36,11 @@ def pick_dtype(precision: str, device: str, *, training: bool = False, trainable
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def pick_attention(name: str, device: str, *, training: bool = False) -> str:
+def pick_attention(name: str, device: str, *, training: bool = False, softcapped: bool = False) -> str:
     """"auto" picks flash_attention_2 on CUDA when the package is installed; for training on a
     CPU, `sdpa_short_eager` (models/attention.py: matrix products for short rows, sdpa for long
-    ones); else sdpa."""
+    ones); else sdpa. A model that soft-caps its attention scores (`softcapped`: Gemma 2's
+    attn_logit_softcapping), which sdpa cannot compute, gets flash_attention_2 or eager."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -47,11 +50,23 @@ def pick_attention(name: str, device: str, *, training: bool = False) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    elif training:
+    if softcapped:
+        return "eager"
+    if training and not device.startswith("cuda"):
         from tunery.models import attention
 
         return attention.register()
     return "sdpa"
+
+
+def softcapped(model_dir: str | Path) -> bool:
+    """Whether the model in `model_dir` soft-caps its attention scores (config.json's
+    attn_logit_softcapping, set in Gemma 2), which torch's sdpa does not do."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("text_config", config).get("attn_logit_softcapping") is not None
 
 
 def load_tokenizer(resolved: ResolvedBase, chat_template: str | None = None):
@@ -93,7 +108,7 @@ def load_model(
 
     device = device or pick_device()
     dtype = pick_dtype(precision, device, training=training, trainable_base=trainable_base, quantized=quantize_4bit)
-    attention = pick_attention(attn_implementation, device, training=training)
+    attention = pick_attention(attn_implementation, device, training=training, softcapped=softcapped(resolved.path))
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
