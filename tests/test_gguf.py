@@ -181,6 +181,10 @@ def test_non_bpe_tokenizer_and_missing_files_are_refused(tmp_path, merged_dir):
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(ExportError, match="not BPE"):
         write_gguf(folder, out)
+    tokenizer["model"].update(type="BPE", byte_fallback=True)  # SentencePiece-style: the scores are needed
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ExportError, match="no tokenizer.model, whose piece scores"):
+        write_gguf(folder, out)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ExportError, match="no tokenizer.json"):
         write_gguf(folder, out)

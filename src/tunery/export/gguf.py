@@ -17,7 +17,9 @@ every GGUF runtime expects:
   without it is read as tied);
 - the byte-level BPE vocabulary as `tokenizer.ggml.model = "gpt2"`, with merges, token types
   (added special tokens are CONTROL, so a runtime never splits `<|im_end|>`), the special ids, the
-  add-BOS/EOS flags the tokenizer actually applies, and the chat template.
+  add-BOS/EOS flags the tokenizer actually applies, and the chat template; a SentencePiece
+  tokenizer (byte fallback: Llama 2, Mistral) as `tokenizer.ggml.model = "llama"`, each piece of
+  its tokenizer.model with its score and type (`_sentencepiece_vocab`).
 
 The file is written tensor by tensor (the tensor table first, from the safetensors headers alone),
 so a 7B model needs one tensor in memory at a time, not the whole model. It goes to a temporary
@@ -321,8 +323,7 @@ def _read_vocab(model_dir: Path, config: dict) -> dict:
             "model.type); only byte-level BPE tokenizers are written"
         )
     if model.get("byte_fallback"):
-        raise ExportError(f"cannot export {model_dir}: its BPE tokenizer uses byte_fallback (sentencepiece style), "
-                          "not byte-level BPE")
+        return _sentencepiece_vocab(model_dir, config, data)
     pre = _pre_tokenizer_name(data.get("pre_tokenizer"))
     if pre is None:
         raise ExportError(
@@ -353,6 +354,43 @@ def _read_vocab(model_dir: Path, config: dict) -> dict:
     # really does, rather than SpecialVocab's reading of its post-processor.
     special.add_special_token = _adds_special(model_dir, special.special_token_ids)
     return {"tokens": tokens, "types": types, "pre": pre, "special": special}
+
+
+def _sentencepiece_vocab(model_dir: Path, config: dict, data: dict) -> dict:
+    """A SentencePiece tokenizer (Llama 2, Mistral, Gemma, Phi-3: BPE with byte fallback) as
+    llama.cpp's converter writes it: tokenizer.ggml.model "llama", every piece of tokenizer.model
+    with its score (a runtime merges by score) and type (normal, unknown, control, unused, byte),
+    then the added tokens (control when special, else user-defined), padded to the config's
+    vocabulary with unused [PADn] pieces."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        raise ExportError(f"cannot export {model_dir}: its tokenizer is SentencePiece-style (byte fallback) and the "
+                          "folder has no tokenizer.model, whose piece scores a GGUF runtime tokenizes with")
+    T = gguf.TokenType
+    sp = SentencePieceProcessor(model_file=str(path))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
+                     T.UNUSED if sp.is_unused(i) else T.BYTE if sp.is_byte(i) else T.NORMAL)
+    added = {int(a["id"]): a for a in data.get("added_tokens", [])}
+    size = max(int(config["vocab_size"]), sp.vocab_size(), max(added) + 1 if added else 0)
+    for i in range(sp.vocab_size(), size):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(T.UNUSED)
+    for i, a in added.items():  # the added tokens, new or taking an existing piece's place (Gemma's turns)
+        if types[i] in (T.UNKNOWN, T.BYTE) or (types[i] == T.CONTROL and tokens[i] == a["content"]):
+            continue
+        tokens[i], scores[i] = a["content"], -1000.0
+        types[i] = T.CONTROL if a.get("special") else T.USER_DEFINED
+    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=size)
+    special.add_special_token = _adds_special(model_dir, special.special_token_ids)
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "pre": None, "special": special}
 
 
 def _pre_tokenizer_name(pre: Any) -> str | None:
@@ -590,8 +628,11 @@ def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> Non
 
 
 def _add_vocab(writer: Any, vocab: dict) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_tokenizer_model(vocab.get("model", "gpt2"))
+    if vocab["pre"]:
+        writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])
+    if "scores" in vocab:
+        writer.add_token_scores(vocab["scores"])
     writer.add_token_types(vocab["types"])
     vocab["special"].add_to_gguf(writer, quiet=True)

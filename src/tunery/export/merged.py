@@ -59,6 +59,15 @@ def write_merged(manifest: dict, weights: Path, tokenizer_dir: Path | None, out:
         model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     del model
     tokenizer.save_pretrained(out)
+    from tunery.models.load import keep_sentencepiece_model
+    from tunery.models.resolve import resolve_base
+
+    # A SentencePiece model, which a GGUF export reads: the run's, else the base's.
+    sources = [tokenizer_dir, weights] + ([] if method == "full" else [
+        resolve_base(base_reference(manifest), settings).path])
+    for source in sources:
+        if source is not None:
+            keep_sentencepiece_model(source, out)
     _drop_peft_traces(out)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     check = compare_logits(expected, saved, TOLERANCE[dtype], what=f"the merged model ({dtype})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -67,6 +68,14 @@ def softcapped(model_dir: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return config.get("text_config", config).get("attn_logit_softcapping") is not None
+
+
+def keep_sentencepiece_model(source: str | Path, tokenizer_dir: str | Path) -> None:
+    """Copy `source`'s SentencePiece tokenizer.model beside a saved tokenizer (transformers saves a
+    fast tokenizer's tokenizer.json only): the piece scores a GGUF export writes come from it."""
+    model = Path(source) / "tokenizer.model"
+    if model.is_file() and not (Path(tokenizer_dir) / "tokenizer.model").exists():
+        shutil.copyfile(model, Path(tokenizer_dir) / "tokenizer.model")
 
 
 def load_tokenizer(resolved: ResolvedBase, chat_template: str | None = None):

@@ -470,6 +470,9 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     if not sharded:
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(run.tokenizer)
+    from tunery.models.load import keep_sentencepiece_model
+
+    keep_sentencepiece_model(resolved.path, run.tokenizer)
     report = None
     if test_ds is not None and sharded:
         sink.emit("warning", message="no evaluation after an FSDP training (its model is sharded over the "
