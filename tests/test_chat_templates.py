@@ -38,13 +38,16 @@ def tok(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+@pytest.mark.parametrize("runtime_bos", [False, True], ids=["template-bos", "runtime-bos"])
 @pytest.mark.parametrize("name", NAMES)
-def test_each_named_template_becomes_an_ollama_template_that_renders_the_same_prompt(tok, name):
-    tok.chat_template = TEMPLATES[name]
+def test_each_named_template_becomes_an_ollama_template_that_renders_the_same_prompt(tok, name, runtime_bos):
+    """The same prompt the engines get, whether the template's BOS stays text (SmolLM2's tokenizer
+    adds none) or is left to a runtime that adds one (Llama's: then `<s>` opens every later turn only)."""
+    tok.chat_template, tok.add_bos_token = TEMPLATES[name], runtime_bos
     frames = chat_frames(tok)
     template = go_template(frames)
     for messages in CHATS:
-        want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        want = generation_prompt(tok, messages)
         assert render_frames(frames, messages) == want, messages
         if shutil.which("go"):  # CI installs it (scripts/golang.sh)
             assert go_render(template, messages) == want, (template, messages)
@@ -109,6 +112,6 @@ def test_a_base_without_a_template_trains_chat_rows_with_one(tmp_path, base_with
     saved = AutoTokenizer.from_pretrained(result.run_dir / "tokenizer")
     assert saved.chat_template == LLAMA_2  # predictions and the OpenAI chat API read this tokenizer
     ollama = modelfile("model.gguf", saved, "messages")
-    assert "[INST] {{ if and $first $system }}<<SYS>>" in ollama and f'PARAMETER stop "{saved.eos_token}"' in ollama
+    assert "[INST] {{ if $system }}<<SYS>>" in ollama and f'PARAMETER stop "{saved.eos_token}"' in ollama
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["inputs"]["chat_template"] == "llama-2"

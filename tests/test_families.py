@@ -334,3 +334,28 @@ def test_a_chat_the_template_refuses_is_one_line_naming_the_row(family):
     rows = [CHATS[0], {"messages": [{"role": "system", "content": "Be brief."}, *CHATS[0]["messages"]]}]
     with pytest.raises(TuneryError, match=r"^chat row 2: the chat template refuses it: .*alternate"):
         tokenize_rows(rows, "messages", tok, max_length=256)
+
+
+@pytest.mark.parametrize("name", GGUF)
+def test_ollama_export_of_a_chat_run_carries_the_family_template(name, trained):
+    """The chat run's GGUF and a Modelfile whose Go template is the family's chat template (checked
+    against the Jinja by export/ollama.py's own rendering, and in tests/test_chat_templates.py by Go)."""
+    from transformers import AutoTokenizer
+
+    from tunery.artifacts import Run
+    from tunery.chat_templates import generation_prompt
+    from tunery.export.exporter import export
+    from tunery.export.ollama import chat_frames, render_frames
+
+    run = trained(name, "chat").run_dir
+    done = export(Run(run), "ollama", quant="q8_0", force=True)
+    with zipfile.ZipFile(done.file) as zf:
+        names = {n.rsplit("/", 1)[-1] for n in zf.namelist()}
+        modelfile = next(zf.read(n).decode() for n in zf.namelist() if n.endswith("Modelfile"))
+    assert {"Modelfile", "ollama-q8_0.gguf"} <= names
+    opening = {"llama-2": "[INST] ", "mistral": "[INST] ", "qwen2.5": "<|im_start|>user\n"}[name]
+    assert 'TEMPLATE """' in modelfile and opening in modelfile
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    chat = CHATS[1]["messages"][:-1]
+    # What the engines are given (a BOS the tokenizer adds itself left to it), as Ollama's runtime does.
+    assert render_frames(chat_frames(tok), chat) == generation_prompt(tok, chat)

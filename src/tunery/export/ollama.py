@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from tunery.export import ExportError
 
 _S, _U, _A, _U2 = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01NEXT\x01"
@@ -26,8 +28,9 @@ def chat_frames(tokenizer) -> dict[str, Any]:
     """The chat template's framing of each role: {"lead": what opens every prompt, "user" |
     "assistant": (text before the content,
     text after it), "system": the system turn's own frame, or None when the template folds a system
-    message into the first user turn (Llama 2, Mistral, Gemma), "first_user_system": then the text
-    around the system message inside that turn, "generation": what asks for the assistant's turn,
+    message into the first user turn (Llama 2, Mistral, Gemma) or has no system role (it raises on
+    one: system messages are then left out), "first_user_system": when folded, the text around the
+    system message inside that turn, "generation": what asks for the assistant's turn,
     "default_system": the system message the template adds when there is none, or None}.
 
     A BOS the template writes first is left to the runtime, which adds it to every prompt (as the
@@ -45,10 +48,9 @@ def chat_frames(tokenizer) -> dict[str, Any]:
         texts, _ = jinja(
             conversations=[[{"role": r, "content": c} for r, c in messages]], chat_template=tokenizer.chat_template,
             add_generation_prompt=generation, **{**special, "bos_token": _BOS})
-        text = texts[0]
-        if runtime_bos:
-            text = text.removeprefix(_BOS)
-        return text.replace(_BOS, bos)
+        text = texts[0].replace(_BOS, bos)
+        # What the engines are given (chat_templates.generation_prompt): a leading BOS is the runtime's.
+        return text[len(bos):] if runtime_bos and text.startswith(bos) else text
 
     def cut(text: str, *marks: str) -> list[str]:
         """`text` split at each mark, in order: the segments around them."""
@@ -71,29 +73,39 @@ def chat_frames(tokenizer) -> dict[str, Any]:
     if not (turns[3] == user_close and turns[1].startswith(user_close) and turns[2].startswith(assistant_close)):
         raise uneven
     user_open = turns[2][len(assistant_close):]
-    if not (turns[0].endswith(user_open) and alone[0].endswith(user_open)):
+    # The first user turn opens the same way, less a BOS the runtime adds itself (Llama 2's <s>[INST]).
+    first_open = user_open
+    if runtime_bos and not turns[0].endswith(user_open) and user_open.startswith(bos):
+        first_open = user_open[len(bos):]
+    if not (turns[0].endswith(first_open) and alone[0].endswith(first_open)):
         raise uneven
     assistant_open = turns[1][len(user_close):]
-    head = alone[0][: len(alone[0]) - len(user_open)]
-    before, between, after = cut(render([("system", _S), ("user", _U)]), _S, _U)
-    if after != user_close:
-        raise uneven
+    head = alone[0][: len(alone[0]) - len(first_open)]
     system: tuple[str, str] | None = None
     folded: tuple[str, str] | None = None
     default_system, lead = None, head  # lead: what opens every prompt (a BOS the runtime does not add)
-    if between.endswith(user_open):  # a turn of its own
-        system = (before, between[: len(between) - len(user_open)])
+    try:
+        before, between, after = cut(render([("system", _S), ("user", _U)]), _S, _U)
+    except TemplateError:  # a template without a system role (Mistral's first): system messages are dropped
+        before, between, after = "", "", None
+    if after is None:
+        pass
+    elif after != user_close:
+        raise uneven
+    elif between.endswith(first_open):  # a turn of its own
+        system = (before, between[: len(between) - len(first_open)])
         if head.startswith(system[0]) and head.endswith(system[1]) and len(head) > len(system[0] + system[1]):
             default_system, lead = head[len(system[0]): len(head) - len(system[1])], ""
         elif before.startswith(head):
             system = (before[len(head):], system[1])
         else:
             raise uneven
-    elif before.startswith(head + user_open):  # inside the first user turn
-        folded = (before[len(head + user_open):], between)
+    elif before.startswith(head + first_open):  # inside the first user turn
+        folded = (before[len(head + first_open):], between)
     else:
         raise uneven
-    return {"lead": lead, "system": system, "first_user_system": folded, "user": (user_open, user_close),
+    return {"lead": lead, "system": system, "first_user_system": folded, "first_user_open": first_open,
+            "user": (user_open, user_close),
             "assistant": (assistant_open, assistant_close), "generation": generation,
             "default_system": default_system}
 
@@ -106,13 +118,15 @@ def render_frames(frames: dict[str, Any], messages: list[dict], generation: bool
         messages = [{"role": "system", "content": frames["default_system"]}, *messages]
     out, first = frames["lead"], True
     for m in messages:
-        if m["role"] == "system":
+        if m["role"] == "system":  # its own turn, folded into the first user turn, or dropped
             if frames["system"]:
                 out += frames["system"][0] + m["content"] + frames["system"][1]
             continue
         before, after = frames[m["role"]]
-        if m["role"] == "user" and first and system and frames["first_user_system"]:
-            before += frames["first_user_system"][0] + system + frames["first_user_system"][1]
+        if m["role"] == "user" and first:
+            before = frames["first_user_open"]
+            if system and frames["first_user_system"]:
+                before += frames["first_user_system"][0] + system + frames["first_user_system"][1]
         if m["role"] == "user":
             first = False
         out += before + m["content"] + after
@@ -127,17 +141,22 @@ def go_template(frames: dict[str, Any]) -> str:
         return text.replace("{{", "{{ \"{{\" }}")
 
     (u_open, u_close), (a_open, a_close) = frames["user"], frames["assistant"]
-    head, system = "", ""
-    user = f"{esc(u_open)}{{{{ $m.Content }}}}{esc(u_close)}"
+    first_open = frames["first_user_open"]
+    head, system, in_first = "", "", ""
     if frames["system"]:
         s_open, s_close = frames["system"]
         system = f'{{{{ else if eq $m.Role "system" }}}}{esc(s_open)}{{{{ $m.Content }}}}{esc(s_close)}'
-    else:  # the system message opens the first user turn
+    elif frames["first_user_system"]:  # the system message opens the first user turn
         in_user, after_system = frames["first_user_system"]
-        head = ('{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
-                "{{ end }}{{ $first := true }}")
-        user = (f"{esc(u_open)}{{{{ if and $first $system }}}}{esc(in_user)}{{{{ $system }}}}{esc(after_system)}"
-                f"{{{{ end }}}}{{{{ $first = false }}}}{{{{ $m.Content }}}}{esc(u_close)}")
+        head = '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+        in_first = f"{{{{ if $system }}}}{esc(in_user)}{{{{ $system }}}}{esc(after_system)}{{{{ end }}}}"
+    if in_first or first_open != u_open:  # the first user turn differs from the others
+        head += "{{ $first := true }}"
+        opening = (f"{{{{ if $first }}}}{esc(first_open)}{in_first}{{{{ else }}}}{esc(u_open)}{{{{ end }}}}"
+                   "{{ $first = false }}")
+    else:
+        opening = esc(u_open)
+    user = f"{opening}{{{{ $m.Content }}}}{esc(u_close)}"
     return (f'{head}{esc(frames["lead"])}{{{{ range $i, $m := .Messages }}}}{{{{ if eq $m.Role "user" }}}}{user}{system}'
             f'{{{{ else if eq $m.Role "assistant" }}}}{esc(a_open)}{{{{ $m.Content }}}}{esc(a_close)}'
             f"{{{{ end }}}}{{{{ end }}}}{esc(frames['generation'])}")
