@@ -24,6 +24,7 @@ peaks (benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -214,6 +215,39 @@ def will_not_fit(estimate: Estimate, capacity: int, where: str, inputs) -> str |
         return None
     return (f"this training would need {estimate.describe()} per device, more than {where}: "
             "try " + "; or ".join(memory_remedies(inputs)))
+
+
+def check_training(inputs: Any, model_dir: str | Path, sequences: list, device: str) -> tuple[Estimate, int, str,
+                                                                                             str | None]:
+    """A training's estimate for its longest micro batch of `sequences` (token ids and labels, as
+    the trainer gets them; DPO's micro batch holds each pair's two), on `device`: (the estimate,
+    the device's memory, the device described, None when it fits or else the one-line reason with
+    the inputs to change). `inputs` is a spec.TrainingInputs. Nothing is loaded."""
+    from tunery.data import IGNORE_INDEX
+    from tunery.models.load import pick_dtype
+    from tunery.models.precision import resolve_precision
+
+    dpo = inputs.method == "dpo"
+    per_step = inputs.micro_batch_size * (2 if dpo else 1)
+    rows = min(per_step, len(sequences))
+    longest = max((len(s.input_ids) for s in sequences), default=0)
+    labelled = max((sum(label != IGNORE_INDEX for label in s.labels) for s in sequences), default=0)
+    quantized, full = inputs.peft_method == "qlora", inputs.peft_method == "full"
+    weights = pick_dtype(inputs.precision, device, training=True, trainable_base=full, quantized=quantized)
+    compute = 4 if resolve_precision(inputs.precision, device, quantized=quantized).name == "fp32" else 2
+    # TRL's DPO computes logits at every position; our SFT loss only where there are labels.
+    labelled_only = inputs.loss_computation == "labelled" and not dpo
+    estimate = estimate_training(
+        model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
+        gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weights.itemsize, compute_bytes=compute,
+        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
+        labelled_tokens=rows * labelled if labelled_only else None, device=device)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    if inputs.fsdp and world > 1:  # FSDP shards the weights, gradients and optimizer state
+        estimate = dataclasses.replace(estimate, weights=estimate.weights // world,
+                                       trainable=estimate.trainable // world)
+    capacity, where = device_memory(device)
+    return estimate, capacity, where, will_not_fit(estimate, capacity, where, inputs)
 
 
 def summary(estimate: Estimate) -> dict[str, Any]:

@@ -87,9 +87,11 @@ def check_data(
         "padding_fraction": round(padding_fraction(unpacked(examples), micro_batch_size), 4),
         "steps_per_epoch": -(-(len(ds.rows) if ds.format == "preference" else len(sequences)) // train_batch_size),
     }
-    report["memory"] = _memory(source, resolved, sequences, chunk_size=chunk_size, max_seq_length=max_seq_length,
+    report["memory"] = _memory(source, resolved, examples if ds.format == "preference" else sequences,
+                               chunk_size=chunk_size, max_seq_length=max_seq_length,
                                micro_batch_size=micro_batch_size, train_batch_size=train_batch_size,
-                               peft_method=peft_method, gradient_checkpointing=gradient_checkpointing)
+                               peft_method=peft_method, gradient_checkpointing=gradient_checkpointing,
+                               method="dpo" if ds.format == "preference" else "sft")
     if estimate:
         tps = _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size, peft_method, probe_steps,
                                        packed=pack_sequences)
@@ -143,17 +145,15 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
 
 
 def _memory(source: str, resolved, sequences: list, **inputs: Any) -> dict[str, Any]:
-    """The training's peak memory estimate on this machine's device (train.recipe.memory_check's),
-    and whether it fits: {"total", the parts, "capacity", "device", "fits", "problem"}."""
+    """The training's peak memory estimate on this machine's device (models.memory.check_training,
+    as the trainer makes it), and whether it fits: {"total", the parts, "capacity", "device",
+    "fits", "problem"}."""
     from tunery.models.load import pick_device
-    from tunery.models.memory import device_memory, summary
+    from tunery.models.memory import check_training, summary
     from tunery.spec import TrainingInputs
-    from tunery.train.recipe import memory_check
 
     spec = TrainingInputs.model_validate({"train_data": source, **inputs})
-    device = pick_device()
-    capacity, where = device_memory(device)
-    estimate, problem = memory_check(spec, resolved.path, sequences, device)
+    estimate, capacity, where, problem = check_training(spec, resolved.path, sequences, pick_device())
     return {**summary(estimate), "capacity": capacity, "device": where, "fits": problem is None,
             "problem": problem, "gradient_checkpointing": spec.gradient_checkpointing}
 

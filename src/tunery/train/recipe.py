@@ -10,7 +10,6 @@ underneath), so `accelerate launch -m tunery.cli train ...` runs on several GPUs
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ class PreparedData:
     validation: list
     stats: dict[str, Any]
     files: dict[str, Any]
+    examples: list  # the training sequences as token ids and labels (DPO: each pair's two), for the memory check
 
 
 def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink: EventSink | None = None,
@@ -102,7 +102,7 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
     files = {"train_data": file_info(train_ds)}
     if val_ds is not None:
         files["validation_data"] = file_info(val_ds)
-    return PreparedData(train_seq, val_seq, stats, files)
+    return PreparedData(train_seq, val_seq, stats, files, train_seq)
 
 
 def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
@@ -152,7 +152,7 @@ def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
     files = {"train_data": file_info(train_ds)}
     if val_ds is not None:
         files["validation_data"] = file_info(val_ds)
-    return PreparedData(train_rows, val_rows, stats, files)
+    return PreparedData(train_rows, val_rows, stats, files, train_examples)
 
 
 def file_info(ds) -> dict[str, Any]:
@@ -242,40 +242,6 @@ def train(
     return result
 
 
-def memory_check(inputs: TrainingInputs, model_dir: str | Path, sequences: list, device: str,
-                 sink: EventSink | None = None) -> tuple[Any, str | None]:
-    """The training's peak memory estimate (models.memory) for its longest micro batch of
-    `sequences` on `device`, logged to `sink` as a `memory` event: (the estimate, None when it fits
-    the device, else the one-line reason with what to change). Nothing is loaded."""
-    from tunery.data import IGNORE_INDEX
-    from tunery.models.load import pick_dtype
-    from tunery.models.memory import device_memory, estimate_training, summary, will_not_fit
-    from tunery.train.trainer import training_precision
-
-    rows = min(inputs.micro_batch_size, len(sequences))  # sequences in the biggest micro batch
-    longest = max((len(s.input_ids) for s in sequences), default=0)
-    labelled = max((sum(label != IGNORE_INDEX for label in s.labels) for s in sequences), default=0)
-    weights = pick_dtype(inputs.precision, device, training=True, trainable_base=inputs.peft_method == "full",
-                         quantized=inputs.peft_method == "qlora")
-    compute = 4 if training_precision(inputs, device).name == "fp32" else 2
-    estimate = estimate_training(
-        model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
-        gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weights.itemsize, compute_bytes=compute,
-        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
-        labelled_tokens=rows * labelled if inputs.loss_computation == "labelled" else None,
-        device=device)
-    from tunery.train.trainer import world_size
-
-    if inputs.fsdp and world_size() > 1:  # FSDP shards the weights, gradients and optimizer state
-        estimate = dataclasses.replace(estimate, weights=estimate.weights // world_size(),
-                                       trainable=estimate.trainable // world_size())
-    capacity, where = device_memory(device)
-    if sink is not None:
-        sink.emit("memory", **summary(estimate), capacity=capacity, device=where)
-        sink.emit("log", message=f"memory: {estimate.describe()} of {where}")
-    return estimate, will_not_fit(estimate, capacity, where, inputs)
-
-
 def _echo_to_stderr(event: dict) -> None:
     if event["type"] in ("log", "warning"):
         prefix = "warning: " if event["type"] == "warning" else ""
@@ -346,7 +312,12 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
 
     # 3. Model: refused before it is loaded when it cannot fit this process's device.
     device = pick_device()
-    if problem := memory_check(inputs, resolved.path, data.train, device, sink)[1]:
+    from tunery.models import memory
+
+    estimate, capacity, where, problem = memory.check_training(inputs, resolved.path, data.examples, device)
+    sink.emit("memory", **memory.summary(estimate), capacity=capacity, device=where)
+    sink.emit("log", message=f"memory: {estimate.describe()} of {where}")
+    if problem:
         raise OutOfMemoryError(problem)
     model = load_model(
         resolved,
