@@ -14,6 +14,7 @@ from tunery.export import ExportError
 from tunery.export import gguf as gguf_export
 from tunery.export.gguf import QUANTS, write_gguf
 from tunery.export.gguf_check import check_gguf
+from tunery.export.gguf_vocab import QWEN2_SPLIT
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -356,7 +357,7 @@ def test_qwen2_with_its_pre_tokenizer(tmp_path, merged_dir):
         shutil.copy(merged_dir / name, folder / name)
     tokenizer = json.loads((merged_dir / "tokenizer.json").read_text())
     tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": gguf_export._QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
     ]}
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))

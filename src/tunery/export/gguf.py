@@ -19,7 +19,7 @@ every GGUF runtime expects:
   (added special tokens are CONTROL, so a runtime never splits `<|im_end|>`), the special ids, the
   add-BOS/EOS flags the tokenizer actually applies, and the chat template; a SentencePiece
   tokenizer (byte fallback: Llama 2, Mistral) as `tokenizer.ggml.model = "llama"`, each piece of
-  its tokenizer.model with its score and type (`_sentencepiece_vocab`).
+  its tokenizer.model with its score and type (the vocabulary is export/gguf_vocab.py's).
 
 The file is written tensor by tensor (the tensor table first, from the safetensors headers alone),
 so a 7B model needs one tensor in memory at a time, not the whole model. It goes to a temporary
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from tunery.export import ExportError
+from tunery.export.gguf_vocab import add_vocab, load_json, read_vocab
 
 QUANTS = ("q8_0", "f16", "bf16", "f32", "q5_1", "q5_0", "q4_1", "q4_0")  # the exporter's default first
 #: The block-quantized types (gguf-py's own quantizers, which write what llama.cpp's do): rows in
@@ -61,14 +62,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # is transformers' own, so its q/k are written as they are (with their biases).
 _GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 Q8_0_BLOCK = 32
-
-# llama.cpp's pre-tokenizer names, recognised from the pre-tokenizer a tokenizer.json declares.
-# A runtime picks its split regex by this name, so an unknown one is refused rather than guessed.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 @dataclass(frozen=True)
 class _Tensor:
@@ -97,7 +90,7 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
     if quant not in QUANTS:
         raise ExportError(f"unknown GGUF quant {quant!r}; supported: {', '.join(QUANTS)}")
     config = _read_config(model_dir)
-    vocab = _read_vocab(model_dir, config)
+    vocab = read_vocab(model_dir, config)
     tensors = _plan_tensors(model_dir, config, quant)
     if not out_path.parent.is_dir():
         raise ExportError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
@@ -105,7 +98,7 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
     arch = gguf.MODEL_ARCH_NAMES[_arch(config)]
     writer = gguf.GGUFWriter(None, arch)
     _add_metadata(writer, model_dir, config, quant)
-    _add_vocab(writer, vocab)
+    add_vocab(writer, vocab)
     for t in tensors:
         writer.add_tensor_info(t.gguf_name, _stored_shape(t), _stored_numpy_dtype(t),
                                _stored_nbytes(t), raw_dtype=t.qtype)
@@ -254,7 +247,7 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"cannot export {model_dir}: it has no config.json")
-    config = _load_json(path)
+    config = load_json(path)
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -280,13 +273,6 @@ def _read_config(model_dir: Path) -> dict:
     return config
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
-
-
 def _arch(config: dict) -> Any:
     import gguf
 
@@ -305,132 +291,6 @@ def _rope(config: dict) -> dict:
 
 def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-
-
-def _read_vocab(model_dir: Path, config: dict) -> dict:
-    """The BPE vocabulary in GGUF's terms: tokens by id, their types, the pre-tokenizer name, and
-    the special ids, flags, merges and chat template (gguf-py's SpecialVocab, as llama.cpp uses)."""
-    import gguf
-
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"cannot export {model_dir}: it has no tokenizer.json (a GGUF needs the BPE tokenizer)")
-    data = _load_json(path)
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ExportError(
-            f"cannot export {model_dir}: its tokenizer is {model.get('type')!r}, not BPE (tokenizer.json "
-            "model.type); only byte-level BPE tokenizers are written"
-        )
-    if model.get("byte_fallback"):
-        return _sentencepiece_vocab(model_dir, config, data)
-    pre = _pre_tokenizer_name(data.get("pre_tokenizer"))
-    if pre is None:
-        raise ExportError(
-            f"cannot export {model_dir}: its pre-tokenizer ({_describe_pre(data.get('pre_tokenizer'))}) is not one "
-            "a GGUF runtime can be told about (known: GPT-2 byte-level, SmolLM/StarCoder digits, Llama 3, Qwen2)"
-        )
-    by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
-    added = {int(a["id"]): a for a in data.get("added_tokens", [])}
-    for i, a in added.items():
-        by_id[i] = a["content"]
-    size = max(int(config["vocab_size"]), max(by_id) + 1 if by_id else 0)
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size)
-    if not special.merges:
-        raise ExportError(f"cannot export {model_dir}: tokenizer.json has no BPE merges")
-    # The flags llama.cpp reads to decide whether to prepend BOS / append EOS: what the tokenizer
-    # really does, rather than SpecialVocab's reading of its post-processor.
-    special.add_special_token = _adds_special(model_dir, special.special_token_ids)
-    return {"tokens": tokens, "types": types, "pre": pre, "special": special}
-
-
-def _sentencepiece_vocab(model_dir: Path, config: dict, data: dict) -> dict:
-    """A SentencePiece tokenizer (Llama 2, Mistral, Gemma, Phi-3: BPE with byte fallback) as
-    llama.cpp's converter writes it: tokenizer.ggml.model "llama", every piece of tokenizer.model
-    with its score (a runtime merges by score) and type (normal, unknown, control, unused, byte),
-    then the added tokens (control when special, else user-defined), padded to the config's
-    vocabulary with unused [PADn] pieces."""
-    import gguf
-    from sentencepiece import SentencePieceProcessor
-
-    path = model_dir / "tokenizer.model"
-    if not path.is_file():
-        raise ExportError(f"cannot export {model_dir}: its tokenizer is SentencePiece-style (byte fallback) and the "
-                          "folder has no tokenizer.model, whose piece scores a GGUF runtime tokenizes with")
-    T = gguf.TokenType
-    sp = SentencePieceProcessor(model_file=str(path))
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
-        types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
-                     T.UNUSED if sp.is_unused(i) else T.BYTE if sp.is_byte(i) else T.NORMAL)
-    added = {int(a["id"]): a for a in data.get("added_tokens", [])}
-    size = max(int(config["vocab_size"]), sp.vocab_size(), max(added) + 1 if added else 0)
-    for i in range(sp.vocab_size(), size):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(T.UNUSED)
-    for i, a in added.items():  # the added tokens, new or taking an existing piece's place (Gemma's turns)
-        if types[i] in (T.UNKNOWN, T.BYTE) or (types[i] == T.CONTROL and tokens[i] == a["content"]):
-            continue
-        tokens[i], scores[i] = a["content"], -1000.0
-        types[i] = T.CONTROL if a.get("special") else T.USER_DEFINED
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=size)
-    special.add_special_token = _adds_special(model_dir, special.special_token_ids)
-    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "pre": None, "special": special}
-
-
-def _pre_tokenizer_name(pre: Any) -> str | None:
-    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        if regex == _LLAMA3_SPLIT:
-            return "llama-bpe"
-        if regex == _QWEN2_SPLIT:
-            return "qwen2"
-    return None
-
-
-def _describe_pre(pre: Any) -> str:
-    if not isinstance(pre, dict):
-        return "none"
-    if pre.get("type") == "Sequence":
-        return " + ".join(str(s.get("type")) for s in pre.get("pretokenizers", []))
-    return str(pre.get("type"))
-
-
-def _adds_special(model_dir: Path, ids: dict[str, int]) -> dict[str, bool]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    enc = tok.encode("hello", add_special_tokens=True).ids
-    flags = {"bos": bool(enc) and ids.get("bos") is not None and enc[0] == ids["bos"],
-             "eos": bool(enc) and ids.get("eos") is not None and enc[-1] == ids["eos"]}
-    cfg_path = model_dir / "tokenizer_config.json"
-    if cfg_path.is_file():  # transformers adds these itself for some tokenizers (e.g. LlamaTokenizer)
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        for typ in ("bos", "eos"):
-            if isinstance(cfg.get(f"add_{typ}_token"), bool):
-                flags[typ] = cfg[f"add_{typ}_token"]
-    return flags
 
 
 # --- tensors --------------------------------------------------------------------------------------
@@ -625,14 +485,3 @@ def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> Non
     if _arch(config) == gguf.MODEL_ARCH.LLAMA:  # the rotated dimensions (all of a head), llama.cpp's Llama reads it
         writer.add_rope_dimension_count(_head_dim(config))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _add_vocab(writer: Any, vocab: dict) -> None:
-    writer.add_tokenizer_model(vocab.get("model", "gpt2"))
-    if vocab["pre"]:
-        writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    if "scores" in vocab:
-        writer.add_token_scores(vocab["scores"])
-    writer.add_token_types(vocab["types"])
-    vocab["special"].add_to_gguf(writer, quiet=True)
