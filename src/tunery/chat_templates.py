@@ -101,10 +101,16 @@ def generation_prompt(tokenizer: Any, messages: list[dict]) -> str:
     """A chat as the prompt text the engines take (they tokenize it with the tokenizer's special
     tokens, as training tokenized prompts): the template's rendering with the generation prompt,
     less a BOS the template writes first when the tokenizer adds one itself (never two)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return without_runtime_bos(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                       add_generation_prompt=True))
+
+
+def without_runtime_bos(tokenizer: Any, text: str) -> str:
+    """`text` less a leading BOS when the tokenizer adds one itself on encoding (so that a prompt
+    never carries two): what the engines, and an exported model's runtime, are given."""
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos):]
+        return text[len(bos):]
     return text
 
 

@@ -42,6 +42,7 @@ def write_merged(manifest: dict, weights: Path, tokenizer_dir: Path | None, out:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     method = manifest.get("peft_method")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or weights)
+    base_dir: str | None = None
     with torch.no_grad():
         if method == "full":
             model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
@@ -52,6 +53,7 @@ def write_merged(manifest: dict, weights: Path, tokenizer_dir: Path | None, out:
             # The trained model as training left it (base + adapter, unmerged, fp32): its logits
             # are what the merged model must reproduce. Then the adapter is folded in, in place.
             peft_model = PeftModel.from_pretrained(_base(manifest, settings), str(weights)).eval()
+            base_dir = str(peft_model.get_base_model().name_or_path)  # where the base was loaded from
             expected = reference_logits(peft_model, tokenizer)
             model = peft_model.merge_and_unload(safe_merge=True)
         model = model.to(getattr(torch, DTYPES[dtype]))
@@ -60,12 +62,9 @@ def write_merged(manifest: dict, weights: Path, tokenizer_dir: Path | None, out:
     del model
     tokenizer.save_pretrained(out)
     from tunery.models.load import keep_sentencepiece_model
-    from tunery.models.resolve import resolve_base
 
     # A SentencePiece model, which a GGUF export reads: the run's, else the base's.
-    sources = [tokenizer_dir, weights] + ([] if method == "full" else [
-        resolve_base(base_reference(manifest), settings).path])
-    for source in sources:
+    for source in (tokenizer_dir, weights, base_dir):
         if source is not None:
             keep_sentencepiece_model(source, out)
     _drop_peft_traces(out)

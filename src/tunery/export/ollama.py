@@ -21,7 +21,6 @@ from jinja2.exceptions import TemplateError
 from tunery.export import ExportError
 
 _S, _U, _A, _U2 = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01NEXT\x01"
-_BOS = "\x01BOS\x01"
 
 
 def chat_frames(tokenizer) -> dict[str, Any]:
@@ -36,21 +35,15 @@ def chat_frames(tokenizer) -> dict[str, Any]:
     A BOS the template writes first is left to the runtime, which adds it to every prompt (as the
     tokenizer does); one written between turns (Llama 2's `<s>[INST]`) stays as text. ExportError
     for a template whose turns are not framed the same way each time."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from tunery.chat_templates import without_runtime_bos
 
-    jinja: Any = render_jinja_template  # returns (texts, generation indices), whatever its annotation says
-
-    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     bos = tokenizer.bos_token or ""
-    runtime_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    runtime_bos = bool(bos) and not without_runtime_bos(tokenizer, bos)  # the tokenizer adds its BOS itself
 
     def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
-        texts, _ = jinja(
-            conversations=[[{"role": r, "content": c} for r, c in messages]], chat_template=tokenizer.chat_template,
-            add_generation_prompt=generation, **{**special, "bos_token": _BOS})
-        text = texts[0].replace(_BOS, bos)
         # What the engines are given (chat_templates.generation_prompt): a leading BOS is the runtime's.
-        return text[len(bos):] if runtime_bos and text.startswith(bos) else text
+        return without_runtime_bos(tokenizer, tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=generation))
 
     def cut(text: str, *marks: str) -> list[str]:
         """`text` split at each mark, in order: the segments around them."""

@@ -21,6 +21,11 @@ def pick_device() -> str:
     return "cpu"
 
 
+def world_size() -> int:
+    """Processes training together (`accelerate launch` / torchrun set WORLD_SIZE); 1 otherwise."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def pick_dtype(precision: str, device: str, *, training: bool = False, trainable_base: bool = False,
                quantized: bool = False):
     """The dtype a model's weights are loaded in. "auto" is resolved by `resolve_precision`: bf16

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +119,7 @@ def estimate_training(model_dir: str | Path, *, method: str, tokens_per_micro_ba
     linear: dict[str, tuple[int, ...]] = {k: s for k, s in shapes.items()
                                           if len(s) == 2 and ".layers." in k and k.endswith(".weight")}
     linear_params = sum(math.prod(s) for s in linear.values())
+    targets = _targets(linear, lora_targets) if method != "full" else {}
     if method == "full":
         # Every weight trained in its own dtype: the weight, its gradient and AdamW's two moments.
         weights, trainable_params = weight_bytes * parameters, parameters
@@ -129,13 +129,12 @@ def estimate_training(model_dir: str | Path, *, method: str, tokens_per_micro_ba
         # by prepare_model_for_kbit_training. The adapter is fp32: weight, gradient, two moments.
         linear_bytes, other_bytes = (NF4_BYTES, 4) if method == "qlora" else (weight_bytes, weight_bytes)
         weights = int(linear_bytes * linear_params + other_bytes * (parameters - linear_params))
-        targets = _targets(linear, lora_targets)
         trainable_params = sum(lora_rank * (s[0] + s[1]) for s in targets.values())
         trainable = 16 * trainable_params
 
-    per_token = _saved_per_token(h, q, inter, compute_bytes, lora_inputs=(
-        sum(int(s[1]) for s in _targets(linear, lora_targets).values()) // layers if method != "full" else 0),
-        lora_dropout=lora_dropout if method != "full" else 0.0, cuda=device.startswith("cuda"))
+    per_token = _saved_per_token(h, q, inter, compute_bytes,
+                                 lora_inputs=sum(int(s[1]) for s in targets.values()) // layers,
+                                 lora_dropout=lora_dropout if method != "full" else 0.0, cuda=device.startswith("cuda"))
     if gradient_checkpointing:  # each layer's input, and one layer's own at a time
         activations = tokens_per_micro_batch * (layers * compute_bytes * h + per_token)
     else:
@@ -189,21 +188,10 @@ def device_memory(device: str) -> tuple[int, str]:
                  for i in range(torch.cuda.device_count())]
         size, name = min(sizes)
         return size, f"{name} ({gib(size)})"
-    available = _meminfo("MemAvailable")
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
     return available, f"this machine's available memory ({gib(available)})"
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name == key:
-                return int(value.split()[0]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def will_not_fit(estimate: Estimate, capacity: int, where: str, inputs) -> str | None:
@@ -224,7 +212,7 @@ def check_training(inputs: Any, model_dir: str | Path, sequences: list, device: 
     the device's memory, the device described, None when it fits or else the one-line reason with
     the inputs to change). `inputs` is a spec.TrainingInputs. Nothing is loaded."""
     from tunery.data import IGNORE_INDEX
-    from tunery.models.load import pick_dtype
+    from tunery.models.load import pick_dtype, world_size
     from tunery.models.precision import resolve_precision
 
     dpo = inputs.method == "dpo"
@@ -242,7 +230,7 @@ def check_training(inputs: Any, model_dir: str | Path, sequences: list, device: 
         gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weights.itemsize, compute_bytes=compute,
         lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
         labelled_tokens=rows * labelled if labelled_only else None, device=device)
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    world = world_size()
     if inputs.fsdp and world > 1:  # FSDP shards the weights, gradients and optimizer state
         estimate = dataclasses.replace(estimate, weights=estimate.weights // world,
                                        trainable=estimate.trainable // world)

@@ -251,7 +251,7 @@ def _echo_to_stderr(event: dict) -> None:
 def _run_name() -> str:
     """A new run directory's name: the time, or under several processes the launcher's run id
     (the same in every process, where each one's clock might name a different directory)."""
-    from tunery.train.trainer import world_size
+    from tunery.models.load import world_size
 
     if world_size() == 1:
         return time.strftime("run-%Y%m%d-%H%M%S")
@@ -264,7 +264,7 @@ def _run_name() -> str:
 def _check_batch_for_processes(inputs: TrainingInputs) -> None:
     """train_batch_size is the global batch: under `accelerate launch` it is split over the
     processes, so it must be a multiple of micro_batch_size × processes."""
-    from tunery.train.trainer import world_size
+    from tunery.models.load import world_size
 
     world = world_size()
     step = inputs.micro_batch_size * world
@@ -379,7 +379,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         )
         newest = run.newest_checkpoint() if resume else None
         checkpoint = str(newest) if newest is not None else None
-        from tunery.train.trainer import world_size
+        from tunery.models.load import world_size
 
         processes = world_size()
         sharding = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp") if processes > 1 else None

@@ -8,12 +8,12 @@ train/methods.py picks the module for `inputs.method`. Nothing here imports a me
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer
 
+from tunery.models.load import world_size
 from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import (
@@ -36,11 +36,6 @@ def fsdp_arguments(model, inputs: TrainingInputs) -> dict[str, Any]:
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"transformer_layer_cls_to_wrap": layer_classes, "use_orig_params": True,
                             "sync_module_states": True, "cpu_ram_efficient_loading": False}}
-
-
-def world_size() -> int:
-    """Processes training together (`accelerate launch` / torchrun set WORLD_SIZE); 1 otherwise."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def training_precision(inputs: TrainingInputs, device: str) -> Precision:
