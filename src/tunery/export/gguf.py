@@ -1,14 +1,23 @@
-"""Write a Llama-family Hugging Face model folder (or a LoRA adapter of one) as one GGUF file.
+"""Write a Hugging Face model folder (or a LoRA adapter of one) as one GGUF file: Llama (2 and 3.x),
+Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3/4.
 
-GGUF is what llama.cpp, Ollama and LM Studio load: weights, hyperparameters, the BPE tokenizer and
+GGUF is what llama.cpp, Ollama and LM Studio load: weights, hyperparameters, the tokenizer and
 the chat template in one file. The layout follows llama.cpp's own converter, because that is what
 every GGUF runtime expects:
 
-- tensor names from gguf-py's name map (`blk.N.attn_q.weight`, `token_embd.weight`, ...);
+- tensor names from gguf-py's name map (`blk.N.attn_q.weight`, `token_embd.weight`, ...), per
+  architecture (LAYOUTS): Qwen3's and Gemma 3's q/k norms, Gemma's four norms per block, Phi-3's
+  fused qkv and gate_up projections (written fused, as llama.cpp's Phi-3 reads them);
 - for the Llama architecture (Llama, Mistral), the rows of q_proj and k_proj permuted per head:
   transformers' rotary embedding rotates the two halves of a head (`rotate_half`), llama.cpp's
   Llama rotates adjacent pairs, and the permutation turns one layout into the other
-  (transformers' GGUF loader applies the inverse); Qwen2 is written as it is (NeoX rotary);
+  (transformers' GGUF loader applies the inverse); the others use NeoX's rotary, which is
+  transformers' own, and are written as they are (with Qwen2's q/k/v biases);
+- Gemma's RMSNorm scales by (1 + weight): every norm weight is written with the 1 added, as
+  llama.cpp's converter does;
+- rotary scaling as llama.cpp reads it: Llama 3.1's `llama3` scaling as the `rope_freqs` tensor
+  (one divisor per rotated pair), linear scaling as two keys; Gemma's local (sliding-window)
+  layers as the per-layer `sliding_window_pattern` with their own rotary base;
 - 1-D tensors (the norms) always in F32, 2-D ones in the asked type; Q8_0, Q5_0/1 and Q4_0/1
   quantize rows in blocks of 32 (gguf-py's quantizers), a tensor whose rows are not a multiple of
   32 falls back to F16 as llama.cpp does, and under 4/5 bits the embedding and output matrices
@@ -56,12 +65,35 @@ BLOCK_QUANTS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 KEEP_Q8_0 = ("token_embd.weight", "output.weight")
 #: An adapter is small and its matrices are low-rank products: no 4/5-bit form.
 LORA_QUANTS = ("q8_0", "f16", "bf16", "f32")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# The llama.cpp architecture each is written as: llama.cpp runs Mistral as Llama. Only the Llama
-# architecture uses llama.cpp's interleaved rotary layout (q/k permuted); Qwen2 uses NeoX's, which
-# is transformers' own, so its q/k are written as they are (with their biases).
-_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 Q8_0_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one transformers model type is written: llama.cpp's architecture for it, whether q/k
+    are permuted to llama.cpp's interleaved rotary (only its Llama), the activation that
+    architecture computes, what is added to every norm weight, and the config flags it can carry."""
+
+    arch: str  # gguf.MODEL_ARCH member
+    permute: bool
+    activation: str
+    norm_shift: float = 0.0
+    allowed_flags: tuple[str, ...] = ()
+
+
+#: llama.cpp runs Mistral as Llama; Gemma 3's text model (Gemma3ForCausalLM) is `gemma3_text`.
+LAYOUTS: dict[str, _Layout] = {
+    "llama": _Layout("LLAMA", True, "silu"),
+    "mistral": _Layout("LLAMA", True, "silu"),
+    "qwen2": _Layout("QWEN2", False, "silu", allowed_flags=("attention_bias",)),
+    "qwen3": _Layout("QWEN3", False, "silu"),
+    "phi3": _Layout("PHI3", False, "silu"),
+    "gemma2": _Layout("GEMMA2", False, "gelu_pytorch_tanh", norm_shift=1.0),
+    "gemma3_text": _Layout("GEMMA3", False, "gelu_pytorch_tanh", norm_shift=1.0),
+}
+SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
+#: Rotary scalings written as llama.cpp reads them (others are refused: yarn, longrope, dynamic).
+ROPE_TYPES = ("default", "llama3", "linear")
 
 @dataclass(frozen=True)
 class _Tensor:
@@ -73,6 +105,8 @@ class _Tensor:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int | None  # q/k: the head count of the rotary permutation
+    shift: float = 0.0  # added to every weight (Gemma's norms)
+    generated: np.ndarray | None = None  # a tensor computed here (rope_freqs), not read from the folder
 
 
 def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16") -> dict:
@@ -179,7 +213,7 @@ def write_lora_gguf(adapter_dir: Path, out_path: Path, base_model_dir: Path, *, 
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
-    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
+    permutes = LAYOUTS[config["model_type"]].permute
     pairs: dict[str, dict[str, np.ndarray]] = {}
     with safe_open(str(weights), framework="pt") as f:
         for key in sorted(f.keys()):
@@ -259,24 +293,41 @@ def _read_config(model_dir: Path) -> dict:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int):
             raise ExportError(f"cannot export {model_dir}: config.json has no integer {key}")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ExportError(f"cannot export {model_dir}: hidden_act {config['hidden_act']!r} (a Llama GGUF is SiLU)")
-    for key in ("attention_bias", "mlp_bias") if model_type != "qwen2" else ("use_sliding_window",):
-        if config.get(key):
-            raise ExportError(f"cannot export {model_dir}: {key} is true, which this writer does not lay out")
+    layout = LAYOUTS[model_type]
+    act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    if act != layout.activation:
+        raise ExportError(f"cannot export {model_dir}: its activation {act!r} is not the {layout.activation} "
+                          f"llama.cpp's {layout.arch.lower()} computes")
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if config.get(key) and key not in layout.allowed_flags:
+            raise ExportError(f"cannot export {model_dir}: {key} is true, which llama.cpp's "
+                              f"{layout.arch.lower()} does not lay out")
     rope = _rope(config)
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in ROPE_TYPES:
         raise ExportError(
-            f"cannot export {model_dir}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
-            "supported (only unscaled rotary embeddings)"
+            f"cannot export {model_dir}: rope scaling {rope_type!r} is not supported "
+            f"(written: {', '.join(ROPE_TYPES)})"
         )
+    if rope_type == "linear" and not isinstance(rope.get("factor"), (int, float)):
+        raise ExportError(f"cannot export {model_dir}: linear rope scaling without a numeric factor")
+    if layout.arch in ("GEMMA2", "GEMMA3"):
+        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models
+        # (found by their layer count); any other query_pre_attn_scalar would be lost.
+        scalar = config.get("query_pre_attn_scalar")
+        n_layers = int(config["num_hidden_layers"])
+        big = n_layers == (46 if layout.arch == "GEMMA2" else 62)
+        expected = config["hidden_size"] // config["num_attention_heads"] if big else _head_dim(config)
+        if scalar is not None and int(scalar) != expected:
+            raise ExportError(f"cannot export {model_dir}: query_pre_attn_scalar {scalar} is not the {expected} "
+                              f"llama.cpp's {layout.arch.lower()} scales queries by at {n_layers} layers")
     return config
 
 
 def _arch(config: dict) -> Any:
     import gguf
 
-    return getattr(gguf.MODEL_ARCH, _GGUF_ARCH[config["model_type"]])
+    return getattr(gguf.MODEL_ARCH, LAYOUTS[config["model_type"]].arch)
 
 
 def _rope(config: dict) -> dict:
@@ -291,6 +342,31 @@ def _rope(config: dict) -> dict:
 
 def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _rope_dims(config: dict) -> int:
+    """The rotated dimensions of a head (Phi-4-mini rotates only part of it)."""
+    factor = config.get("partial_rotary_factor") or _rope(config).get("partial_rotary_factor") or 1.0
+    return int(float(factor) * _head_dim(config))
+
+
+def _llama3_rope_freqs(config: dict) -> np.ndarray | None:
+    """Llama 3.1's rotary scaling as llama.cpp takes it: one divisor per rotated pair (the
+    `rope_freqs` tensor), 1 for high frequencies, `factor` for low ones and a smooth blend between,
+    as llama.cpp's converter computes it from the config. None for any other scaling."""
+    rope = _rope(config)
+    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+        return None
+    dim = _rope_dims(config)
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
+    return divisors.astype(np.float32)
 
 
 # --- tensors --------------------------------------------------------------------------------------
@@ -353,7 +429,7 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
     n_kv = int(config.get("num_key_value_heads") or n_head)
     tied = bool(config.get("tie_word_embeddings", False))
     name_map = gguf.get_tensor_name_map(_arch(config), n_layers)
-    permutes = _arch(config) == gguf.MODEL_ARCH.LLAMA
+    layout = LAYOUTS[config["model_type"]]
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
@@ -375,27 +451,34 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> list[_Tensor]:
         shape = shapes[hf_name]
         qtype = _qtype(quant, shape, f"{gguf_base}.{suffix}")
         heads = None
-        if not permutes:
+        if not layout.permute:
             pass
         elif hf_name.endswith("self_attn.q_proj.weight"):
             heads = n_head
         elif hf_name.endswith("self_attn.k_proj.weight"):
             heads = n_kv
-        planned.append(_Tensor(hf_name, files[hf_name], f"{gguf_base}.{suffix}", shape, qtype, heads))
+        shift = layout.norm_shift if hf_name.endswith("norm.weight") else 0.0
+        planned.append(_Tensor(hf_name, files[hf_name], f"{gguf_base}.{suffix}", shape, qtype, heads, shift))
+    freqs = _llama3_rope_freqs(config)
+    if freqs is not None:
+        planned.append(_Tensor("", Path(), "rope_freqs.weight", freqs.shape,
+                               gguf.GGMLQuantizationType.F32, None, generated=freqs))
     if not tied and "lm_head.weight" not in shapes:
         raise ExportError(f"cannot export {model_dir}: tie_word_embeddings is false but it has no lm_head.weight")
     names = {t.gguf_name for t in planned}
     if "token_embd.weight" not in names:
         raise ExportError(f"cannot export {model_dir}: it has no model.embed_tokens.weight")
+    attn = "attn_qkv" if layout.arch == "PHI3" else "attn_q"
     for i in range(n_layers):
-        if f"blk.{i}.attn_q.weight" not in names:
-            raise ExportError(f"cannot export {model_dir}: layer {i} has no self_attn.q_proj.weight")
+        if f"blk.{i}.{attn}.weight" not in names:
+            raise ExportError(f"cannot export {model_dir}: layer {i} has no self_attn."
+                              f"{'qkv_proj' if attn == 'attn_qkv' else 'q_proj'}.weight")
 
     def order(t: _Tensor) -> tuple[int, int, str]:
         m = re.match(r"blk\.(\d+)\.", t.gguf_name)
         if m:
             return (1, int(m.group(1)), t.gguf_name)
-        return ({"token_embd": 0, "output_norm": 2, "output": 3}.get(t.gguf_name.split(".")[0], 4), 0, t.gguf_name)
+        return ({"rope_freqs": -1, "token_embd": 0, "output_norm": 2, "output": 3}.get(t.gguf_name.split(".")[0], 4), 0, t.gguf_name)
 
     return sorted(planned, key=order)
 
@@ -432,6 +515,8 @@ def _convert(t: _Tensor, data: np.ndarray, permute: Callable[[np.ndarray, int], 
 
     if t.permute_heads is not None:
         data = permute(data, t.permute_heads)
+    if t.shift:
+        data = data + np.float32(t.shift)
     T = gguf.GGMLQuantizationType
     if t.qtype == T.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
@@ -447,6 +532,9 @@ def _tensor_data(tensors: list[_Tensor], stack: ExitStack) -> Iterator[np.ndarra
 
     handles: dict[Path, Any] = {}
     for t in tensors:
+        if t.generated is not None:
+            yield np.ascontiguousarray(t.generated, dtype=np.float32)
+            continue
         if t.file not in handles:
             handles[t.file] = stack.enter_context(safe_open(str(t.file), framework="pt"))
         raw = handles[t.file].get_tensor(t.hf_name).to(torch.float32).numpy()
@@ -460,28 +548,60 @@ def _tensor_data(tensors: list[_Tensor], stack: ExitStack) -> Iterator[np.ndarra
 
 
 def _add_metadata(writer: Any, model_dir: Path, config: dict, quant: str) -> None:
-    """The hyperparameters llama.cpp's Llama converter writes, in its order."""
+    """The hyperparameters llama.cpp's converter writes for the architecture, in its order."""
     import gguf
 
+    arch = LAYOUTS[config["model_type"]].arch
     writer.add_type(gguf.GGUFType.MODEL)
     name = model_dir.resolve().name
     # transformers' GGUF loader treats a Llama file named exactly "mistral" as its Mistral class,
     # which it then cannot map; any other name (the folder's, usually) is only shown by runtimes.
-    writer.add_name(f"{name} model" if name == "mistral" else name)
+    name = f"{name} model" if name == "mistral" else name
+    if arch == "PHI3" and not any(k in name.lower() for k in ("phi3", "phi-3")):
+        # llama.cpp gives Phi-3's special tokens their rstrip (the newline after <|user|> is part of
+        # the token, as in transformers) only when the model's name says Phi-3.
+        name = f"{name} (phi3)"
+    writer.add_name(name)
     n_head = int(config["num_attention_heads"])
+    rope = _rope(config)
     writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
-    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if config.get("head_dim") and int(config["head_dim"]) != int(config["hidden_size"]) // n_head:
-        writer.add_key_length(int(config["head_dim"]))
-        writer.add_value_length(int(config["head_dim"]))
+    explicit_head_dim = config.get("head_dim") and int(config["head_dim"]) != int(config["hidden_size"]) // n_head
+    if explicit_head_dim or arch in ("GEMMA2", "GEMMA3"):
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
     writer.add_file_type(file_types()[quant])
     writer.add_vocab_size(int(config["vocab_size"]))
-    if _arch(config) == gguf.MODEL_ARCH.LLAMA:  # the rotated dimensions (all of a head), llama.cpp's Llama reads it
-        writer.add_rope_dimension_count(_head_dim(config))
+    if arch in ("LLAMA", "PHI3"):  # the rotated dimensions of a head, which their llama.cpp code reads
+        writer.add_rope_dimension_count(_rope_dims(config))
+    if (rope.get("rope_type") or rope.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if arch == "PHI3":
+        writer.add_rope_scaling_orig_ctx_len(
+            int(config.get("original_max_position_embeddings") or config.get("max_position_embeddings") or 4096))
+        writer.add_sliding_window(int(config.get("sliding_window") or 0))
+    if arch in ("GEMMA2", "GEMMA3"):
+        if arch == "GEMMA2":
+            writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 0.0))
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+        # Which layers are local (sliding-window) ones, layer by layer, as llama.cpp reads it
+        # before it falls back to the family's default pattern.
+        layers = config.get("layer_types") or []
+        sliding = [t == "sliding_attention" for t in layers]
+        if any(sliding):
+            writer.add_sliding_window(int(config["sliding_window"]))
+            writer.add_sliding_window_pattern(sliding)
+        local = (config.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+        if local is None:
+            local = config.get("rope_local_base_freq")
+        if local is not None:
+            writer.add_rope_freq_base_swa(float(local))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -110,7 +110,11 @@ def _sentencepiece_vocab(model_dir: Path, config: dict, data: dict) -> dict:
         types[i] = T.CONTROL if a.get("special") else T.USER_DEFINED
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=size)
     special.add_special_token = _adds_special(model_dir, special.special_token_ids)
-    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "pre": None, "special": special}
+    # Whether the model prepends "▁" to a text (its normalizer's add_dummy_prefix: on for Llama 2,
+    # Mistral and Phi-3, off for Gemma); llama.cpp assumes it unless told.
+    space_prefix = sp.encode("a", out_type=str)[:1] == ["\u2581a"]
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "pre": None, "special": special,
+            "add_space_prefix": space_prefix}
 
 
 def _pre_tokenizer_name(pre: Any) -> str | None:
@@ -161,4 +165,6 @@ def add_vocab(writer: Any, vocab: dict) -> None:
     if "scores" in vocab:
         writer.add_token_scores(vocab["scores"])
     writer.add_token_types(vocab["types"])
+    if "add_space_prefix" in vocab:
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
     vocab["special"].add_to_gguf(writer, quiet=True)

@@ -5,7 +5,8 @@ rendered on a probe conversation (placeholder contents for a system, a user and 
 turn) and each role's text before and after its content is read off the rendering, together with
 the generation prompt (what the template adds to ask for the assistant's turn) and the system
 message it inserts when there is none. That covers the templates that frame every turn the same
-way (ChatML, Llama 3, Phi-3, Zephyr, ...), or fold the system message into the first user turn
+way (ChatML, Llama 3, Phi-3, Zephyr, ...; a system turn written even without a system message, as
+Llama 3.1's, and an eos that closes a finished conversation, as Phi-3.5's, included), or fold the system message into the first user turn
 (Llama 2, Mistral, Gemma), which is what fine-tuned chat models use; a template that does anything
 else (conditionals on content, turn counts) is refused rather than approximated. A run trained on prompt/completion or plain text rows gets the raw prompt.
 
@@ -30,7 +31,8 @@ def chat_frames(tokenizer) -> dict[str, Any]:
     message into the first user turn (Llama 2, Mistral, Gemma) or has no system role (it raises on
     one: system messages are then left out), "first_user_system": when folded, the text around the
     system message inside that turn, "generation": what asks for the assistant's turn,
-    "default_system": the system message the template adds when there is none, or None}.
+    "default_system": the system message the template adds when there is none ("" for a template
+    that writes an empty system turn then, as Llama 3.1's does), or None}.
 
     A BOS the template writes first is left to the runtime, which adds it to every prompt (as the
     tokenizer does); one written between turns (Llama 2's `<s>[INST]`) stays as text. ExportError
@@ -40,10 +42,20 @@ def chat_frames(tokenizer) -> dict[str, Any]:
     bos = tokenizer.bos_token or ""
     runtime_bos = bool(bos) and not without_runtime_bos(tokenizer, bos)  # the tokenizer adds its BOS itself
 
-    def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
+    def rendered(messages: list[tuple[str, str]], generation: bool = False) -> str:
         # What the engines are given (chat_templates.generation_prompt): a leading BOS is the runtime's.
         return without_runtime_bos(tokenizer, tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=generation))
+
+    # A template that ends a conversation with eos when it does not ask for a reply (Phi-3.5's):
+    # that end is not part of any turn, and a prompt (which always asks for a reply) never has it.
+    eos = tokenizer.eos_token or ""
+    ending = eos if eos and rendered([("user", _U)]).endswith(eos) and not rendered(
+        [("user", _U)], True).endswith(eos) else ""
+
+    def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
+        text = rendered(messages, generation)
+        return text[: len(text) - len(ending)] if ending and not generation and text.endswith(ending) else text
 
     def cut(text: str, *marks: str) -> list[str]:
         """`text` split at each mark, in order: the segments around them."""
@@ -87,7 +99,8 @@ def chat_frames(tokenizer) -> dict[str, Any]:
         raise uneven
     elif between.endswith(first_open):  # a turn of its own
         system = (before, between[: len(between) - len(first_open)])
-        if head.startswith(system[0]) and head.endswith(system[1]) and len(head) > len(system[0] + system[1]):
+        if head.startswith(system[0]) and head.endswith(system[1]) and len(head) >= len(system[0] + system[1]):
+            # A system turn even when there is no system message (Llama 3.1's, maybe empty).
             default_system, lead = head[len(system[0]): len(head) - len(system[1])], ""
         elif before.startswith(head):
             system = (before[len(head):], system[1])
@@ -107,7 +120,7 @@ def render_frames(frames: dict[str, Any], messages: list[dict], generation: bool
     """What the Go template renders for `messages` (the same walk, in Python): the check that the
     frames reproduce the chat template."""
     system = next((m["content"] for m in messages if m["role"] == "system"), None)
-    if frames["default_system"] and system is None:
+    if frames["default_system"] is not None and system is None:
         messages = [{"role": "system", "content": frames["default_system"]}, *messages]
     out, first = frames["lead"], True
     for m in messages:
@@ -139,6 +152,9 @@ def go_template(frames: dict[str, Any]) -> str:
     if frames["system"]:
         s_open, s_close = frames["system"]
         system = f'{{{{ else if eq $m.Role "system" }}}}{esc(s_open)}{{{{ $m.Content }}}}{esc(s_close)}'
+        if frames["default_system"] == "":  # an empty system turn when there is no system message
+            head = ('{{ $system := false }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = true }}'
+                    f'{{{{ end }}}}{{{{ end }}}}{{{{ if not $system }}}}{esc(s_open)}{esc(s_close)}{{{{ end }}}}')
     elif frames["first_user_system"]:  # the system message opens the first user turn
         in_user, after_system = frames["first_user_system"]
         head = '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
