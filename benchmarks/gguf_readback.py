@@ -36,9 +36,8 @@ def measure(path: Path, folder: Path, reader: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    from families import FAMILIES, make_family
-
     import tunery.export.gguf as gguf_export
+    from families import FAMILIES, make_family
     from tunery.export.gguf import QUANTS, write_gguf
     from tunery.export.gguf_check import READERS, TOLERANCES, default_reader
 

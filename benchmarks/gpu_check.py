@@ -25,7 +25,9 @@ tunery's own `load_model` (4-bit NF4 for QLoRA) and `adapt` (LoRA r=16 on every 
 and trained under bf16 autocast with AdamW. MFU counts the model FLOPs of a LoRA step: 4·N per
 token for the frozen weights' forward and input-gradient matmuls (no weight gradients) plus
 the causal attention of each example (6·Σl²·d per layer), against the GPU's dense bf16 peak.
-One JSON line per variant goes to `--out`.
+Each variant also records tunery's peak-memory estimate for the same step (models/memory.py,
+what training creation checks against a worker's GPU) beside CUDA's measured peak. One JSON line
+per variant goes to `--out`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def build_base(name: str, folder: Path, device: str) -> Path:
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder)
+    # A word-level tokenizer of the model's vocabulary: a base needs one to load; steps use random ids.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(folder)
     return folder
 
 
@@ -143,6 +153,18 @@ def run(args) -> dict:
         "mfu": round(flops / elapsed / peak, 4) if peak else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None,
     })
+    # tunery's own estimate (models/memory.py, what training creation checks against a worker's
+    # GPU) for the same step, without the CUDA context that max_memory_allocated does not count.
+    from tunery.models.memory import GIB, estimate_training
+
+    padded = int(batch_of(args.tokens, args.seq, vocab, 1000)[0]["input_ids"].numel())
+    estimate = estimate_training(folder, method=method, tokens_per_micro_batch=padded,
+                                 gradient_checkpointing=args.gradient_checkpointing, weight_bytes=2, compute_bytes=2,
+                                 lora_rank=16, lora_dropout=0.05, device=device)
+    record["estimate_gb"] = round((estimate.total - estimate.overhead) / GIB, 1)
+    record["estimate_parts_gb"] = {k: round(v / GIB, 2) for k, v in estimate.parts().items()}
+    if record["peak_memory_gb"]:
+        record["measured_over_estimate"] = round(torch.cuda.max_memory_allocated() / (estimate.total - estimate.overhead), 3)
     return record
 
 

@@ -43,7 +43,6 @@ def child(name: str, base: str) -> None:
     import peft  # noqa: F401  (imported before the baseline: the estimate leaves the libraries out)
     import torch  # noqa: F401
     import transformers  # noqa: F401
-
     from transformers import TrainerCallback
 
     from tunery.train.events import read_events

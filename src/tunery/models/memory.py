@@ -178,20 +178,49 @@ def _targets(linear: dict[str, tuple[int, ...]], lora_targets: str) -> dict[str,
     return {k: s for k, s in linear.items() if k.rsplit(".", 2)[-2] in names}
 
 
-def device_memory(device: str) -> tuple[int, str]:
-    """(bytes, description) a training on `device` may use: the smallest visible GPU's total memory
-    for "cuda", or the memory the operating system reports available for "cpu"."""
+@dataclass(frozen=True)
+class Devices:
+    """Where a training runs: the kind of device ("cuda" or "cpu"), the memory one of them gives a
+    training, in words, how many processes train together there (FSDP shards over them), and what
+    `precision auto` resolves to there for an unquantized base ("bf16" or "fp32"). A worker
+    registers its own (store.models.WorkerPresence) so that a server without those devices can
+    check a training against them."""
+
+    kind: str
+    memory: int
+    description: str
+    processes: int = 1
+    precision: str = "fp32"
+
+    def key(self) -> str:
+        """What an estimate depends on besides the training: equal keys, equal estimates."""
+        return f"{self.kind}/{self.processes}/{self.precision}"
+
+
+def local_devices(device: str, processes: int | None = None) -> Devices:
+    """This machine's `device` ("cuda[:i]" or "cpu"): the smallest visible GPU's total memory, or
+    the memory the operating system reports available; `processes` defaults to this process's
+    world size (models.load.world_size)."""
+    from tunery.models.load import world_size
+    from tunery.models.precision import resolve_precision
+
+    precision = resolve_precision("auto", device).name
+    processes = processes or world_size()
     if device.startswith("cuda"):
         import torch
 
         sizes = [(torch.cuda.get_device_properties(i).total_memory, torch.cuda.get_device_name(i))
                  for i in range(torch.cuda.device_count())]
         size, name = min(sizes)
-        return size, f"{name} ({gib(size)})"
+        return Devices("cuda", size, f"{name} ({gib(size)})", processes, precision)
+    available = available_memory()
+    return Devices("cpu", available, f"this machine's available memory ({gib(available)})", processes, precision)
+
+
+def available_memory() -> int:
     import psutil
 
-    available = int(psutil.virtual_memory().available)
-    return available, f"this machine's available memory ({gib(available)})"
+    return int(psutil.virtual_memory().available)
 
 
 def will_not_fit(estimate: Estimate, capacity: int, where: str, inputs) -> str | None:
@@ -205,15 +234,14 @@ def will_not_fit(estimate: Estimate, capacity: int, where: str, inputs) -> str |
             "try " + "; or ".join(memory_remedies(inputs)))
 
 
-def check_training(inputs: Any, model_dir: str | Path, sequences: list, device: str) -> tuple[Estimate, int, str,
-                                                                                             str | None]:
-    """A training's estimate for its longest micro batch of `sequences` (token ids and labels, as
-    the trainer gets them; DPO's micro batch holds each pair's two), on `device`: (the estimate,
-    the device's memory, the device described, None when it fits or else the one-line reason with
-    the inputs to change). `inputs` is a spec.TrainingInputs. Nothing is loaded."""
+def check_training(inputs: Any, model_dir: str | Path, sequences: list, devices: Devices,
+                   where: str | None = None) -> tuple[Estimate, str | None]:
+    """A training's estimate for its longest micro batch of `sequences` (anything with `input_ids`
+    and `labels` as the trainer gets them; DPO's micro batch holds each pair's two) on `devices`:
+    (the estimate, None when it fits or else the one-line reason with the inputs to change, naming
+    the devices as `where` does, by default their description). `inputs` is a spec.TrainingInputs.
+    Nothing is loaded."""
     from tunery.data import IGNORE_INDEX
-    from tunery.models.load import pick_dtype, world_size
-    from tunery.models.precision import resolve_precision
 
     dpo = inputs.method == "dpo"
     per_step = inputs.micro_batch_size * (2 if dpo else 1)
@@ -221,21 +249,26 @@ def check_training(inputs: Any, model_dir: str | Path, sequences: list, device: 
     longest = max((len(s.input_ids) for s in sequences), default=0)
     labelled = max((sum(label != IGNORE_INDEX for label in s.labels) for s in sequences), default=0)
     quantized, full = inputs.peft_method == "qlora", inputs.peft_method == "full"
-    weights = pick_dtype(inputs.precision, device, training=True, trainable_base=full, quantized=quantized)
-    compute = 4 if resolve_precision(inputs.precision, device, quantized=quantized).name == "fp32" else 2
+    cuda = devices.kind.startswith("cuda")
+    # As models.load.pick_dtype and models.precision.resolve_precision choose there.
+    if inputs.precision != "auto":
+        precision = inputs.precision
+    else:
+        precision = "fp32" if quantized and not cuda else devices.precision
+    compute = 4 if precision == "fp32" else 2
+    weight_bytes = 4 if precision == "fp32" or (inputs.precision == "auto" and full and not cuda) else 2
     # TRL's DPO computes logits at every position; our SFT loss only where there are labels.
     labelled_only = inputs.loss_computation == "labelled" and not dpo
     estimate = estimate_training(
         model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
-        gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weights.itemsize, compute_bytes=compute,
+        gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weight_bytes, compute_bytes=compute,
         lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
-        labelled_tokens=rows * labelled if labelled_only else None, device=device)
-    world = world_size()
+        labelled_tokens=rows * labelled if labelled_only else None, device=devices.kind)
+    world = devices.processes
     if inputs.fsdp and world > 1:  # FSDP shards the weights, gradients and optimizer state
         estimate = dataclasses.replace(estimate, weights=estimate.weights // world,
                                        trainable=estimate.trainable // world)
-    capacity, where = device_memory(device)
-    return estimate, capacity, where, will_not_fit(estimate, capacity, where, inputs)
+    return estimate, will_not_fit(estimate, devices.memory, where or devices.description, inputs)
 
 
 def summary(estimate: Estimate) -> dict[str, Any]:

@@ -121,6 +121,24 @@ def check_base(base: str, settings: Settings | None = None, *, label: str | None
     return found.kind
 
 
+def local_base(base: str, settings: Settings | None = None) -> str | None:
+    """The folder of `base` on this machine (config, tokenizer, safetensors), converting a GGUF
+    the first time as resolve_base does, but never downloading: None for a storage URL or a hub
+    id that is not here yet, or a base that cannot be found."""
+    settings = settings or get_settings()
+    try:
+        found = _locate(base, settings)
+        if found.kind in ("registry", "gguf"):
+            return resolve_base(base, settings).path
+        if found.kind == "url":
+            assert found.cache_dir is not None
+            return str(found.cache_dir) if (found.cache_dir / CACHE_INFO).is_file() else None
+        assert found.local is not None
+        return None if _dir_problem(found.local) else str(found.local)
+    except ModelNotFoundError:
+        return None
+
+
 def probe_base(resolved: ResolvedBase) -> None:
     """Load the base's config and tokenizer (not its weights: seconds, where a 7B's weights take
     minutes) and check that transformers knows it as a causal language model. Raises

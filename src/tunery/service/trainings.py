@@ -169,6 +169,98 @@ def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | 
             {"file": train.label, "line": None, "field": "num_validation_samples", "reason": str(exc)}]) from None
 
 
+# -- will it fit? --------------------------------------------------------------------------------------------
+
+#: The longest rows (by characters) tokenized to estimate a training's peak memory at creation.
+FIT_SAMPLE = 64
+
+
+def check_fits(store: Store, settings: Settings, inputs: TrainingInputs, base_name: str, train: Data) -> dict[str, int]:
+    """The training's estimated peak memory per device on each kind of running worker
+    (models.memory.check_training: {Devices.key(): bytes}); Invalid with the one-line reason and
+    what to change when it fits none of them. Nothing is estimated (an empty answer) while no
+    worker runs, or when the base is not on this server as a folder (a storage URL not downloaded
+    here): the worker checks again before it loads the model, and the workers that are running
+    only claim trainings their devices hold, when another worker's would."""
+    from tunery.models import memory
+    from tunery.models.resolve import local_base
+
+    workers = store.live_workers(settings.lease_seconds)
+    folder = local_base(base_name, settings) if workers else None
+    if folder is None:
+        return {}
+    sequences = _longest_sequences(inputs, folder, train.check.dataset)
+    groups: dict[str, list] = {}
+    for w in workers:
+        groups.setdefault(w.devices().key(), []).append(w)
+    needs: dict[str, int] = {}
+    fits_somewhere = False
+    closest: tuple[int, str] | None = None
+    for key, members in groups.items():
+        best = max(members, key=lambda w: w.memory)
+        estimate, problem = memory.check_training(inputs, folder, sequences, _processes(inputs, best.devices()))
+        needs[key] = estimate.total
+        if problem is None:
+            fits_somewhere = True
+            continue
+        short = estimate.total - best.memory
+        if closest is None or short < closest[0]:
+            where = f"{best.description} on worker {best.id}"
+            if len(workers) > 1:
+                where += f" (the closest to fitting of the {len(workers)} running workers)"
+            closest = (short, memory.will_not_fit(estimate, best.memory, where, inputs) or "")
+    if not fits_somewhere and closest is not None:
+        raise Invalid(closest[1], field="micro_batch_size", title="Training does not fit",
+                      errors=[{"field": "micro_batch_size", "reason": closest[1]}])
+    return needs
+
+
+def _processes(inputs: TrainingInputs, devices):
+    """`devices` with the processes a training of `inputs` gets there (worker.runner.processes_for:
+    as many of the worker's as split the global batch's micro batches evenly)."""
+    import dataclasses
+
+    micro_batches = max(1, inputs.train_batch_size // inputs.micro_batch_size)
+    processes = max(p for p in range(1, devices.processes + 1) if micro_batches % p == 0)
+    return dataclasses.replace(devices, processes=processes)
+
+
+def _longest_sequences(inputs: TrainingInputs, folder: str, dataset) -> list:
+    """The training's longest sequences as the trainer will see them, from its FIT_SAMPLE longest
+    rows (by characters) and FIT_SAMPLE rows spread over the file, tokenized with the base's
+    tokenizer (chat template, truncation at max_seq_length; DPO's two sequences a pair). A packed
+    sequence is taken to fill chunk_size as far as the whole file's tokens reach (estimated from
+    the sample's tokens per character), labelled as densely as the sample's most labelled row."""
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from tunery.data import IGNORE_INDEX, preference_examples, tokenize_rows
+    from tunery.models.load import load_tokenizer
+    from tunery.models.resolve import ResolvedBase
+
+    sizes = [len(json.dumps(row, ensure_ascii=False)) for row in dataset.rows]
+    longest = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)[:FIT_SAMPLE]
+    spread = range(0, len(sizes), max(1, len(sizes) // FIT_SAMPLE))
+    order = sorted(set(longest) | set(spread))
+    rows = [dataset.rows[i] for i in order]
+    tokenizer = load_tokenizer(ResolvedBase(folder, "dir", folder, folder, None), inputs.chat_template)
+    if inputs.method == "dpo":
+        pairs = preference_examples(rows, tokenizer, max_length=inputs.max_length)
+        return [e for p in pairs for e in (p.preferred, p.non_preferred)]
+    examples = tokenize_rows(rows, dataset.format, tokenizer, max_length=inputs.max_length,
+                             train_on_inputs=inputs.train_on_inputs)
+    if not inputs.pack_sequences or not examples:
+        return examples
+    tokens = sum(len(e.input_ids) for e in examples)
+    reach = tokens * sum(sizes) / max(1, sum(sizes[i] for i in order))
+    length = int(min(inputs.chunk_size, max(reach, max(len(e.input_ids) for e in examples))))
+    share = max(sum(label != IGNORE_INDEX for label in e.labels) / max(1, len(e.labels)) for e in examples)
+    labelled = round(share * length)
+    packed = SimpleNamespace(input_ids=range(length), labels=[0] * labelled + [IGNORE_INDEX] * (length - labelled))
+    return [packed] * max(1, min(inputs.micro_batch_size, math.ceil(reach / inputs.chunk_size)))
+
+
 # -- creating one -----------------------------------------------------------------------------------------
 
 def create_training(store: Store, settings: Settings, *, owner: str, base: Model, version: Version,
@@ -198,6 +290,7 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
             data = {f: fetch_data(store, settings, owner, f, getattr(typed, f), own_hosts=own_hosts,
                                   downloads=downloads) for f in fields}
         check_training_data(typed, data["train_data"], data.get("validation_data"))
+        needs = check_fits(store, settings, typed, version.base_name, data["train_data"])
         urls: dict[str, str] = {}
         for field, found in data.items():
             url = found.url
@@ -207,7 +300,7 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
             urls[field] = url
         return store.create_training(
             owner, training_id=training_id, model=f"{base.owner}/{base.name}", version_id=version.id,
-            destination=destination, input=inputs, job={"data": urls, "base": version.base_name},
+            destination=destination, input=inputs, job={"data": urls, "base": version.base_name, **({"memory": needs} if needs else {})},
             webhook=webhook, webhook_events_filter=webhook_events_filter, openai=openai,
             new_destination=new_destination)
     except BaseException:

@@ -9,7 +9,7 @@ the one that took its job over.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -23,6 +23,8 @@ from tunery.store.pages import Page, paginate
 # A job whose worker died this many times is failed rather than claimed again: it is
 # probably what kills them (out of memory, say).
 MAX_TRAINING_ATTEMPTS = 5
+#: How many of the oldest claimable trainings a worker looks at when it passes some over.
+CLAIM_WINDOW = 64
 
 
 class JobsMixin:
@@ -160,42 +162,48 @@ class JobsMixin:
 
     # -- trainings: the worker's side ---------------------------------------------------------
 
-    def claim_training(self, worker_id: str, lease_seconds: float) -> Training | None:
+    def claim_training(self, worker_id: str, lease_seconds: float,
+                       skip: Callable[[Training], bool] | None = None) -> Training | None:
         """Atomically take the oldest queued training, or a running one whose lease expired (its
         worker died), for `worker_id` until now + `lease_seconds`. None when there is no work.
+        `skip` passes over trainings this worker should leave to others (ones that do not fit its
+        devices when another worker's do), among the oldest CLAIM_WINDOW.
 
-        Two workers never get the same job: PostgreSQL locks the row (FOR UPDATE SKIP LOCKED, so
-        the other worker takes the next one), SQLite runs the whole claim under its write lock.
+        Two workers never get the same job: PostgreSQL locks the rows (FOR UPDATE SKIP LOCKED, so
+        the other worker takes the next ones), SQLite runs the whole claim under its write lock.
         """
         now = utcnow()
         claimable = or_(Training.status == "starting",
                         and_(Training.status == "processing", Training.lease_expires_at < now))
         with self.session() as s:
             while True:
-                row = s.scalar(select(Training).where(claimable).order_by(Training.created_at, Training.id)
-                               .limit(1).with_for_update(skip_locked=True))
-                if row is None:
+                rows = s.scalars(select(Training).where(claimable).order_by(Training.created_at, Training.id)
+                                 .limit(CLAIM_WINDOW).with_for_update(skip_locked=True)).all()
+                settled = False
+                for row in rows:
+                    # Its worker died after a cancel was asked for, or it keeps killing its workers.
+                    if row.cancel_requested:
+                        self._end_training(s, row, "canceled")
+                    elif row.pause_requested:  # its worker died after a pause was asked for
+                        self._pause(row)
+                    elif row.attempts >= MAX_TRAINING_ATTEMPTS:
+                        lost = f"the worker running this training was lost {row.attempts} times"
+                        self._end_training(s, row, "failed", error=lost)
+                    elif skip is None or not skip(row):
+                        first_start = row.started_at is None
+                        row.status = "processing"
+                        row.lease_owner = worker_id
+                        row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+                        row.attempts += 1
+                        if first_start:
+                            row.started_at = now
+                            outbox.enqueue(s, row, "start", self.base_url, self.webhook_body)
+                        return row
+                    else:
+                        continue
+                    settled = True
+                if not settled:  # nothing left, or all of it for other workers
                     return None
-                # Its worker died after a cancel was asked for, or it keeps killing its workers.
-                if row.cancel_requested:
-                    self._end_training(s, row, "canceled")
-                    continue
-                if row.pause_requested:  # its worker died after a pause was asked for
-                    self._pause(row)
-                    continue
-                if row.attempts >= MAX_TRAINING_ATTEMPTS:
-                    lost = f"the worker running this training was lost {row.attempts} times"
-                    self._end_training(s, row, "failed", error=lost)
-                    continue
-                first_start = row.started_at is None
-                row.status = "processing"
-                row.lease_owner = worker_id
-                row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-                row.attempts += 1
-                if first_start:
-                    row.started_at = now
-                    outbox.enqueue(s, row, "start", self.base_url, self.webhook_body)
-                return row
 
     def _held(self, s: Session, training_id: str, worker_id: str) -> Training | None:
         """The training, locked, if `worker_id` holds its lease and it is still running."""

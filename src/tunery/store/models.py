@@ -11,7 +11,17 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -238,6 +248,31 @@ class Secret(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class WorkerPresence(Base):
+    """A training worker that is running now, with the devices its trainings get
+    (models.memory.Devices): written when it starts, renewed while it runs (`seen_at`), deleted
+    when it stops. A row not renewed for a lease belongs to a worker that died. Training creation
+    checks a training's estimated peak memory against these; a worker claims only trainings that
+    fit its devices."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # cuda | cpu
+    memory: Mapped[int] = mapped_column(BigInteger)  # bytes one device gives a training
+    description: Mapped[str] = mapped_column(Text)
+    processes: Mapped[int] = mapped_column(Integer, default=1)
+    precision: Mapped[str] = mapped_column(String(8))  # what `precision auto` resolves to there
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    def devices(self):
+        from tunery.models.memory import Devices
+
+        return Devices(self.kind, int(self.memory), self.description, int(self.processes), self.precision)
 
 
 class WebhookDelivery(Base):

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import secrets
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import CursorResult, and_, delete, or_, select, update
@@ -21,7 +21,17 @@ from sqlalchemy.orm import Session
 
 from tunery.store import db, outbox
 from tunery.store.jobs import JobsMixin
-from tunery.store.models import ApiToken, File, Model, Owner, Secret, Version, WebhookDelivery, utcnow
+from tunery.store.models import (
+    ApiToken,
+    File,
+    Model,
+    Owner,
+    Secret,
+    Version,
+    WebhookDelivery,
+    WorkerPresence,
+    utcnow,
+)
 from tunery.store.pages import Page, paginate
 
 BASE_OWNER = "tunery"
@@ -301,6 +311,36 @@ class Store(JobsMixin):
                 return False
             s.delete(row)
             return True
+
+    # -- running workers ----------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, devices, *, host: str) -> None:
+        """Record (or renew) a running worker and its devices (a models.memory.Devices); rows of
+        workers unseen for a day (they died without a word) go."""
+        now = utcnow()
+        fields = {"host": host, "kind": devices.kind, "memory": int(devices.memory),
+                  "description": devices.description, "processes": int(devices.processes),
+                  "precision": devices.precision}
+        with self.session() as s:
+            s.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < now - timedelta(days=1)))
+            row = s.get(WorkerPresence, worker_id)
+            if row is None:
+                s.add(WorkerPresence(id=worker_id, started_at=now, seen_at=now, **fields))
+                return
+            for name, value in fields.items():
+                setattr(row, name, value)
+            row.seen_at = now
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self.session() as s:
+            s.execute(delete(WorkerPresence).where(WorkerPresence.id == worker_id))
+
+    def live_workers(self, within_seconds: float) -> list[WorkerPresence]:
+        """Workers renewed within the last `within_seconds`, the most memory first."""
+        cutoff = utcnow() - timedelta(seconds=within_seconds)
+        with self._reading() as s:
+            return list(s.scalars(select(WorkerPresence).where(WorkerPresence.seen_at >= cutoff)
+                                  .order_by(WorkerPresence.memory.desc(), WorkerPresence.id)))
 
     # -- secrets and webhook deliveries ------------------------------------------------------
 

@@ -149,12 +149,13 @@ def _memory(source: str, resolved, sequences: list, **inputs: Any) -> dict[str, 
     as the trainer makes it), and whether it fits: {"total", the parts, "capacity", "device",
     "fits", "problem"}."""
     from tunery.models.load import pick_device
-    from tunery.models.memory import check_training, summary
+    from tunery.models.memory import check_training, local_devices, summary
     from tunery.spec import TrainingInputs
 
     spec = TrainingInputs.model_validate({"train_data": source, **inputs})
-    estimate, capacity, where, problem = check_training(spec, resolved.path, sequences, pick_device())
-    return {**summary(estimate), "capacity": capacity, "device": where, "fits": problem is None,
+    devices = local_devices(pick_device())
+    estimate, problem = check_training(spec, resolved.path, sequences, devices)
+    return {**summary(estimate), "capacity": devices.memory, "device": devices.description, "fits": problem is None,
             "problem": problem, "gradient_checkpointing": spec.gradient_checkpointing}
 
 

@@ -314,9 +314,10 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     device = pick_device()
     from tunery.models import memory
 
-    estimate, capacity, where, problem = memory.check_training(inputs, resolved.path, data.examples, device)
-    sink.emit("memory", **memory.summary(estimate), capacity=capacity, device=where)
-    sink.emit("log", message=f"memory: {estimate.describe()} of {where}")
+    devices = memory.local_devices(device)
+    estimate, problem = memory.check_training(inputs, resolved.path, data.examples, devices)
+    sink.emit("memory", **memory.summary(estimate), capacity=devices.memory, device=devices.description)
+    sink.emit("log", message=f"memory: {estimate.describe()} of {devices.description}")
     if problem:
         raise OutOfMemoryError(problem)
     model = load_model(

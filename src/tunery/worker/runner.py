@@ -10,8 +10,10 @@ the child resumes from the last checkpoint in the same run directory.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -20,10 +22,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tunery.artifacts.run import TrainingJob
+from tunery.models.memory import Devices, available_memory, gib
 from tunery.settings import Settings
 from tunery.store.models import Training
 from tunery.store.store import Store
@@ -67,6 +71,20 @@ def processes_for(job: TrainingJob, settings: Settings) -> tuple[int, str]:
     return processes, note
 
 
+def probe_devices(settings: Settings, env: dict[str, str]) -> Devices:
+    """The devices a worker's trainings get (models.memory.local_devices in a child process with
+    their environment, so this process never holds a CUDA context), with as many processes as
+    the worker starts at most."""
+    processes = settings.train_processes or len(settings.devices) or 1
+    code = ("import dataclasses, json; from tunery.models.load import pick_device; "
+            "from tunery.models.memory import local_devices; "
+            f"print(json.dumps(dataclasses.asdict(local_devices(pick_device(), {processes}))))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
+    return Devices(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,24 +113,88 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval or max(0.2, min(2.0, self.lease_seconds / 3))
         self.kill_grace = kill_grace
         self.child: subprocess.Popen | None = None  # the training process running now, if any
+        self.devices: Devices | None = None  # what its trainings get, once probed (run_forever)
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """Run trainings until `stop_event` is set. A training still running then is stopped and
-        handed back at once, for another worker (or this one, restarted) to resume."""
+        handed back at once, for another worker (or this one, restarted) to resume. Meanwhile the
+        worker's devices are registered in the store (see `_present`)."""
         log.info("worker %s started", self.worker_id)
-        while not stop_event.is_set():
-            try:
-                ran = self.run_once(stop_event)
-            except Exception:  # the database went away, say: keep polling until it is back
-                log.exception("worker %s: claiming a training failed", self.worker_id)
-                ran = False
-            if not ran:
-                stop_event.wait(self.poll_interval)
+        presence = threading.Thread(target=self._present, args=(stop_event,), name=f"{self.worker_id}-presence",
+                                    daemon=True)
+        presence.start()
+        try:
+            while not stop_event.is_set():
+                try:
+                    ran = self.run_once(stop_event)
+                except Exception:  # the database went away, say: keep polling until it is back
+                    log.exception("worker %s: claiming a training failed", self.worker_id)
+                    ran = False
+                if not ran:
+                    stop_event.wait(self.poll_interval)
+        finally:
+            presence.join(10)
         log.info("worker %s stopped", self.worker_id)
+
+    def _present(self, stop_event: threading.Event) -> None:
+        """Register this worker's devices (probed once in a child process with its trainings'
+        environment), renew the registration every heartbeat while it runs (on a CPU, with the
+        memory available while no training runs), and delete it when it stops."""
+        try:
+            self.devices = probe_devices(self.settings, self._child_env())
+        except Exception as exc:
+            log.warning("worker %s: its devices could not be probed (%s); trainings are checked when they start",
+                        self.worker_id, exc)
+            return
+        host = socket.gethostname()
+        interval = max(1.0, min(10.0, self.lease_seconds / 3))
+        try:
+            while True:
+                if self.devices.kind == "cpu" and self.child is None:
+                    available = available_memory()
+                    self.devices = dataclasses.replace(
+                        self.devices, memory=available, description=f"the available memory of {host} ({gib(available)})")
+                try:
+                    self.store.register_worker(self.worker_id, self.devices, host=host)
+                except Exception:  # a database hiccup: the next renewal comes before the lease lapses
+                    log.exception("worker %s: registering its devices failed", self.worker_id)
+                if stop_event.wait(interval):
+                    break
+        finally:
+            try:
+                self.store.forget_worker(self.worker_id)
+            except Exception:
+                log.exception("worker %s: unregistering failed", self.worker_id)
+
+    def _skip(self) -> Callable[[Training], bool]:
+        """Which claimable trainings to leave to other workers: those whose estimated peak memory
+        (trainings.check_fits, recorded on the job) is more than this worker's devices hold, when
+        a running worker's devices hold it. One nobody's devices hold is claimed, and refused by
+        the training's own check with the reason."""
+        mine = self.devices
+        others: list | None = None
+
+        def skip(row: Training) -> bool:
+            nonlocal others
+            needs = (row.job or {}).get("memory") or {}
+            if mine is None or needs.get(mine.key(), 0) <= mine.memory:
+                return False
+            if others is None:
+                others = [w.devices() for w in self.store.live_workers(self.lease_seconds) if w.id != self.worker_id]
+            return any(needs.get(d.key(), math.inf) <= d.memory for d in others)
+
+        return skip
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment of this worker's training processes: its own devices only."""
+        env = dict(os.environ)
+        if self.settings.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.settings.devices)
+        return env
 
     def run_once(self, stop_event: threading.Event | None = None) -> bool:
         """Claim one training and run it to its end; False when there was none to claim."""
-        training = self.store.claim_training(self.worker_id, self.lease_seconds)
+        training = self.store.claim_training(self.worker_id, self.lease_seconds, skip=self._skip())
         if training is None:
             return False
         log.info("worker %s: running training %s (attempt %d)", self.worker_id, training.id,
@@ -204,9 +286,7 @@ class Attempt:
         """How to start the training: one Python process, or `accelerate launch` with one process
         per device (DDP, or FSDP when the training asks), on the worker's devices only."""
         settings = self.worker.settings
-        env = dict(os.environ)
-        if settings.devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(settings.devices)
+        env = self.worker._child_env()
         processes = self.processes
         if processes == 1:
             return [sys.executable], env
