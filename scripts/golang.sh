@@ -5,17 +5,4 @@
 #
 #   scripts/golang.sh     # as root (CI), or with sudo available
 set -euo pipefail
-
-if command -v go >/dev/null 2>&1; then
-  echo "golang: $(go version) already installed" >&2
-  exit 0
-fi
-sudo=""
-if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "golang: run as root to install golang-go" >&2; exit 1; }
-  sudo="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -q >/dev/null
-$sudo apt-get install -y -q --no-install-recommends golang-go >/dev/null
-echo "golang: installed $(go version)" >&2
+exec "$(dirname "$0")/debian.sh" go golang-go

@@ -60,5 +60,9 @@ if [ "$extra" = "dev" ]; then
     echo "setup: no cmake or C++ compiler: skipping llama.cpp (GGUF exports are checked with transformers)" >&2
   fi
 fi
+# bubblewrap: python graders (reinforcement fine-tuning) run isolated under it.
+if ! command -v bwrap >/dev/null 2>&1; then
+  scripts/debian.sh bwrap bubblewrap libseccomp2 || echo "setup: python graders need bubblewrap (apt install bubblewrap); the other graders work without it" >&2
+fi
 "$pybin" -c "import torch, transformers, peft; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, cuda={torch.cuda.is_available()}')" >&2
 echo "$pybin"

@@ -17,7 +17,7 @@ FLOORS = [
     ["tunery.data"],
     ["tunery.models"],
     ["tunery.infer", "tunery.export"],
-    ["tunery.eval"],
+    ["tunery.eval", "tunery.graders"],
     ["tunery.train", "tunery.samples", "tunery.demo"],
     ["tunery.store"],
     ["tunery.service"],

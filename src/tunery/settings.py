@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Service trainings also save a checkpoint when this many minutes passed since "
         "the last one (0: only at the steps or epochs the inputs ask for)."
     )
+    grader_seconds: float = Field(
+        10.0, gt=0, le=600, description="Python graders: the CPU and wall-clock seconds one grade may take."
+    )
+    grader_memory_mb: int = Field(
+        1024, ge=64, description="Python graders: the address space one grade may use, in MiB."
+    )
 
     @property
     def devices(self) -> list[str]:

@@ -1,0 +1,46 @@
+"""Graders: OpenAI's grader JSON (string_check, text_similarity, python, score_model, multi), parsed,
+checked and run on sampled answers. The reward of reinforcement fine-tuning (method grpo), the
+graders API (`/openai/v1/fine_tuning/alpha/graders/validate` and `/run`) and `tunery eval` on an
+RFT file all score through here.
+
+    from tunery.graders import load_grader, grade
+    grader = load_grader({"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+                          "reference": "{{ item.answer }}", "operation": "eq"})
+    grade(grader, "42", {"answer": "42"}).reward  # 1.0
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunery.graders.grade import ERROR_FLAGS, Judge, Outcome, check_grader, grade, grade_many, item_problems
+from tunery.graders.sandbox import Limits, SandboxUnavailable
+from tunery.graders.spec import GraderError, MultiGrader, parse_grader, walk
+
+__all__ = ["ERROR_FLAGS", "GraderError", "Judge", "Limits", "MultiGrader", "Outcome", "SandboxUnavailable",
+           "check_grader", "grade", "grade_many", "item_problems", "load_grader", "parse_grader", "read_grader",
+           "walk"]
+
+
+def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_model=None, field: str = "grader"):
+    """The grader `obj` (its JSON, parsed) describes, checked (check_grader) unless `check` is false."""
+    grader = parse_grader(obj, field=field)
+    if check:
+        check_grader(grader, limits=limits, has_model=has_model, where=field)
+    return grader
+
+
+def read_grader(path: str | Path, **kwargs):
+    """A grader from a JSON file (`--grader grader.json`): the grader itself, or {"grader": {...}}."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except OSError as exc:
+        raise GraderError(f"cannot read {p}: {exc.strerror}", field=str(p)) from None
+    except ValueError as exc:
+        raise GraderError(f"{p} is not JSON: {exc}", field=str(p)) from None
+    if isinstance(obj, dict) and set(obj) == {"grader"}:
+        obj = obj["grader"]
+    return load_grader(obj, **kwargs)
