@@ -1,9 +1,17 @@
-"""OpenAI's graders API with the OFFICIAL `openai` client against a live tunery server on loopback:
-`client.fine_tuning.alpha.graders.validate` and `.run`, as OpenAI's RFT guide uses them to try a
-grader before a job. Bad graders are refused with a 400 naming the field; a python grader runs in
-the sandbox, and an attacking one scores 0 with the reason while the server goes on."""
+"""OpenAI's reinforcement fine-tuning with the OFFICIAL `openai` client against a live tunery server
+on loopback (an embedded worker, SQLite, the tiny random Llama): `client.fine_tuning.alpha.graders`
+`.validate` and `.run`, as OpenAI's RFT guide uses them to try a grader before a job; then an RFT
+job with a multi grader of string_check and python: its events (with the reward metrics, and the
+grader's failures as warnings), checkpoints, results file, and the `ft:` model answering. Bad
+graders are refused with a 400 naming the field before a job exists; a python grader runs in the
+sandbox, and an attacking one scores 0 with the reason while the server goes on."""
 
 from __future__ import annotations
+
+import csv
+import io
+import json
+import time
 
 import pytest
 
@@ -22,7 +30,7 @@ MULTI = {"type": "multi", "name": "answer", "graders": {"exact": EXACT, "digits"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    live = LiveServer(tmp_path_factory.mktemp("openai-graders"))
+    live = LiveServer(tmp_path_factory.mktemp("openai-graders"), start_workers=True, checkpoint_minutes=0)
     live.store.ensure_base_models([("tiny", "a tiny random Llama", str(tiny_model_dir))])
     yield live
     live.stop()
@@ -81,3 +89,97 @@ def test_run_a_score_model_grader_judged_by_a_served_model(client):
     usage = out.model_grader_token_usage_per_model["tunery/tiny"]
     assert usage["prompt_tokens"] > 10 and 0 < usage["completion_tokens"] <= 8
     assert out.reward == 0.0 and out.metadata.errors.model_grader_parse_error or 0.0 <= out.reward <= 1.0
+
+
+def rft_rows(n: int = 8) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Answer with the number only."},
+                          {"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}
+            for i in range(n)]
+
+
+def upload(client, name: str, rows: list[dict]):
+    return client.files.create(file=(name, "".join(json.dumps(r) + "\n" for r in rows)), purpose="fine-tune")
+
+
+def test_a_reinforcement_job_with_a_multi_grader(server, client):
+    training_file = upload(client, "sums.jsonl", rft_rows())
+    assert training_file.status == "processed"
+    flaky = {"type": "python", "name": "strict",
+             "source": "def grade(sample, item):\n    if item['answer'] == '6':\n        raise ValueError('no six')\n"
+                       "    return 1.0 if sample['output_text'].strip() == item['answer'] else 0.0\n"}
+    grader = {**MULTI, "graders": {"exact": EXACT, "digits": CODE, "strict": flaky},
+              "calculate_output": "0.5 * exact + 0.25 * digits + 0.25 * strict"}
+    job = client.fine_tuning.jobs.create(
+        training_file=training_file.id, model="tunery/tiny", suffix="sums", seed=3,
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": grader,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5,
+                                "reasoning_effort": "low", "learning_rate_multiplier": 10}}})
+    assert job.status == "queued" and job.method.type == "reinforcement"
+    hyper = job.method.reinforcement.hyperparameters
+    assert (hyper.n_epochs, hyper.batch_size, hyper.compute_multiplier) == (1, 2, 0.5)
+    assert job.method.reinforcement.grader.name == "answer"
+    training = server.store.load_training(job.id.removeprefix("ftjob-"))
+    assert training.input["method"] == "grpo" and training.input["num_generations"] == 4
+    assert training.input["max_completion_length"] == 256 and training.input["micro_batch_size"] == 8
+
+    deadline = time.monotonic() + 600
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(0.5)
+    assert job.status == "succeeded", f"{job.error}\n{training.logs}"
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    steps = [e for e in events if e.type == "metrics"]
+    assert sorted(e.data["step"] for e in steps) == [1, 2, 3, 4]
+    for e in steps:
+        assert 0.0 <= e.data["train_reward_mean"] <= 1.0 and e.data["train_reward_std"] >= 0
+        assert 0.0 <= e.data["train_frac_reward_zero_std"] <= 1.0 and e.data["train_mean_completion_length"] >= 1
+        assert {"train_grader_exact", "train_grader_digits", "train_grader_strict"} <= set(e.data)
+        assert "reward=" in e.message
+    warnings = [e for e in events if e.level == "warn"]
+    assert any("scored 0: grader.graders.strict: python grader ValueError: no six" in e.message for e in warnings), \
+        [e.message for e in events]
+
+    [result_id] = job.result_files
+    table = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))
+    assert [int(r["step"]) for r in table] == [1, 2, 3, 4]
+    assert {"train_reward_mean", "train_frac_reward_zero_std", "train_grader_strict"} <= set(table[0])
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints[0].step_number == 4 and checkpoints[0].metrics.model_extra["train_reward_mean"] is not None
+
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                           messages=rft_rows(1)[0]["messages"])
+    assert reply.model == job.fine_tuned_model and 1 <= reply.usage.completion_tokens <= 4
+
+
+@pytest.mark.parametrize("grader, param, words", [
+    ({"type": "nope", "name": "x"}, "method.reinforcement.grader.type", "unknown grader type 'nope'"),
+    ({**CODE, "source": "def grade(sample, item):\n    return (\n"}, "method.reinforcement.grader.source",
+     "does not compile"),
+])
+def test_a_bad_grader_is_refused_before_a_job_exists(server, client, grader, param, words):
+    training_file = upload(client, "sums.jsonl", rft_rows(4))
+    before = len(client.fine_tuning.jobs.list(limit=100).data)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.fine_tuning.jobs.create(training_file=training_file.id, model="tunery/tiny",
+                                       method={"type": "reinforcement", "reinforcement": {"grader": grader}})
+    assert exc.value.body["param"] == param and words in exc.value.body["message"], exc.value.body
+    assert len(client.fine_tuning.jobs.list(limit=100).data) == before
+
+
+def test_rows_without_what_the_grader_reads_are_refused_by_line(server, client):
+    rows = rft_rows(3)
+    del rows[1]["answer"]
+    training_file = upload(client, "sums.jsonl", rows)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.fine_tuning.jobs.create(training_file=training_file.id, model="tunery/tiny",
+                                       method={"type": "reinforcement", "reinforcement": {"grader": EXACT}})
+    body = exc.value.body
+    assert body["param"] == "training_file" and body["code"] == "invalid_training_file"
+    assert ":2: grader.reference reads {{ item.answer }}, but item has no field 'answer'" in body["message"]
+    sft = upload(client, "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "yo"}]}] * 3)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.fine_tuning.jobs.create(training_file=sft.id, model="tunery/tiny",
+                                       method={"type": "reinforcement", "reinforcement": {"grader": EXACT}})
+    assert "method=grpo trains on prompts" in exc.value.body["message"]

@@ -107,6 +107,10 @@ def _train_command(
 
     given = {k: v for k, v in spec.items() if _was_given(ctx, k)}
     try:
+        for name in ("grader", "response_format"):  # a JSON file's path, or the JSON itself
+            given[name] = _json_file(given[name], f"--{name.replace('_', '-')}") if name in given else None
+            if given[name] is None:
+                del given[name]
         inputs = parse_inputs(given)
         result = train(inputs, base=base, output_dir=output_dir, resume=resume, events=events, progress=progress,
                        test_data=test_data)
@@ -119,6 +123,7 @@ def _train_command(
         f"[green]done[/] {result.run_url}  steps={m['steps']} loss={_fmt(m['train_loss'])} "
         f"val_loss={_fmt(m['val_loss'])} "
         + (f"reward_accuracy={_fmt(m.get('reward_accuracy'))} " if result.manifest.get("method") == "dpo" else "")
+        + (f"reward={_fmt(m.get('reward_mean'))} " if result.manifest.get("method") == "grpo" else "")
         + f"{m['tokens_per_second']:.1f} tok/s "
         f"padding={m['padding_fraction']:.1%}\nweights: {result.archive}"
     )
@@ -126,6 +131,16 @@ def _train_command(
         from tunery.eval.report import render
 
         render(result.report, err)
+
+
+def _json_file(value: str | None, flag: str) -> str | None:
+    """`value` itself when it is JSON text, else the text of the file it names."""
+    if value is None or value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        raise TuneryError(f"{flag} {value}: neither JSON nor a readable file ({exc.strerror})") from None
 
 
 def _fmt(x: float | None) -> str:

@@ -26,7 +26,7 @@ from pydantic import (
 from tunery.errors import SpecError
 
 PeftMethod = Literal["lora", "qlora", "full"]
-Method = Literal["sft", "dpo"]
+Method = Literal["sft", "dpo", "grpo"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -43,17 +43,20 @@ class TrainingInputs(BaseModel):
     train_data: str = Field(
         description="URL or path of a JSONL file; each row is {\"text\": ...}, "
         "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]} (with method=dpo: "
-        "{\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}).",
+        "{\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}; with "
+        "method=grpo: {\"messages\": [..., {\"role\": \"user\", ...}], plus the fields the grader reads}).",
     )
     num_train_epochs: int = Field(3, ge=1, description="Number of epochs (passes over the training data).")
     train_batch_size: int = Field(
-        4, ge=1, description="Global batch size: the number of examples used to compute each gradient."
+        4, ge=1, description="Global batch size: the number of examples used to compute each gradient "
+        "(method=grpo: prompts, each answered num_generations times)."
     )
     micro_batch_size: int = Field(
         4,
         ge=1,
         description="Micro batch size: examples per forward pass; smaller than train_batch_size "
-        "turns on gradient accumulation. Must divide train_batch_size.",
+        "turns on gradient accumulation. Must divide train_batch_size (method=grpo: sampled answers per "
+        "forward pass, dividing train_batch_size × num_generations).",
     )
     num_validation_samples: int = Field(
         50,
@@ -98,6 +101,37 @@ class TrainingInputs(BaseModel):
     dpo_beta: float = Field(
         0.1, gt=0, le=10,
         description="With method=dpo: how far the tuned model may move from the base (lower: further).",
+    )
+    grader: str | None = Field(
+        None,
+        description="With method=grpo: what scores each sampled answer, as OpenAI's grader JSON (string_check, "
+        "text_similarity, python, score_model or multi); an object, or its JSON text (the CLI also takes a "
+        "file: --grader grader.json).",
+    )
+    num_generations: int = Field(
+        8, ge=2, le=64,
+        description="With method=grpo: answers sampled per prompt; each is scored against the others of its group.",
+    )
+    num_generations_eval: int | None = Field(
+        None, ge=1, le=64,
+        description="With method=grpo: answers sampled per validation prompt (default: num_generations).",
+    )
+    max_completion_length: int = Field(
+        256, ge=1, le=32768, description="With method=grpo: the longest sampled answer, in tokens."
+    )
+    generation_temperature: float = Field(
+        1.0, gt=0, le=2, description="With method=grpo: the sampling temperature of the answers."
+    )
+    grpo_beta: float = Field(
+        0.0, ge=0, le=10,
+        description="With method=grpo: weight of the KL penalty toward the base (0, TRL's default: none, so no "
+        "reference model is run).",
+    )
+    response_format: str | None = Field(
+        None,
+        description="With method=grpo: a JSON schema the answers should follow (OpenAI's response_format); "
+        "graders then read each answer's JSON as {{ sample.output_json }}. The schema is shown to the model in "
+        "a system message; sampling is not constrained.",
     )
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     max_seq_length: int | None = Field(
@@ -175,6 +209,26 @@ class TrainingInputs(BaseModel):
             raise ValueError(problem)
         return value
 
+    @field_validator("grader", "response_format", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any, info: ValidationInfo) -> Any:
+        """An object, kept as its JSON text; JSON text must hold an object. A grader may come wrapped
+        as {"grader": {...}}, as OpenAI's graders API takes it."""
+        import json
+
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("must be a JSON object (the CLI reads a file given by its path)") from None
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a JSON object, not {type(value).__name__}")
+        if info.field_name == "grader" and set(value) == {"grader"}:
+            value = value["grader"]
+        return json.dumps(value)
+
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, value: str) -> str:
@@ -196,14 +250,29 @@ class TrainingInputs(BaseModel):
 
     @property
     def gradient_accumulation_steps(self) -> int:
+        """Micro batches per optimizer step. GRPO's step holds num_generations answers per prompt."""
+        if self.method == "grpo":
+            return self.train_batch_size * self.num_generations // self.micro_batch_size
         return self.train_batch_size // self.micro_batch_size
+
+    @property
+    def grader_json(self) -> dict | None:
+        import json
+
+        return json.loads(self.grader) if self.grader else None
+
+    @property
+    def response_schema(self) -> dict | None:
+        import json
+
+        return json.loads(self.response_format) if self.response_format else None
 
     @property
     def loraplus_ratio(self) -> float:
         """loraplus_lr_ratio, or its default for the method."""
         if self.loraplus_lr_ratio is not None:
             return self.loraplus_lr_ratio
-        return 1.0 if self.method == "dpo" else 16.0
+        return 1.0 if self.method in ("dpo", "grpo") else 16.0
 
     @property
     def max_length(self) -> int:
@@ -244,9 +313,13 @@ REPLICATE_INPUTS = (
 
 # Checks across fields: (field named in the error, every field the check reads, check).
 _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
-    ("micro_batch_size", ("micro_batch_size", "train_batch_size"),
+    ("micro_batch_size", ("micro_batch_size", "train_batch_size", "method"),
      lambda m: f"micro_batch_size ({m.micro_batch_size}) must divide train_batch_size ({m.train_batch_size})"
-     if m.train_batch_size % m.micro_batch_size else None),
+     if m.method != "grpo" and m.train_batch_size % m.micro_batch_size else None),
+    ("micro_batch_size", ("micro_batch_size", "train_batch_size", "num_generations", "method"),
+     lambda m: f"with method=grpo a micro batch holds sampled answers: micro_batch_size ({m.micro_batch_size}) "
+     f"must divide train_batch_size × num_generations ({m.train_batch_size} × {m.num_generations})"
+     if m.method == "grpo" and (m.train_batch_size * m.num_generations) % m.micro_batch_size else None),
     ("wrap_packed_sequences", ("wrap_packed_sequences", "pack_sequences"),
      lambda m: "wrap_packed_sequences needs pack_sequences=true"
      if m.wrap_packed_sequences and not m.pack_sequences else None),
@@ -262,6 +335,24 @@ _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
     ("fsdp", ("fsdp", "method"),
      lambda m: "fsdp is not available with method=dpo here; use lora or qlora, or full without fsdp"
      if m.fsdp and m.method == "dpo" else None),
+    ("grader", ("grader", "method"),
+     lambda m: "method=grpo needs a grader (OpenAI's grader JSON) to score the sampled answers"
+     if m.method == "grpo" and not m.grader else
+     f"a grader scores the answers of method=grpo; method={m.method} does not use one"
+     if m.method != "grpo" and m.grader else None),
+    ("pack_sequences", ("pack_sequences", "method"),
+     lambda m: "pack_sequences is not available with method=grpo (each prompt's answers are sampled and scored "
+     "as their own sequences)" if m.pack_sequences and m.method == "grpo" else None),
+    ("train_on_inputs", ("train_on_inputs", "method"),
+     lambda m: "train_on_inputs is not available with method=grpo (the loss is on the sampled answers only)"
+     if m.train_on_inputs and m.method == "grpo" else None),
+    ("fsdp", ("fsdp", "method"),
+     lambda m: "fsdp is not available with method=grpo here (generation needs the whole model in each process)"
+     if m.fsdp and m.method == "grpo" else None),
+    ("grpo_beta", ("grpo_beta", "peft_method", "method"),
+     lambda m: "grpo_beta > 0 with peft_method=full would hold a second copy of the model as the reference; use "
+     "lora or qlora (the reference is then the base, the adapter disabled) or grpo_beta 0"
+     if m.method == "grpo" and m.grpo_beta > 0 and m.peft_method == "full" else None),
     ("max_seq_length", ("max_seq_length", "pack_sequences", "chunk_size"),
      lambda m: f"max_seq_length ({m.max_seq_length}) cannot exceed chunk_size ({m.chunk_size}) when packing"
      if m.max_seq_length is not None and m.pack_sequences and m.max_seq_length > m.chunk_size else None),

@@ -17,7 +17,9 @@ from tunery.data.tokenize import (
     Example,
     PreferencePair,
     preference_examples,
+    prompt_examples,
     prompt_ids,
+    rft_prompt,
     tokenize_rows,
 )
 
@@ -39,6 +41,8 @@ __all__ = [
     "packing_stats",
     "padding_fraction",
     "preference_examples",
+    "prompt_examples",
+    "rft_prompt",
     "prompt_ids",
     "read_jsonl",
     "sha256_file",

@@ -11,6 +11,9 @@ Every row of a file must have the same one of four shapes:
 * ``{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
   "non_preferred_output": [{"role": "assistant", "content": ...}]}``: a preference pair in
   OpenAI's DPO format, for method=dpo: two answers to the same conversation, the first preferred.
+* ``{"messages": [..., {"role": "user", ...}], "any": ..., "other": ...}``: a prompt in OpenAI's
+  reinforcement fine-tuning format, for method=grpo: the messages end with the user's, which the
+  model answers; the row's other fields are what its grader reads (``{{ item.any }}``).
 
 `read_jsonl` checks the whole file before returning and reports every problem it finds at
 once, each with its line number, so a user fixes a file in one round instead of one line
@@ -27,7 +30,7 @@ from typing import Any, Literal, cast
 
 from tunery.errors import DataError, LineError, TuneryError
 
-Format = Literal["text", "prompt_completion", "messages", "preference"]
+Format = Literal["text", "prompt_completion", "messages", "preference", "rft"]
 
 #: The keys a row of each format must have, and may only have.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -35,6 +38,7 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "preference": ("input", "preferred_output", "non_preferred_output"),
+    "rft": ("messages",),  # and any other fields, for the grader
 }
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content")
@@ -104,6 +108,13 @@ def read_jsonl(path: str | Path, *, name: str | None = None) -> Dataset:
     lines: list[int] = []
     for number, row, fmt in parsed:
         if fmt != file_format:
+            if {fmt, file_format} == {"messages", "rft"}:  # a chat whose last message is the wrong one
+                reason = (f"ends with the user's message, so it has no answer to train on (line {first_line} "
+                          "set the format: chats ending with the assistant's answer)" if fmt == "rft" else
+                          f"ends with an assistant message, but the file holds prompts for reinforcement "
+                          f"fine-tuning (line {first_line} set the format): they end with the user's message")
+                errors.append(LineError(name, number, "messages", reason))
+                continue
             errors.append(
                 LineError(
                     name,
@@ -136,12 +147,15 @@ def read_jsonl(path: str | Path, *, name: str | None = None) -> Dataset:
 def detect_format(row: dict) -> Format | None:
     """The format a row's keys ask for, or None when it has none of the known keys.
 
-    ``messages`` wins over the preference keys (``preferred_output``, ``non_preferred_output``, or
+    ``messages`` wins over the preference keys (ending with a user message, it is a prompt for
+    reinforcement fine-tuning, ``rft``) (``preferred_output``, ``non_preferred_output``, or
     an object ``input``), which win over ``prompt``/``completion``, which win over ``text``;
     the keys of the other formats are then reported as unknown keys of the chosen one.
     """
     if "messages" in row:
-        return "messages"
+        messages = row["messages"]
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        return "rft" if isinstance(last, dict) and last.get("role") == "user" else "messages"
     # An "input" alone makes a preference row only when it holds an object (OpenAI's {"messages": ...}):
     # {"input": "...", "output": "..."} rows are another format, not a broken preference row.
     if "preferred_output" in row or "non_preferred_output" in row or isinstance(row.get("input"), dict):
@@ -186,12 +200,14 @@ def _parse_line(raw: bytes, name: str, number: int) -> tuple[Any, str | None, li
     errors = [
         err(key, f"unknown key in a {fmt} row (allowed: {', '.join(allowed)})")
         for key in row
-        if key not in allowed
+        if key not in allowed and fmt != "rft"  # an RFT row's other fields are its grader's
     ]
     errors += [err(key, "missing") for key in allowed if key not in row]
     if fmt == "messages":
         if "messages" in row:
             errors += [err(field, reason) for field, reason in _check_messages(row["messages"])]
+    elif fmt == "rft":
+        errors += [err(field, reason) for field, reason in _check_messages(row["messages"], weights=False)]
     elif fmt == "preference":
         errors += [err(field, reason) for field, reason in _check_preference(row)]
     else:
@@ -311,13 +327,19 @@ def _check_output(value: Any, where: str) -> list[tuple[str, str]]:
 
 def method_problem(method: str, fmt: str) -> str | None:
     """Why rows of format `fmt` cannot train with `method` (to follow a file's name), or None: DPO
-    trains on preference rows only, supervised tuning on every other format."""
+    trains on preference rows only, GRPO on RFT prompts only, supervised tuning on every other format."""
     if method == "dpo" and fmt != "preference":
         return (f"has {fmt} rows, but method=dpo trains on preference rows "
                 '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}')
+    if method == "grpo" and fmt != "rft":
+        return (f"has {fmt} rows, but method=grpo trains on prompts: rows whose messages end with the user's "
+                'message, {"messages": [..., {"role": "user", "content": ...}], plus the fields the grader reads}')
     if method != "dpo" and fmt == "preference":
         return (f"has preference rows, which train with method=dpo; method={method} "
                 "trains on text, prompt/completion or chat rows")
+    if method != "grpo" and fmt == "rft":
+        return (f"has prompts without answers (their messages end with the user's), which train with "
+                f"method=grpo and a grader; method={method} trains on chats ending with the assistant's answer")
     return None
 
 

@@ -184,6 +184,35 @@ def chat_messages(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def schema_message(schema: dict) -> dict:
+    """The system message that shows the model a response_format's JSON schema (RFT prompts)."""
+    import json
+
+    body = schema.get("json_schema", {}).get("schema", schema)
+    return {"role": "system", "content": "Answer with JSON only, following this JSON schema: "
+            + json.dumps(body, ensure_ascii=False)}
+
+
+def rft_prompt(row: dict, schema: dict | None = None) -> list[dict]:
+    """An RFT row's prompt as chat messages (the response_format's schema first, when there is one)."""
+    messages = chat_messages(row["messages"])
+    return [schema_message(schema), *messages] if schema else messages
+
+
+def prompt_examples(rows: list[dict], tokenizer: Any, *, answer_tokens: int,
+                    schema: dict | None = None) -> tuple[list[int], list[Example]]:
+    """RFT prompts as GRPO trains them: (each prompt's length in tokens, in the chat template with its
+    generation prompt; one Example of the longest prompt followed by `answer_tokens` labelled answer
+    tokens, the longest sequence a step can hold, for memory estimates)."""
+    _require_chat_template(tokenizer, "RFT prompts")
+    texts = [_render(tokenizer, rft_prompt(r, schema), add_generation_prompt=True) for r in rows]
+    lengths = [len(ids) for ids in _batch_ids(tokenizer, texts, add_special_tokens=False)] if texts else []
+    longest = max(lengths, default=0)
+    examples = [Example([0] * (longest + answer_tokens), [IGNORE_INDEX] * longest + [0] * answer_tokens)] \
+        if lengths else []
+    return lengths, examples
+
+
 def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(
         chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt

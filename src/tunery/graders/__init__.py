@@ -21,7 +21,7 @@ from tunery.graders.spec import GraderError, MultiGrader, parse_grader, walk
 
 __all__ = ["ERROR_FLAGS", "GraderError", "Judge", "Limits", "MultiGrader", "Outcome", "SandboxUnavailable",
            "check_grader", "grade", "grade_many", "item_problems", "load_grader", "parse_grader", "read_grader",
-           "walk"]
+           "row_errors", "walk"]
 
 
 def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_model=None, field: str = "grader"):
@@ -30,6 +30,18 @@ def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_
     if check:
         check_grader(grader, limits=limits, has_model=has_model, where=field)
     return grader
+
+
+def row_errors(grader, dataset, *, where: str = "grader") -> list:
+    """One LineError per row of an RFT dataset (data.jsonl.Dataset) lacking a field the grader reads."""
+    from tunery.errors import LineError
+
+    out = []
+    for row, line in zip(dataset.rows, dataset.lines, strict=True):
+        problems = item_problems(grader, row, where=where)
+        if problems:
+            out.append(LineError(dataset.name, line, None, "; ".join(problems)))
+    return out
 
 
 def read_grader(path: str | Path, **kwargs):

@@ -42,6 +42,31 @@ REWARDS = [("reward_accuracy", "train_reward_accuracy", "reward accuracy"),
            ("reward_margin", "train_reward_margin", "reward margin"),
            ("val_reward_accuracy", "valid_reward_accuracy", "validation reward accuracy"),
            ("val_reward_margin", "valid_reward_margin", "validation reward margin")]
+#: A GRPO training's: the grader's mean score and spread over the step's answers, the share of prompts
+#: whose answers all scored alike (TRL's frac_reward_zero_std), the answers' mean length, the share of
+#: answers the grader failed on; each named grader's score follows (grader_<name>).
+GRPO_REWARDS = [("reward_mean", "train_reward_mean", "reward"),
+                ("reward_std", "train_reward_std", "reward spread"),
+                ("no_spread_share", "train_frac_reward_zero_std", "prompts without spread"),
+                ("completion_length", "train_mean_completion_length", "answer length"),
+                ("grader_failed_share", "train_grader_failed_share", "grader failed on"),
+                ("val_reward_mean", "valid_reward_mean", "validation reward"),
+                ("val_reward_std", "valid_reward_std", "validation reward spread")]
+
+
+def reward_columns(method: str | None, history: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The method's metrics as (history key, name in results files and events, in words): DPO's
+    four; GRPO's, then each named grader's score found in `history`."""
+    if method == "dpo":
+        return REWARDS
+    if method != "grpo":
+        return []
+    found = {k for h in history for k in h}
+    named = sorted(k for k in found if k.removeprefix("val_").startswith("grader_")
+                   and k.removeprefix("val_") != "grader_failed_share")
+    return GRPO_REWARDS + [(k, ("valid_" if k.startswith("val_") else "train_") + k.removeprefix("val_"),
+                            ("validation " if k.startswith("val_") else "") + k.removeprefix("val_")[7:])
+                           for k in named]
 
 
 # -- what a training is made of -----------------------------------------------------------------------
@@ -137,9 +162,11 @@ def fetch_data(store: Store, settings: Settings, owner: str, field: str, source:
     return Data(field, source, path, str(path), check_data(path, source))  # on a disk the workers share
 
 
-def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | None) -> None:
+def check_training_data(settings: Settings, inputs: TrainingInputs, train: Data, validation: Data | None) -> None:
     """Every line of the data valid, the rows' format one the method trains on, the same format in
-    both files, and enough rows left to train on; InvalidData naming the file and the problem."""
+    both files, with method=grpo a grader that can run here and every row holding what it reads,
+    and enough rows left to train on; InvalidData naming the file and the problem (Invalid naming
+    the grader's field)."""
     from tunery.data import split_train_validation
     from tunery.data.jsonl import method_problem
     from tunery.errors import TuneryError
@@ -160,6 +187,8 @@ def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | 
                   f"{train.check.format} rows; training and validation data must use the same format")
         raise InvalidData(reason, field="validation_data", reason=reason,
                           errors=[{"file": validation.label, "line": None, "field": "validation_data", "reason": reason}])
+    if inputs.method == "grpo":
+        check_grader_and_rows(settings, inputs, files)
     try:
         split_train_validation(train.check.dataset, validation.check.dataset if validation else None,
                                num_validation_samples=inputs.num_validation_samples,
@@ -167,6 +196,22 @@ def check_training_data(inputs: TrainingInputs, train: Data, validation: Data | 
     except TuneryError as exc:
         raise InvalidData(str(exc), field="num_validation_samples", reason=str(exc), errors=[
             {"file": train.label, "line": None, "field": "num_validation_samples", "reason": str(exc)}]) from None
+
+
+def check_grader_and_rows(settings: Settings, inputs: TrainingInputs, files: list[Data]) -> None:
+    """method=grpo: the grader checked (service.graders.check: its python source loaded in the
+    sandbox), then each row of each file holding every item field the grader's templates read."""
+    from tunery.graders import row_errors
+    from tunery.service import graders
+
+    grader = graders.check(settings, inputs.grader_json)
+    for d in files:
+        errors = row_errors(grader, d.check.dataset)
+        if errors:
+            lines = [e.as_dict() | {"file": d.label} for e in errors]
+            shown = "\n".join(f"{d.label}:{e['line']}: {e['reason']}" for e in lines[:MAX_LISTED])
+            raise InvalidData(f"{len(errors)} rows of {d.label} lack what the grader reads:\n{shown}", field=d.field,
+                              errors=lines[:MAX_LISTED])
 
 
 # -- will it fit? --------------------------------------------------------------------------------------------
@@ -220,7 +265,7 @@ def _processes(inputs: TrainingInputs, devices):
     as many of the worker's as split the global batch's micro batches evenly)."""
     import dataclasses
 
-    micro_batches = max(1, inputs.train_batch_size // inputs.micro_batch_size)
+    micro_batches = max(1, inputs.gradient_accumulation_steps)
     processes = max(p for p in range(1, devices.processes + 1) if micro_batches % p == 0)
     return dataclasses.replace(devices, processes=processes)
 
@@ -235,7 +280,7 @@ def _longest_sequences(inputs: TrainingInputs, folder: str, dataset) -> list:
     import math
     from types import SimpleNamespace
 
-    from tunery.data import IGNORE_INDEX, preference_examples, tokenize_rows
+    from tunery.data import IGNORE_INDEX, preference_examples, prompt_examples, tokenize_rows
     from tunery.models.load import load_tokenizer
     from tunery.models.resolve import ResolvedBase
 
@@ -248,6 +293,9 @@ def _longest_sequences(inputs: TrainingInputs, folder: str, dataset) -> list:
     if inputs.method == "dpo":
         pairs = preference_examples(rows, tokenizer, max_length=inputs.max_length)
         return [e for p in pairs for e in (p.preferred, p.non_preferred)]
+    if inputs.method == "grpo":
+        return prompt_examples(rows, tokenizer, answer_tokens=inputs.max_completion_length,
+                               schema=inputs.response_schema)[1]
     examples = tokenize_rows(rows, dataset.format, tokenizer, max_length=inputs.max_length,
                              train_on_inputs=inputs.train_on_inputs)
     if not inputs.pack_sequences or not examples:
@@ -289,7 +337,7 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
             fields = ["train_data"] + (["validation_data"] if typed.validation_data and typed.run_validation else [])
             data = {f: fetch_data(store, settings, owner, f, getattr(typed, f), own_hosts=own_hosts,
                                   downloads=downloads) for f in fields}
-        check_training_data(typed, data["train_data"], data.get("validation_data"))
+        check_training_data(settings, typed, data["train_data"], data.get("validation_data"))
         needs = check_fits(store, settings, typed, version.base_name, data["train_data"])
         urls: dict[str, str] = {}
         for field, found in data.items():
@@ -355,15 +403,15 @@ def exported_run(store: Store, settings: Settings, owner: str, training_id: str)
 def results_csv(row: Training, metrics: dict[str, Any] | None = None) -> str:
     """The training's step metrics in the columns of OpenAI's results file: step, train_loss,
     train_accuracy, valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those
-    cells are empty), and a DPO training's reward metrics. `metrics` are the training's final
+    cells are empty), and a DPO or GRPO training's reward metrics (reward_columns). `metrics` are the training's final
     metrics (its row's when not given)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    dpo = (row.input or {}).get("method") == "dpo"
-    rewards = [(key, name) for key, name, _ in REWARDS] if dpo else []
+    history = ((row.metrics if metrics is None else metrics) or {}).get("history") or []
+    rewards = [(key, name) for key, name, _ in reward_columns((row.input or {}).get("method"), history)]
     writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
                      *(name for _, name in rewards)])
-    for h in ((row.metrics if metrics is None else metrics) or {}).get("history") or []:
+    for h in history:
         writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), "",
                          *(h.get(key, "") for key, _ in rewards)])
     return out.getvalue()

@@ -79,11 +79,29 @@ DPO_METRICS = {
 }
 
 
-def dpo_metrics(logs: dict[str, Any], *, validation: bool = False) -> dict[str, Any]:
-    """The DPO metrics in a Trainer log, under our names (none for an SFT log)."""
+#: TRL's GRPO metrics and our names: the reward's mean and spread over the step's answers, the share
+#: of prompts whose answers all scored the same (they teach nothing), the answers' mean length.
+#: Each named grader of a multi grader comes as graders/<name> and is called grader_<name>.
+GRPO_METRICS = {
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "frac_reward_zero_std": "no_spread_share",
+    "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "completion_clipped_share",
+    "graders/failed": "grader_failed_share",
+    "kl": "kl",
+}
+
+
+def method_metrics(logs: dict[str, Any], *, validation: bool = False) -> dict[str, Any]:
+    """The DPO or GRPO metrics in a Trainer log, under our names (none for an SFT log)."""
     prefix, name_prefix = ("eval_", "val_") if validation else ("", "")
-    return {name_prefix + ours: logs[prefix + theirs] for theirs, ours in DPO_METRICS.items()
-            if prefix + theirs in logs}
+    out = {name_prefix + ours: logs[prefix + theirs] for theirs, ours in {**DPO_METRICS, **GRPO_METRICS}.items()
+           if prefix + theirs in logs}
+    for key, value in logs.items():
+        if key.startswith(prefix + "graders/") and key != prefix + "graders/failed":
+            out[name_prefix + "grader_" + key[len(prefix + "graders/"):]] = value
+    return out
 
 
 class EventsCallback(TrainerCallback):
@@ -114,13 +132,13 @@ class EventsCallback(TrainerCallback):
                 "tokens_per_second": round(self.meter.rate_since_last(), 2),
                 "tokens_seen": self.meter.real,
                 "max_steps": state.max_steps,
-                **dpo_metrics(logs),
+                **method_metrics(logs),
             }
             self.history.append(record)
             self.sink.emit("step", **record)
         elif "eval_loss" in logs:
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "val_loss": logs["eval_loss"],
-                      **dpo_metrics(logs, validation=True)}
+                      **method_metrics(logs, validation=True)}
             self.history.append(record)
             self.sink.emit("validation", **record)
 
@@ -176,6 +194,7 @@ class ProgressCallback(TrainerCallback):
         self.loss: float | None = None
         self.val_loss: float | None = None
         self.reward_accuracy: float | None = None  # DPO: how often the preferred answer has the higher reward
+        self.reward: tuple[float, float] | None = None  # GRPO: the grader's mean score and its spread
         self.started = 0.0
         self.first_step = 0
         self.last_line = 0.0
@@ -218,10 +237,11 @@ class ProgressCallback(TrainerCallback):
             self.val_loss = logs["eval_loss"]
         if "rewards/accuracies" in logs:
             self.reward_accuracy = logs["rewards/accuracies"]
+        if "reward" in logs and "reward_std" in logs:
+            self.reward = (logs["reward"], logs["reward_std"])
         if self.progress is not None:
             if "loss" in logs:
-                acc = f" acc {self.reward_accuracy:.2f}" if self.reward_accuracy is not None else ""
-                self.progress.update(self.task, loss=f"{logs['loss']:.4f}{acc}")
+                self.progress.update(self.task, loss=f"{logs['loss']:.4f}{self._extra(short=True)}")
             if "eval_loss" in logs:
                 self.progress.update(self.task, val=f"{logs['eval_loss']:.4f}")
             return
@@ -234,17 +254,22 @@ class ProgressCallback(TrainerCallback):
 
     def line(self, state, now: float) -> str:
         """`step 12/38 (epoch 0.32) loss 1.2345 val 1.3000 | 173 tok/s | elapsed 0:41 | ETA 1:30`
-        (DPO: `loss 0.6931 reward acc 0.75 val ...`)."""
+        (DPO: `loss 0.6931 reward acc 0.75 val ...`; GRPO: `loss 0.0012 reward 0.42±0.31 val ...`)."""
         done = state.global_step - self.first_step
         elapsed = now - self.started
         left = state.max_steps - state.global_step
         eta = _clock(elapsed / done * left) if done > 0 else "-"
         val = f" val {self.val_loss:.4f}" if self.val_loss is not None else ""
-        loss = f"{self.loss:.4f}" if self.loss is not None else "-"
-        if self.reward_accuracy is not None:
-            loss += f" reward acc {self.reward_accuracy:.2f}"
+        loss = (f"{self.loss:.4f}" if self.loss is not None else "-") + self._extra()
         return (f"train step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0.0:.2f}) loss {loss}{val}"
                 f" | {self.meter.overall_rate():.0f} tok/s | elapsed {_clock(elapsed)} | ETA {eta}")
+
+    def _extra(self, short: bool = False) -> str:
+        if self.reward_accuracy is not None:
+            return f" {'acc' if short else 'reward acc'} {self.reward_accuracy:.2f}"
+        if self.reward is not None:
+            return f" reward {self.reward[0]:.2f}±{self.reward[1]:.2f}"
+        return ""
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

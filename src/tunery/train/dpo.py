@@ -30,7 +30,7 @@ def preference_dataset(rows: list[dict]):
 
 
 def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
-                       sink: EventSink, progress: bool, extra_callbacks: list | None, checkpoint_minutes: float,
+                       sink: EventSink, progress: bool, extra_callbacks: list | None, settings,
                        base: str | None):
     """TRL's DPOTrainer on our loaded, adapted model, with `common` (train.trainer.training_arguments)
     and our callbacks. Returns the trainer, its token meter and the events callback.
@@ -48,7 +48,7 @@ def build_dpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
     args = DPOConfig(**common, beta=inputs.dpo_beta, max_length=inputs.max_length,
                      precompute_ref_log_probs=not peft)
     meter, events_cb, callbacks = our_callbacks(tokenizer, inputs, run=run, sink=sink, progress=progress,
-                                                extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
+                                                extra_callbacks=extra_callbacks, checkpoint_minutes=settings.checkpoint_minutes)
     has_val = bool(data.validation) and inputs.run_validation
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     # TRL draws a tqdm bar while it precomputes the reference log-probs; our events report progress.

@@ -58,6 +58,8 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
     train_ds, val_ds = datasets if datasets is not None else load_datasets(inputs, settings)
     if inputs.method == "dpo":
         return prepare_preferences(inputs, tokenizer, train_ds, val_ds, sink=sink)
+    if inputs.method == "grpo":
+        return prepare_prompts(inputs, tokenizer, train_ds, val_ds, sink=sink)
     train_rows, val_rows = split_train_validation(
         train_ds,
         val_ds,
@@ -155,6 +157,62 @@ def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
     return PreparedData(train_rows, val_rows, stats, files, train_examples)
 
 
+def prepare_prompts(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
+                    sink: EventSink | None = None) -> PreparedData:
+    """RFT prompts for GRPO, split like SFT rows: `train`/`validation` hold the rows themselves
+    (TRL's GRPOTrainer renders and samples them). The stats count each prompt's tokens in the chat
+    template; the memory check sees each prompt followed by a full-length answer, every answer
+    token trained."""
+    from tunery.data import prompt_examples, split_train_validation
+
+    train_rows, val_rows = split_train_validation(
+        train_ds, val_ds, num_validation_samples=inputs.num_validation_samples, run_validation=inputs.run_validation
+    )
+    lengths, examples = prompt_examples(train_rows, tokenizer, answer_tokens=inputs.max_completion_length,
+                                        schema=inputs.response_schema)
+    too_long = sum(n + inputs.max_completion_length > inputs.max_length for n in lengths)
+    if too_long and sink is not None:
+        sink.emit("warning", message=f"{too_long} prompts plus max_completion_length ({inputs.max_completion_length}) "
+                  f"are longer than max_seq_length ({inputs.max_length}) tokens")
+    longest = max(lengths, default=0)
+    stats = {
+        "train_rows": len(train_rows),
+        "validation_rows": len(val_rows),
+        "train_tokens": sum(lengths),
+        "trained_tokens": 0,  # the answers are sampled while training
+        "trained_tokens_per_row": 0.0,
+        "rows_truncated": 0,
+        "rows_without_labels": 0,
+        "sequences": len(train_rows) * inputs.num_generations,
+        "packing_fill": None,
+        "padding_fraction": 0.0,
+        "max_length": inputs.max_length,
+        "prompt_tokens_max": longest,
+        "answers_per_prompt": inputs.num_generations,
+    }
+    files = {"train_data": file_info(train_ds)}
+    if val_ds is not None:
+        files["validation_data"] = file_info(val_ds)
+    return PreparedData(train_rows, val_rows, stats, files, examples)
+
+
+def check_grader_and_rows(inputs: TrainingInputs, datasets: list, settings: Settings) -> None:
+    """method=grpo: the grader can run here (its python source loaded in the sandbox) and every row
+    has the fields it reads; SpecError naming the grader's field, or DataError naming the lines."""
+    from tunery.errors import DataError
+    from tunery.graders import GraderError, Limits, load_grader, row_errors
+
+    limits = Limits(seconds=settings.grader_seconds, memory_bytes=settings.grader_memory_mb << 20)
+    try:
+        grader = load_grader(inputs.grader_json, limits=limits)
+    except GraderError as exc:
+        raise SpecError(f"invalid training input: {exc}") from None
+    for ds in datasets:
+        if errors := row_errors(grader, ds):
+            raise DataError(errors, summary=f"{ds.name}: {len(errors)} of {len(ds.rows)} rows lack what the grader "
+                            "reads")
+
+
 def file_info(ds) -> dict[str, Any]:
     return {"source": ds.name, "sha256": ds.sha256, "rows": len(ds.rows), "format": ds.format}
 
@@ -175,6 +233,8 @@ def load_datasets(inputs: TrainingInputs, settings: Settings):
     check_method(inputs.method, train_ds)
     if val_ds is not None:
         check_method(inputs.method, val_ds, "validation_data")
+    if inputs.method == "grpo":
+        check_grader_and_rows(inputs, [d for d in (train_ds, val_ds) if d is not None], settings)
     return train_ds, val_ds
 
 
@@ -375,7 +435,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     with tracking(run, inputs, base=base, run_name=run.name):
         trainer, meter, events_cb = build_trainer(
             model, tokenizer, data, inputs, run=run, sink=sink, progress=progress, device=device,
-            extra_callbacks=callbacks, checkpoint_minutes=settings.checkpoint_minutes, run_name=run.name,
+            extra_callbacks=callbacks, settings=settings, run_name=run.name,
             base=base,
         )
         newest = run.newest_checkpoint() if resume else None
@@ -469,12 +529,19 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         "history": events_cb.history,
     }
     if inputs.method == "dpo":
-        from tunery.train.callbacks import dpo_metrics
+        from tunery.train.callbacks import method_metrics
 
         last_step: dict[str, Any] = next((h for h in reversed(events_cb.history) if "loss" in h), {})
         for name in ("reward_accuracy", "reward_margin"):
             metrics[name] = last_step.get(name)
-        metrics.update(dpo_metrics(final_eval, validation=True))
+        metrics.update(method_metrics(final_eval, validation=True))
+    if inputs.method == "grpo":
+        from tunery.train.callbacks import method_metrics
+
+        last: dict[str, Any] = next((h for h in reversed(events_cb.history) if "reward_mean" in h), {})
+        for name in ("reward_mean", "reward_std", "no_spread_share", "completion_length"):
+            metrics[name] = last.get(name)
+        metrics.update(method_metrics(final_eval, validation=True))
     manifest = build_manifest(
         inputs=inputs, given=given, base=base, resolved=resolved, files=data.files, data_stats=data.stats,
         metrics=metrics, samples=events_cb.samples, output=out_name, device=device,
@@ -491,6 +558,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         f"{metrics['tokens_per_second']:.1f} real tokens/s, padding {data.stats['padding_fraction']:.1%}, "
         f"final loss {metrics['train_loss']}, val loss {final_val}"
     )
+    if inputs.method == "grpo":
+        summary += f", reward {metrics['reward_mean']} (validation {metrics.get('val_reward_mean')})"
     if inputs.method == "dpo":
         summary += f", reward accuracy {metrics['reward_accuracy']} (validation {metrics.get('val_reward_accuracy')})"
     sink.emit("log", message=summary)
@@ -541,16 +610,16 @@ def _checkpoint_state(checkpoint: str | None) -> dict | None:
 
 def history_from_log(log_history: list[dict]) -> list[dict]:
     """The Trainer's saved log history in the shape of our step/validation records."""
-    from tunery.train.callbacks import dpo_metrics
+    from tunery.train.callbacks import method_metrics
 
     out = []
     for h in log_history:
         if "loss" in h:
             out.append({"step": h.get("step"), "epoch": h.get("epoch"), "loss": h["loss"],
-                        "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm"), **dpo_metrics(h)})
+                        "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm"), **method_metrics(h)})
         elif "eval_loss" in h:
             out.append({"step": h.get("step"), "epoch": h.get("epoch"), "val_loss": h["eval_loss"],
-                        **dpo_metrics(h, validation=True)})
+                        **method_metrics(h, validation=True)})
     return out
 
 

@@ -72,7 +72,7 @@ class TuneryTrainer(TrainerBase):
 
 
 def build_sft_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
-                      sink: EventSink, progress: bool, extra_callbacks: list | None, checkpoint_minutes: float,
+                      sink: EventSink, progress: bool, extra_callbacks: list | None, settings,
                       base: str | None):
     """transformers' Trainer on our loaded, adapted model, with `common` (train.trainer.training_arguments)
     and our callbacks. Returns the trainer, its token meter and the events callback."""
@@ -81,7 +81,7 @@ def build_sft_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
     has_val = bool(data.validation) and inputs.run_validation
     args = TrainingArguments(**common, remove_unused_columns=False)
     meter, events_cb, callbacks = our_callbacks(tokenizer, inputs, run=run, sink=sink, progress=progress,
-                                                extra_callbacks=extra_callbacks, checkpoint_minutes=checkpoint_minutes)
+                                                extra_callbacks=extra_callbacks, checkpoint_minutes=settings.checkpoint_minutes)
     collator = CountingCollator(Collator(tokenizer.pad_token_id, packed=inputs.pack_sequences
                                          and not inputs.wrap_packed_sequences))
     trainer = TuneryTrainer(

@@ -11,9 +11,23 @@ from typing import Any
 
 # The metrics' history is rewritten with every update; cap it so a long training stays cheap.
 MAX_HISTORY = 2000
-HISTORY_KEYS = ("step", "loss", "val_loss", "learning_rate", "tokens_per_second",
-                # DPO runs (method=dpo): how often and by how much the preferred answer wins
-                "reward_accuracy", "reward_margin", "val_reward_accuracy", "val_reward_margin")
+#: What a step's metrics keep beyond loss and learning rate: DPO's (how often and by how much the
+#: preferred answer wins) and GRPO's (the grader's mean score and spread, the share of prompts whose
+#: answers all scored alike, the answers' length, the share the grader failed on); and each named
+#: grader's score (grader_<name>).
+METHOD_KEYS = ("reward_accuracy", "reward_margin", "reward_mean", "reward_std", "no_spread_share",
+               "completion_length", "completion_clipped_share", "grader_failed_share", "kl")
+HISTORY_KEYS = ("step", "loss", "val_loss", "learning_rate", "tokens_per_second", *METHOD_KEYS,
+                *(f"val_{k}" for k in METHOD_KEYS))
+#: Warnings kept for the API (the newest); the log has every one.
+MAX_WARNINGS = 100
+
+
+def method_values(event: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The method's metrics in a step (or, with prefix val_, a validation) event."""
+    return {k: v for k, v in event.items()
+            if (k.removeprefix(prefix) in METHOD_KEYS or k.removeprefix(prefix).startswith("grader_"))
+            and k.startswith(prefix) and (prefix or not k.startswith("val_")) and isinstance(v, (int, float))}
 
 
 def _num(value: Any, spec: str) -> str:
@@ -27,6 +41,10 @@ def step_line(event: dict) -> str:
     line += f" loss {_num(event.get('loss'), '.4f')} lr {_num(event.get('learning_rate'), '.2e')}"
     if event.get("reward_accuracy") is not None:
         line += f" reward acc {_num(event.get('reward_accuracy'), '.2f')} margin {_num(event.get('reward_margin'), '.3f')}"
+    if event.get("reward_mean") is not None:
+        line += (f" reward {_num(event.get('reward_mean'), '.3f')}±{_num(event.get('reward_std'), '.3f')}"
+                 f" no-spread {_num(event.get('no_spread_share'), '.2f')}"
+                 f" length {_num(event.get('completion_length'), '.0f')}")
     if event.get("tokens_per_second") is not None:
         line += f" {_num(event.get('tokens_per_second'), '.1f')} tok/s"
     return line
@@ -47,6 +65,7 @@ class Progress:
         # The data statistics and the validation_prompt samples, for the dashboard.
         self.data: dict[str, Any] | None = metrics.get("data")
         self.samples: list[dict[str, Any]] = list(metrics.get("samples") or [])
+        self.warnings: list[dict[str, Any]] = list(metrics.get("warnings") or [])
         self.lines: list[str] = []
         self.changed = False
         self.failed_error: str | None = None
@@ -75,13 +94,14 @@ class Progress:
             self.note(str(event.get("message", "")))
         elif kind == "warning":
             self.note(f"warning: {event.get('message', '')}")
+            self.warnings.append({"time": event.get("time"), "step": self.latest.get("step"),
+                                  "message": str(event.get("message", ""))})
+            del self.warnings[:-MAX_WARNINGS]
         elif kind == "step":
             self._step(event)
             self.note(step_line(event))
         elif kind == "validation":
-            self._record(event.get("step"), val_loss=event.get("val_loss"),
-                         val_reward_accuracy=event.get("val_reward_accuracy"),
-                         val_reward_margin=event.get("val_reward_margin"))
+            self._record(event.get("step"), val_loss=event.get("val_loss"), **method_values(event, "val_"))
             acc = (f" reward acc {_num(event.get('val_reward_accuracy'), '.2f')}"
                    if event.get("val_reward_accuracy") is not None else "")
             self.note(f"step {event.get('step')} validation loss {_num(event.get('val_loss'), '.4f')}{acc}")
@@ -119,7 +139,7 @@ class Progress:
             del self.history[later]
         self._record(step, loss=event.get("loss"), learning_rate=event.get("learning_rate"),
                      tokens_per_second=event.get("tokens_per_second"), time=event.get("time"),
-                     reward_accuracy=event.get("reward_accuracy"), reward_margin=event.get("reward_margin"))
+                     **method_values(event))
         if event.get("max_steps"):
             self.latest["max_steps"] = event["max_steps"]
 
@@ -138,6 +158,8 @@ class Progress:
         extra: dict[str, Any] = {"data": self.data} if self.data is not None else {}
         if self.samples:
             extra["samples"] = self.samples[-20:]
+        if self.warnings:
+            extra["warnings"] = self.warnings
         return {**self.latest, **extra, "history": [self.history[s] for s in sorted(self.history)]}
 
     def take(self) -> tuple[str, dict[str, Any] | None]:

@@ -28,10 +28,10 @@ from tunery.server.deps import Owner, SettingsDep, StoreDep
 from tunery.server.openai.errors import OpenAIError, from_service
 from tunery.server.openai.files import FILE, file_row, ts
 from tunery.server.openai.names import FT_MODEL_PREFIX, final_step, fine_tuned_name, resolve_fine_tuned
-from tunery.service import trainings
+from tunery.service import graders, trainings
 from tunery.service.errors import InvalidData, ServiceError, Unavailable
 from tunery.service.files import RESULTS
-from tunery.service.trainings import REWARDS
+from tunery.service.trainings import reward_columns
 from tunery.store.models import TERMINAL, Training
 from tunery.store.store import BASE_OWNER
 
@@ -112,13 +112,61 @@ class _MethodHyper(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+#: reasoning_effort -> the longest sampled answer, in tokens: how long the model may think.
+REASONING_TOKENS = {"low": 256, "medium": 512, "high": 1024}
+
+
+class RFTHyperparameters(BaseModel):
+    """OpenAI's reinforcement hyperparameters, and num_generations (answers sampled per prompt),
+    which OpenAI derives from compute_multiplier and tunery also takes as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] | None = None
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] | None = None
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] | None = None
+    compute_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] | None = None
+    eval_interval: Auto | Annotated[int, Field(ge=1)] | None = None
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=64)] | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+    num_generations: Auto | Annotated[int, Field(ge=2, le=64)] | None = None
+
+
+class Reinforcement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: dict[str, Any]
+    hyperparameters: RFTHyperparameters | None = None
+    response_format: dict[str, Any] | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: _MethodHyper | None = None
     dpo: _MethodHyper | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: Reinforcement | None = None
+
+
+def resolve_rft(rows: int, given: dict[str, Any]) -> dict[str, Any]:
+    """RFT's hyperparameters, "auto" resolved: n_epochs, batch_size and learning_rate_multiplier as
+    for supervised jobs (resolve_hyperparameters); compute_multiplier 1, which samples 8 answers per
+    prompt (num_generations = 8 × compute_multiplier, at least 2, unless num_generations is given);
+    eval_interval: each epoch's end; eval_samples: num_generations; reasoning_effort: default (an
+    answer of up to 256 tokens; low 256, medium 512, high 1024)."""
+    out = resolve_hyperparameters(rows, given, "reinforcement")
+    multiplier = given.get("compute_multiplier")
+    multiplier = 1.0 if multiplier in (None, "auto") else float(multiplier)
+    generations = given.get("num_generations")
+    if generations in (None, "auto"):
+        generations = max(2, min(64, round(8 * multiplier)))
+    samples = given.get("eval_samples")
+    out.update({"compute_multiplier": multiplier, "num_generations": int(generations),
+                "eval_interval": None if given.get("eval_interval") in (None, "auto") else int(given["eval_interval"]),
+                "eval_samples": int(generations) if samples in (None, "auto") else int(samples),
+                "reasoning_effort": given.get("reasoning_effort") or "default"})
+    return out
 
 
 class JobCreate(BaseModel):
@@ -185,9 +233,15 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     from tunery.store.models import new_id
 
     method = body.method.type if body.method else "supervised"
-    if method == "reinforcement":
-        raise OpenAIError(400, "Reinforcement fine-tuning is not supported: use 'supervised' or 'dpo'",
-                          param="method.type")
+    rft = body.method.reinforcement if body.method and method == "reinforcement" else None
+    if method == "reinforcement" and rft is None:
+        raise OpenAIError(400, "method.reinforcement is required with type 'reinforcement': its grader and "
+                          "hyperparameters", param="method.reinforcement")
+    if rft is not None:  # the grader first: a bad one is refused before anything else is looked at
+        try:
+            graders.check(settings, rft.grader, field="method.reinforcement.grader")
+        except ServiceError as exc:
+            raise OpenAIError(400, f"Invalid grader: {exc.message}", param=exc.field, code="invalid_grader") from None
     if body.integrations:
         raise OpenAIError(400, "Integrations are not supported: set report_to on a tunery training instead",
                           param="integrations")
@@ -195,13 +249,17 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
                           or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
         raise OpenAIError(400, f"metadata holds at most {MAX_METADATA} pairs, keys of up to 64 characters and "
                           "values of up to 512", param="metadata")
-    kind = "dpo" if method == "dpo" else "sft"
+    kind = {"dpo": "dpo", "reinforcement": "grpo"}.get(method, "sft")
     given: dict[str, Any] = {}
     if body.hyperparameters:
         given.update(body.hyperparameters.model_dump(exclude_none=True))
-    chosen = body.method and (body.method.dpo if method == "dpo" else body.method.supervised)
-    if chosen and chosen.hyperparameters:
-        given.update(chosen.hyperparameters.model_dump(exclude_none=True))
+    if rft is not None:
+        if rft.hyperparameters:
+            given.update(rft.hyperparameters.model_dump(exclude_none=True))
+    else:
+        chosen = body.method and (body.method.dpo if method == "dpo" else body.method.supervised)
+        if chosen and chosen.hyperparameters:
+            given.update(chosen.hyperparameters.model_dump(exclude_none=True))
     if "beta" in given and kind != "dpo":
         raise OpenAIError(400, "beta is a DPO hyperparameter", param="hyperparameters.beta")
     model, version = _base(store, settings, owner, body.model)
@@ -209,7 +267,8 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     if body.validation_file:
         data["validation_data"] = _training_file(store, settings, owner, body.validation_file, "validation_file",
                                                  kind)
-    hyper = resolve_hyperparameters(data["train_data"].check.rows or 0, given, kind)
+    rows = data["train_data"].check.rows or 0
+    hyper = resolve_rft(rows, given) if rft is not None else resolve_hyperparameters(rows, given, kind)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     inputs: dict[str, Any] = {
         "train_data": body.training_file, "num_train_epochs": hyper["n_epochs"],
@@ -219,6 +278,16 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     }
     if kind == "dpo":
         inputs["dpo_beta"] = hyper["beta"]
+    if rft is not None:
+        generations = hyper["num_generations"]
+        inputs.update({"grader": rft.grader, "num_generations": generations,
+                       "micro_batch_size": _micro_batch(hyper["batch_size"] * generations),
+                       "max_completion_length": REASONING_TOKENS.get(hyper["reasoning_effort"], 256),
+                       "num_generations_eval": hyper["eval_samples"]})
+        if hyper["eval_interval"]:
+            inputs["eval_steps"] = hyper["eval_interval"]
+        if rft.response_format is not None:
+            inputs["response_format"] = rft.response_format
     if body.validation_file:
         inputs["validation_data"] = body.validation_file
         inputs["num_validation_samples"] = data["validation_data"].check.rows or 0
@@ -227,6 +296,7 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
     fields: dict[str, Any] = {
         "model": base_name, "suffix": body.suffix, "metadata": body.metadata, "seed": seed,
         "hyperparameters": hyper, "method": kind, "training_file": body.training_file,
+        **({"grader": rft.grader, "response_format": rft.response_format} if rft is not None else {}),
         "validation_file": body.validation_file,
         "fine_tuned_model": f"ft:{base_name}:{owner}:{body.suffix or ''}:{training_id}", "notes": [],
     }
@@ -262,8 +332,14 @@ def job_object(row: Training) -> dict[str, Any]:
     """OpenAI's fine_tuning.job of a training created through this API."""
     o = row.openai or {}
     hyper = o.get("hyperparameters") or {}
-    method: dict[str, Any] = ({"type": "dpo", "dpo": {"hyperparameters": dict(hyper)}} if o.get("method") == "dpo"
-                              else {"type": "supervised", "supervised": {"hyperparameters": _hyper_shown(hyper)}})
+    if o.get("method") == "dpo":
+        method: dict[str, Any] = {"type": "dpo", "dpo": {"hyperparameters": dict(hyper)}}
+    elif o.get("method") == "grpo":
+        method = {"type": "reinforcement", "reinforcement": {
+            "grader": o.get("grader"), "response_format": o.get("response_format"),
+            "hyperparameters": {k: v for k, v in hyper.items() if k != "beta"}}}
+    else:
+        method = {"type": "supervised", "supervised": {"hyperparameters": _hyper_shown(hyper)}}
     succeeded = row.status == "succeeded"
     metrics = row.metrics or {}
     error = None
@@ -401,6 +477,7 @@ def job_events(job: Training) -> list[dict[str, Any]]:
         events.append((at, 2, _event(job, "started", at, "Fine-tuning job started")))
     metrics = job.metrics or {}
     total = metrics.get("max_steps")
+    rewards = reward_columns((job.input or {}).get("method"), metrics.get("history") or [])
     for h in metrics.get("history") or []:
         step = h.get("step")
         if not isinstance(step, int) or ("loss" not in h and "val_loss" not in h):
@@ -416,11 +493,14 @@ def job_events(job: Training) -> list[dict[str, Any]]:
             message += f", validation loss={h['val_loss']:.4f}"
         if h.get("learning_rate") is not None:
             data["learning_rate"] = h["learning_rate"]
-        for key, name, shown in REWARDS:  # a DPO job's
+        for key, name, shown in rewards:  # a DPO or RFT job's
             if h.get(key) is not None:
                 data[name] = h[key]
                 message += f", {shown}={h[key]:.4f}"
         events.append((at, 3, _event(job, f"step-{step}", at, message, data=data, type="metrics")))
+    for i, warning in enumerate(metrics.get("warnings") or []):  # a grader's failures, a truncation, ...
+        at = float(warning.get("time") or (job.started_at or job.created_at).timestamp())
+        events.append((at, 4, _event(job, f"warning-{i}", at, str(warning.get("message", "")), level="warn")))
     for i, note in enumerate(o.get("notes") or []):
         events.append((note["at"], 4, _event(job, f"note-{i}", note["at"], note["message"])))
     if job.status in TERMINAL and job.completed_at is not None:
@@ -470,6 +550,7 @@ def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
     if final is not None:
         steps.add(final)
     name = fine_tuned_name(job)
+    rewards = reward_columns((job.input or {}).get("method"), list(history.values()))
     out = []
     for step in sorted(steps):
         h = history.get(step, {})
@@ -478,7 +559,7 @@ def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
                    "train_mean_token_accuracy": None, "valid_mean_token_accuracy": None,
                    "full_valid_loss": h.get("val_loss") if step == final else None,
                    "full_valid_mean_token_accuracy": None,
-                   **{name: h[key] for key, name, _ in REWARDS if h.get(key) is not None}}
+                   **{name: h[key] for key, name, _ in rewards if h.get(key) is not None}}
         out.append({"id": f"{CHECKPOINT}{job.id}-{step}", "object": "fine_tuning.job.checkpoint",
                     "created_at": int(at), "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
                     "fine_tuning_job_id": JOB + job.id, "metrics": metrics, "step_number": step})

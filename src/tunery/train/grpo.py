@@ -1,0 +1,177 @@
+"""Reinforcement fine-tuning (method=grpo): TRL's GRPOTrainer on our loaded, adapted model, its reward
+the user's grader (tunery.graders, OpenAI's grader JSON), with the arguments, callbacks, optimizer
+and token meter every method shares (train/trainer.py).
+
+Each step samples `num_generations` answers to each of `train_batch_size` prompts, scores every
+answer with the grader, and moves the model toward the answers that scored above their group's
+mean. An answer the grader cannot score (a python grader that raised, broke a limit or returned
+something other than a number in [0, 1]) scores 0; the first few such failures of each kind, and
+then their count at each logged step, are `warning` events naming the grader and the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from tunery.graders import Judge, Limits, grade_many
+from tunery.spec import TrainingInputs
+from tunery.train.callbacks import TokenMeter
+from tunery.train.events import EventSink
+from tunery.train.trainer import TrainerBase, equip, our_callbacks
+
+#: How many failures of one kind are reported one by one before they are only counted.
+SHOWN_FAILURES = 3
+
+
+def rft_dataset(rows: list[dict], schema: dict | None = None):
+    """RFT rows as TRL's conversational prompt dataset: `prompt` (the messages) and `item` (the whole
+    row as JSON, which the grader reads as item.*; JSON keeps rows of different shapes in one table)."""
+    from datasets import Dataset
+
+    from tunery.data import rft_prompt
+
+    return Dataset.from_list([{"prompt": rft_prompt(r, schema), "item": json.dumps(r)} for r in rows])
+
+
+class GraderReward:
+    """The grader as TRL's reward function: one score per completion, python graders' sandboxes run a
+    few at a time. Each named grader of a multi grader is logged as graders/<name>."""
+
+    __name__ = "grader"
+
+    def __init__(self, grader, *, limits: Limits, want_json: bool, sink: EventSink, judge: Judge | None = None,
+                 threads: int = 4):
+        self.grader, self.limits, self.want_json, self.sink, self.judge = grader, limits, want_json, sink, judge
+        self.threads = threads
+        self.failures: Counter[str] = Counter()
+        self.unreported = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts, completions, item, log_metric=None, **_: Any) -> list[float | None]:
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        samples = [(text, json.loads(row)) for text, row in zip(texts, item, strict=True)]
+        outcomes = grade_many(self.grader, samples, judge=self.judge, limits=self.limits, want_json=self.want_json,
+                              threads=self.threads)
+        if log_metric is not None:
+            names = {name for o in outcomes for name in o.scores}
+            if len(names) > 1 or names != {self.grader.name}:
+                for name in sorted(names):
+                    values = [o.scores[name] for o in outcomes if name in o.scores]
+                    log_metric(f"graders/{name}", sum(values) / len(values))
+            log_metric("graders/failed", sum(not o.ok for o in outcomes) / len(outcomes))
+        for outcome in outcomes:
+            for message in outcome.messages:
+                self._failure(message)
+        return [o.reward for o in outcomes]
+
+    def _failure(self, message: str) -> None:
+        where, _, reason = message.partition(": ")
+        kind = f"{where}: {reason[:40]}"  # the same grader failing the same way
+        with self._lock:
+            self.failures[kind] += 1
+            shown = self.failures[kind] <= SHOWN_FAILURES
+            if not shown:
+                self.unreported += 1
+        if shown:
+            self.sink.emit("warning", message=f"a sampled answer scored 0: {message}")
+
+    def report(self) -> None:
+        """The failures not shown one by one since the last report, as one warning."""
+        with self._lock:
+            count, self.unreported = self.unreported, 0
+        if count:
+            self.sink.emit("warning", message=f"{count} more sampled answers scored 0 because the grader failed on "
+                           "them (the first of each kind are shown above)")
+
+
+def build_grpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
+                       sink: EventSink, progress: bool, extra_callbacks: list | None, settings,
+                       base: str | None):
+    """TRL's GRPOTrainer on our loaded, adapted model, with `common` (train.trainer.training_arguments)
+    and our callbacks. Returns the trainer, its token meter and the events callback.
+
+    Batches: train_batch_size prompts per optimizer step, each answered num_generations times; a
+    forward pass holds micro_batch_size answers, so a step accumulates (train_batch_size ×
+    num_generations) / micro_batch_size of them, and the answers of one step are sampled together
+    (steps_per_generation = that accumulation). With grpo_beta > 0 the reference is the base: for
+    LoRA and QLoRA the model with its adapter disabled."""
+    import datasets
+    from peft import PeftModel
+    from trl import GRPOConfig
+
+    from tunery.graders import load_grader
+
+    datasets.disable_progress_bars()
+    peft = isinstance(model, PeftModel)
+    grader = load_grader(inputs.grader_json, check=False)  # checked with the data, before the model loaded
+    limits = Limits(seconds=settings.grader_seconds, memory_bytes=settings.grader_memory_mb << 20)
+    schema = inputs.response_schema
+    reward = GraderReward(grader, limits=limits, want_json=schema is not None, sink=sink, judge=None)
+    args = GRPOConfig(
+        **{**common, "logging_steps": inputs.logging_steps},
+        num_generations=inputs.num_generations,
+        num_generations_eval=inputs.num_generations_eval,
+        max_completion_length=inputs.max_completion_length,
+        temperature=inputs.generation_temperature,
+        beta=inputs.grpo_beta,
+        steps_per_generation=common["gradient_accumulation_steps"],
+        shuffle_dataset=True,
+        log_completions=False,
+    )
+    meter, events_cb, callbacks = our_callbacks(tokenizer, inputs, run=run, sink=sink, progress=progress,
+                                                extra_callbacks=extra_callbacks, checkpoint_minutes=settings.checkpoint_minutes)
+    has_val = bool(data.validation) and inputs.run_validation
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    quiet, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"
+    try:
+        trainer = TuneryGRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=rft_dataset(data.train, schema),
+            eval_dataset=rft_dataset(data.validation, schema) if has_val else None,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+    trainer.reward = reward
+    if peft and "ref" in model.peft_config:
+        model.delete_adapter("ref")  # the reference is then the model with its adapter disabled (the base)
+    for name, p in model.named_parameters():
+        if name in trainable and p.dtype != torch.float32:
+            p.data = p.data.float()  # as DPO: the adapter stays fp32 (bf16 comes from autocast)
+    equip(trainer, meter, inputs, run=run, base=base)
+    return trainer, meter, events_cb
+
+
+class TuneryGRPOTrainer(TrainerBase, GRPOTrainer):
+    """TRL's GRPOTrainer counting tokens for tokens/s: each micro batch's prompt and answer tokens go
+    through the model, and the answers' tokens are the ones trained."""
+
+    meter: TokenMeter
+    reward: GraderReward
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            prompt = int(inputs["prompt_mask"].sum())
+            completion = int(inputs["completion_mask"].sum())
+            self.meter.add(prompt + completion, completion)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            self.reward.report()
+        return super().log(logs, *args, **kwargs)

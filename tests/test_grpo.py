@@ -1,0 +1,158 @@
+"""method=grpo on the tiny random Llama: TRL's GRPOTrainer with a grader as the reward, through
+tunery's recipe (data check, memory check, adapter, callbacks, checkpoints, events, manifest) and
+the CLI. The tiny model's answers are noise, so these tests check the mechanism (rewards reach the
+events, the adapter moves, failures are reported, resume continues); that GRPO raises a held-out
+score is benchmarks/rl_quality.py's job, on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from tunery.errors import DataError, SpecError, TuneryError
+from tunery.train.events import read_events
+from tunery.train.recipe import train
+
+VOWELS = {"type": "python", "name": "vowels",
+          "source": "def grade(sample, item):\n    t = sample['output_text']\n"
+                    "    return sum(c in 'aeiou' for c in t) / max(1, len(t))\n"}
+HAS_N = {"type": "string_check", "name": "has_n", "input": "{{ sample.output_text }}",
+         "reference": "{{ item.n }}", "operation": "like"}
+MULTI = {"type": "multi", "name": "total", "graders": {"vowels": VOWELS, "has_n": HAS_N},
+         "calculate_output": "0.9 * vowels + 0.1 * has_n"}
+FAST = {"method": "grpo", "num_generations": 4, "train_batch_size": 2, "micro_batch_size": 4,
+        "max_completion_length": 12, "learning_rate": 2e-2, "run_validation": False, "save_steps": 1000,
+        "logging_steps": 1, "num_train_epochs": 1}
+
+
+def prompts(n: int = 8) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Answer briefly."},
+                          {"role": "user", "content": f"Spell the number {i}."}], "n": str(i)} for i in range(n)]
+
+
+@pytest.fixture
+def rft(tmp_path):
+    return write_jsonl(tmp_path / "rft.jsonl", prompts())
+
+
+def test_grpo_trains_on_a_multi_grader_and_reports_its_scores(tmp_path, rft, tiny_model_dir):
+    events = tmp_path / "events.jsonl"
+    result = train({"train_data": str(rft), "grader": MULTI, **FAST}, base=str(tiny_model_dir),
+                   output_dir=tmp_path / "run", progress=False, events=events)
+    steps = [e for e in read_events(events) if e["type"] == "step"]
+    assert len(steps) == 4  # 8 prompts, 2 a step
+    for step in steps:
+        assert 0.0 <= step["reward_mean"] <= 1.0 and step["reward_std"] >= 0.0
+        assert 0.0 <= step["no_spread_share"] <= 1.0 and 1 <= step["completion_length"] <= 12
+        assert 0.0 <= step["grader_vowels"] <= 1.0 and step["grader_has_n"] in (0.0, 0.5, 1.0) or \
+            0.0 <= step["grader_has_n"] <= 1.0
+        assert step["reward_mean"] == pytest.approx(0.9 * step["grader_vowels"] + 0.1 * step["grader_has_n"],
+                                                    abs=1e-5)
+        assert step["grader_failed_share"] == 0.0 and step["tokens_per_second"] > 0
+    metrics = result.manifest["metrics"]
+    assert metrics["steps"] == 4 and metrics["reward_mean"] == steps[-1]["reward_mean"]
+    assert result.manifest["method"] == "grpo" and json.loads(result.manifest["inputs"]["grader"]) == MULTI
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    moved = [k for k, v in adapter.items() if "lora_B" in k and v.abs().max() > 0]
+    assert moved, "no LoRA B matrix left its zero start: nothing was trained"
+
+
+def test_a_failing_grader_scores_zero_and_the_training_goes_on(tmp_path, rft, tiny_model_dir):
+    """A python grader that raises on some rows, and one that runs out of time on others: those
+    answers score 0, warnings name the grader and the reason, the training finishes."""
+    flaky = {"type": "python", "name": "flaky",
+             "source": "def grade(sample, item):\n    n = int(item['n'])\n"
+                       "    if n % 4 == 1:\n        raise ValueError('no digits in ' + item['n'])\n"
+                       "    if n % 4 == 2:\n        while True:\n            pass\n    return 0.5\n"}
+    events = tmp_path / "events.jsonl"
+    result = train({"train_data": str(rft), "grader": flaky, **FAST}, base=str(tiny_model_dir),
+                   output_dir=tmp_path / "run", progress=False, events=events, settings=_quick_graders())
+    warnings = [e["message"] for e in read_events(events) if e["type"] == "warning"]
+    assert any("scored 0: grader: python grader ValueError: no digits in" in w for w in warnings), warnings
+    assert any("scored 0: grader: python grader used more than its 1 s of CPU time" in w for w in warnings), warnings
+    steps = [e for e in read_events(events) if e["type"] == "step"]
+    assert result.manifest["metrics"]["steps"] == 4
+    assert max(s["grader_failed_share"] for s in steps) > 0
+
+
+def _quick_graders():
+    from tunery.settings import Settings
+
+    return Settings(grader_seconds=1)
+
+
+def test_grpo_resumes_from_its_checkpoint(tmp_path, rft, tiny_model_dir):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    spec = {"train_data": str(rft), "grader": VOWELS, **FAST, "save_steps": 1}
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False, callbacks=[StopAt()])
+    events = tmp_path / "events.jsonl"
+    resumed = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False, resume=True,
+                    events=events)
+    assert resumed.manifest["metrics"]["steps"] == 4
+    logs = [e["message"] for e in read_events(events) if e["type"] == "log"]
+    assert any("resuming from" in m and m.endswith("checkpoint-1") for m in logs), logs  # step 2 stopped before its save
+    assert [h["step"] for h in resumed.manifest["metrics"]["history"] if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_bad_rows_and_graders_fail_before_a_model_loads(tmp_path, rft, qa_rows, tiny_model_dir):
+    missing = write_jsonl(tmp_path / "missing.jsonl", [prompts(1)[0], {"messages": prompts(1)[0]["messages"]},
+                                                       {**prompts(1)[0], "n": 3}])
+    with pytest.raises(DataError) as exc:
+        train({"train_data": str(missing), "grader": MULTI, **FAST}, base="no-such-base", progress=False,
+              output_dir=tmp_path / "a")
+    assert [e.line for e in exc.value.errors] == [2]
+    assert "grader.graders.has_n.reference reads {{ item.n }}, but item has no field 'n'" in str(exc.value)
+    broken = {**VOWELS, "source": "def grade(sample, item):\n    return (\n"}
+    with pytest.raises(SpecError, match=r"grader\.source: python grader: does not compile: line 2"):
+        train({"train_data": str(rft), "grader": broken, **FAST}, base="no-such-base", progress=False,
+              output_dir=tmp_path / "b")
+    sft_file = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    with pytest.raises(TuneryError, match="method=grpo trains on prompts"):
+        train({"train_data": str(sft_file), "grader": VOWELS, **FAST}, base="no-such-base", progress=False,
+              output_dir=tmp_path / "c")
+    with pytest.raises(TuneryError, match="prompts without answers .* method=sft trains on chats"):
+        train({"train_data": str(rft)}, base="no-such-base", progress=False, output_dir=tmp_path / "d")
+    with pytest.raises(SpecError, match="method=grpo needs a grader"):
+        train({"train_data": str(rft), **FAST}, base="no-such-base", progress=False, output_dir=tmp_path / "e")
+
+
+def test_rft_rows_are_checked_line_by_line(tmp_path):
+    from tunery.data import read_jsonl
+
+    rows = [prompts(1)[0],
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": 3}], "n": "1"},
+            {"messages": [], "n": "1"}]
+    with pytest.raises(DataError) as exc:
+        read_jsonl(write_jsonl(tmp_path / "bad.jsonl", rows))
+    text = str(exc.value)
+    assert "bad.jsonl:2: messages: ends with an assistant message, but the file holds prompts" in text
+    assert "bad.jsonl:3: messages[0].content" in text
+    assert sorted({e.line for e in exc.value.errors}) == [2, 3, 4]
+
+
+def test_cli_trains_grpo_with_a_grader_file(tmp_path, rft, tiny_model_dir):
+    grader = tmp_path / "grader.json"
+    grader.write_text(json.dumps({"grader": VOWELS}))
+    cmd = [sys.executable, "-m", "tunery.cli", "train", "--train-data", str(rft), "--method", "grpo",
+           "--grader", str(grader), "--num-generations", "4", "--train-batch-size", "2", "--micro-batch-size", "4",
+           "--max-completion-length", "8", "--max-steps", "2", "--no-run-validation", "--base", str(tiny_model_dir),
+           "-o", str(tmp_path / "run"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reward=" in done.stderr and "steps=2" in done.stderr
+    bad = subprocess.run(cmd[:-3] + ["--grader", str(tmp_path / "absent.json"), "-o", str(tmp_path / "r2")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--grader" in bad.stderr and "absent.json" in bad.stderr
