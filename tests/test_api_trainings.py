@@ -347,3 +347,42 @@ def test_summary_view_of_the_list_is_small_and_keeps_what_a_list_shows(server, a
     listed = {t["id"]: t for t in alice.get("/v1/trainings").json()["results"]}
     assert listed[ids[0]] == full  # the default view is the whole object, as on Replicate
     assert_problem(alice.get("/v1/trainings?view=tiny"), 422)
+
+
+RFT_LINES = [json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)})
+             for i in range(8)]
+SUM_GRADER = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+              "reference": "{{ item.answer }}", "operation": "eq"}
+
+
+def test_a_grpo_training_takes_its_grader_as_an_input(server, alice):
+    """Replicate's training input `method: grpo` with the grader (OpenAI's grader JSON) and the GRPO
+    knobs as ordinary inputs; queued as given."""
+    url = upload(alice, "sums.jsonl", RFT_LINES)["urls"]["get"]
+    response = create(alice, {"train_data": url, "method": "grpo", "grader": SUM_GRADER, "num_generations": 4,
+                              "max_completion_length": 16, **GOOD})
+    assert response.status_code == 201, response.text
+    training = response.json()
+    assert training["input"]["method"] == "grpo" and training["input"]["grader"] == SUM_GRADER
+    alice.post(f"/v1/trainings/{training['id']}/cancel").raise_for_status()
+
+
+@pytest.mark.parametrize("grader, field, words", [
+    ({**SUM_GRADER, "operation": "regex"}, "grader.operation", "'eq', 'ne', 'like' or 'ilike'"),
+    ({"type": "python", "name": "p", "source": "def grade(sample, item)\n    return 1\n"}, "grader.source",
+     "does not compile"),
+])
+def test_a_bad_grader_is_422_naming_its_field(server, alice, nothing_left, grader, field, words):
+    url = upload(alice, "sums.jsonl", RFT_LINES)["urls"]["get"]
+    problem = assert_problem(create(alice, {"train_data": url, "method": "grpo", "grader": grader, **GOOD}), 422)
+    assert problem.get("field") == field or field in json.dumps(problem), problem
+    assert words in json.dumps(problem)
+
+
+def test_rows_without_what_the_grader_reads_are_422_by_line(server, alice, nothing_left):
+    lines = list(RFT_LINES)
+    lines[2] = json.dumps({"messages": [{"role": "user", "content": "What is 1 + 1?"}]})
+    url = upload(alice, "sums.jsonl", lines)["urls"]["get"]
+    problem = assert_problem(create(alice, {"train_data": url, "method": "grpo", "grader": SUM_GRADER, **GOOD}), 422)
+    assert [e["line"] for e in problem["errors"]] == [3], problem
+    assert "reads {{ item.answer }}, but item has no field 'answer'" in problem["errors"][0]["reason"]

@@ -156,3 +156,34 @@ def test_cli_trains_grpo_with_a_grader_file(tmp_path, rft, tiny_model_dir):
     bad = subprocess.run(cmd[:-3] + ["--grader", str(tmp_path / "absent.json"), "-o", str(tmp_path / "r2")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--grader" in bad.stderr and "absent.json" in bad.stderr
+
+
+def test_eval_on_rft_prompts_reports_the_graders_scores(tmp_path, rft, tiny_model_dir):
+    """After training (test_data) and with `tunery eval`: the grader's mean score per column, each
+    named grader's, base against tuned; the run's own grader by default."""
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", prompts(12)[8:])
+    result = train({"train_data": str(rft), "grader": MULTI, **FAST, "max_steps": 1}, base=str(tiny_model_dir),
+                   output_dir=tmp_path / "run", progress=False, test_data=held_out)
+    report = result.report
+    assert report["format"] == "rft" and report["columns"] == ["base", "tuned"] and report["rows"] == 4
+    for column in ("base", "tuned"):
+        m = report["metrics"][column]
+        assert 0.0 <= m["grader_score"] <= 1.0 and m["grader_failed"] == 0.0
+        assert m["grader_score"] == pytest.approx(0.9 * m["grader_vowels"] + 0.1 * m["grader_has_n"], abs=1e-6)
+    done = subprocess.run([sys.executable, "-m", "tunery.cli", "eval", "-t", str(held_out), "--weights",
+                           str(tmp_path / "run"), "--compare", "--json", "--max-new-tokens", "12"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli = json.loads(done.stdout)
+    assert cli["grader"] == "total" and set(cli["metrics"]) == {"base", "tuned"}
+    assert cli["metrics"]["tuned"]["grader_score"] == pytest.approx(report["metrics"]["tuned"]["grader_score"])
+    grader = tmp_path / "exact.json"
+    grader.write_text(json.dumps(HAS_N))
+    other = subprocess.run([sys.executable, "-m", "tunery.cli", "eval", "-t", str(held_out), "--base",
+                            str(tiny_model_dir), "--grader", str(grader), "--json", "--max-new-tokens", "12"],
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads(other.stdout)["grader"] == "has_n"
+    none = subprocess.run([sys.executable, "-m", "tunery.cli", "eval", "-t", str(held_out), "--base",
+                           str(tiny_model_dir)], capture_output=True, text=True, timeout=600)
+    assert none.returncode == 2 and "pass --grader grader.json" in none.stderr

@@ -250,9 +250,11 @@ def eval_command(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,  # noqa: UP045
     examples: Annotated[int, typer.Option(help="Examples to show.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    grader: Annotated[Optional[str], typer.Option("--grader", help="RFT test data: the grader that scores the "  # noqa: UP045
+                                                  "answers, a JSON file (default: a GRPO run's own).")] = None,
 ) -> None:
     """Evaluate a tuned run, a base model, or both (--compare): loss, perplexity, exact match,
-    ROUGE, chrF, BLEU; writes eval.json and eval.md."""
+    ROUGE, chrF, BLEU; on RFT prompts, the grader's mean score. Writes eval.json and eval.md."""
     from tunery.eval.evaluate import evaluate
     from tunery.eval.report import render
 
@@ -263,9 +265,11 @@ def eval_command(
         # capped by params.max_new_tokens: 256 here (not predict's default), so long references fit.
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, stop_sequences=stop_sequences,
                                 seed=seed, max_new_tokens=max_new_tokens or 256)
+        grader_json = _json_file(grader, "--grader")
         report = evaluate(test_data, weights=weights, base=base, compare=compare, params=params,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=examples,
-                          output_dir=output_dir, progress=not as_json, console=err)
+                          output_dir=output_dir, progress=not as_json, console=err,
+                          grader=json.loads(grader_json) if grader_json else None)
     except (TuneryError, ValueError) as exc:
         _fail(exc)
     if as_json:

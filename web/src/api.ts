@@ -86,6 +86,14 @@ export interface HistoryPoint {
   reward_margin?: number;
   val_reward_accuracy?: number;
   val_reward_margin?: number;
+  /** GRPO runs: the grader's mean score and spread over a step's answers, the share of prompts whose
+   * answers all scored alike, the answers' mean length, and each named grader's score (grader_<name>). */
+  reward_mean?: number;
+  reward_std?: number;
+  no_spread_share?: number;
+  completion_length?: number;
+  val_reward_mean?: number;
+  [grader: `grader_${string}`]: number | undefined;
 }
 
 export interface Metrics {

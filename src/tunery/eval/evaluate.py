@@ -5,6 +5,11 @@ as in training; and, for prompt/completion and chat data, metrics of greedy (by 
 generations against the references. With a LoRA run both columns come from one loaded model:
 the base column runs with the adapter disabled.
 
+RFT rows (OpenAI's reinforcement format: prompts and the fields a grader reads) are scored by a
+grader: each column answers every prompt (greedy by default), and grader_score is the mean of the
+grader's scores, beside each named grader's mean (grader_<name>) and the share the grader failed
+on (grader_failed).
+
 Preference rows (OpenAI's DPO format) are scored by the log-probabilities of their two answers
 instead: preference_rate is the fraction of rows where the model gives the preferred answer a
 higher summed log-probability than the non-preferred one (each given the conversation rendered
@@ -141,11 +146,13 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, params, max_new_
 
 def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: list[Column], params=None,
                    batch_size: int = 8, max_new_tokens: int | None = None, max_length: int = 2048,
-                   n_examples: int = 5, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
+                   n_examples: int = 5, progress: bool = True, console: Console | None = None,
+                   grader=None, response_format: dict | None = None) -> dict[str, Any]:
     """Score `model` under each column's context (e.g. base = adapter disabled, tuned = as is).
 
     Generation stops at EOS, at the given stop sequences, and — when no reference contains a
     newline — at the first newline, so a base model that rambles on is judged on its first line.
+    RFT rows need `grader` (tunery.graders; `response_format`: the JSON schema their prompts show).
     """
     from tunery.data import tokenize_rows
     from tunery.infer.generation import SamplingParams
@@ -154,6 +161,10 @@ def evaluate_model(model, tokenizer, rows: list[dict], fmt: Format, *, columns: 
     if fmt == "preference":
         return _evaluate_preferences(model, tokenizer, rows, columns=columns, batch_size=batch_size,
                                      max_length=max_length, n_examples=n_examples, progress=progress, console=console)
+    if fmt == "rft":
+        return _evaluate_rft(model, tokenizer, rows, columns=columns, grader=grader, params=params,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples,
+                             progress=progress, console=console, response_format=response_format)
     started = time.time()
     examples = tokenize_rows(rows, fmt, tokenizer, max_length=max_length)
     prompts, refs = prompts_and_references(rows, fmt, tokenizer)
@@ -234,12 +245,68 @@ def _evaluate_preferences(model, tokenizer, rows: list[dict], *, columns: list[C
     }
 
 
+def _evaluate_rft(model, tokenizer, rows: list[dict], *, columns: list[Column], grader, params, batch_size: int,
+                  max_new_tokens: int | None, n_examples: int, progress: bool, console: Console | None,
+                  response_format: dict | None) -> dict[str, Any]:
+    """The report of `evaluate_model` for RFT rows: each column's answers scored by `grader`."""
+    from tunery.data import rft_prompt
+    from tunery.errors import TuneryError
+    from tunery.graders import grade_many
+
+    if grader is None:
+        raise TuneryError("RFT rows are scored by a grader: pass --grader grader.json (a GRPO run's own grader is "
+                          "used when the weights are one)")
+    started = time.time()
+    texts = [tokenizer.apply_chat_template(rft_prompt(r, response_format), tokenize=False, add_generation_prompt=True)
+             for r in rows]
+    prompts = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    max_new_tokens = max_new_tokens or params.max_new_tokens or 256
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, dict[str, float]] = {}
+    outputs: dict[str, list[str]] = {}
+    with _progress(progress, console, 2 * len(columns) * len(prompts)) as advance:
+        for name, context in columns:
+            with context():
+                outs = generate_all(model, tokenizer, prompts, params=params, max_new_tokens=max_new_tokens,
+                                    stops=list(params.stops), batch_size=batch_size, advance=advance)
+            outputs[name] = outs
+            graded = grade_many(grader, list(zip(outs, rows, strict=True)), want_json=response_format is not None)
+            advance(len(graded))
+            m = {"grader_score": sum(o.reward for o in graded) / max(1, len(graded)),
+                 "grader_failed": sum(not o.ok for o in graded) / max(1, len(graded))}
+            named = sorted({k for o in graded for k in o.scores})
+            if named != [grader.name]:
+                for key in named:
+                    values = [o.scores[key] for o in graded if key in o.scores]
+                    m[f"grader_{key}"] = sum(values) / len(values)
+            metrics[name] = m
+    if was_training:
+        model.train()
+    shown = []
+    for i in range(min(n_examples, len(rows))):
+        ex = {"prompt": _prompt_text(rows[i], "rft"), "reference": ""}
+        ex.update({name: outs[i] for name, outs in outputs.items()})
+        shown.append(ex)
+    return {
+        "rows": len(rows),
+        "format": "rft",
+        "columns": [name for name, _ in columns],
+        "metrics": metrics,
+        "examples": shown,
+        "grader": grader.name,
+        "settings": {"max_new_tokens": max_new_tokens, "temperature": params.temperature, "batch_size": batch_size},
+        "seconds": round(time.time() - started, 1),
+    }
+
+
 def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: str | None = None,
              compare: bool = False, params=None, batch_size: int = 8, max_new_tokens: int | None = None,
              n_examples: int = 5, output_dir: str | Path | None = None, progress: bool = True,
-             console: Console | None = None) -> dict[str, Any]:
+             console: Console | None = None, grader: dict | None = None) -> dict[str, Any]:
     """Evaluate `weights` (a run, archive or adapter), a `base`, or both (`compare`), on `test_data`;
-    write eval.json / eval.md (into `output_dir`, default the run directory) and return the report."""
+    write eval.json / eval.md (into `output_dir`, default the run directory) and return the report.
+    RFT rows are scored by `grader` (OpenAI's grader JSON), by default the one a GRPO run trained with."""
     from tunery.data import fetch, read_jsonl
     from tunery.eval.report import write_report
     from tunery.infer.weights import resolve_weights
@@ -254,6 +321,9 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
                     name=str(test_data))
     w = resolve_weights(weights) if weights is not None else None
     base_name = base or (w.base if w else None) or DEFAULT_BASE
+    scoring: dict[str, Any] = {}
+    if ds.format == "rft":
+        scoring = _rft_scoring(grader, weights)
     resolved = resolve_base(base_name, settings)
     columns: list[Column] = []
     if w is None:
@@ -271,7 +341,7 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
             report_base = evaluate_model(load_model(resolved), base_tokenizer, ds.rows, ds.format,
                                          columns=[("base", contextlib.nullcontext)], params=params,
                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                         n_examples=n_examples, progress=progress, console=console)
+                                         n_examples=n_examples, progress=progress, console=console, **scoring)
         columns.append(("tuned", contextlib.nullcontext))
     else:
         from peft import PeftModel
@@ -286,7 +356,7 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         tokenizer.pad_token = tokenizer.eos_token
     report = evaluate_model(model, tokenizer, ds.rows, ds.format, columns=columns, params=params,
                             batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples,
-                            progress=progress, console=console)
+                            progress=progress, console=console, **scoring)
     if w is not None and w.kind == "full" and compare:
         report = merge_columns(report_base, report)
     report.update({"test_data": str(test_data), "test_sha256": ds.sha256, "base": base_name,
@@ -295,6 +365,33 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
     if target is not None:
         write_report(report, target)
     return report
+
+
+def _rft_scoring(grader: dict | None, weights: str | Path | None) -> dict[str, Any]:
+    """The grader (and response_format) RFT rows are scored with: `grader`, else the GRPO run's own.
+    Checked like a training's (its python source loaded in the sandbox)."""
+    import json
+
+    from tunery.artifacts.run import MANIFEST
+    from tunery.errors import SpecError, TuneryError
+    from tunery.graders import GraderError, load_grader
+
+    inputs: dict[str, Any] = {}
+    run = _run_of(weights)
+    if run is not None and run.exists(MANIFEST):
+        inputs = run.read_manifest().get("inputs") or {}
+    if grader is None and inputs.get("grader"):
+        grader = json.loads(inputs["grader"])
+    if grader is None:
+        raise TuneryError("the test data holds RFT prompts, which a grader scores: pass --grader grader.json")
+    if set(grader) == {"grader"}:
+        grader = grader["grader"]
+    try:
+        loaded = load_grader(grader)
+    except GraderError as exc:
+        raise SpecError(f"invalid grader: {exc}") from None
+    schema = inputs.get("response_format")
+    return {"grader": loaded, "response_format": json.loads(schema) if schema else None}
 
 
 def merge_columns(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +426,8 @@ def _prompt_text(row: dict, fmt: str) -> str:
         return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"][:-1])
     if fmt == "preference":
         return "\n".join(f"{m['role']}: {m['content']}" for m in row["input"]["messages"])
+    if fmt == "rft":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
     return row.get("text", "")
 
 

@@ -11,15 +11,18 @@ from rich.console import Console
 from rich.table import Table
 
 # Metrics where lower is better (their change is shown as an improvement when negative).
-LOWER_IS_BETTER = {"loss", "perplexity", "logp_non_preferred"}
+LOWER_IS_BETTER = {"loss", "perplexity", "logp_non_preferred", "grader_failed"}
 ORDER = ["loss", "perplexity", "exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "chrf", "bleu",
-         "preference_rate", "logp_margin", "logp_preferred", "logp_non_preferred"]
+         "preference_rate", "logp_margin", "logp_preferred", "logp_non_preferred", "grader_score"]
 
 
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[float | None], float | None]]:
     """(metric, value per column, change from the first column to the last) in a fixed order."""
     cols = report["columns"]
     names = [m for m in ORDER if any(m in report["metrics"][c] for c in cols)]
+    # An RFT report's named graders (grader_<name>), then the share the grader failed on.
+    names += sorted({m for c in cols for m in report["metrics"][c]} - set(ORDER) - {"grader_failed"})
+    names += ["grader_failed"] if any("grader_failed" in report["metrics"][c] for c in cols) else []
     rows = []
     for name in names:
         values = [report["metrics"][c].get(name) for c in cols]
@@ -118,7 +121,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
         ax.plot(*zip(*vals, strict=True), "o-", label="validation loss", linewidth=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if min(v for _, v in steps + vals) > 0:  # a GRPO loss hovers around 0, on either side
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -585,9 +585,15 @@ def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, 
     if inputs.peft_method != "full":
         columns.insert(0, ("base", model.disable_adapter))
     sink.emit("log", message=f"evaluating on {test_ds.name} ({len(test_ds.rows)} rows)")
+    scoring: dict[str, Any] = {}
+    if test_ds.format == "rft":
+        from tunery.graders import load_grader
+
+        scoring = {"grader": load_grader(inputs.grader_json, check=False), "response_format": inputs.response_schema,
+                   "max_new_tokens": inputs.max_completion_length}
     report = evaluate_model(model, tokenizer, test_ds.rows, test_ds.format, columns=columns,
                             batch_size=max(8, inputs.validation_batch_size), max_length=inputs.max_length,
-                            progress=progress)
+                            progress=progress, **scoring)
     report.update({"test_data": test_ds.name, "test_sha256": test_ds.sha256})
     sink.emit("eval", test_data=test_ds.name, rows=report["rows"], metrics=report["metrics"])
     return report

@@ -1,4 +1,4 @@
-import { api, localPath, Training, TERMINAL } from "../api";
+import { api, HistoryPoint, localPath, Training, TERMINAL } from "../api";
 
 interface ExportInfo {
   name: string;
@@ -36,6 +36,16 @@ export function trainingView(id: string): View {
     lineChart("reward_margin", "Reward margin", [{ label: "train", color: "#7c3aed" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 3)),
   ];
   for (const c of dpoCharts) c.el.hidden = true;
+  // GRPO runs (method=grpo) only: the grader's score, how much it varies within a prompt's answers, their length.
+  const grpoCharts = [
+    lineChart("reward_mean", "Reward (grader score)", [{ label: "train", color: "#16a34a" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 3)),
+    lineChart("reward_spread", "Reward spread", [{ label: "std", color: "#7c3aed" }, { label: "prompts without spread", color: "#dc2626" }], (v) => num(v, 2)),
+    lineChart("completion_length", "Answer length (tokens)", [{ label: "mean", color: "#0891b2" }], (v) => num(Math.round(v))),
+  ];
+  for (const c of grpoCharts) c.el.hidden = true;
+  const palette = ["#4f46e5", "#16a34a", "#f97316", "#db2777", "#0d9488", "#a16207"];
+  let graderChart: ReturnType<typeof lineChart> | null = null;
+  let graderKeys: string[] = [];
   const dataBox = h("div", { "data-section": "data" }, h("p", { class: "muted" }, "Appears once the data is tokenized."));
   const samplesBox = h("div", { "data-section": "samples" });
   const evalCard = h("div");
@@ -49,6 +59,7 @@ export function trainingView(id: string): View {
   let shownLogs = "";
   let last: Training | null = null;
 
+  const chartsBox = h("div", { class: "charts" }, [...charts, ...dpoCharts, ...grpoCharts].map((c) => c.el));
   const el = h(
     "div",
     { class: "page", "data-training": id },
@@ -56,7 +67,7 @@ export function trainingView(id: string): View {
     sub,
     notice,
     card("Progress", progressBox),
-    card("Metrics", h("div", { class: "charts" }, [...charts, ...dpoCharts].map((c) => c.el))),
+    card("Metrics", chartsBox),
     h("div", { class: "two" }, card("Data", dataBox), card("Validation samples", samplesBox)),
     evalCard,
     outputCard,
@@ -191,6 +202,27 @@ export function trainingView(id: string): View {
       dpoCharts[0].update(series(m.history, ["reward_accuracy", "val_reward_accuracy"]));
       dpoCharts[1].update(series(m.history, ["reward_margin", "val_reward_margin"]));
     }
+    const grpo = (m.history ?? []).some((p) => typeof p.reward_mean === "number");
+    for (const c of grpoCharts) c.el.hidden = !grpo;
+    if (grpo) {
+      grpoCharts[0].update(series(m.history, ["reward_mean", "val_reward_mean"]));
+      grpoCharts[1].update(series(m.history, ["reward_std", "no_spread_share"]));
+      grpoCharts[2].update(series(m.history, ["completion_length"]));
+      // A multi grader's named graders, one line each (the share the grader failed on is not a grader).
+      const keys = [...new Set((m.history ?? []).flatMap((p) => Object.keys(p)))]
+        .filter((k) => k.startsWith("grader_") && k !== "grader_failed_share")
+        .sort()
+        .slice(0, palette.length);
+      if (keys.length && keys.join() !== graderKeys.join()) {
+        graderChart?.destroy();
+        graderChart?.el.remove();
+        graderKeys = keys;
+        graderChart = lineChart("graders", "Each grader's score",
+          keys.map((k, i) => ({ label: k.slice("grader_".length), color: palette[i] })), (v) => num(v, 2));
+        chartsBox.append(graderChart.el);
+      }
+      graderChart?.update(series(m.history, graderKeys as (keyof HistoryPoint)[]));
+    }
 
     const data = dataFromStats(m.data) ?? dataSummary(t.logs);
     if (data) {
@@ -289,7 +321,8 @@ export function trainingView(id: string): View {
     destroy() {
       stop();
       window.clearTimeout(exportsTimer);
-      [...charts, ...dpoCharts].forEach((c) => c.destroy());
+      [...charts, ...dpoCharts, ...grpoCharts].forEach((c) => c.destroy());
+      graderChart?.destroy();
     },
   };
 }
