@@ -221,7 +221,7 @@ def test_bombs_beside_good_graders_leave_them_unharmed():
     honest = load_grader(python("import math\ndef grade(sample, item):\n"
                                 "    return 1.0 if sample['output_text'] == str(item['n'] * 2) else 0.0\n"))
     bomb = load_grader(python(ATTACKS["memory bomb"][0]))
-    limits = Limits(seconds=2, memory_bytes=256 << 20)
+    limits = Limits(seconds=10, memory_bytes=256 << 20)
     samples = [(str(n * 2 if n % 2 else n), {"n": n}) for n in range(8)]
     outs = {}
     threads = [threading.Thread(target=lambda: outs.__setitem__("bomb", grade_many(bomb, samples[:4], limits=limits))),

@@ -187,3 +187,21 @@ def test_eval_on_rft_prompts_reports_the_graders_scores(tmp_path, rft, tiny_mode
     none = subprocess.run([sys.executable, "-m", "tunery.cli", "eval", "-t", str(held_out), "--base",
                            str(tiny_model_dir)], capture_output=True, text=True, timeout=600)
     assert none.returncode == 2 and "pass --grader grader.json" in none.stderr
+
+
+@pytest.mark.parametrize("peft_method", ["qlora", "full"])
+def test_grpo_with_other_peft_methods(tmp_path, rft, tiny_model_dir, peft_method):
+    result = train({"train_data": str(rft), "grader": VOWELS, **FAST, "max_steps": 2, "peft_method": peft_method},
+                   base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False)
+    metrics = result.manifest["metrics"]
+    assert metrics["steps"] == 2 and 0.0 <= metrics["reward_mean"] <= 1.0
+    assert (result.run_dir / ("model" if peft_method == "full" else "adapter")).is_dir()
+
+
+def test_a_judge_in_training_is_refused_before_a_model_loads(tmp_path, rft):
+    judge = {"type": "score_model", "name": "judge", "model": "tunery/smollm2-135m",
+             "input": [{"role": "user", "content": "Rate: {{ sample.output_text }}"}]}
+    grader = {"type": "multi", "name": "m", "calculate_output": "j", "graders": {"j": judge}}
+    with pytest.raises(SpecError, match=r"grader\.graders\.j\.type: a score_model grader judges through"):
+        train({"train_data": str(rft), "grader": grader, **FAST}, base="no-such-base", progress=False,
+              output_dir=tmp_path / "r")

@@ -21,7 +21,7 @@ from tunery.graders.spec import GraderError, MultiGrader, parse_grader, walk
 
 __all__ = ["ERROR_FLAGS", "GraderError", "Judge", "Limits", "MultiGrader", "Outcome", "SandboxUnavailable",
            "check_grader", "grade", "grade_many", "item_problems", "load_grader", "parse_grader", "read_grader",
-           "row_errors", "walk"]
+           "refuse_judges_in_training", "row_errors", "walk"]
 
 
 def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_model=None, field: str = "grader"):
@@ -30,6 +30,18 @@ def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_
     if check:
         check_grader(grader, limits=limits, has_model=has_model, where=field)
     return grader
+
+
+def refuse_judges_in_training(grader, where: str = "grader") -> None:
+    """GraderError for a score_model grader in a training: its judge runs on the server's engines
+    (the graders API), which a training's process does not reach yet."""
+    from tunery.graders.spec import ScoreModelGrader
+
+    for path, g in walk(grader, where):
+        if isinstance(g, ScoreModelGrader):
+            raise GraderError("a score_model grader judges through the server's graders API (/run); training "
+                              "with one is not supported yet: use string_check, text_similarity, python or multi",
+                              field=f"{path}.type")
 
 
 def row_errors(grader, dataset, *, where: str = "grader") -> list:

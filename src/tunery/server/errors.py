@@ -99,7 +99,10 @@ def service_problem(exc: service.ServiceError) -> ApiError:
     """The problem a service error answers as: its status by kind, its title, message and list."""
     status = next(code for kind, code in STATUS if isinstance(exc, kind))
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, service.Busy) else None
-    return ApiError(status, exc.message, title=exc.title, errors=exc.errors, headers=headers)
+    errors = exc.errors
+    if errors is None and exc.field:  # one input at fault: named the way a list of them would be
+        errors = [{"field": exc.field, "reason": exc.message}]
+    return ApiError(status, exc.message, title=exc.title, errors=errors, headers=headers)
 
 
 def _service_error(_request: Request, exc: Exception) -> JSONResponse:
