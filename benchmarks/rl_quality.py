@@ -11,7 +11,7 @@ JSON, a multi grader of a string_check (`like`: the answer holds the number) and
 (shortness, `1 - characters / 80`, in tunery's sandbox), `found * (0.5 + 0.5 * short)`: about
 0.97 for "60494", 0.8 for "The ticket number is 60494.", 0 without the number. SmolLM2-135M-
 Instruct's base apologises, greets and explains, and its answers hold the number only about
-half the time (held-out score about 0.3); held-out rows use other names, words and messages.
+half the time when sampled; held-out rows use other names, words and messages.
 
 Arms, each on the same 64 prompts, one epoch, 4 prompts a step, with the same learning rate
 (3e-4) and seed (so the same 16 optimizer steps):
@@ -26,8 +26,11 @@ Arms, each on the same 64 prompts, one epoch, 4 prompts a step, with the same le
   TRL's defaults otherwise.
 
 Every adapter is loaded onto a fresh fp32 base and scored by tunery's evaluator on the held-out
-rows (`tunery.eval.evaluate.evaluate_model`, format "rft", greedy, 32 new tokens) with the same
-grader. Prints each arm's held-out score (mean ± standard deviation over seeds) and its parts, the
+rows (`tunery.eval.evaluate.evaluate_model`, format "rft", 32 new tokens) with the same grader,
+twice: sampled as the model is served by default (T=0.75, top_p 0.9, top_k 50; 4 answers a
+prompt, fixed seeds), which is the policy GRPO optimizes and the headline score; and greedy. The
+base's greedy answer ("The claim number is 36966.") already scores about 0.82, so greedy has
+little room; its sampled answers ramble, which is what the grader teaches away. Prints each arm's held-out score (mean ± standard deviation over seeds) and its parts, the
 paired difference against plain, and time per optimizer step (tunery against plain, same
 machine, same run); appends the record to results.jsonl.
 """
@@ -100,14 +103,27 @@ def rft_rows(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dic
 
 # -- the one scorer -----------------------------------------------------------------------
 
+#: Held-out answers are scored twice: sampled as the model is served by default (Replicate's
+#: defaults: T=0.75, top_p 0.9, top_k 50), SAMPLED_PASSES answers a prompt with fixed seeds, which
+#: is the policy GRPO optimizes; and greedy (one answer a prompt).
+SAMPLED_PASSES = 4
+
+
 def score(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
     from tunery.eval.evaluate import evaluate_model
     from tunery.graders import load_grader
+    from tunery.infer.generation import SamplingParams
 
-    report = evaluate_model(model, tokenizer, rows, "rft", columns=[("m", contextlib.nullcontext)], batch_size=16,
-                            n_examples=0, progress=False, grader=load_grader(GRADER),
-                            max_new_tokens=max_new_tokens)
-    return {k: round(v, 4) for k, v in report["metrics"]["m"].items()}
+    def one(params) -> dict:
+        report = evaluate_model(model, tokenizer, rows, "rft", columns=[("m", contextlib.nullcontext)],
+                                batch_size=16, n_examples=0, progress=False, grader=load_grader(GRADER),
+                                max_new_tokens=max_new_tokens, params=params)
+        return report["metrics"]["m"]
+
+    passes = [one(SamplingParams(seed=1000 + i)) for i in range(SAMPLED_PASSES)]
+    out = {k: round(statistics.mean(p[k] for p in passes), 4) for k in passes[0]}
+    out.update({f"greedy_{k}": round(v, 4) for k, v in one(SamplingParams(temperature=0)).items()})
+    return out
 
 
 def score_weights(base: str, adapter_dir: str | Path | None, rows: list[dict], max_new_tokens: int) -> dict:
@@ -208,7 +224,7 @@ def main() -> None:
           f"{args.length} tokens at T={args.temperature}, lr {args.lr}, seeds {seeds}", flush=True)
     base_scores = score_weights(args.base, None, test_rows, args.length)
     print(f"base    held-out score {base_scores['grader_score']:.3f}  found {base_scores['grader_found']:.3f}  "
-          f"short {base_scores['grader_short']:.3f}", flush=True)
+          f"short {base_scores['grader_short']:.3f}  greedy {base_scores['greedy_grader_score']:.3f}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for seed in seeds:
         for name in arms:
@@ -221,21 +237,23 @@ def main() -> None:
             r["seed"] = seed
             runs[name].append(r)
             print(f"seed {seed}  {name:7} held-out score {r['grader_score']:.3f}  found {r['grader_found']:.3f}  "
-                  f"short {r['grader_short']:.3f}  {r['steps']} steps  train {r['train_runtime_s']:.1f}s "
+                  f"short {r['grader_short']:.3f}  greedy {r['greedy_grader_score']:.3f}  {r['steps']} steps  train {r['train_runtime_s']:.1f}s "
                   f"({r['train_runtime_s'] / max(1, r['steps']):.1f} s/step)  wall {r['wall_s']:.1f}s"
                   + (f"  train reward {r['train_reward_first']:.3f} → {r['train_reward_last']:.3f}"
                      if r.get("train_reward_first") is not None else ""), flush=True)
 
     print("\nheld-out score (mean ± standard deviation over seeds; difference = arm − plain, paired by seed)")
-    print(f"{'base':8} {base_scores['grader_score']:.3f}")
+    print(f"{'base':8} {base_scores['grader_score']:.3f}  greedy {base_scores['greedy_grader_score']:.3f}")
     table: dict[str, dict] = {"base": base_scores}
     for name in sorted(arms, key=lambda n: n != "plain"):  # plain first: the others are compared to it
         values = [r["grader_score"] for r in runs[name]]
         per_step = [r["train_runtime_s"] / max(1, r["steps"]) for r in runs[name]]
         table[name] = {"grader_score": values, "found": [r["grader_found"] for r in runs[name]],
-                       "short": [r["grader_short"] for r in runs[name]], "s_per_step": per_step}
+                       "short": [r["grader_short"] for r in runs[name]], "s_per_step": per_step,
+                       "greedy": [r["greedy_grader_score"] for r in runs[name]]}
         line = (f"{name:8} {summary(values)}  found {summary(table[name]['found'])}  short "
-                f"{summary(table[name]['short'])}  {statistics.mean(per_step):.1f} s/step")
+                f"{summary(table[name]['short'])}  greedy {summary(table[name]['greedy'])}  "
+                f"{statistics.mean(per_step):.1f} s/step")
         if name != "plain" and "plain" in table:
             diff = [a - b for a, b in zip(values, table["plain"]["grader_score"], strict=True)]
             ratio = statistics.mean(per_step) / statistics.mean(table["plain"]["s_per_step"])
@@ -244,7 +262,8 @@ def main() -> None:
     for name in arms:
         if name != "sft":
             above = all(r["grader_score"] > base_scores["grader_score"] for r in runs[name])
-            print(f"{name}: above the base on every seed: {above}")
+            greedy = all(r["greedy_grader_score"] > base_scores["greedy_grader_score"] for r in runs[name])
+            print(f"{name}: above the base on every seed: sampled {above}, greedy {greedy}")
     total = time.time() - started
     print(f"\ntotal {total / 60:.1f} min")
     append_result({

@@ -205,3 +205,40 @@ def test_a_judge_in_training_is_refused_before_a_model_loads(tmp_path, rft):
     with pytest.raises(SpecError, match=r"grader\.graders\.j\.type: a score_model grader judges through"):
         train({"train_data": str(rft), "grader": grader, **FAST}, base="no-such-base", progress=False,
               output_dir=tmp_path / "r")
+
+
+def test_engine_rollouts_are_the_tokens_generate_picks(tiny_model_dir):
+    """With top_k=1 sampling is the argmax: tunery's engine (all prompts in one continuous batch,
+    left-padded) must give each prompt the very tokens transformers' generate gives it alone, eos
+    included, and stop at max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.train.grpo import engine_rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.train()  # as the trainer leaves it; the engine samples in eval mode and restores it
+    prompts = [tokenizer(t).input_ids for t in ("Spell 1", "Count the vowels in this sentence, please", "a b")]
+    got = engine_rollouts(model, tokenizer, prompts, max_new_tokens=9, temperature=0.7, top_p=1.0, top_k=1)
+    assert model.training
+    model.eval()
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    for ids, answer in zip(prompts, got, strict=True):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=9, do_sample=False,
+                             eos_token_id=list(eos - {None}), pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+        assert answer == out.tolist()[:len(answer)] and 1 <= len(answer) <= 9
+        assert len(answer) == 9 or answer[-1] in eos
+
+
+@pytest.mark.parametrize("engine", ["tunery", "transformers"])
+def test_grpo_samples_with_either_rollout_engine_repeatably(tmp_path, rft, tiny_model_dir, engine):
+    """Both rollout engines train; with one seed, two runs sample the same answers (same rewards)."""
+    rewards = []
+    for run in ("a", "b"):
+        events = tmp_path / f"{run}.jsonl"
+        train({"train_data": str(rft), "grader": MULTI, **FAST, "rollout_engine": engine, "seed": 7},
+              base=str(tiny_model_dir), output_dir=tmp_path / run, progress=False, events=events)
+        rewards.append([e["reward_mean"] for e in read_events(events) if e["type"] == "step"])
+    assert len(rewards[0]) == 4 and rewards[0] == rewards[1]

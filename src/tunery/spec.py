@@ -122,6 +122,12 @@ class TrainingInputs(BaseModel):
     generation_temperature: float = Field(
         1.0, gt=0, le=2, description="With method=grpo: the sampling temperature of the answers."
     )
+    rollout_engine: Literal["auto", "tunery", "transformers"] = Field(
+        "auto",
+        description="With method=grpo: what samples the answers: tunery's serving engine (continuous batching: a "
+        "finished answer leaves the batch), transformers' generate as TRL calls it, or auto (the one measured "
+        "faster on this kind of device: benchmarks/grpo_rollouts.py).",
+    )
     grpo_beta: float = Field(
         0.0, ge=0, le=10,
         description="With method=grpo: weight of the KL penalty toward the base (0, TRL's default: none, so no "

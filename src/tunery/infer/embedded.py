@@ -341,6 +341,7 @@ class EmbeddedEngine:
             return True
         row.last = token
         row.produced += 1
+        gen.token_ids.append(token)
         if token in row.eos:
             gen.emit(row.cutter.feed(row.decoder.finish()) + row.cutter.flush(), tokens=1)
             gen.finish("eos")
@@ -514,8 +515,10 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     scores = logits.float() / float(params.temperature)
     if params.top_k and params.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, params.top_k)  # sorted, largest first
-    else:
+    elif params.top_p < 1.0:
         values, indices = torch.sort(scores, descending=True)
+    else:  # neither filter (GRPO's rollouts): a draw over the whole vocabulary, no sort (40 % of a step)
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
     if params.top_p < 1.0:
         probs = torch.softmax(values, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (at least one token), as transformers does.

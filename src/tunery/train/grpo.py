@@ -6,7 +6,14 @@ Each step samples `num_generations` answers to each of `train_batch_size` prompt
 answer with the grader, and moves the model toward the answers that scored above their group's
 mean. An answer the grader cannot score (a python grader that raised, broke a limit or returned
 something other than a number in [0, 1]) scores 0; the first few such failures of each kind, and
-then their count at each logged step, are `warning` events naming the grader and the reason."""
+then their count at each logged step, are `warning` events naming the grader and the reason.
+
+Answers are sampled by tunery's embedded serving engine over the model being trained (continuous
+batching: an answer that ends leaves the batch, instead of padding on to the longest as
+`generate` does), or by TRL's own call of transformers' `generate` (`rollout_engine`; `auto` is
+the one benchmarks/grpo_rollouts.py measured faster on the device). Either way the rollouts use
+the weights of the current step; the engine samples with the model in eval mode (no LoRA dropout
+while sampling, as vLLM would), TRL's generate in the mode training left it in."""
 
 from __future__ import annotations
 
@@ -27,6 +34,44 @@ from tunery.train.trainer import TrainerBase, equip, our_callbacks
 
 #: How many failures of one kind are reported one by one before they are only counted.
 SHOWN_FAILURES = 3
+
+#: What `rollout_engine=auto` samples with, by device type (benchmarks/grpo_rollouts.py, NOTES.md).
+#: Devices not measured keep TRL's own generate.
+AUTO_ROLLOUTS = {"cpu": "tunery"}
+
+
+def rollout_engine(inputs: TrainingInputs, device_type: str) -> str:
+    if inputs.rollout_engine != "auto":
+        return inputs.rollout_engine
+    return AUTO_ROLLOUTS.get(device_type, "transformers")
+
+
+def engine_rollouts(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                    top_p: float, top_k: int) -> list[list[int]]:
+    """Each prompt's sampled answer as token ids (the eos that ended it included), from tunery's
+    embedded engine over `model` as it is, all prompts in one continuous batch. Each row's seed
+    is drawn from torch's generator, so a seeded training samples the same answers again."""
+    from tunery.infer.embedded import EmbeddedEngine
+    from tunery.infer.generation import Request, SamplingParams
+
+    seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
+    engine = EmbeddedEngine("rollouts", model=model, tokenizer=tokenizer, max_batch=len(prompt_ids),
+                            max_queue=len(prompt_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        gens = engine.submit_many([
+            Request(list(ids), SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                              top_k=top_k, seed=seed))
+            for ids, seed in zip(prompt_ids, seeds, strict=True)])
+        for gen in gens:
+            for _ in gen:  # to the end; an engine error is raised here
+                pass
+        return [list(gen.token_ids) for gen in gens]
+    finally:
+        engine.close()
+        if was_training:
+            model.train()
 
 
 def rft_dataset(rows: list[dict], schema: dict | None = None):
@@ -147,6 +192,7 @@ def build_grpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: d
         else:
             os.environ["TQDM_DISABLE"] = quiet
     trainer.reward = reward
+    trainer.rollouts = rollout_engine(inputs, trainer.accelerator.device.type)
     if peft and "ref" in model.peft_config:
         model.delete_adapter("ref")  # the reference is then the model with its adapter disabled (the base)
     for name, p in model.named_parameters():
@@ -162,6 +208,24 @@ class TuneryGRPOTrainer(TrainerBase, GRPOTrainer):
 
     meter: TokenMeter
     reward: GraderReward
+    rollouts: str = "transformers"  # or "tunery": see engine_rollouts
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plain = (self.rollouts != "tunery" or self.use_vllm or images or multimodal_fields
+                 or (self.min_p or 0) > 0 or self.repetition_penalty != 1.0 or self.args.generation_kwargs)
+        if plain:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images=has_tool_images)
+        from trl.models import unwrap_model_for_generation
+
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+              as model, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+            completions = engine_rollouts(model, self._tokenizer, prompt_ids,
+                                          max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                                          top_p=self.top_p, top_k=self.top_k or 0)
+        return completions, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
