@@ -502,9 +502,28 @@ def _sample_rows(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row from its logits ([rows, vocab]): the greedy rows' in one argmax
     (over fp32: a CPU's bf16 argmax is ~3× slower), the others' each by `_sample`."""
     logits = logits.float()
-    greedy = logits.argmax(-1).tolist() if any(r.gen.request.params.greedy for r in rows) else None
-    return [greedy[i] if greedy is not None and row.gen.request.params.greedy
-            else _sample(logits[i], row.gen.request.params, row.generator) for i, row in enumerate(rows)]
+    params = [r.gen.request.params for r in rows]
+    greedy = logits.argmax(-1).tolist() if any(p.greedy for p in params) else None
+    # Rows that sample from the whole vocabulary (no top_k, no top_p: GRPO's rollouts) get their
+    # softmax in one batched op; each still draws from its own generator.
+    whole = [i for i, p in enumerate(params) if not p.greedy and _unfiltered(p, logits.shape[-1])]
+    probs = None
+    if len(whole) > 1:
+        temps = torch.tensor([float(params[i].temperature) for i in whole], device=logits.device).unsqueeze(1)
+        probs = dict(zip(whole, torch.softmax(logits[whole] / temps, dim=-1), strict=True))
+    out = []
+    for i, (row, p) in enumerate(zip(rows, params, strict=True)):
+        if greedy is not None and p.greedy:
+            out.append(greedy[i])
+        elif probs is not None and i in probs:
+            out.append(int(torch.multinomial(probs[i], 1, generator=row.generator)))
+        else:
+            out.append(_sample(logits[i], p, row.generator))
+    return out
+
+
+def _unfiltered(params, vocab: int) -> bool:
+    return (not params.top_k or params.top_k >= vocab) and params.top_p >= 1.0
 
 
 def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
@@ -515,7 +534,7 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     scores = logits.float() / float(params.temperature)
     if params.top_k and params.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, params.top_k)  # sorted, largest first
-    elif params.top_p < 1.0:
+    elif not _unfiltered(params, scores.shape[-1]):
         values, indices = torch.sort(scores, descending=True)
     else:  # neither filter (GRPO's rollouts): a draw over the whole vocabulary, no sort (40 % of a step)
         return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
