@@ -34,13 +34,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Timed:
-    """Wraps TuneryGRPOTrainer._generate_single_turn: seconds spent in it and answer tokens made."""
+    """While entered, TuneryGRPOTrainer._generate_single_turn and GraderReward.__call__ are timed:
+    seconds sampling, answer tokens made, seconds grading. Leaving restores both methods."""
 
     def __init__(self):
+        self.seconds = self.grading = 0.0
+        self.tokens = self.calls = 0
+
+    def __enter__(self) -> Timed:
         from tunery.train.grpo import GraderReward, TuneryGRPOTrainer
 
-        self.grading = 0.0
-        grade = GraderReward.__call__
+        self._originals = (GraderReward.__call__, TuneryGRPOTrainer._generate_single_turn)
+        grade, sample = self._originals
 
         def timed_grade(reward, *args, **kwargs):
             started = time.perf_counter()
@@ -49,22 +54,22 @@ class Timed:
             finally:
                 self.grading += time.perf_counter() - started
 
-        GraderReward.__call__ = timed_grade  # type: ignore[method-assign]
-        self.seconds = 0.0
-        self.tokens = 0
-        self.calls = 0
-        original = TuneryGRPOTrainer._generate_single_turn
-        timer = self
-
-        def timed(trainer, *args, **kwargs):
+        def timed_sample(trainer, *args, **kwargs):
             started = time.perf_counter()
-            completions, logprobs = original(trainer, *args, **kwargs)
-            timer.seconds += time.perf_counter() - started
-            timer.tokens += sum(len(c) for c in completions)
-            timer.calls += 1
+            completions, logprobs = sample(trainer, *args, **kwargs)
+            self.seconds += time.perf_counter() - started
+            self.tokens += sum(len(c) for c in completions)
+            self.calls += 1
             return completions, logprobs
 
-        TuneryGRPOTrainer._generate_single_turn = timed  # type: ignore[method-assign]
+        GraderReward.__call__ = timed_grade  # type: ignore[method-assign]
+        TuneryGRPOTrainer._generate_single_turn = timed_sample  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_) -> None:
+        from tunery.train.grpo import GraderReward, TuneryGRPOTrainer
+
+        GraderReward.__call__, TuneryGRPOTrainer._generate_single_turn = self._originals  # type: ignore[method-assign]
 
 
 def run(engine: str, length: int, args, rows: list[dict]) -> dict:
@@ -73,15 +78,16 @@ def run(engine: str, length: int, args, rows: list[dict]) -> dict:
     work = Path(tempfile.mkdtemp())
     data = work / "rft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    timer = Timed()
-    result = train({"train_data": str(data), "method": "grpo", "grader": GRADER, "num_generations": args.generations,
-                    "micro_batch_size": 8, "max_completion_length": length, "generation_temperature": 0.7,
-                    "train_batch_size": args.prompts, "max_steps": args.steps, "learning_rate": 3e-4, "seed": 1,
-                    "run_validation": False, "save_steps": 10**6, "rollout_engine": engine},
-                   base=args.base, output_dir=work / "run", progress=False)
+    inputs = {"train_data": str(data), "method": "grpo", "grader": GRADER, "num_generations": args.generations,
+              "micro_batch_size": 8, "max_completion_length": length, "generation_temperature": 0.7,
+              "train_batch_size": args.prompts, "max_steps": args.steps, "learning_rate": 3e-4, "seed": 1,
+              "run_validation": False, "save_steps": 10**6, "rollout_engine": engine}
+    with Timed() as timer:
+        result = train(inputs, base=args.base, output_dir=work / "run", progress=False)
     m = result.manifest["metrics"]
     return {"engine": engine, "length": length, "steps": m["steps"], "train_s": round(m["train_runtime_s"], 2),
-            "rollout_s": round(timer.seconds, 2), "grading_s": round(timer.grading, 2), "rollout_calls": timer.calls, "answer_tokens": timer.tokens}
+            "rollout_s": round(timer.seconds, 2), "grading_s": round(timer.grading, 2), "rollout_calls": timer.calls,
+            "answer_tokens": timer.tokens}
 
 
 def main() -> None:

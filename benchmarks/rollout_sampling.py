@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from rl_quality import rft_rows  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
+from tunery.infer.embedded import eos_ids  # noqa: E402
 from tunery.models.load import load_model, load_tokenizer  # noqa: E402
 from tunery.models.resolve import resolve_base  # noqa: E402
 from tunery.train.grpo import engine_rollouts  # noqa: E402
@@ -35,7 +36,7 @@ for p in m.parameters():
 rows, _ = rft_rows(0, 4, 1)
 ids = [list(tok.apply_chat_template(x["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for x in rows]
 prompts = [i for i in ids for _ in range(6)]
-eos = [tok.eos_token_id] + [e for e in ([m.generation_config.eos_token_id] if isinstance(m.generation_config.eos_token_id, int) else (m.generation_config.eos_token_id or [])) if e != tok.eos_token_id]
+eos = sorted(eos_ids(m, tok))  # what ends an answer, as the engine and TRL both take it
 
 
 def hf(length):

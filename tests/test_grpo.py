@@ -214,6 +214,7 @@ def test_engine_rollouts_are_the_tokens_generate_picks(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunery.infer.embedded import eos_ids
     from tunery.train.grpo import engine_rollouts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -223,11 +224,10 @@ def test_engine_rollouts_are_the_tokens_generate_picks(tiny_model_dir):
     got = engine_rollouts(model, tokenizer, prompts, max_new_tokens=9, temperature=0.7, top_p=1.0, top_k=1)
     assert model.training
     model.eval()
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    eos = eos_ids(model, tokenizer)
     for ids, answer in zip(prompts, got, strict=True):
         out = model.generate(torch.tensor([ids]), max_new_tokens=9, do_sample=False,
-                             eos_token_id=list(eos - {None}), pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+                             eos_token_id=sorted(eos), pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
         assert answer == out.tolist()[:len(answer)] and 1 <= len(answer) <= 9
         assert len(answer) == 9 or answer[-1] in eos
 

@@ -126,7 +126,7 @@ class TrainingInputs(BaseModel):
         "auto",
         description="With method=grpo: what samples the answers: tunery's serving engine (continuous batching: a "
         "finished answer leaves the batch), transformers' generate as TRL calls it, or auto (the one measured "
-        "faster on this kind of device: benchmarks/grpo_rollouts.py).",
+        "faster on this kind of device: benchmarks/rollout_sampling.py).",
     )
     grpo_beta: float = Field(
         0.0, ge=0, le=10,

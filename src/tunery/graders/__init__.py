@@ -21,18 +21,22 @@ from tunery.graders.spec import GraderError, MultiGrader, parse_grader, walk
 
 __all__ = ["ERROR_FLAGS", "GraderError", "Judge", "Limits", "MultiGrader", "Outcome", "SandboxUnavailable",
            "check_grader", "grade", "grade_many", "item_problems", "load_grader", "parse_grader", "read_grader",
-           "refuse_judges_in_training", "row_errors", "walk"]
+           "row_errors", "walk"]
 
 
-def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_model=None, field: str = "grader"):
-    """The grader `obj` (its JSON, parsed) describes, checked (check_grader) unless `check` is false."""
+def load_grader(obj: Any, *, check: bool = True, limits: Limits = Limits(), has_model=None, field: str = "grader",
+                training: bool = False):
+    """The grader `obj` (its JSON, parsed) describes, checked (check_grader) unless `check` is false;
+    with `training`, a score_model grader anywhere in it is refused (_refuse_judges)."""
     grader = parse_grader(obj, field=field)
+    if training:
+        _refuse_judges(grader, field)
     if check:
         check_grader(grader, limits=limits, has_model=has_model, where=field)
     return grader
 
 
-def refuse_judges_in_training(grader, where: str = "grader") -> None:
+def _refuse_judges(grader, where: str) -> None:
     """GraderError for a score_model grader in a training: its judge runs on the server's engines
     (the graders API), which a training's process does not reach yet."""
     from tunery.graders.spec import ScoreModelGrader

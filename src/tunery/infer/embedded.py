@@ -500,22 +500,24 @@ class EmbeddedEngine:
 
 def _sample_rows(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row from its logits ([rows, vocab]): the greedy rows' in one argmax
-    (over fp32: a CPU's bf16 argmax is ~3× slower), the others' each by `_sample`."""
+    (over fp32: a CPU's bf16 argmax is ~3× slower), the unfiltered ones' from one softmax, the
+    others' each by `_sample`."""
     logits = logits.float()
     params = [r.gen.request.params for r in rows]
     greedy = logits.argmax(-1).tolist() if any(p.greedy for p in params) else None
-    # Rows that sample from the whole vocabulary (no top_k, no top_p: GRPO's rollouts) get their
-    # softmax in one batched op; each still draws from its own generator.
+    # Rows that sample from the whole vocabulary (no top_k, no top_p: GRPO's rollouts) need no
+    # sort (it was 40 % of a rollout's time): their softmax in one batched op, each row's draw from
+    # its own generator.
     whole = [i for i, p in enumerate(params) if not p.greedy and _unfiltered(p, logits.shape[-1])]
-    probs = None
-    if len(whole) > 1:
+    probs: dict[int, torch.Tensor] = {}
+    if whole:
         temps = torch.tensor([float(params[i].temperature) for i in whole], device=logits.device).unsqueeze(1)
         probs = dict(zip(whole, torch.softmax(logits[whole] / temps, dim=-1), strict=True))
     out = []
     for i, (row, p) in enumerate(zip(rows, params, strict=True)):
         if greedy is not None and p.greedy:
             out.append(greedy[i])
-        elif probs is not None and i in probs:
+        elif i in probs:
             out.append(int(torch.multinomial(probs[i], 1, generator=row.generator)))
         else:
             out.append(_sample(logits[i], p, row.generator))
@@ -534,10 +536,8 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     scores = logits.float() / float(params.temperature)
     if params.top_k and params.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, params.top_k)  # sorted, largest first
-    elif not _unfiltered(params, scores.shape[-1]):
+    else:
         values, indices = torch.sort(scores, descending=True)
-    else:  # neither filter (GRPO's rollouts): a draw over the whole vocabulary, no sort (40 % of a step)
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
     if params.top_p < 1.0:
         probs = torch.softmax(values, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (at least one token), as transformers does.

@@ -20,11 +20,12 @@ def grader_limits(settings: Settings) -> Limits:
     return Limits(seconds=settings.grader_seconds, memory_bytes=settings.grader_memory_mb << 20)
 
 
-def check(settings: Settings, obj: Any, *, has_model: Callable[[str], bool] | None = None, field: str = "grader"):
-    """The grader `obj` describes, checked (its python source loaded in the sandbox); Invalid naming
-    the field at fault otherwise."""
+def check(settings: Settings, obj: Any, *, has_model: Callable[[str], bool] | None = None, field: str = "grader",
+          training: bool = False):
+    """The grader `obj` describes, checked (its python source loaded in the sandbox; with `training`,
+    no score_model grader in it); Invalid naming the field at fault otherwise."""
     try:
-        return load_grader(obj, limits=grader_limits(settings), has_model=has_model, field=field)
+        return load_grader(obj, limits=grader_limits(settings), has_model=has_model, field=field, training=training)
     except GraderError as exc:
         raise Invalid(exc.reason, field=exc.field, title="Invalid grader") from None
 

@@ -201,14 +201,10 @@ def check_training_data(settings: Settings, inputs: TrainingInputs, train: Data,
 def check_grader_and_rows(settings: Settings, inputs: TrainingInputs, files: list[Data]) -> None:
     """method=grpo: the grader checked (service.graders.check: its python source loaded in the
     sandbox), then each row of each file holding every item field the grader's templates read."""
-    from tunery.graders import GraderError, refuse_judges_in_training, row_errors
+    from tunery.graders import row_errors
     from tunery.service import graders
 
-    grader = graders.check(settings, inputs.grader_json)
-    try:
-        refuse_judges_in_training(grader)
-    except GraderError as exc:
-        raise Invalid(exc.reason, field=exc.field, title="Invalid grader") from None
+    grader = graders.check(settings, inputs.grader_json, training=True)
     for d in files:
         errors = row_errors(grader, d.check.dataset)
         if errors:

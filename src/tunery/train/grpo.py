@@ -11,7 +11,7 @@ then their count at each logged step, are `warning` events naming the grader and
 Answers are sampled by tunery's embedded serving engine over the model being trained (continuous
 batching: an answer that ends leaves the batch, instead of padding on to the longest as
 `generate` does), or by TRL's own call of transformers' `generate` (`rollout_engine`; `auto` is
-the one benchmarks/grpo_rollouts.py measured faster on the device). Either way the rollouts use
+the one benchmarks/rollout_sampling.py measured faster on the device). Either way the rollouts use
 the weights of the current step; the engine samples with the model in eval mode (no LoRA dropout
 while sampling, as vLLM would), TRL's generate in the mode training left it in."""
 
@@ -35,7 +35,7 @@ from tunery.train.trainer import TrainerBase, equip, our_callbacks
 #: How many failures of one kind are reported one by one before they are only counted.
 SHOWN_FAILURES = 3
 
-#: What `rollout_engine=auto` samples with, by device type (benchmarks/grpo_rollouts.py, NOTES.md).
+#: What `rollout_engine=auto` samples with, by device type (benchmarks/rollout_sampling.py, NOTES.md).
 #: Devices not measured keep TRL's own generate.
 AUTO_ROLLOUTS = {"cpu": "tunery"}
 

@@ -200,12 +200,11 @@ def check_grader_and_rows(inputs: TrainingInputs, datasets: list, settings: Sett
     """method=grpo: the grader can run here (its python source loaded in the sandbox) and every row
     has the fields it reads; SpecError naming the grader's field, or DataError naming the lines."""
     from tunery.errors import DataError
-    from tunery.graders import GraderError, Limits, load_grader, refuse_judges_in_training, row_errors
+    from tunery.graders import GraderError, Limits, load_grader, row_errors
 
     limits = Limits(seconds=settings.grader_seconds, memory_bytes=settings.grader_memory_mb << 20)
     try:
-        grader = load_grader(inputs.grader_json, limits=limits)
-        refuse_judges_in_training(grader)
+        grader = load_grader(inputs.grader_json, limits=limits, training=True)
     except GraderError as exc:
         raise SpecError(f"invalid training input: {exc}") from None
     for ds in datasets:

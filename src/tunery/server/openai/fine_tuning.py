@@ -239,7 +239,7 @@ def create_job(body: JobCreate, owner: Owner, store: StoreDep, settings: Setting
                           "hyperparameters", param="method.reinforcement")
     if rft is not None:  # the grader first: a bad one is refused before anything else is looked at
         try:
-            graders.check(settings, rft.grader, field="method.reinforcement.grader")
+            graders.check(settings, rft.grader, field="method.reinforcement.grader", training=True)
         except ServiceError as exc:
             raise OpenAIError(400, f"Invalid grader: {exc.message}", param=exc.field, code="invalid_grader") from None
     if body.integrations:
