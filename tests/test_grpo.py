@@ -233,8 +233,14 @@ def test_engine_rollouts_are_the_tokens_generate_picks(tiny_model_dir):
 
 
 @pytest.mark.parametrize("engine", ["tunery", "transformers"])
-def test_grpo_samples_with_either_rollout_engine_repeatably(tmp_path, rft, tiny_model_dir, engine):
-    """Both rollout engines train; with one seed, two runs sample the same answers (same rewards)."""
+def test_grpo_samples_with_either_rollout_engine_repeatably(tmp_path, rft, tiny_model_dir, engine, monkeypatch):
+    """Both rollout engines train, each sampling the answers itself (the embedded engine once a
+    step, TRL's generate otherwise); with one seed, two runs sample the same answers (same rewards)."""
+    import tunery.train.grpo as grpo
+
+    calls = []
+    sampled_by_engine = grpo.engine_rollouts
+    monkeypatch.setattr(grpo, "engine_rollouts", lambda *a, **k: calls.append(len(a[2])) or sampled_by_engine(*a, **k))
     rewards = []
     for run in ("a", "b"):
         events = tmp_path / f"{run}.jsonl"
@@ -242,3 +248,4 @@ def test_grpo_samples_with_either_rollout_engine_repeatably(tmp_path, rft, tiny_
               base=str(tiny_model_dir), output_dir=tmp_path / run, progress=False, events=events)
         rewards.append([e["reward_mean"] for e in read_events(events) if e["type"] == "step"])
     assert len(rewards[0]) == 4 and rewards[0] == rewards[1]
+    assert calls == ([2 * 4] * 8 if engine == "tunery" else [])  # 2 prompts × 4 answers, 4 steps, 2 runs

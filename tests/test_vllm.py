@@ -245,3 +245,117 @@ def test_a_merged_export_is_served_by_vllm_as_the_run_answers(trained_runs, tmp_
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def served_loras() -> set[str]:
+    """The adapters the server holds now (GET /v1/models lists them beside the base)."""
+    models = httpx.get(f"{VLLM_URL}/v1/models", timeout=30).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+def finished_requests() -> float:
+    """vLLM's own count of finished requests (its Prometheus metrics)."""
+    total = 0.0
+    for line in httpx.get(f"{VLLM_URL}/metrics", timeout=30).text.splitlines():
+        if line.startswith("vllm:request_success_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@needs_vllm
+def test_rollouts_follow_the_trained_adapter_step_by_step(trained_runs, tmp_path):
+    """GRPO's vLLM rollouts: at each step the model's current adapter is what the server samples
+    with (the weights swapped in place in the training model are seen at the next step), the
+    previous step's adapter is unloaded, and closing leaves nothing on the server or on disk."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from tunery.models.load import load_model
+    from tunery.models.resolve import resolve_base
+    from tunery.settings import Settings
+    from tunery.train.grpo import VLLMRollouts
+
+    banana, apple = (trained_runs[a] / "adapter" for a in ANSWERS)
+    resolved = resolve_base(DEFAULT_BASE)
+    model = PeftModel.from_pretrained(load_model(resolved, precision="fp32", device="cpu"), str(banana),
+                                      is_trainable=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    prompt = [tokenizer(QUESTION)["input_ids"]] * 3
+    before = served_loras()
+    rollouts = VLLMRollouts(DEFAULT_BASE, Settings(home=tmp_path / "home", vllm_url=VLLM_URL))
+
+    def answers() -> list[str]:
+        ids = rollouts.sample(prompt, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0)
+        assert all(1 <= len(i) <= 6 for i in ids)
+        return [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+
+    try:
+        rollouts.refresh(model, 0)
+        assert all(a.strip().startswith("banana split") for a in answers())
+        first = served_loras() - before
+        assert len(first) == 1
+        rollouts.refresh(model, 0)  # the same step: nothing saved or loaded again
+        assert rollouts.loads == 1
+        set_peft_model_state_dict(model, load_file(str(apple / "adapter_model.safetensors")))
+        rollouts.refresh(model, 1)
+        assert all(a.strip().startswith("apple pie") for a in answers())
+        second = served_loras() - before
+        assert len(second) == 1 and second != first and rollouts.loads == 2
+        assert [p.name for p in rollouts.folder.iterdir()] == ["step-1"]
+    finally:
+        rollouts.close()
+    assert served_loras() == before and not rollouts.folder.exists()
+
+
+@needs_vllm
+def test_grpo_training_samples_its_rollouts_from_vllm(tmp_path):
+    """A GRPO training with rollout_engine=vllm: every sampled answer is a request the server
+    finished, the adapter reloaded each step, the rewards reach the events, and the server holds no
+    rollout adapter afterwards."""
+    from tunery.settings import Settings
+    from tunery.train.events import read_events
+    from tunery.train.recipe import train
+
+    rows = [{"messages": [{"role": "user", "content": f"Say the number {i}."}], "n": str(i)} for i in range(4)]
+    data = tmp_path / "rft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grader = {"type": "string_check", "name": "has_n", "input": "{{ sample.output_text }}",
+              "reference": "{{ item.n }}", "operation": "like"}
+    before, loras = finished_requests(), served_loras()
+    events = tmp_path / "events.jsonl"
+    train({"train_data": str(data), "method": "grpo", "grader": grader, "rollout_engine": "vllm",
+           "num_generations": 4, "train_batch_size": 2, "micro_batch_size": 4, "max_completion_length": 8,
+           "num_train_epochs": 1,
+           "run_validation": False, "save_steps": 1000, "logging_steps": 1, "seed": 3},
+          base=DEFAULT_BASE, output_dir=tmp_path / "run", progress=False, events=events,
+          settings=Settings(home=tmp_path / "home", vllm_url=VLLM_URL))
+    steps = [e for e in read_events(events) if e["type"] == "step"]
+    assert len(steps) == 2 and all(0.0 <= s["reward_mean"] <= 1.0 and s["completion_length"] >= 1 for s in steps)
+    assert finished_requests() - before == 2 * 2 * 4  # 2 steps × 2 prompts × 4 answers, all from vLLM
+    assert served_loras() == loras
+
+
+def test_rollout_engine_vllm_without_a_server_is_refused_before_a_model_loads(tmp_path):
+    from tunery.errors import SpecError
+    from tunery.settings import Settings
+    from tunery.train.events import read_events
+    from tunery.train.recipe import train
+
+    data = tmp_path / "rft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "n": "1"}) + "\n")
+    grader = {"type": "string_check", "name": "g", "input": "{{ sample.output_text }}", "reference": "{{ item.n }}",
+              "operation": "eq"}
+    with pytest.raises(SpecError, match="rollout_engine: vllm .*TUNERY_VLLM_URL"):
+        train({"train_data": str(data), "method": "grpo", "grader": grader, "rollout_engine": "vllm"},
+              base="/nonexistent/base", output_dir=tmp_path / "run", progress=False,
+              settings=Settings(home=tmp_path / "home", vllm_url=None, vllm_command=None))
+    with pytest.raises(SpecError, match="peft_method=full has no adapter"):
+        train({"train_data": str(data), "method": "grpo", "grader": grader, "rollout_engine": "vllm",
+               "peft_method": "full"}, base="/nonexistent/base", output_dir=tmp_path / "run2", progress=False,
+              settings=Settings(home=tmp_path / "home", vllm_url="http://127.0.0.1:9"))
+    # The first is refused after reading the data (its run holds only the failed event), the
+    # second by the inputs alone: neither got as far as loading the (nonexistent) base.
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["events.jsonl"]
+    assert read_events(tmp_path / "run" / "events.jsonl")[-1]["error_type"] == "SpecError"
+    assert not (tmp_path / "run2").exists()

@@ -122,11 +122,13 @@ class TrainingInputs(BaseModel):
     generation_temperature: float = Field(
         1.0, gt=0, le=2, description="With method=grpo: the sampling temperature of the answers."
     )
-    rollout_engine: Literal["auto", "tunery", "transformers"] = Field(
+    rollout_engine: Literal["auto", "tunery", "transformers", "vllm"] = Field(
         "auto",
         description="With method=grpo: what samples the answers: tunery's serving engine (continuous batching: a "
-        "finished answer leaves the batch), transformers' generate as TRL calls it, or auto (the one measured "
-        "faster on this kind of device: benchmarks/rollout_sampling.py).",
+        "finished answer leaves the batch), transformers' generate as TRL calls it, vllm (the vLLM server of "
+        "TUNERY_VLLM_URL or TUNERY_VLLM_COMMAND, the trained adapter loaded into it again at each step; LoRA and "
+        "QLoRA), or auto (vllm on a GPU where a vLLM server is configured, else the one measured faster on this "
+        "kind of device: benchmarks/rollout_sampling.py).",
     )
     grpo_beta: float = Field(
         0.0, ge=0, le=10,
@@ -359,6 +361,10 @@ _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
      lambda m: "grpo_beta > 0 with peft_method=full would hold a second copy of the model as the reference; use "
      "lora or qlora (the reference is then the base, the adapter disabled) or grpo_beta 0"
      if m.method == "grpo" and m.grpo_beta > 0 and m.peft_method == "full" else None),
+    ("rollout_engine", ("rollout_engine", "peft_method", "method"),
+     lambda m: "rollout_engine=vllm samples with the trained adapter loaded into the vLLM server at each step; "
+     "peft_method=full has no adapter to load (use lora or qlora, or rollout_engine tunery or transformers)"
+     if m.method == "grpo" and m.rollout_engine == "vllm" and m.peft_method == "full" else None),
     ("max_seq_length", ("max_seq_length", "pack_sequences", "chunk_size"),
      lambda m: f"max_seq_length ({m.max_seq_length}) cannot exceed chunk_size ({m.chunk_size}) when packing"
      if m.max_seq_length is not None and m.pack_sequences and m.max_seq_length > m.chunk_size else None),

