@@ -197,6 +197,9 @@ def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows
     points = int(page.get_attribute("[data-chart=loss]", "data-points"))
     assert points >= STEPS + 1, points  # every step's loss, plus validation losses
     assert int(page.get_attribute("[data-chart=lr]", "data-points")) == STEPS
+    # a supervised training's token accuracy: every step's, plus the validations'
+    assert page.is_visible("[data-chart=token_accuracy]")
+    assert int(page.get_attribute("[data-chart=token_accuracy]", "data-points")) >= STEPS + 1
     assert page.inner_text("[data-stat=step] .stat-value") == f"{STEPS} / {STEPS}"
     assert page.locator("[data-section=samples] li").count() >= 2  # steps 6 and 12
     data = page.inner_text("[data-section=data]")

@@ -249,3 +249,21 @@ def test_grpo_samples_with_either_rollout_engine_repeatably(tmp_path, rft, tiny_
         rewards.append([e["reward_mean"] for e in read_events(events) if e["type"] == "step"])
     assert len(rewards[0]) == 4 and rewards[0] == rewards[1]
     assert calls == ([2 * 4] * 8 if engine == "tunery" else [])  # 2 prompts × 4 answers, 4 steps, 2 runs
+
+
+def test_grpo_keeps_the_checkpoint_of_its_best_validation_reward(tmp_path, tiny_model_dir):
+    """With a validation set GRPO's evaluations score the graders on the held-out prompts, and the
+    run ends with the weights of the highest validation reward (not the lowest loss)."""
+    data = write_jsonl(tmp_path / "rft.jsonl", prompts(12))
+    events = tmp_path / "events.jsonl"
+    result = train({"train_data": str(data), "grader": VOWELS, **FAST, "run_validation": True,
+                    "num_validation_samples": 4, "eval_steps": 1, "num_generations_eval": 2},
+                   base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False, events=events)
+    vals = [(e["step"], e["val_reward_mean"]) for e in read_events(events) if e["type"] == "validation"][:-1]
+    assert [s for s, _ in vals] == [1, 2, 3, 4]
+    best = max(v for _, v in vals)
+    first_best = next(s for s, v in vals if v == best)
+    kept = result.manifest["metrics"]["kept_checkpoint"]
+    assert kept["metric"] == "reward" and kept["value"] == pytest.approx(best) and kept["step"] == first_best
+    logs = [e["message"] for e in read_events(events) if e["type"] == "log"]
+    assert any(m.startswith("kept ") and "validation reward" in m for m in logs), logs

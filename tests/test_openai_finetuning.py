@@ -123,6 +123,9 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     assert sorted(e.data["step"] for e in metrics) == [1, 2, 3]
     assert all(e.data["total_steps"] == 3 and e.data["train_loss"] > 0 for e in metrics)
     assert [e.data["step"] for e in metrics if "valid_loss" in e.data] == [3]  # validated after the one epoch
+    # the mean token accuracy, measured at each step and at the validation
+    assert all(0.0 <= e.data["train_mean_token_accuracy"] <= 1.0 for e in metrics)
+    assert [e.data["step"] for e in metrics if "valid_mean_token_accuracy" in e.data] == [3]
     assert any(e.message == f"New fine-tuned model created: {job.fine_tuned_model}" for e in events)
     page = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert [e.id for e in page.data] == [e.id for e in events[:2]] and page.has_more
@@ -149,7 +152,12 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     assert list(table[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
     assert all(float(r["train_loss"]) > 0 for r in table)
     assert [r["valid_loss"] != "" for r in table] == [False, False, True]
+    assert all(0.0 <= float(r["train_accuracy"]) <= 1.0 for r in table)
+    assert [r["valid_mean_token_accuracy"] != "" for r in table] == [False, False, True]
     assert checkpoints[0].metrics.valid_loss == pytest.approx(float(table[-1]["valid_loss"]))
+    assert checkpoints[0].metrics.valid_mean_token_accuracy == pytest.approx(
+        float(table[-1]["valid_mean_token_accuracy"]))
+    assert checkpoints[0].metrics.train_mean_token_accuracy == pytest.approx(float(table[-1]["train_accuracy"]))
     assert client.fine_tuning.jobs.retrieve(job.id).result_files == [result_id]  # made once
 
     # "Use a fine-tuned model".

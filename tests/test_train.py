@@ -187,8 +187,8 @@ def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_
     from transformers import AutoModelForCausalLM
 
     from tunery.data import Collator, pack, tokenize_rows, unpacked
+    from tunery.train.loss import TokenCounts, labelled_loss_through_forward
     from tunery.train.loss import labelled_loss as chunked
-    from tunery.train.loss import labelled_loss_through_forward
 
     labelled_loss = chunked if variant == "decoder_then_chunks" else labelled_loss_through_forward
 
@@ -198,9 +198,17 @@ def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_
     examples = tokenize_rows(qa_rows[:6], "prompt_completion", tokenizer, max_length=64)
     for packed, seqs in ((False, unpacked(examples)), (True, pack(examples, 64))):
         batch = Collator(tokenizer.pad_token_id, packed=packed)(seqs)
-        reference = model(**batch).loss
-        ours = labelled_loss(model, batch)
+        out = model(**batch)
+        reference = out.loss
+        counts = TokenCounts()
+        ours = labelled_loss(model, batch, counts=counts)
         assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
+        # the token accuracy counts the labelled next tokens the model's own logits rank first
+        target = batch["labels"][:, 1:]
+        keep = target != -100
+        right = int((out.logits[:, :-1].argmax(-1)[keep] == target[keep]).sum())
+        assert (int(counts.correct), int(counts.total)) == (right, int(keep.sum()))
+        assert counts.take() and counts.take() == (0, 0)
         # the gradients agree too
         ours.backward()
         g1 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -215,11 +223,16 @@ def test_labelled_only_loss_equals_the_models_own(tiny_model_dir, tokenizer, qa_
     import tunery.train.loss as L
 
     batch = Collator(tokenizer.pad_token_id, packed=False)(unpacked(examples))
-    whole = labelled_loss(model, batch).item()
+    one = TokenCounts()
+    whole = labelled_loss(model, batch, counts=one).item()
     L.CHUNK_ROWS, saved = 3, L.CHUNK_ROWS
     try:
         # the same sum in another order: float32 rounding (a few ulps of a loss near 10) may differ
-        assert labelled_loss(model, batch).item() == pytest.approx(whole, rel=1e-6)
+        chunks = TokenCounts()
+        loss = labelled_loss(model, batch, counts=chunks)
+        assert loss.item() == pytest.approx(whole, rel=1e-6)
+        loss.backward()  # the recomputation in backward adds nothing to the counts
+        assert (int(chunks.correct), int(chunks.total)) == (int(one.correct), int(one.total))
     finally:
         L.CHUNK_ROWS = saved
 
@@ -282,3 +295,78 @@ def test_out_of_memory_says_what_to_change(tmp_path, data_file, tiny_model_dir):
     assert "gradient_checkpointing true" in message and "peft_method qlora" in message
     failed = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["type"] == "failed"]
     assert failed[-1]["error"] == message and failed[-1]["error_type"] == "OutOfMemoryError"
+
+
+def _validations(events_file) -> list[tuple[int, float]]:
+    """(step, validation loss) of each evaluation during training (the one after it left out)."""
+    vals = [(e["step"], e["val_loss"]) for e in read_events(events_file) if e["type"] == "validation"]
+    return vals[:-1]
+
+
+def test_the_best_evaluation_is_kept_and_said(tmp_path, data_file, tiny_model_dir):
+    """With a validation set the run ends with the weights of its lowest validation loss (a high
+    learning rate makes the last step worse than an earlier one), checkpointed when it happened
+    and named in a log event; the evaluation after training is that checkpoint's."""
+    events = tmp_path / "events.jsonl"
+    spec = {"train_data": str(data_file), "num_validation_samples": 4, "eval_steps": 1, "max_steps": 10,
+            "learning_rate": 0.05, "logging_steps": 1, "save_steps": 1000, "save_total_limit": 1}
+    result = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False, events=events)
+    vals = _validations(events)
+    best_step, best = min(vals, key=lambda v: v[1])
+    assert len(vals) == 10 and best_step < 10 and best < vals[-1][1]  # the last step is not the best
+    kept = result.manifest["metrics"]["kept_checkpoint"]
+    assert kept == {"step": best_step, "metric": "loss", "value": pytest.approx(best), "last_step": 10,
+                    "stopped_early": False}
+    assert result.manifest["metrics"]["val_loss"] == pytest.approx(best, abs=1e-5)
+    # the best checkpoint outlived save_total_limit=1, and the run's adapter is its weights
+    ckpt = result.run_dir / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors"
+    final = adapter_weights(result.run_dir)
+    assert all(torch.equal(final[k], v) for k, v in load_file(str(ckpt)).items())
+    logs = [e["message"] for e in read_events(events) if e["type"] == "log"]
+    assert f"kept the checkpoint of step {best_step} (validation loss {best:.4f}, the best of 10 evaluations) " \
+           f"instead of step 10's ({vals[-1][1]:.4f})" in logs
+
+
+def test_early_stopping_and_keeping_the_last_step(tmp_path, data_file, tiny_model_dir):
+    """early_stopping_patience: the training stops after that many evaluations without a new best;
+    keep_best_checkpoint=false ends with the last step's weights."""
+    base = {"train_data": str(data_file), "num_validation_samples": 4, "eval_steps": 1, "max_steps": 10,
+            "learning_rate": 0.05, "logging_steps": 1, "save_steps": 1000}
+    events = tmp_path / "events.jsonl"
+    result = train({**base, "early_stopping_patience": 2}, base=str(tiny_model_dir), output_dir=tmp_path / "r",
+                   progress=False, events=events)
+    vals = _validations(events)
+    best_step, best = min(vals, key=lambda v: v[1])
+    assert vals[-1][0] == best_step + 2 < 10  # two evaluations without a new best, then stop
+    assert result.manifest["metrics"]["steps"] == best_step + 2
+    assert result.manifest["metrics"]["kept_checkpoint"]["stopped_early"] is True
+    logs = [e["message"] for e in read_events(events) if e["type"] == "log"]
+    assert any(m.startswith(f"stopping early at step {best_step + 2}: validation loss has not improved on "
+                            f"{best:.4f} (step {best_step}) for 2 evaluations") for m in logs)
+
+    last = train({**base, "keep_best_checkpoint": False}, base=str(tiny_model_dir), output_dir=tmp_path / "last",
+                 progress=False, events=tmp_path / "last.jsonl")
+    vals = _validations(tmp_path / "last.jsonl")
+    assert last.manifest["metrics"]["kept_checkpoint"] is None  # no best tracked: the last step's weights
+    assert last.manifest["metrics"]["val_loss"] == pytest.approx(vals[-1][1], abs=1e-5) != min(v for _, v in vals)
+
+
+def test_early_stopping_needs_a_validation_set(tmp_path, data_file, tiny_model_dir):
+    with pytest.raises(SpecError, match="early_stopping_patience counts evaluations, and run_validation is false"):
+        train({"train_data": str(data_file), "early_stopping_patience": 2, "run_validation": False})
+    with pytest.raises(SpecError, match="early_stopping_patience counts evaluations on a validation set"):
+        train({"train_data": str(data_file), "early_stopping_patience": 2, "num_validation_samples": 0},
+              base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False)
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    assert not [e for e in events if e["type"] in ("memory", "step")]  # refused before the model loaded
+
+
+def test_token_accuracy_in_steps_validations_and_the_manifest(tmp_path, data_file, tiny_model_dir):
+    result = run(tmp_path, "r", data_file, tiny_model_dir, max_steps=2, run_validation=True,
+                 num_validation_samples=4, eval_steps=1, learning_rate=0.05)
+    history = result.manifest["metrics"]["history"]
+    steps = [h for h in history if "loss" in h]
+    vals = [h for h in history if "val_loss" in h]
+    assert len(steps) == 2 and all(0.0 <= h["token_accuracy"] <= 1.0 for h in steps)
+    assert len(vals) == 3 and all(0.0 <= h["val_token_accuracy"] <= 1.0 for h in vals)
+    assert 0.0 <= result.manifest["metrics"]["val_token_accuracy"] <= 1.0

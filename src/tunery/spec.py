@@ -65,7 +65,10 @@ class TrainingInputs(BaseModel):
         "given, else from the head of validation_data.",
     )
     validation_data: str | None = Field(None, description="URL or path of a JSONL file of validation rows.")
-    validation_batch_size: int = Field(1, ge=1, description="Batch size for validation.")
+    validation_batch_size: int = Field(
+        1, ge=1, description="Batch size for validation (with method=grpo: prompts, each answered "
+        "num_generations_eval times)."
+    )
     run_validation: bool = Field(True, description="Whether to run validation during training.")
     validation_prompt: str | None = Field(
         None, description="A prompt whose generation is logged at each validation."
@@ -155,7 +158,20 @@ class TrainingInputs(BaseModel):
     save_steps: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (default: at the end of each epoch)."
     )
-    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep at most this many checkpoints (the best one, when kept, is never deleted)."
+    )
+    keep_best_checkpoint: bool = Field(
+        True,
+        description="With a validation set: the weights a training ends with are those of its best evaluation "
+        "(lowest validation loss; with method=grpo, highest validation reward), checkpointed when it happens, "
+        "and the training says which step it kept. false: the last step's weights.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1,
+        description="With a validation set: stop once this many evaluations in a row have not improved on the "
+        "best one (the best checkpoint is kept). Default: run every step.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     fsdp: bool = Field(
         False,
@@ -321,6 +337,9 @@ REPLICATE_INPUTS = (
 
 # Checks across fields: (field named in the error, every field the check reads, check).
 _CROSS_CHECKS: list[tuple[str, tuple[str, ...], Any]] = [
+    ("early_stopping_patience", ("early_stopping_patience", "run_validation"),
+     lambda m: "early_stopping_patience counts evaluations, and run_validation is false"
+     if m.early_stopping_patience and not m.run_validation else None),
     ("micro_batch_size", ("micro_batch_size", "train_batch_size", "method"),
      lambda m: f"micro_batch_size ({m.micro_batch_size}) must divide train_batch_size ({m.train_batch_size})"
      if m.method != "grpo" and m.train_batch_size % m.micro_batch_size else None),

@@ -81,6 +81,9 @@ export interface HistoryPoint {
   learning_rate?: number;
   tokens_per_second?: number;
   time?: number;
+  /** Supervised runs: the share of labelled next tokens the model ranked first (mean token accuracy). */
+  token_accuracy?: number;
+  val_token_accuracy?: number;
   /** DPO runs: the fraction of pairs whose preferred answer has the higher reward, and the mean gap. */
   reward_accuracy?: number;
   reward_margin?: number;

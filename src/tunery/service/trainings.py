@@ -402,9 +402,10 @@ def exported_run(store: Store, settings: Settings, owner: str, training_id: str)
 
 def results_csv(row: Training, metrics: dict[str, Any] | None = None) -> str:
     """The training's step metrics in the columns of OpenAI's results file: step, train_loss,
-    train_accuracy, valid_loss, valid_mean_token_accuracy (tunery measures no accuracies: those
-    cells are empty), and a DPO or GRPO training's reward metrics (reward_columns). `metrics` are the training's final
-    metrics (its row's when not given)."""
+    train_accuracy, valid_loss, valid_mean_token_accuracy (the accuracies are the mean token
+    accuracy a supervised training measures; empty for DPO and GRPO), and a DPO or GRPO training's
+    reward metrics (reward_columns). `metrics` are the training's final metrics (its row's when
+    not given)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     history = ((row.metrics if metrics is None else metrics) or {}).get("history") or []
@@ -412,7 +413,8 @@ def results_csv(row: Training, metrics: dict[str, Any] | None = None) -> str:
     writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
                      *(name for _, name in rewards)])
     for h in history:
-        writer.writerow([h.get("step"), h.get("loss", ""), "", h.get("val_loss", ""), "",
+        writer.writerow([h.get("step"), h.get("loss", ""), h.get("token_accuracy", ""), h.get("val_loss", ""),
+                         h.get("val_token_accuracy", ""),
                          *(h.get(key, "") for key, _ in rewards)])
     return out.getvalue()
 

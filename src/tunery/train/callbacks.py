@@ -93,11 +93,15 @@ GRPO_METRICS = {
 }
 
 
+#: Supervised tuning's: the share of labelled next tokens that were the model's top choice.
+SFT_METRICS = {"mean_token_accuracy": "token_accuracy"}
+
+
 def method_metrics(logs: dict[str, Any], *, validation: bool = False) -> dict[str, Any]:
-    """The DPO or GRPO metrics in a Trainer log, under our names (none for an SFT log)."""
+    """The method's own metrics in a Trainer log (SFT's token accuracy, DPO's or GRPO's), under our names."""
     prefix, name_prefix = ("eval_", "val_") if validation else ("", "")
-    out = {name_prefix + ours: logs[prefix + theirs] for theirs, ours in {**DPO_METRICS, **GRPO_METRICS}.items()
-           if prefix + theirs in logs}
+    known = {**SFT_METRICS, **DPO_METRICS, **GRPO_METRICS}
+    out = {name_prefix + ours: logs[prefix + theirs] for theirs, ours in known.items() if prefix + theirs in logs}
     for key, value in logs.items():
         if key.startswith(prefix + "graders/") and key != prefix + "graders/failed":
             out[name_prefix + "grader_" + key[len(prefix + "graders/"):]] = value
@@ -194,6 +198,7 @@ class ProgressCallback(TrainerCallback):
         self.loss: float | None = None
         self.val_loss: float | None = None
         self.reward_accuracy: float | None = None  # DPO: how often the preferred answer has the higher reward
+        self.token_accuracy: float | None = None  # SFT: the share of labelled next tokens predicted
         self.reward: tuple[float, float] | None = None  # GRPO: the grader's mean score and its spread
         self.started = 0.0
         self.first_step = 0
@@ -235,6 +240,8 @@ class ProgressCallback(TrainerCallback):
             self.loss = logs["loss"]
         if "eval_loss" in logs:
             self.val_loss = logs["eval_loss"]
+        if "mean_token_accuracy" in logs:
+            self.token_accuracy = logs["mean_token_accuracy"]
         if "rewards/accuracies" in logs:
             self.reward_accuracy = logs["rewards/accuracies"]
         if "reward" in logs and "reward_std" in logs:
@@ -254,7 +261,7 @@ class ProgressCallback(TrainerCallback):
 
     def line(self, state, now: float) -> str:
         """`step 12/38 (epoch 0.32) loss 1.2345 val 1.3000 | 173 tok/s | elapsed 0:41 | ETA 1:30`
-        (DPO: `loss 0.6931 reward acc 0.75 val ...`; GRPO: `loss 0.0012 reward 0.42±0.31 val ...`)."""
+        (SFT: `loss 1.2345 acc 0.62 val ...`, the mean token accuracy; DPO: `loss 0.6931 reward acc 0.75 val ...`; GRPO: `loss 0.0012 reward 0.42±0.31 val ...`)."""
         done = state.global_step - self.first_step
         elapsed = now - self.started
         left = state.max_steps - state.global_step
@@ -265,6 +272,8 @@ class ProgressCallback(TrainerCallback):
                 f" | {self.meter.overall_rate():.0f} tok/s | elapsed {_clock(elapsed)} | ETA {eta}")
 
     def _extra(self, short: bool = False) -> str:
+        if self.token_accuracy is not None:
+            return f" acc {self.token_accuracy:.2f}"
         if self.reward_accuracy is not None:
             return f" {'acc' if short else 'reward acc'} {self.reward_accuracy:.2f}"
         if self.reward is not None:
@@ -345,3 +354,50 @@ class PauseOnRequest(TrainerCallback):
             control.should_training_stop = True
             self.paused = state.global_step
         return control
+
+
+class BestCheckpoint(TrainerCallback):
+    """The best evaluation's weights, and early stopping. With a validation set the Trainer tracks
+    the best value of `args.metric_for_best_model` (the validation loss; GRPO's validation reward)
+    in its state, spares the best checkpoint when it rotates old ones and, with
+    `load_best_model_at_end`, loads it back after the last step. Here: a checkpoint is saved at
+    every evaluation that improves on the best (so the best exists on disk whatever the save
+    steps), and with `patience` the training stops once that many evaluations in a row have not
+    improved on it. The count is read from the Trainer's log history, so it survives a resume.
+    The evaluation after training (recipe) changes nothing."""
+
+    def __init__(self, sink: EventSink, patience: int | None):
+        self.sink = sink
+        self.patience = patience
+        self.training = False
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        key = args.metric_for_best_model
+        if not self.training or not key or not metrics or key not in metrics:
+            return control
+        value = metrics[key]
+        best = state.best_metric
+        if best is None or (value > best if args.greater_is_better else value < best):
+            control.should_save = True  # the Trainer records it as the best right after this call
+            return control
+        since = [h for h in state.log_history if key in h and h.get("step", 0) > (state.best_global_step or 0)]
+        if self.patience and len(since) >= self.patience and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+            shown = best_metric_name(key)
+            self.sink.emit("log", message=f"stopping early at step {state.global_step}: {shown} has not improved "
+                           f"on {best:.4f} (step {state.best_global_step}) for {len(since)} evaluations "
+                           f"(early_stopping_patience {self.patience})")
+        return control
+
+
+def best_metric_name(key: str) -> str:
+    """How events name the Trainer's metric_for_best_model: eval_loss → validation loss."""
+    return {"eval_loss": "validation loss", "eval_reward": "validation reward"}.get(key, key)

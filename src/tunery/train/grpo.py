@@ -242,8 +242,11 @@ def build_grpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: d
     limits = Limits(seconds=settings.grader_seconds, memory_bytes=settings.grader_memory_mb << 20)
     schema = inputs.response_schema
     reward = GraderReward(grader, limits=limits, want_json=schema is not None, sink=sink, judge=None)
+    # TRL's evaluation batch counts answers and must hold whole groups: validation_batch_size
+    # counts prompts here, each answered num_generations_eval (default num_generations) times.
+    eval_answers = common["per_device_eval_batch_size"] * (inputs.num_generations_eval or inputs.num_generations)
     args = GRPOConfig(
-        **{**common, "logging_steps": inputs.logging_steps},
+        **{**common, "logging_steps": inputs.logging_steps, "per_device_eval_batch_size": eval_answers},
         num_generations=inputs.num_generations,
         num_generations_eval=inputs.num_generations_eval,
         max_completion_length=inputs.max_completion_length,

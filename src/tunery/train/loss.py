@@ -41,14 +41,39 @@ def supports_labelled_loss(model) -> bool:
     )
 
 
-def _chunk_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+class TokenCounts:
+    """Labelled next tokens that were the model's top choice, and all labelled next tokens, summed
+    on the device (no synchronisation per batch) until `take` reads and resets them: the mean
+    token accuracy of TRL's SFTTrainer and OpenAI's results file."""
+
+    def __init__(self) -> None:
+        self.correct: torch.Tensor | int = 0
+        self.total: torch.Tensor | int = 0
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """`logits` (rows, vocab) and `target` (rows,) of labelled positions only."""
+        with torch.no_grad():
+            self.correct = self.correct + (logits.argmax(-1) == target).sum()
+            self.total = self.total + target.numel()
+
+    def take(self) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        out = (self.correct, self.total)
+        self.correct, self.total = 0, 0
+        return out
+
+
+def _chunk_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = lm_head(hidden).float()
-    return F.cross_entropy(logits, target, reduction="sum")
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == target).sum()
+    return F.cross_entropy(logits, target, reduction="sum"), correct
 
 
-def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None,
+                  counts: TokenCounts | None = None) -> torch.Tensor:
     """Mean cross-entropy over labelled next-token positions (sum / num_items_in_batch when given,
-    so gradient accumulation weighs every token equally, as the Trainer's default loss does)."""
+    so gradient accumulation weighs every token equally, as the Trainer's default loss does).
+    `counts`, when given, adds the positions whose label was the top logit."""
     lm = causal_lm(model)
     labels = inputs["labels"]
     decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -58,17 +83,22 @@ def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=Non
     rows = hidden[:, :-1][keep]
     tgt = target[keep]
     if rows.shape[0] <= CHUNK_ROWS:
-        total = _chunk_loss(lm.lm_head, rows, tgt)
+        total, correct = _chunk_loss(lm.lm_head, rows, tgt)
     else:
-        total = rows.new_zeros((), dtype=torch.float32)
+        total, correct = rows.new_zeros((), dtype=torch.float32), tgt.new_zeros(())
         for h, t in zip(rows.split(CHUNK_ROWS), tgt.split(CHUNK_ROWS), strict=True):
-            total = total + checkpoint(_chunk_loss, lm.lm_head, h, t, use_reentrant=False)
+            part, right = checkpoint(_chunk_loss, lm.lm_head, h, t, use_reentrant=False)
+            total, correct = total + part, correct + right
+    if counts is not None:
+        counts.correct = counts.correct + correct
+        counts.total = counts.total + tgt.numel()
     denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
     # A batch without a single label contributes 0, not 0/0.
     return total / denominator.to(total.device).clamp(min=1)
 
 
-def labelled_loss_through_forward(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+def labelled_loss_through_forward(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None,
+                                  counts: TokenCounts | None = None) -> torch.Tensor:
     """The same loss as `labelled_loss`, through `model`'s own forward (a DDP wrapper, say):
     the LM head runs only at positions whose next token is labelled."""
     labels = inputs["labels"]
@@ -79,6 +109,9 @@ def labelled_loss_through_forward(model, inputs: dict[str, torch.Tensor], num_it
     mask[:, :-1] = keep
     decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
     logits = model(**decoder_inputs, use_cache=False, logits_to_keep=mask).logits  # (labelled rows, vocab)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target[keep], reduction="sum")
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    total = F.cross_entropy(logits, target[keep], reduction="sum")
+    if counts is not None:
+        counts.add(logits, target[keep])
     denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
     return total / denominator.to(total.device).clamp(min=1)

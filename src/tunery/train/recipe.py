@@ -307,6 +307,34 @@ def train(
     return result
 
 
+def kept_checkpoint(trainer, sink: EventSink) -> dict[str, Any] | None:
+    """Which evaluation's weights the training ends with (callbacks.BestCheckpoint), said in a log
+    event: {"step", "metric", "value", "last_step", "stopped_early"}; None without a tracked metric."""
+    from tunery.train.callbacks import BestCheckpoint, best_metric_name
+
+    key, state = trainer.args.metric_for_best_model, trainer.state
+    if not key or state.best_global_step is None or state.best_metric is None:
+        return None
+    stopper = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BestCheckpoint)), None)
+    last = state.global_step
+    loaded = trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None
+    step = state.best_global_step if loaded else last
+    evaluations = [h[key] for h in state.log_history if key in h]
+    shown = best_metric_name(key)
+    if step == last:
+        message = f"kept the last step's weights (step {last}"
+        message += f", {shown} {state.best_metric:.4f}, the best of {len(evaluations)} evaluations)" \
+            if state.best_global_step == last else ")"
+    else:
+        message = (f"kept the checkpoint of step {step} ({shown} {state.best_metric:.4f}, the best of "
+                   f"{len(evaluations)} evaluations) instead of step {last}'s"
+                   + (f" ({evaluations[-1]:.4f})" if evaluations else ""))
+    sink.emit("log", message=message)
+    return {"step": step, "metric": key.removeprefix("eval_"), "value": state.best_metric if step ==
+            state.best_global_step else None, "last_step": last,
+            "stopped_early": stopper.stopped_at is not None if stopper else False}
+
+
 def _echo_to_stderr(event: dict) -> None:
     if event["type"] in ("log", "warning"):
         prefix = "warning: " if event["type"] == "warning" else ""
@@ -374,6 +402,9 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     data = prepare_data(inputs, tokenizer, settings=settings, sink=sink, datasets=datasets)
     sink.emit("data", **data.stats)
     sink.emit("log", message=_describe_data(data.stats))
+    if inputs.early_stopping_patience and not data.validation:
+        raise SpecError("invalid training input: early_stopping_patience counts evaluations on a validation set, "
+                        "and this training has none: give validation_data or num_validation_samples")
 
     # 3. Model: refused before it is loaded when it cannot fit this process's device.
     device = pick_device()
@@ -475,8 +506,13 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
             # The crash came after the last step's checkpoint: the Trainer would run one step past
             # max_steps on resume, so take the final weights as they are instead.
             sink.emit("log", message=f"{checkpoint} holds the final step; saving its weights")
+            best = state.get("best_model_checkpoint") if trainer.args.load_best_model_at_end else None
+            if best and Path(best).is_dir() and Path(best).name != Path(checkpoint).name:
+                checkpoint = best  # as the Trainer would have loaded it back after the last step
             load_checkpoint_weights(trainer.model, checkpoint)
             trainer.state.global_step = state["global_step"]
+            for name in ("best_metric", "best_global_step", "best_model_checkpoint"):
+                setattr(trainer.state, name, state.get(name))
             losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
             train_loss_mean, train_runtime = (sum(losses) / len(losses) if losses else None), 0.0
         else:
@@ -484,6 +520,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
             if pauser is not None and pauser.paused is not None:
                 raise Paused(pauser.paused)
             train_loss_mean, train_runtime = train_out.training_loss, train_out.metrics.get("train_runtime", 0.0)
+        kept = kept_checkpoint(trainer, sink)
         final_val, final_eval = None, {}
         if data.validation and inputs.run_validation:
             final_eval = trainer.evaluate()
@@ -532,7 +569,14 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         "padding_fraction": data.stats["padding_fraction"],
         "packing_fill": data.stats["packing_fill"],
         "history": events_cb.history,
+        "kept_checkpoint": kept,
     }
+    if inputs.method == "sft":
+        from tunery.train.callbacks import method_metrics
+
+        metrics["token_accuracy"] = next((h["token_accuracy"] for h in reversed(events_cb.history)
+                                          if "token_accuracy" in h), None)
+        metrics.update(method_metrics(final_eval, validation=True))
     if inputs.method == "dpo":
         from tunery.train.callbacks import method_metrics
 

@@ -12,7 +12,13 @@ from transformers import TrainingArguments
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import TokenMeter
 from tunery.train.events import EventSink
-from tunery.train.loss import labelled_loss, labelled_loss_through_forward, supports_labelled_loss
+from tunery.train.loss import (
+    IGNORE,
+    TokenCounts,
+    labelled_loss,
+    labelled_loss_through_forward,
+    supports_labelled_loss,
+)
 from tunery.train.trainer import TrainerBase, equip, our_callbacks
 
 
@@ -46,29 +52,64 @@ class CountingCollator:
 
 class TuneryTrainer(TrainerBase):
     """Trainer that counts real and trained tokens as batches pass through compute_loss and, where
-    the model allows, computes the LM head and loss only at labelled positions (train/loss.py)."""
+    the model allows, computes the LM head and loss only at labelled positions (train/loss.py).
+    It measures the mean token accuracy (the share of labelled next tokens that were the model's
+    top choice) of the steps since the last log, and of each evaluation: `mean_token_accuracy`
+    and `eval_mean_token_accuracy` in the logs, as TRL's SFTTrainer names them."""
 
     meter: TokenMeter
     labelled_only: bool = False
+    counts: dict[str, TokenCounts]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real = inputs.pop("_real_tokens", None)
         if model.training and real is not None:
             self.meter.add(int(real), int((inputs["labels"] != -100).sum()))
+        counts = self.counts["train" if model.training else "eval"]
         if not self.labelled_only or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if "labels" in inputs:
+                target = inputs["labels"][:, 1:]
+                keep = target != IGNORE
+                counts.add(outputs["logits"][:, :-1][keep], target[keep])
+            return (loss, outputs) if return_outputs else loss
         if self.meter.world > 1:  # DDP must run the forward: ask it for the labelled rows' logits only
-            loss = labelled_loss_through_forward(model, inputs, num_items_in_batch)
+            loss = labelled_loss_through_forward(model, inputs, num_items_in_batch, counts)
         else:  # one process: decoder, then the LM head in checkpointed chunks of labelled rows
             # This bypasses the model's forward, which accelerate wraps in autocast: enter it here.
             with self.accelerator.autocast():
-                loss = labelled_loss(model, inputs, num_items_in_batch)
+                loss = labelled_loss(model, inputs, num_items_in_batch, counts)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         # prediction_step wants outputs: a dict holding only the loss (no logits were made).
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            accuracy = self._accuracy("train")
+            if accuracy is not None:
+                logs["mean_token_accuracy"] = accuracy
+        return super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self.counts["eval"].take()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        accuracy = self._accuracy("eval")
+        if accuracy is not None:
+            output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = accuracy
+        return output
+
+    def _accuracy(self, mode: str) -> float | None:
+        """The mean token accuracy counted since the last read, over every process."""
+        correct, total = self.counts[mode].take()
+        pair = torch.tensor([float(correct), float(total)], device=self.accelerator.device)
+        if self.meter.world > 1:
+            pair = self.accelerator.reduce(pair, "sum")
+        return round(float(pair[0] / pair[1]), 6) if pair[1] > 0 else None
 
 
 def build_sft_trainer(model, tokenizer, data, inputs: TrainingInputs, common: dict[str, Any], *, run,
@@ -93,6 +134,7 @@ def build_sft_trainer(model, tokenizer, data, inputs: TrainingInputs, common: di
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.counts = {"train": TokenCounts(), "eval": TokenCounts()}
     equip(trainer, meter, inputs, run=run, base=base)
     if inputs.loss_computation == "labelled" and supports_labelled_loss(model):
         trainer.labelled_only = True

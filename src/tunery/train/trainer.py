@@ -17,6 +17,7 @@ from tunery.models.load import world_size
 from tunery.models.precision import Precision, resolve_precision
 from tunery.spec import TrainingInputs
 from tunery.train.callbacks import (
+    BestCheckpoint,
     CheckpointsToStorage,
     EventsCallback,
     ProgressCallback,
@@ -51,6 +52,11 @@ def training_arguments(model, data, inputs: TrainingInputs, *, run, device: str,
     has_val = bool(data.validation) and inputs.run_validation
     eval_strategy = ("steps" if inputs.eval_steps else "epoch") if has_val else "no"
     bf16 = training_precision(inputs, device).name == "bf16"
+    best: dict[str, Any] = {}
+    if has_val and (inputs.keep_best_checkpoint or inputs.early_stopping_patience):
+        # What "best" means (callbacks.BestCheckpoint): GRPO's evaluation reports the graders' reward.
+        grpo = inputs.method == "grpo"
+        best = {"metric_for_best_model": "eval_reward" if grpo else "eval_loss", "greater_is_better": grpo}
     return dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=inputs.num_train_epochs,
@@ -85,6 +91,7 @@ def training_arguments(model, data, inputs: TrainingInputs, *, run, device: str,
         # Every trainable parameter (LoRA's or, in full fine-tuning, all) is used in each forward:
         # spare DDP the extra graph traversal that looking for unused ones costs every step.
         ddp_find_unused_parameters=False,
+        **best,
         **fsdp_arguments(model, inputs),
     )
 
@@ -124,11 +131,12 @@ class TrainerBase(Trainer):
 
 def our_callbacks(tokenizer, inputs: TrainingInputs, *, run, sink: EventSink, progress: bool,
                   extra_callbacks: list | None, checkpoint_minutes: float) -> tuple[TokenMeter, EventsCallback, list]:
-    """The token meter and our callbacks, for every method's trainer: events, the progress line,
-    timed checkpoints, storage copies."""
+    """The token meter and our callbacks, for every method's trainer: events, the best checkpoint
+    and early stopping, the progress line, timed checkpoints, storage copies."""
     meter = TokenMeter(world=world_size())
     events_cb = EventsCallback(sink, meter, tokenizer=tokenizer, validation_prompt=inputs.validation_prompt)
-    callbacks = [events_cb] + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or [])
+    callbacks = ([events_cb, BestCheckpoint(sink, inputs.early_stopping_patience)]
+                 + ([ProgressCallback(meter)] if progress else []) + list(extra_callbacks or []))
     if checkpoint_minutes > 0:
         callbacks.append(TimedCheckpoints(checkpoint_minutes * 60))
     if run.remote:
@@ -141,6 +149,10 @@ def equip(trainer: TrainerBase, meter: TokenMeter, inputs: TrainingInputs, *, ru
     Trainer's dict printing (which would also corrupt `--events -` on stdout); TensorBoard in the
     run's tracking folder when asked for; the token meter; LoRA+ for an adapter."""
     trainer.remove_callback(PrinterCallback)
+    # The best evaluation's weights are loaded back after the last step. Set here rather than in
+    # the arguments, whose check wants save steps aligned with evaluation steps: BestCheckpoint
+    # saves at each new best itself, whatever the save steps.
+    trainer.args.load_best_model_at_end = inputs.keep_best_checkpoint and trainer.args.metric_for_best_model is not None
     if "tensorboard" in inputs.trackers:
         from tunery.train.tracking import add_tensorboard
 

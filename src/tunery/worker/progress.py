@@ -11,11 +11,11 @@ from typing import Any
 
 # The metrics' history is rewritten with every update; cap it so a long training stays cheap.
 MAX_HISTORY = 2000
-#: What a step's metrics keep beyond loss and learning rate: DPO's (how often and by how much the
+#: What a step's metrics keep beyond loss and learning rate: supervised tuning's token accuracy, DPO's (how often and by how much the
 #: preferred answer wins) and GRPO's (the grader's mean score and spread, the share of prompts whose
 #: answers all scored alike, the answers' length, the share the grader failed on); and each named
 #: grader's score (grader_<name>).
-METHOD_KEYS = ("reward_accuracy", "reward_margin", "reward_mean", "reward_std", "no_spread_share",
+METHOD_KEYS = ("token_accuracy", "reward_accuracy", "reward_margin", "reward_mean", "reward_std", "no_spread_share",
                "completion_length", "completion_clipped_share", "grader_failed_share", "kl")
 HISTORY_KEYS = ("step", "loss", "val_loss", "learning_rate", "tokens_per_second", *METHOD_KEYS,
                 *(f"val_{k}" for k in METHOD_KEYS))
@@ -39,6 +39,8 @@ def step_line(event: dict) -> str:
     total = event.get("max_steps")
     line = f"step {event.get('step')}" + (f"/{total}" if total and total > 0 else "")
     line += f" loss {_num(event.get('loss'), '.4f')} lr {_num(event.get('learning_rate'), '.2e')}"
+    if event.get("token_accuracy") is not None:
+        line += f" acc {_num(event.get('token_accuracy'), '.3f')}"
     if event.get("reward_accuracy") is not None:
         line += f" reward acc {_num(event.get('reward_accuracy'), '.2f')} margin {_num(event.get('reward_margin'), '.3f')}"
     if event.get("reward_mean") is not None:

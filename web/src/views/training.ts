@@ -30,6 +30,9 @@ export function trainingView(id: string): View {
     lineChart("lr", "Learning rate", [{ label: "learning rate", color: "#0d9488" }], lr),
     lineChart("tps", "Tokens / s", [{ label: "tokens/s", color: "#db2777" }], (v) => num(Math.round(v))),
   ];
+  // Supervised runs: the share of labelled next tokens the model ranks first.
+  const accuracyChart = lineChart("token_accuracy", "Token accuracy", [{ label: "train", color: "#16a34a" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 3));
+  accuracyChart.el.hidden = true;
   // DPO runs (method=dpo) only: how often, and by how much, the preferred answer out-scores the other.
   const dpoCharts = [
     lineChart("reward_accuracy", "Reward accuracy", [{ label: "train", color: "#16a34a" }, { label: "validation", color: "#f97316", sparse: true }], (v) => num(v, 2)),
@@ -59,7 +62,7 @@ export function trainingView(id: string): View {
   let shownLogs = "";
   let last: Training | null = null;
 
-  const chartsBox = h("div", { class: "charts" }, [...charts, ...dpoCharts, ...grpoCharts].map((c) => c.el));
+  const chartsBox = h("div", { class: "charts" }, [...charts, accuracyChart, ...dpoCharts, ...grpoCharts].map((c) => c.el));
   const el = h(
     "div",
     { class: "page", "data-training": id },
@@ -196,6 +199,9 @@ export function trainingView(id: string): View {
     charts[0].update(series(m.history, ["loss", "val_loss"]));
     charts[1].update(series(m.history, ["learning_rate"]));
     charts[2].update(series(m.history, ["tokens_per_second"]));
+    const accuracy = (m.history ?? []).some((p) => typeof p.token_accuracy === "number");
+    accuracyChart.el.hidden = !accuracy;
+    if (accuracy) accuracyChart.update(series(m.history, ["token_accuracy", "val_token_accuracy"]));
     const dpo = (m.history ?? []).some((p) => typeof p.reward_accuracy === "number");
     for (const c of dpoCharts) c.el.hidden = !dpo;
     if (dpo) {
@@ -321,7 +327,7 @@ export function trainingView(id: string): View {
     destroy() {
       stop();
       window.clearTimeout(exportsTimer);
-      [...charts, ...dpoCharts, ...grpoCharts].forEach((c) => c.destroy());
+      [...charts, accuracyChart, ...dpoCharts, ...grpoCharts].forEach((c) => c.destroy());
       graderChart?.destroy();
     },
   };

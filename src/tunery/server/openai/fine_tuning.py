@@ -488,9 +488,13 @@ def job_events(job: Training) -> list[dict[str, Any]]:
         if "loss" in h:
             data["train_loss"] = h["loss"]
             message += f" training loss={h['loss']:.4f}"
+        if h.get("token_accuracy") is not None:
+            data["train_mean_token_accuracy"] = h["token_accuracy"]
         if "val_loss" in h:
             data["valid_loss"] = h["val_loss"]
             message += f", validation loss={h['val_loss']:.4f}"
+        if h.get("val_token_accuracy") is not None:
+            data["valid_mean_token_accuracy"] = h["val_token_accuracy"]
         if h.get("learning_rate") is not None:
             data["learning_rate"] = h["learning_rate"]
         for key, name, shown in rewards:  # a DPO or RFT job's
@@ -536,7 +540,10 @@ def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
     """The job's checkpoints, oldest first: those its run holds (the Trainer keeps the newest few),
     and for a succeeded job its final weights, each with the metrics of its step. Only the final
     one is served (as the job's fine_tuned_model, or its ckpt-step name)."""
-    history = {h["step"]: h for h in (job.metrics or {}).get("history") or [] if isinstance(h.get("step"), int)}
+    history: dict[int, dict[str, Any]] = {}
+    for h in (job.metrics or {}).get("history") or []:  # a step's training and validation records, merged
+        if isinstance(h.get("step"), int):
+            history.setdefault(h["step"], {}).update(h)
     steps: set[int] = set()
     if job.run_url:
         from tunery.artifacts.run import CHECKPOINT_PREFIX
@@ -556,9 +563,10 @@ def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
         h = history.get(step, {})
         at = h.get("time") or (job.completed_at or job.created_at).timestamp()
         metrics = {"step": step, "train_loss": h.get("loss"), "valid_loss": h.get("val_loss"),
-                   "train_mean_token_accuracy": None, "valid_mean_token_accuracy": None,
+                   "train_mean_token_accuracy": h.get("token_accuracy"),
+                   "valid_mean_token_accuracy": h.get("val_token_accuracy"),
                    "full_valid_loss": h.get("val_loss") if step == final else None,
-                   "full_valid_mean_token_accuracy": None,
+                   "full_valid_mean_token_accuracy": h.get("val_token_accuracy") if step == final else None,
                    **{name: h[key] for key, name, _ in rewards if h.get(key) is not None}}
         out.append({"id": f"{CHECKPOINT}{job.id}-{step}", "object": "fine_tuning.job.checkpoint",
                     "created_at": int(at), "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
