@@ -403,7 +403,7 @@ def exported_run(store: Store, settings: Settings, owner: str, training_id: str)
 def results_csv(row: Training, metrics: dict[str, Any] | None = None) -> str:
     """The training's step metrics in the columns of OpenAI's results file: step, train_loss,
     train_accuracy, valid_loss, valid_mean_token_accuracy (the accuracies are the mean token
-    accuracy a supervised training measures; empty for DPO and GRPO), and a DPO or GRPO training's
+    accuracy: a supervised training's, a DPO training's on its preferred answers; empty for GRPO), and a DPO or GRPO training's
     reward metrics (reward_columns). `metrics` are the training's final metrics (its row's when
     not given)."""
     out = io.StringIO()

@@ -93,7 +93,8 @@ GRPO_METRICS = {
 }
 
 
-#: Supervised tuning's: the share of labelled next tokens that were the model's top choice.
+#: Supervised tuning's: the share of labelled next tokens that were the model's top choice (TRL's
+#: DPO logs the same over the preferred answers' tokens).
 SFT_METRICS = {"mean_token_accuracy": "token_accuracy"}
 
 
@@ -272,12 +273,13 @@ class ProgressCallback(TrainerCallback):
                 f" | {self.meter.overall_rate():.0f} tok/s | elapsed {_clock(elapsed)} | ETA {eta}")
 
     def _extra(self, short: bool = False) -> str:
-        if self.token_accuracy is not None:
-            return f" acc {self.token_accuracy:.2f}"
+        # DPO logs a token accuracy too (TRL's, on the preferred answers): its reward accuracy comes first.
         if self.reward_accuracy is not None:
             return f" {'acc' if short else 'reward acc'} {self.reward_accuracy:.2f}"
         if self.reward is not None:
             return f" reward {self.reward[0]:.2f}±{self.reward[1]:.2f}"
+        if self.token_accuracy is not None:
+            return f" acc {self.token_accuracy:.2f}"
         return ""
 
     def on_train_end(self, args, state, control, **kwargs):
