@@ -32,7 +32,8 @@ READERS = ("llama.cpp", "transformers")
 # agreement; eight tiny random families of tests/families.py, both readers; benchmarks/NOTES.md):
 # f32 0 in transformers, 2e-6 in llama.cpp and 2e-4 for Gemma (llama.cpp's GELU goes through an
 # f16 table); f16 <= 4e-3; bf16 <= 4e-2, agreement >= 0.96; q8_0 <= 0.085, >= 0.91 (0.85 on a
-# Llama 2 after a few LoRA steps); q5 <= 0.44,
+# Llama 2 after a few LoRA steps; 0.206 for llama-3's tiny chat run read by llama.cpp on an
+# AVX2-only CPU, agreement 0.955); q5 <= 0.44,
 # >= 0.62; q4 <= 0.75, >= 0.37 (random models' near-tied logits make 4- and 5-bit agreement low;
 # SmolLM2's real weights keep far more). A broken layout is far outside: q/k not permuted gives
 # 1.3-1.4 with 7-15% agreement, Gemma's norms without their +1 gives 1.0 with none, at every type.
@@ -40,7 +41,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "f32": {"rel": 1e-3, "argmax": 0.99},
     "f16": {"rel": 1e-2, "argmax": 0.95},
     "bf16": {"rel": 1e-1, "argmax": 0.9},
-    "q8_0": {"rel": 2e-1, "argmax": 0.75},
+    "q8_0": {"rel": 2.5e-1, "argmax": 0.75},
     "q5_1": {"rel": 6e-1, "argmax": 0.5},
     "q5_0": {"rel": 6e-1, "argmax": 0.5},
     "q4_1": {"rel": 1.0, "argmax": 0.3},
