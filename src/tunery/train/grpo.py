@@ -76,7 +76,6 @@ class VLLMRollouts:
         self.base = base
         self.weights: Weights | None = None
         self.step: int | None = None
-        self.loads = 0
 
     def refresh(self, model, step: int) -> None:
         """Load `model`'s active adapter into the server if `step` differs from the one loaded."""
@@ -88,7 +87,6 @@ class VLLMRollouts:
         previous, self.step = self.weights, step
         self.weights = Weights(kind="adapter", path=path if name == "default" else path / name, tokenizer=None,
                                base=self.base, source=f"the adapter at step {step}")
-        self.loads += 1
         if previous is not None:
             self._drop(previous)
 
@@ -280,10 +278,7 @@ def build_grpo_trainer(model, tokenizer, data, inputs: TrainingInputs, common: d
             os.environ["TQDM_DISABLE"] = quiet
     trainer.reward = reward
     trainer.rollouts = rollout_engine(inputs, trainer.accelerator.device.type, settings)
-    if trainer.rollouts == "vllm":
-        if not peft:
-            raise TuneryError("rollout_engine=vllm needs an adapter to load into the vLLM server; this training "
-                              "tunes every weight (use rollout_engine tunery or transformers)")
+    if trainer.rollouts == "vllm":  # with an adapter: the inputs' check and rollout_engine's auto rule see to it
         trainer.vllm_rollouts = VLLMRollouts(base or DEFAULT_BASE, settings)
     if peft and "ref" in model.peft_config:
         model.delete_adapter("ref")  # the reference is then the model with its adapter disabled (the base)

@@ -53,8 +53,11 @@ class TokenCounts:
     def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """`logits` (rows, vocab) and `target` (rows,) of labelled positions only."""
         with torch.no_grad():
-            self.correct = self.correct + (logits.argmax(-1) == target).sum()
-            self.total = self.total + target.numel()
+            self.count((logits.argmax(-1) == target).sum(), target.numel())
+
+    def count(self, correct: torch.Tensor | int, total: int) -> None:
+        self.correct = self.correct + correct
+        self.total = self.total + total
 
     def take(self) -> tuple[torch.Tensor | int, torch.Tensor | int]:
         out = (self.correct, self.total)
@@ -90,8 +93,7 @@ def labelled_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=Non
             part, right = checkpoint(_chunk_loss, lm.lm_head, h, t, use_reentrant=False)
             total, correct = total + part, correct + right
     if counts is not None:
-        counts.correct = counts.correct + correct
-        counts.total = counts.total + tgt.numel()
+        counts.count(correct, tgt.numel())
     denominator = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else keep.sum())
     # A batch without a single label contributes 0, not 0/0.
     return total / denominator.to(total.device).clamp(min=1)
