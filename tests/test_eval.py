@@ -93,6 +93,38 @@ def test_eval_compare_cli_writes_both_columns(tmp_path, split, tiny_model_dir):
     assert base_only["metrics"]["base"]["loss"] == pytest.approx(report["metrics"]["base"]["loss"], rel=1e-5)
     table = tunery("eval", "--weights", run_dir, "--test-data", test_file, "--compare")
     assert "change" in table.stdout and "exact_match" in table.stdout
+    # An instruct base (a chat template): what tuning cost is measured by default, and said.
+    cost = report["forgetting"]
+    assert list(cost["metrics"]) == ["base", "tuned"] and cost["instructions"] == 24 and cost["general_texts"] == 48
+    base, tuned = cost["metrics"]["base"], cost["metrics"]["tuned"]
+    assert base["general_text_loss"] != pytest.approx(tuned["general_text_loss"], abs=1e-6)
+    assert base["base_answer_loss"] != pytest.approx(tuned["base_answer_loss"], abs=1e-6)
+    assert 0 <= tuned["answer_agreement"] <= 1 and "answer_agreement" not in base
+    assert "what tuning cost: general-text loss" in " ".join(table.stdout.split())
+    assert json.loads((run_dir / "manifest.json").read_text())["eval"]["forgetting"] == cost["metrics"]
+    assert "## What tuning cost" in (run_dir / "eval.md").read_text()
+    assert "forgetting" not in base_only
+    off = json.loads(tunery("eval", "--weights", run_dir, "--test-data", test_file, "--no-forgetting", "--json",
+                            "-o", tmp_path / "off").stdout)
+    assert "forgetting" not in off
+    refused = tunery("eval", "--base", tiny_model_dir, "--test-data", test_file, "--forgetting", check=False)
+    assert refused.returncode != 0 and "compares tuned weights with their base" in refused.stderr
+
+
+def test_an_untouched_adapter_costs_nothing(tmp_path, split, tiny_model_dir):
+    """The forgetting measure can tell no change: an adapter trained one step at learning rate 1e-12 (LoRA's B
+    still all but zero) has the base's losses and answers the base's answers word for word."""
+    from tunery.eval.evaluate import evaluate
+
+    train_file, test_file = split
+    result = train({"train_data": str(train_file), "max_steps": 1, "run_validation": False, "learning_rate": 1e-12},
+                   base=str(tiny_model_dir), output_dir=tmp_path / "run", progress=False)
+    report = evaluate(test_file, weights=result.run_dir, progress=False)
+    assert report["columns"] == ["tuned"]  # no --compare: the measure still holds the base beside it
+    base, tuned = report["forgetting"]["metrics"]["base"], report["forgetting"]["metrics"]["tuned"]
+    assert tuned["general_text_loss"] == pytest.approx(base["general_text_loss"], rel=1e-5)
+    assert tuned["base_answer_loss"] == pytest.approx(base["base_answer_loss"], rel=1e-5)
+    assert tuned["answer_agreement"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow

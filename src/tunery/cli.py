@@ -252,6 +252,9 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     grader: Annotated[Optional[str], typer.Option("--grader", help="RFT test data: the grader that scores the "  # noqa: UP045
                                                   "answers, a JSON file (default: a GRPO run's own).")] = None,
+    forgetting: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--forgetting/--no-forgetting", help="What tuning cost the model: general-text loss and the base's own "
+        "answers to general instructions, base against tuned (default: on for an instruct base).")] = None,
 ) -> None:
     """Evaluate a tuned run, a base model, or both (--compare): loss, perplexity, exact match,
     ROUGE, chrF, BLEU; on RFT prompts, the grader's mean score. Writes eval.json and eval.md."""
@@ -269,7 +272,7 @@ def eval_command(
         report = evaluate(test_data, weights=weights, base=base, compare=compare, params=params,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=examples,
                           output_dir=output_dir, progress=not as_json, console=err,
-                          grader=json.loads(grader_json) if grader_json else None)
+                          grader=json.loads(grader_json) if grader_json else None, forgetting=forgetting)
     except (TuneryError, ValueError) as exc:
         _fail(exc)
     if as_json:

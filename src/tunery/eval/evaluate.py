@@ -303,11 +303,16 @@ def _evaluate_rft(model, tokenizer, rows: list[dict], *, columns: list[Column], 
 def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: str | None = None,
              compare: bool = False, params=None, batch_size: int = 8, max_new_tokens: int | None = None,
              n_examples: int = 5, output_dir: str | Path | None = None, progress: bool = True,
-             console: Console | None = None, grader: dict | None = None) -> dict[str, Any]:
+             console: Console | None = None, grader: dict | None = None,
+             forgetting: bool | None = None) -> dict[str, Any]:
     """Evaluate `weights` (a run, archive or adapter), a `base`, or both (`compare`), on `test_data`;
     write eval.json / eval.md (into `output_dir`, default the run directory) and return the report.
-    RFT rows are scored by `grader` (OpenAI's grader JSON), by default the one a GRPO run trained with."""
+    RFT rows are scored by `grader` (OpenAI's grader JSON), by default the one a GRPO run trained with.
+    `forgetting` (default: on for tuned weights over an instruct base) adds what tuning cost the
+    model on general text and instructions, base against tuned (tunery.eval.forgetting)."""
     from tunery.data import fetch, read_jsonl
+    from tunery.errors import TuneryError
+    from tunery.eval import forgetting as cost
     from tunery.eval.report import write_report
     from tunery.infer.weights import resolve_weights
     from tunery.models.load import load_model, load_tokenizer, pick_device
@@ -325,7 +330,12 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
     if ds.format == "rft":
         scoring = _rft_scoring(grader, weights)
     resolved = resolve_base(base_name, settings)
+    if forgetting and w is None:
+        raise TuneryError("the forgetting measure compares tuned weights with their base: pass --weights")
+    if forgetting is None:
+        forgetting = w is not None and cost.is_instruct(load_tokenizer(resolved))
     columns: list[Column] = []
+    base_model = None
     if w is None:
         model, tokenizer = load_model(resolved), load_tokenizer(resolved)
         columns.append(("base", contextlib.nullcontext))
@@ -338,7 +348,8 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         if compare:
             # The base in the tuned model's chat template (the one it was trained with).
             base_tokenizer = load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
-            report_base = evaluate_model(load_model(resolved), base_tokenizer, ds.rows, ds.format,
+            base_model = load_model(resolved)
+            report_base = evaluate_model(base_model, base_tokenizer, ds.rows, ds.format,
                                          columns=[("base", contextlib.nullcontext)], params=params,
                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
                                          n_examples=n_examples, progress=progress, console=console, **scoring)
@@ -359,6 +370,20 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
                             progress=progress, console=console, **scoring)
     if w is not None and w.kind == "full" and compare:
         report = merge_columns(report_base, report)
+    if forgetting:
+        assert w is not None
+        if not cost.is_instruct(tokenizer):
+            raise TuneryError(f"the forgetting measure asks {base_name} general instructions in its chat template, "
+                              "and its tokenizer has none: leave it off (--no-forgetting)")
+        sides: list[cost.Side]
+        if w.kind == "full":
+            base_tokenizer = load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
+            sides = [("base", base_model if base_model is not None else load_model(resolved), base_tokenizer,
+                      contextlib.nullcontext), ("tuned", model, tokenizer, contextlib.nullcontext)]
+        else:
+            sides = [("base", model, tokenizer, model.disable_adapter), ("tuned", model, tokenizer, contextlib.nullcontext)]
+        with _progress(progress, console, cost.work(len(sides))) as advance:
+            report["forgetting"] = cost.forgetting(sides, batch_size=batch_size, advance=advance)
     report.update({"test_data": str(test_data), "test_sha256": ds.sha256, "base": base_name,
                    "weights": str(weights) if weights is not None else None})
     target = Path(output_dir) if output_dir else _run_of(weights)

@@ -47,6 +47,9 @@ def render(report: dict[str, Any], console: Console) -> None:
             cells.append(f"[{colour}]{change:+.4f}[/]" if change is not None else "-")
         table.add_row(name, *cells)
     console.print(table)
+    line = forgetting_line(report)
+    if line:
+        console.print(line)
     if report["examples"]:
         ex = Table(title="examples", show_lines=True)
         pairs = report.get("format") == "preference"  # the reference is the preferred answer
@@ -68,6 +71,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, values, change in metric_rows(report):
         cells = [_fmt(v) for v in values] + ([f"{change:+.4f}" if change is not None else "-"] if len(cols) > 1 else [])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("forgetting"):
+        f = report["forgetting"]
+        names = list(f["metrics"])
+        lines += ["", "## What tuning cost", "",
+                  f"On {f['general_texts']} paragraphs of general text and the base's own answers to "
+                  f"{f['instructions']} general instructions (tunery.eval.forgetting).", "",
+                  "| figure | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for key in ("general_text_loss", "base_answer_loss", "answer_agreement"):
+            lines.append(f"| {key} | " + " | ".join(_fmt(f["metrics"][n].get(key)) for n in names) + " |")
     if report["examples"]:
         lines += ["", "## Examples", ""]
         for i, e in enumerate(report["examples"], 1):
@@ -100,8 +112,19 @@ def write_report(report: dict[str, Any], run) -> None:
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """What the manifest (and the service's training.metrics) keep of a report: metrics per column."""
-    return {"test_data": report.get("test_data"), "rows": report["rows"], "metrics": report["metrics"]}
+    """What the manifest (and the service's training.metrics) keep of a report: metrics per column
+    (and the forgetting figures per column, where measured)."""
+    out = {"test_data": report.get("test_data"), "rows": report["rows"], "metrics": report["metrics"]}
+    if report.get("forgetting"):
+        out["forgetting"] = report["forgetting"]["metrics"]
+    return out
+
+
+def forgetting_line(report: dict[str, Any]) -> str | None:
+    """The report's "what tuning cost: ..." line, where the forgetting measure ran."""
+    from tunery.eval.forgetting import summary_line
+
+    return summary_line(report["forgetting"]) if report.get("forgetting") else None
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
