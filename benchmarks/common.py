@@ -73,7 +73,8 @@ def score(model, tokenizer, test_rows: list[dict]) -> dict:
                             columns=[("tuned", contextlib.nullcontext)], batch_size=16, n_examples=0,
                             progress=False)
     m = report["metrics"]["tuned"]
-    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"]}
+    # accuracy: label accuracy (case and punctuation aside), where the references are labels
+    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"], "accuracy": m.get("accuracy")}
 
 
 def summary(values: list[float], sign: str = "") -> str:

