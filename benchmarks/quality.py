@@ -194,11 +194,38 @@ def main() -> None:
                 r["tokens_per_second"] for r in runs[task]["plain"])
             print(f"{'':13} {'':11} {name:7} {summary(vals)}   difference {summary(diffs)}   "
                   f"tokens/s {speed:.2f}× plain{_forgetting(runs[task][name])}")
+    print("\n" + markdown_table(tasks, runs, list(variants)))
     append_result({
         "benchmark": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
         "label": args.label, "base": args.base, "settings": {k: v for k, v in vars(args).items() if k != "variant"},
         "variants": variants, "machine": machine(), "versions": versions(), "table": table, "runs": runs,
     })
+
+
+def markdown_table(tasks: list[str], runs: dict[str, dict[str, list[dict]]], variants: list[str]) -> str:
+    """The table benchmarks/NOTES.md and the README carry: per task and arm, the task's score and
+    the forgetting figures, mean ± standard deviation over seeds, and the paired difference to plain."""
+    lines = ["| task (metric) | arm | score | − plain | general-text loss | base-answer loss | agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        metric = TASKS[task]
+        plain = [r[metric] for r in runs[task]["plain"]]
+        for name in ["base", "plain", *variants]:
+            arm = runs[task][name]
+            if not arm:
+                continue
+            vals = [r[metric] for r in arm]
+            diff = summary([v - p for v, p in zip(vals, plain, strict=True)], "+") \
+                if name not in ("base", "plain") and plain else ""
+            cells = [_mean(vals)] + [_mean([r[k] for r in arm]) if k in arm[0] else "" for k in
+                                     ("general_text_loss", "base_answer_loss", "answer_agreement")]
+            cells.insert(1, diff)
+            lines.append(f"| {task} ({metric}) | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> str:
+    return summary(values) if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def _scores(r: dict) -> str:
