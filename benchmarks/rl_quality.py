@@ -3,6 +3,8 @@ held-out score, and does tunery's GRPO match a plain TRL script?
 
     python benchmarks/rl_quality.py                 # 3 seeds × (SFT, tunery GRPO, plain GRPO)
     python benchmarks/rl_quality.py --seeds 1       # a quick look
+    python benchmarks/rl_quality.py --seeds 3 --label avx2 && \
+        python benchmarks/rl_quality.py --summarize --label avx2   # seeds run apart, combined
 
 The task is verifiable and made here (`rft_rows(seed)`): a customer's short message holds an
 order, ticket, invoice or booking number, and the user asks for it: "... What is the ticket
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--arms", default="sft,tunery,plain")
     parser.add_argument("--label", default="")
+    parser.add_argument("--summarize", action="store_true",
+                        help="train nothing: combine the per-seed records of --label in results.jsonl")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
@@ -222,6 +226,10 @@ def main() -> None:
     print(f"machine: {cpu_flags()}; {args.base}, {len(train_rows)} train / {len(test_rows)} held-out prompts, "
           f"{args.epochs} epoch(s), {args.prompts} prompts × {args.generations} answers a step, answers ≤ "
           f"{args.length} tokens at T={args.temperature}, lr {args.lr}, seeds {seeds}", flush=True)
+    if args.summarize:
+        base_scores, runs, arms = from_records(args.label)
+        report(args, base_scores, runs, arms, started, combined=True)
+        return
     base_scores = score_weights(args.base, None, test_rows, args.length)
     print(f"base    held-out score {base_scores['grader_score']:.3f}  found {base_scores['grader_found']:.3f}  "
           f"short {base_scores['grader_short']:.3f}  greedy {base_scores['greedy_grader_score']:.3f}", flush=True)
@@ -241,7 +249,34 @@ def main() -> None:
                   f"({r['train_runtime_s'] / max(1, r['steps']):.1f} s/step)  wall {r['wall_s']:.1f}s"
                   + (f"  train reward {r['train_reward_first']:.3f} → {r['train_reward_last']:.3f}"
                      if r.get("train_reward_first") is not None else ""), flush=True)
+        # Each seed is kept as it ends: on a slow CPU the seeds of one label may take several runs
+        # (--seeds 1, then --seeds 2,3), which --summarize then combines.
+        append_result({"benchmark": "rl_quality_seed", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "commit": git_commit(), "label": args.label, "seed": seed, "settings": vars(args),
+                       "machine": machine(), "base_scores": base_scores,
+                       "runs": {name: runs[name][-1] for name in arms}})
+    report(args, base_scores, runs, arms, started)
 
+
+def from_records(label: str) -> tuple[dict, dict[str, list[dict]], list[str]]:
+    """The per-seed records of `label` in results.jsonl (the latest per seed), as one run's."""
+    path = Path(__file__).resolve().parent / "results.jsonl"
+    records: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("benchmark") == "rl_quality_seed" and rec.get("label") == label:
+            records[rec["seed"]] = rec
+    if not records:
+        raise SystemExit(f"no rl_quality_seed records labelled {label!r} in {path}")
+    recs = [records[k] for k in sorted(records)]
+    arms = [a for a in recs[0]["runs"] if all(a in r["runs"] for r in recs)]
+    print(f"from {len(recs)} seed record(s) labelled {label!r}: seeds {sorted(records)}, machine "
+          f"{recs[0]['machine']['cpu']}, commits {sorted({r['commit'] for r in recs})}")
+    return recs[0]["base_scores"], {a: [r["runs"][a] for r in recs] for a in arms}, arms
+
+
+def report(args, base_scores: dict, runs: dict[str, list[dict]], arms: list[str], started: float,
+           combined: bool = False) -> None:
     print("\nheld-out score (mean ± standard deviation over seeds; difference = arm − plain, paired by seed)")
     print(f"{'base':8} {base_scores['grader_score']:.3f}  greedy {base_scores['greedy_grader_score']:.3f}")
     table: dict[str, dict] = {"base": base_scores}
@@ -270,7 +305,7 @@ def main() -> None:
         "benchmark": "rl_quality", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": git_commit(), "label": args.label, "base": args.base, "settings": vars(args), "grader": GRADER,
         "machine": machine(), "versions": {**versions(), "trl": _trl_version()}, "table": table, "runs": runs,
-        "total_s": round(total, 1),
+        "total_s": round(total, 1), "combined_from_seed_records": combined,
     })
 
 
