@@ -66,12 +66,8 @@ def forgotten(model, tokenizer, reference) -> dict:
     return cost(model, tokenizer, reference, batch_size=16)
 
 
-def run_base(base: str, test_rows: list[dict], reference) -> dict:
-    from tunery.models.load import load_model, load_tokenizer
-    from tunery.models.resolve import resolve_base
-
-    resolved = resolve_base(base)
-    out = score(load_model(resolved, precision="fp32").eval(), load_tokenizer(resolved), test_rows)
+def run_base(base_model, tokenizer, test_rows: list[dict], reference) -> dict:
+    out = score(base_model, tokenizer, test_rows)
     if reference is not None:
         out.update(reference.metrics())
     return out
@@ -140,25 +136,26 @@ def main() -> None:
         name: json.loads(spec) for name, spec in (v.split("=", 1) for v in args.variant)}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
+    from tunery.models.load import load_model, load_tokenizer
     from tunery.models.resolve import resolve_base
 
-    base_dir = resolve_base(args.base).path
+    resolved = resolve_base(args.base)
+    base_dir = resolved.path
     print(f"machine: {cpu_flags()}; {args.base}, {args.n_train} train / {args.n_test} test rows, "
           f"{args.epochs} epoch, batch {args.batch}, lr {args.lr}, seeds {seeds}", flush=True)
+    # The base, loaded once: scored on every task, and the reference every tuned model's forgetting is held to.
+    base_model, base_tokenizer = load_model(resolved, precision="fp32").eval(), load_tokenizer(resolved)
     reference = None
     if not args.no_forgetting:
         from tunery.eval.forgetting import base_reference
-        from tunery.models.load import load_model, load_tokenizer
 
-        resolved = resolve_base(args.base)
-        reference = base_reference(load_model(resolved, precision="fp32").eval(), load_tokenizer(resolved),
-                                   batch_size=16)
+        reference = base_reference(base_model, base_tokenizer, batch_size=16)
         print(f"base: general-text loss {reference.general_text_loss:.4f}, loss on its own answers "
               f"{reference.base_answer_loss:.4f}", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {t: {"base": [], "plain": [], **{v: [] for v in variants}} for t in tasks}
     for task in tasks:
         train_rows, test_rows = task_rows(task, args.n_train, args.n_test, args.data_seed)
-        runs[task]["base"].append(run_base(args.base, test_rows, reference))
+        runs[task]["base"].append(run_base(base_model, base_tokenizer, test_rows, reference))
         b = runs[task]["base"][0]
         print(f"{task:13} base            {_scores(b)}  loss {b['loss']:.4f}", flush=True)
         for seed in seeds:

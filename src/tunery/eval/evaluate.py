@@ -332,10 +332,7 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
     resolved = resolve_base(base_name, settings)
     if forgetting and w is None:
         raise TuneryError("the forgetting measure compares tuned weights with their base: pass --weights")
-    if forgetting is None:
-        forgetting = w is not None and cost.is_instruct(load_tokenizer(resolved))
     columns: list[Column] = []
-    base_model = None
     if w is None:
         model, tokenizer = load_model(resolved), load_tokenizer(resolved)
         columns.append(("base", contextlib.nullcontext))
@@ -345,14 +342,6 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         # cast: transformers wraps `to` in functools.wraps, whose type mypy does not bind as a method.
         model = cast(Any, AutoModelForCausalLM.from_pretrained(w.path)).to(pick_device())
         tokenizer = AutoTokenizer.from_pretrained(w.tokenizer or w.path)
-        if compare:
-            # The base in the tuned model's chat template (the one it was trained with).
-            base_tokenizer = load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
-            base_model = load_model(resolved)
-            report_base = evaluate_model(base_model, base_tokenizer, ds.rows, ds.format,
-                                         columns=[("base", contextlib.nullcontext)], params=params,
-                                         batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                         n_examples=n_examples, progress=progress, console=console, **scoring)
         columns.append(("tuned", contextlib.nullcontext))
     else:
         from peft import PeftModel
@@ -363,25 +352,34 @@ def evaluate(test_data: str | Path, *, weights: str | Path | None = None, base: 
         if compare:
             columns.append(("base", model.disable_adapter))
         columns.append(("tuned", contextlib.nullcontext))
+    # Decided (or refused) from the tokenizer the instructions are asked in, before any scoring.
+    if forgetting is None:
+        forgetting = w is not None and cost.is_instruct(tokenizer)
+    elif forgetting and not cost.is_instruct(tokenizer):
+        raise TuneryError(f"the forgetting measure asks {base_name} general instructions in its chat template, "
+                          "and its tokenizer has none: leave it off (--no-forgetting)")
+    # A full fine-tune's base is a second model, loaded once for both uses; in the tuned model's chat
+    # template (the one it was trained with).
+    base_side = None
+    if w is not None and w.kind == "full" and (compare or forgetting):
+        base_side = load_model(resolved), load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
+    if base_side is not None and compare:
+        report_base = evaluate_model(*base_side, ds.rows, ds.format, columns=[("base", contextlib.nullcontext)],
+                                     params=params, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     n_examples=n_examples, progress=progress, console=console, **scoring)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     report = evaluate_model(model, tokenizer, ds.rows, ds.format, columns=columns, params=params,
                             batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples,
                             progress=progress, console=console, **scoring)
-    if w is not None and w.kind == "full" and compare:
+    if base_side is not None and compare:
         report = merge_columns(report_base, report)
     if forgetting:
-        assert w is not None
-        if not cost.is_instruct(tokenizer):
-            raise TuneryError(f"the forgetting measure asks {base_name} general instructions in its chat template, "
-                              "and its tokenizer has none: leave it off (--no-forgetting)")
-        sides: list[cost.Side]
-        if w.kind == "full":
-            base_tokenizer = load_tokenizer(resolved, getattr(tokenizer, "chat_template", None))
-            sides = [("base", base_model if base_model is not None else load_model(resolved), base_tokenizer,
-                      contextlib.nullcontext), ("tuned", model, tokenizer, contextlib.nullcontext)]
+        sides: list[cost.Side] = [("tuned", model, tokenizer, contextlib.nullcontext)]
+        if base_side is not None:
+            sides.insert(0, ("base", *base_side, contextlib.nullcontext))
         else:
-            sides = [("base", model, tokenizer, model.disable_adapter), ("tuned", model, tokenizer, contextlib.nullcontext)]
+            sides.insert(0, ("base", model, tokenizer, model.disable_adapter))
         with _progress(progress, console, cost.work(len(sides))) as advance:
             report["forgetting"] = cost.forgetting(sides, batch_size=batch_size, advance=advance)
     report.update({"test_data": str(test_data), "test_sha256": ds.sha256, "base": base_name,

@@ -21,6 +21,7 @@ where the base is an instruct model (its tokenizer has a chat template).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -35,11 +36,15 @@ MAX_TEXT_TOKENS = 256  # per general-text paragraph
 Side = tuple[str, Any, Any, Callable[[], contextlib.AbstractContextManager]]
 
 
+@functools.cache
 def general_text() -> list[dict]:
+    """The bundled paragraphs (read once; not to be changed by callers)."""
     return _read(GENERAL / "text.jsonl")
 
 
+@functools.cache
 def instructions() -> list[dict]:
+    """The bundled instructions (read once; not to be changed by callers)."""
     return _read(GENERAL / "instructions.jsonl")
 
 
