@@ -203,6 +203,41 @@ def test_the_serving_engine_batches_the_base_and_two_adapters_together(name, tra
         engine.close()
 
 
+@pytest.mark.parametrize("name", ["gemma-2", "gemma-3", "phi-3"])
+def test_the_serving_engine_keeps_sliding_windows_past_their_length(name, family):
+    """Sliding-window families, with the window shrunk below a prompt's length: a long prompt
+    decoded in one batch with rows that join later, of other lengths, gives the tokens
+    transformers' own generate gives it alone (the engine's cache keeps every row's history and
+    the model's mask applies the window)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.infer.embedded import EmbeddedEngine, eos_ids
+    from tunery.infer.generation import Request, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(family(name))
+    model = AutoModelForCausalLM.from_pretrained(family(name), dtype=torch.float32).eval()
+    model.config.sliding_window = 24
+    prompts = [" ".join(f"{COLORS[i % 8]} {ANIMALS[i * 5 % 8]}" for i in range(n)) for n in (40, 3, 17)]
+    ids = [tok(p).input_ids for p in prompts]
+    assert len(ids[0]) > 2 * model.config.sliding_window
+    expected = []
+    for one in ids:
+        out = model.generate(torch.tensor([one]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=sorted(eos_ids(model, tok)), pad_token_id=tok.pad_token_id or 0)
+        expected.append(out[0, len(one):].tolist())
+    engine = EmbeddedEngine("sliding", model=model, tokenizer=tok, max_batch=8)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=12)
+        first = engine.submit(Request(ids[0], params))
+        rest = engine.submit_many([Request(p, params) for p in ids[1:]])
+        for g in [first, *rest]:
+            g.text()
+        got = [g.token_ids for g in [first, *rest]]
+    finally:
+        engine.close()
+    assert got == expected
+
+
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_qlora_trains(name, trained):
     result = trained(name, "qlora")

@@ -134,7 +134,7 @@ def _read(path: Path) -> list[dict]:
 def _answers(model, tokenizer, rows: list[dict], *, batch_size: int, max_new_tokens: int,
              advance: Callable[[int], None]) -> list[str]:
     from tunery.data.tokenize import chat_messages
-    from tunery.eval.evaluate import generate_all
+    from tunery.eval.scoring import generate_all
     from tunery.infer.generation import SamplingParams
 
     prompts = [list(tokenizer(tokenizer.apply_chat_template(chat_messages(r["messages"]), tokenize=False,
@@ -151,7 +151,7 @@ def _answers(model, tokenizer, rows: list[dict], *, batch_size: int, max_new_tok
 
 def _general_loss(model, tokenizer, *, batch_size: int, advance: Callable[[int], None]) -> float:
     from tunery.data import tokenize_rows
-    from tunery.eval.evaluate import completion_loss
+    from tunery.eval.scoring import completion_loss
 
     examples = tokenize_rows(general_text(), "text", tokenizer, max_length=MAX_TEXT_TOKENS)
     return completion_loss(model, tokenizer, examples, batch_size=batch_size, advance=advance)
@@ -160,7 +160,7 @@ def _general_loss(model, tokenizer, *, batch_size: int, advance: Callable[[int],
 def _answer_loss(model, tokenizer, rows: list[dict], answers: list[str], *, batch_size: int,
                  advance: Callable[[int], None]) -> float:
     from tunery.data import tokenize_rows
-    from tunery.eval.evaluate import completion_loss
+    from tunery.eval.scoring import completion_loss
 
     chats = [{"messages": [*r["messages"], {"role": "assistant", "content": a}]} for r, a in zip(rows, answers,
                                                                                                 strict=True)]

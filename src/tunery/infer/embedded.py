@@ -268,7 +268,11 @@ class EmbeddedEngine:
         width = max(len(ids) for _, ids in rows)
         input_ids = torch.tensor([[0] * (width - len(ids)) + ids for _, ids in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows], device=self.device)
-        cache = DynamicCache(config=_config(batch.model))
+        # Full layers everywhere, sliding-window models included: rows join, leave and are padded on
+        # the left by this engine, so every layer keeps each row's whole history and the model's
+        # mask applies the window (a sliding layer would drop keys by its own count of the tokens it
+        # saw, which joining and filtering rows do not update, and its mask would not match).
+        cache = DynamicCache()
         kwargs: dict[str, Any] = {}
         if not bool(mask.all()):
             kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
@@ -568,11 +572,6 @@ def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _config(model):
-    config = model.config
-    return getattr(config, "get_text_config", lambda: config)()
 
 
 def eos_ids(model, tokenizer) -> set[int]:
