@@ -149,7 +149,8 @@ def common_inputs(args, seed: int) -> dict:
             "seed": seed, "run_validation": False, "save_steps": 10**6}
 
 
-def run_tunery_grpo(base: str, train_rows: list[dict], test_rows: list[dict], args, seed: int) -> dict:
+def run_tunery_grpo(base: str, train_rows: list[dict], test_rows: list[dict], args, seed: int,
+                    extra: dict | None = None) -> dict:
     from tunery.train.recipe import train
 
     work = Path(tempfile.mkdtemp())
@@ -157,7 +158,7 @@ def run_tunery_grpo(base: str, train_rows: list[dict], test_rows: list[dict], ar
     data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     inputs = {"train_data": str(data), "method": "grpo", "grader": GRADER, "num_generations": args.generations,
               "micro_batch_size": args.micro_batch, "max_completion_length": args.length,
-              "generation_temperature": args.temperature, **common_inputs(args, seed)}
+              "generation_temperature": args.temperature, **common_inputs(args, seed), **(extra or {})}
     started = time.time()
     result = train(inputs, base=base, output_dir=work / "run", progress=False)
     wall = time.time() - started
@@ -212,12 +213,15 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--arms", default="sft,tunery,plain")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="one more tunery GRPO arm: extra training inputs over its defaults")
     parser.add_argument("--label", default="")
     parser.add_argument("--summarize", action="store_true",
                         help="train nothing: combine the per-seed records of --label in results.jsonl")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = args.arms.split(",")
+    variants = {name: json.loads(spec) for name, spec in (v.split("=", 1) for v in args.variant)}
+    arms = args.arms.split(",") + list(variants)
     from tunery.models.resolve import resolve_base
 
     base_dir = str(resolve_base(args.base).path)
@@ -238,8 +242,8 @@ def main() -> None:
         for name in arms:
             if name == "sft":
                 r = run_sft(args.base, train_rows, test_rows, args, seed)
-            elif name == "tunery":
-                r = run_tunery_grpo(args.base, train_rows, test_rows, args, seed)
+            elif name == "tunery" or name in variants:
+                r = run_tunery_grpo(args.base, train_rows, test_rows, args, seed, variants.get(name))
             else:
                 r = run_plain_grpo(args.base, base_dir, train_rows, test_rows, args, seed)
             r["seed"] = seed
