@@ -221,7 +221,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = {name: json.loads(spec) for name, spec in (v.split("=", 1) for v in args.variant)}
-    arms = args.arms.split(",") + list(variants)
+    arms = [a for a in args.arms.split(",") if a] + list(variants)
     from tunery.models.resolve import resolve_base
 
     base_dir = str(resolve_base(args.base).path)
