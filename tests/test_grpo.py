@@ -60,6 +60,19 @@ def test_grpo_trains_on_a_multi_grader_and_reports_its_scores(tmp_path, rft, tin
     adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
     moved = [k for k, v in adapter.items() if "lora_B" in k and v.abs().max() > 0]
     assert moved, "no LoRA B matrix left its zero start: nothing was trained"
+    # GRPO samples its answers without dropout, so by default it trains without it (plain LoRA too).
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    resolved = result.manifest["resolved_inputs"]
+    assert resolved["lora_dropout"] == 0.0 and resolved["loraplus_lr_ratio"] == 1.0
+
+
+def test_grpo_dropout_default_and_a_given_one():
+    from tunery.spec import TrainingInputs
+
+    grpo = {"train_data": "d.jsonl", "method": "grpo", "grader": json.dumps(MULTI)}
+    assert TrainingInputs(**grpo).dropout == 0.0
+    assert TrainingInputs(**grpo, lora_dropout=0.05).dropout == 0.05
+    assert TrainingInputs(train_data="d.jsonl").dropout == 0.05  # Replicate's default for sft
 
 
 def test_a_failing_grader_scores_zero_and_the_training_goes_on(tmp_path, rft, tiny_model_dir):

@@ -91,7 +91,12 @@ class TrainingInputs(BaseModel):
     seed: int = Field(42, ge=0, description="Random seed for shuffling, dropout and initialisation.")
     lora_rank: int = Field(8, ge=1, description="Rank of the LoRA matrices.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha; weights are scaled by alpha/rank.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_dropout: float = Field(
+        0.05, ge=0, lt=1,
+        description="Dropout on the LoRA input. With method=grpo, 0 unless given: answers are sampled from the "
+        "model without dropout, and a dropout in training would learn from another policy than the one sampled "
+        "(benchmarks/rl_quality.py).",
+    )
 
     # -- Practitioner knobs (SWIFT / axolotl / LLaMA-Factory) -------------------------
     method: Method = Field(
@@ -297,6 +302,13 @@ class TrainingInputs(BaseModel):
         if self.loraplus_lr_ratio is not None:
             return self.loraplus_lr_ratio
         return 1.0 if self.method in ("dpo", "grpo") else 16.0
+
+    @property
+    def dropout(self) -> float:
+        """lora_dropout as given, else its default for the method (Replicate's 0.05; 0 for GRPO)."""
+        if self.method == "grpo" and "lora_dropout" not in self.model_fields_set:
+            return 0.0
+        return self.lora_dropout
 
     @property
     def max_length(self) -> int:

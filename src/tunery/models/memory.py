@@ -262,7 +262,7 @@ def check_training(inputs: Any, model_dir: str | Path, sequences: list, devices:
     estimate = estimate_training(
         model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
         gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weight_bytes, compute_bytes=compute,
-        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
+        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.dropout,
         labelled_tokens=rows * labelled if labelled_only else None, device=devices.kind)
     world = devices.processes
     if inputs.fsdp and world > 1:  # FSDP shards the weights, gradients and optimizer state
