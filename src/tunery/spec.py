@@ -310,6 +310,11 @@ class TrainingInputs(BaseModel):
             return 0.0
         return self.lora_dropout
 
+    def in_force(self) -> dict:
+        """Every input, with the method defaults above (LoRA dropout, LoRA+ ratio) as they apply:
+        what a run records as its configuration."""
+        return {**self.model_dump(), "lora_dropout": self.dropout, "loraplus_lr_ratio": self.loraplus_ratio}
+
     @property
     def max_length(self) -> int:
         return self.max_seq_length or self.chunk_size
