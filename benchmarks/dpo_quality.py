@@ -1,7 +1,7 @@
 """DPO quality at a fixed budget: tunery's DPO defaults against a plain TRL script.
 
-    python benchmarks/dpo_quality.py                          # 3 seeds × (plain, tunery, tunery-lora), ~20 min on 2 cores
-    python benchmarks/dpo_quality.py --seeds 1 --no-lora-arm  # a quick look
+    python benchmarks/dpo_quality.py                          # 3 seeds × (plain, tunery, tunery-plus16), ~20 min on 2 cores
+    python benchmarks/dpo_quality.py --seeds 1 --no-plus-arm  # a quick look
 
 The task is a synthetic preference set made by `preference_rows(seed)`: short arithmetic word
 problems (items, people and numbers drawn from the seed), each with two answers that carry the
@@ -17,8 +17,8 @@ max_length and seed (so the same number of optimizer steps):
 - plain: `plain_dpo.py` — transformers + peft + TRL's DPOTrainer with a LoRA config of the same
   rank / alpha / targets and TRL's defaults otherwise;
 - tunery: `tunery.train.recipe.train` with `method=dpo` and tunery's defaults as they are
-  (LoRA+ ratio 16, cosine with warmup, ...);
-- tunery-lora (unless --no-lora-arm): the same with `loraplus_lr_ratio=1` (plain LoRA).
+  (plain LoRA, cosine with warmup, ...);
+- tunery-plus16 (unless --no-plus-arm): the same with LoRA+ (`loraplus_lr_ratio=16`).
 
 Every adapter is then loaded onto a fresh fp32 base and scored by the same scorer, tunery's own
 evaluator on the held-out rows (`tunery.eval.evaluate.evaluate_model`, format "preference"):
@@ -165,13 +165,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--no-lora-arm", action="store_true", help="skip the loraplus_lr_ratio=1 arm")
+    parser.add_argument("--no-plus-arm", action="store_true", help="skip the loraplus_lr_ratio=16 arm")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     arms: dict[str, dict | None] = {"plain": None, "tunery": {}}
-    if not args.no_lora_arm:
-        arms["tunery-lora"] = {"loraplus_lr_ratio": 1}
+    if not args.no_plus_arm:
+        arms["tunery-plus16"] = {"loraplus_lr_ratio": 16}
     from tunery.models.resolve import resolve_base
 
     base_dir = str(resolve_base(args.base).path)

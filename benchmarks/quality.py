@@ -222,7 +222,8 @@ def markdown_table(tasks: list[str], runs: dict[str, dict[str, list[dict]]], var
                 continue
             vals = [r[metric] for r in arm]
             paired = [r[metric] - plain[r.get("seed", i)] for i, r in enumerate(arm) if r.get("seed", i) in plain]
-            diff = summary(paired, "+") if name not in ("base", "plain") and paired else ""
+            diff = "" if name in ("base", "plain") or not paired else (
+                summary(paired, "+") if len(paired) > 1 else f"{paired[0]:+.3f}")
             seeds = "" if name == "base" else ", ".join(str(r.get("seed", "?")) for r in arm)
             cells = [seeds, _mean(vals), diff] + [_mean([r[k] for r in arm]) if k in arm[0] else "" for k in
                                                   ("general_text_loss", "base_answer_loss", "answer_agreement")]

@@ -53,8 +53,10 @@ CHATS = [{"messages": [{"role": "user", "content": f"Is the {COLORS[i % 8]} {ANI
           + ([{"role": "user", "content": f"And is it {COLORS[i % 8]}?"}, {"role": "assistant", "content": "Yes."}]
              if i % 2 else [])}
          for i in range(24)]
+# Random tiny models learning a fixed answer in 12 steps: LoRA+ 16 for speed (the supervised default
+# is chosen for real data by benchmarks/quality.py; the ratio is not what these tests are about).
 INPUTS = {"max_steps": 12, "learning_rate": 5e-3, "lora_dropout": 0.0, "train_batch_size": 4, "micro_batch_size": 4,
-          "num_validation_samples": 4}
+          "num_validation_samples": 4, "loraplus_lr_ratio": 16}
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,13 @@ def test_parse_inputs_names_everything_in_one_message():
                                "string as an integer; micro_batch_size (3) must divide train_batch_size (4)")
 
 
-def test_loraplus_defaults_by_method_and_an_explicit_ratio_wins():
-    # 16 for supervised tuning (benchmarks/quality.py), plain LoRA for DPO (benchmarks/dpo_quality.py).
-    assert parse_inputs({"train_data": "d.jsonl"}).loraplus_ratio == 16
-    assert parse_inputs({"train_data": "d.jsonl", "method": "dpo"}).loraplus_ratio == 1
-    assert parse_inputs({"train_data": "d.jsonl", "method": "dpo", "loraplus_lr_ratio": 4}).loraplus_ratio == 4
-    assert parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 1}).loraplus_ratio == 1
+def test_loraplus_is_off_by_default_for_every_method_and_an_explicit_ratio_wins():
+    # Plain LoRA unless asked: on real data LoRA+ forgot more and scored no better (benchmarks/quality.py).
+    for method in ("sft", "dpo", "grpo"):
+        extra = {"grader": '{"type": "string_check", "name": "g", "input": "{{sample.output_text}}", '
+                           '"reference": "x", "operation": "eq"}'} if method == "grpo" else {}
+        inputs = parse_inputs({"train_data": "d.jsonl", "method": method, **extra})
+        assert inputs.loraplus_lr_ratio == 1 and inputs.in_force()["loraplus_lr_ratio"] == 1
+    assert parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 16}).loraplus_lr_ratio == 16
+    with pytest.raises(SpecError, match="loraplus_lr_ratio"):
+        parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 0.5})

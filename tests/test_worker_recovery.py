@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import write_jsonl
@@ -116,9 +117,20 @@ def test_worker_command_stops_on_sigterm_and_tokens_create_prints_a_token(tmp_pa
         store = Store(db_url)
         assert store.owner_for_token(token) == "alice"
         store.close()
-        time.sleep(2)  # let it start polling
+        # Signal it once it says it started (its handlers are in place by then), however slow the machine.
+        seen: list[str] = []
+        watchdog = threading.Timer(60, worker.kill)  # a worker that never starts ends the wait
+        watchdog.start()
+        try:
+            while not any("worker calm started" in line for line in seen):
+                line = worker.stderr.readline()
+                assert line, "".join(seen)  # it exited (or was killed) before starting
+                seen.append(line)
+        finally:
+            watchdog.cancel()
         worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=20)
+        _, rest = worker.communicate(timeout=20)
+        stderr = "".join(seen) + rest
     finally:
         if worker.poll() is None:
             worker.kill()

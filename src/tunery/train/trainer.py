@@ -159,4 +159,4 @@ def equip(trainer: TrainerBase, meter: TokenMeter, inputs: TrainingInputs, *, ru
         add_tensorboard(trainer, run, inputs, base or "")
     trainer.meter = meter
     if inputs.peft_method != "full":
-        trainer.loraplus_lr_ratio = inputs.loraplus_ratio
+        trainer.loraplus_lr_ratio = inputs.loraplus_lr_ratio
