@@ -215,16 +215,16 @@ def markdown_table(tasks: list[str], runs: dict[str, dict[str, list[dict]]], var
              "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         metric = TASKS[task]
-        plain = {r.get("seed", i): r[metric] for i, r in enumerate(runs[task]["plain"])}
+        plain = {r["seed"]: r[metric] for r in runs[task]["plain"]}
         for name in ["base", "plain", *variants]:
             arm = runs[task].get(name, [])
             if not arm:
                 continue
             vals = [r[metric] for r in arm]
-            paired = [r[metric] - plain[r.get("seed", i)] for i, r in enumerate(arm) if r.get("seed", i) in plain]
-            diff = "" if name in ("base", "plain") or not paired else (
-                summary(paired, "+") if len(paired) > 1 else f"{paired[0]:+.3f}")
-            seeds = "" if name == "base" else ", ".join(str(r.get("seed", "?")) for r in arm)
+            paired = [] if name in ("base", "plain") else [r[metric] - plain[r["seed"]] for r in arm
+                                                            if r["seed"] in plain]
+            diff = "" if not paired else summary(paired, "+") if len(paired) > 1 else f"{paired[0]:+.3f}"
+            seeds = "" if name == "base" else ", ".join(str(r["seed"]) for r in arm)
             cells = [seeds, _mean(vals), diff] + [_mean([r[k] for r in arm]) if k in arm[0] else "" for k in
                                                   ("general_text_loss", "base_answer_loss", "answer_agreement")]
             lines.append(f"| {task} ({metric}) | {name} | " + " | ".join(cells) + " |")
@@ -268,7 +268,7 @@ def summarize(label: str) -> str:
     runs = {t: {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in arms[t].items()} for t in tasks}
     for t in tasks:
         runs[t].setdefault("plain", [])
-    return (f"{len(records)} records labelled {label!r}: {records[0]['settings']['n_train']} train / "
+    return (f"{len(records)} records labelled {label!r}: {first['n_train']} train / "
             f"{first['n_test']} test rows, {first['epochs']} epoch, batch {first['batch']}, lr {first['lr']}; "
             f"variants: " + "; ".join(f"{n} = {json.dumps(v)}" for n, v in variants.items()) + "\n\n"
             + markdown_table(tasks, runs, [v for v in variants if any(v in runs[t] for t in tasks)]))
