@@ -195,6 +195,8 @@ def test_real_model_with_stop_sequences(alice):
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut = predict(alice, version=tiny, max_new_tokens=12, temperature=0, stop_sequences=stop)
     assert "".join(cut["output"]) == text[: text.find(stop)]
+    full = predict(alice, version=tiny, max_new_tokens=12, min_new_tokens=12, temperature=0.8, seed=4)
+    assert full["metrics"]["output_token_count"] == 12 and full["metrics"]["stop_reason"] == "max_new_tokens"
 
 
 @pytest.mark.parametrize(
@@ -205,6 +207,7 @@ def test_real_model_with_stop_sequences(alice):
         ({"version": FAKE, "input": {"prompt": "a", "temperature": "hot"}}, "temperature"),
         ({"version": FAKE, "input": {"prompt": "a", "top_p": 2}}, "top_p"),
         ({"version": FAKE, "input": {"prompt": "a", "max_new_tokens": 0}}, "max_new_tokens"),
+        ({"version": FAKE, "input": {"prompt": "a", "max_new_tokens": 4, "min_new_tokens": 5}}, "min_new_tokens"),
         ({"version": "0" * 64, "input": {"prompt": "a"}}, "version"),
         ({"version": "tunery/missing", "input": {"prompt": "a"}}, "version"),
         ({"input": {"prompt": "a"}}, "version"),

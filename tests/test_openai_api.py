@@ -92,6 +92,17 @@ def test_completions_and_a_trained_version_and_stops(server, client):
         assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop"
 
 
+def test_vllms_ignore_eos_and_min_tokens(client):
+    for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
+        reply = client.chat.completions.create(model="alice/dest", messages=MESSAGES, max_tokens=12, temperature=0.8,
+                                               seed=5, extra_body=extra)
+        assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tunery/tiny", messages=MESSAGES, max_tokens=4,
+                                       extra_body={"min_tokens": 5})
+    assert info.value.param == "min_tokens" and "at most max_tokens" in info.value.message
+
+
 def test_bad_requests_are_answered_in_openais_shape(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tunery/tiny", messages=MESSAGES, n=2)

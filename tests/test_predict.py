@@ -159,6 +159,32 @@ def test_eos_ends_generation(engine, tokenizer):
     assert metrics["stop_reason"] == "eos" and metrics["output_token_count"] == 1
 
 
+def test_min_new_tokens_keeps_eos_out_until_that_many_tokens(engine, tokenizer):
+    first = text(engine, params=SamplingParams(temperature=0, max_new_tokens=1))
+    eos = tokenizer(first, add_special_tokens=False).input_ids[0]
+    config = engine.base_model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = eos  # the greedy first token ends generation at once
+    try:
+        _, plain = run(engine)
+        gen = engine.submit(Request.make(PROMPT, params=SamplingParams(temperature=0, max_new_tokens=6,
+                                                                       min_new_tokens=4)))
+        gen.text()
+        sampled, sampled_metrics = run(engine, params=SamplingParams(max_new_tokens=5, min_new_tokens=5, seed=3,
+                                                                     top_k=0, top_p=1.0))
+    finally:
+        config.eos_token_id = saved
+    assert plain["stop_reason"] == "eos" and plain["output_token_count"] == 1
+    assert eos not in gen.token_ids[:4] and gen.metrics["output_token_count"] >= 4
+    assert sampled_metrics["output_token_count"] == 5 and sampled_metrics["stop_reason"] == "max_new_tokens"
+
+
+@pytest.mark.parametrize("bad", [-2, 7, 1.5, True])
+def test_min_new_tokens_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=6, min_new_tokens=bad)
+
+
 def test_cancel_from_another_thread_stops_early(engine):
     gen = engine.submit(Request(PROMPT, SamplingParams(temperature=0, max_new_tokens=800)))
     got = []

@@ -506,8 +506,11 @@ def _sample_rows(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row from its logits ([rows, vocab]): the greedy rows' in one argmax
     (over fp32: a CPU's bf16 argmax is ~3× slower), the unfiltered ones' from one softmax, the
     others' each by `_sample`."""
-    logits = logits.float()
     params = [r.gen.request.params for r in rows]
+    early = [i for i, (r, p) in enumerate(zip(rows, params, strict=True)) if r.produced < p.min_new_tokens]
+    logits = logits.float() if not early or logits.dtype != torch.float32 else logits.clone()
+    for i in early:  # min_new_tokens: end-of-sequence is not a choice yet
+        logits[i, [t for t in rows[i].eos if t < logits.shape[-1]]] = float("-inf")
     greedy = logits.argmax(-1).tolist() if any(p.greedy for p in params) else None
     # Rows that sample from the whole vocabulary (no top_k, no top_p: GRPO's rollouts) need no
     # sort (it was 40 % of a rollout's time): their softmax in one batched op, each row's draw from

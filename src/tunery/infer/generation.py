@@ -48,11 +48,14 @@ class SamplingParams:
 
     `stop_sequences` is a comma-separated string (or a list, to allow commas inside a stop).
     A temperature of 0 (or at most 1e-5) means greedy decoding; top_p and top_k then do nothing.
-    top_k=0 disables top-k filtering. `seed` makes sampling repeatable; None picks a fresh one,
+    top_k=0 disables top-k filtering. `min_new_tokens` keeps end-of-sequence from being sampled
+    until that many tokens are out (Replicate's Llama input; vLLM's `min_tokens`; -1 or 0: off);
+    stop sequences still apply. `seed` makes sampling repeatable; None picks a fresh one,
     reported in the metrics. Construction raises ValueError naming the first out-of-range field.
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     temperature: float = 0.75
     top_p: float = 0.9
     top_k: int = 50
@@ -67,6 +70,9 @@ class SamplingParams:
         after construction, so engines check again on submit)."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or not -1 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be an integer from -1 (off) to max_new_tokens "
+                             f"({self.max_new_tokens}), got {self.min_new_tokens!r}")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise ValueError(
                 f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}"

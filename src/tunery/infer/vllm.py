@@ -181,6 +181,8 @@ class VLLMEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if params.min_new_tokens > 0:
+            body["min_tokens"] = params.min_new_tokens
         if params.top_k and not params.greedy:
             body["top_k"] = params.top_k
         if params.stops:

@@ -45,6 +45,7 @@ KEEP_FINISHED = 256  # finished channels kept in memory for late SSE clients (ol
 SAMPLING_INPUTS = {
     "max_new_tokens": "max_new_tokens",
     "max_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",

@@ -7,7 +7,8 @@ shapes), on the same tokens, models and serving engine as the predictions: point
   (`alice/bookings:<version id>`).
 - `POST /chat/completions`: messages rendered with the chat template the model was trained with
   (the run's tokenizer; the base's for a base), streamed or not, with temperature, top_p,
-  max_tokens / max_completion_tokens, stop, seed, usage and finish_reason.
+  max_tokens / max_completion_tokens, stop, seed, usage and finish_reason, and vLLM's
+  `min_tokens` and `ignore_eos`.
 - `POST /completions`: the same on a raw prompt.
 
 Errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`); a full engine
@@ -51,6 +52,10 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # vLLM's extensions, which its serving benchmark sends: no end-of-sequence before min_tokens,
+    # or none at all (every answer runs to max_tokens).
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
 
 class ChatBody(_Sampling):
@@ -120,7 +125,12 @@ def _params(body: _Sampling):
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
         raise OpenAIError(400, "stop takes at most 4 sequences", param="stop")
-    given: dict[str, Any] = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or OPENAI_MAX_TOKENS,
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or OPENAI_MAX_TOKENS
+    if body.min_tokens > max_new_tokens:
+        raise OpenAIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_new_tokens})",
+                          param="min_tokens")
+    given: dict[str, Any] = {"max_new_tokens": max_new_tokens,
+             "min_new_tokens": max_new_tokens if body.ignore_eos else body.min_tokens,
              "temperature": 1.0 if body.temperature is None else body.temperature,
              "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": 0, "stop_sequences": stops or None,
              "seed": body.seed}

@@ -66,7 +66,7 @@ class PredictionCreate(_Webhooks):
 
     version: str | None = Field(None, description="A version id, or 'owner/name:id', or 'owner/name'.")
     input: dict[str, Any] = Field(
-        description="prompt, max_new_tokens, temperature, top_p, top_k, stop_sequences, seed."
+        description="prompt, max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_sequences, seed."
     )
     stream: bool = False
 

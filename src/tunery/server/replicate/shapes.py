@@ -32,6 +32,9 @@ OUTPUT_SCHEMA: dict[str, Any] = {
 _SAMPLING_FIELDS: dict[str, dict[str, Any]] = {
     "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
                        "description": "Maximum number of tokens to generate."},
+    "min_new_tokens": {"type": "integer", "title": "Min New Tokens", "minimum": -1,
+                       "description": "Minimum number of tokens to generate before end-of-sequence may "
+                                      "end it. To disable, set to -1."},
     "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
                     "description": "Sampling temperature; 0 is greedy."},
     "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
