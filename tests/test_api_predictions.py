@@ -328,3 +328,38 @@ def test_the_api_answers_while_a_real_model_generates_eight_predictions(server, 
     for p in running:
         assert finished(alice, p["id"])["status"] == "succeeded"
     assert latencies and max(latencies) < 2.0, latencies
+
+
+def test_seventy_waiting_requests_hold_no_thread_and_the_api_keeps_answering(tmp_path):
+    """70 `Prefer: wait` predictions, all generating for seconds, wait on the event loop: more
+    requests than the thread pool of its blocking routes (anyio's 40) are in flight, and a GET still answers at once.
+    A wait that held a pool thread would queue the GET behind them."""
+    import concurrent.futures
+
+    import httpx
+
+    (tmp_path / "home").mkdir()
+    live = LiveServer(tmp_path / "home", max_batch=64, max_queue=32)
+    try:
+        live.store.ensure_base_models([("slow", "scripted, slow", "slow-base")])
+        live.runner.use_engine("slow-base", ScriptedEngine([f"w{i} " for i in range(60)], delay=0.05))
+        client = live.client("alice")
+        token = client.headers["Authorization"]
+
+        def wait(i):
+            with httpx.Client(base_url=live.url, headers={"Authorization": token}, timeout=60) as c:
+                return c.post("/v1/predictions", json={"version": SLOW, "input": {"prompt": f"p{i}"}},
+                              headers={"Prefer": "wait"})
+
+        with concurrent.futures.ThreadPoolExecutor(70) as pool:
+            waits = [pool.submit(wait, i) for i in range(70)]
+            time.sleep(1.0)  # all sent, each generating for 3 s
+            assert sum(not f.done() for f in waits) >= 60
+            start = time.perf_counter()
+            assert client.get("/v1/predictions").status_code == 200
+            answered_in = time.perf_counter() - start
+            answers = [f.result() for f in waits]
+        assert answered_in < 1.0, answered_in
+        assert all(r.status_code == 201 and r.json()["status"] == "succeeded" for r in answers)
+    finally:
+        live.stop()

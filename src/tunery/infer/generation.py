@@ -16,12 +16,13 @@ builds the configured one. Nothing here imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,6 +152,7 @@ class Generation:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._finished = threading.Event()
         self._pieces: list[str] | None = None  # what the first iteration yielded, once it ended
+        self._wake: Callable[[], Any] | None = None  # an async iteration's wake-up, called from the engine
 
     # -- the caller's side
     def cancel(self) -> None:
@@ -187,6 +189,49 @@ class Generation:
     def text(self) -> str:
         return "".join(self)
 
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """The same pieces for a coroutine: the engine's thread wakes the event loop when a piece
+        or the end is ready, so waiting holds no thread (an API answering many requests at once
+        keeps its threads for the requests that need one)."""
+        if self._pieces is not None:
+            for piece in self._pieces:
+                yield piece
+            return
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the event loop has closed: nobody is waiting any more
+                pass
+
+        self._wake = wake
+        pieces: list[str] = []
+        try:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    ready.clear()  # anything queued before this runs is drained by get_nowait
+                    continue
+                if item is _DONE:
+                    break
+                if not self._cancel.is_set():
+                    pieces.append(item)
+                    yield item
+            self._pieces = pieces
+        finally:
+            self._wake = None
+            if not self._finished.is_set():
+                self._cancel.set()
+        if self.error is not None:
+            raise self.error
+
+    async def atext(self) -> str:
+        return "".join([piece async for piece in self])
+
     # -- the engine's side
     def started(self, input_tokens: int) -> None:
         self.started_at = time.perf_counter()
@@ -200,6 +245,8 @@ class Generation:
             self.output_tokens += tokens
         if text:
             self._queue.put(text)
+            if (wake := self._wake) is not None:
+                wake()
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._finished.is_set():
@@ -219,6 +266,8 @@ class Generation:
         }
         self._finished.set()
         self._queue.put(_DONE)
+        if (wake := self._wake) is not None:
+            wake()
 
 
 class Engine(Protocol):

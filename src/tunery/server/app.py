@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,8 +23,6 @@ from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
 from tunery.version import __version__
 
-#: Blocking routes run on worker threads; `Prefer: wait` holds one for up to a minute, so allow many.
-THREADS = 100
 #: What a multipart body may carry beyond the file itself (boundaries, headers, small fields).
 MULTIPART_SLACK = 64 * 1024
 #: Where files are uploaded: Replicate's files, and OpenAI's.
@@ -51,7 +48,6 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         own = store is None
         the_store = store or Store(settings.db_url, base_url=_store_base_url(settings), webhook_body=webhook_body)
         if the_store.webhook_body is None:  # a store opened elsewhere: its webhooks are Replicate's objects

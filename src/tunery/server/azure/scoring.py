@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import TuneryError
@@ -66,7 +67,8 @@ def _params(parameters: dict[str, Any]):
         raise invalid(f"input_data.parameters: {e}", [{"field": "input_data.parameters", "reason": str(e)}]) from None
 
 
-def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str, str]]:
+async def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str, str]]:
+    """Generate for every prompt at once; waits on the event loop (no thread held meanwhile)."""
     params = _params(body.input_data.parameters)
     full = bool(body.input_data.parameters.get("return_full_text", True))
     prompts = body.input_data.input_string
@@ -75,9 +77,11 @@ def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str
     except Busy:
         raise ApiError(429, "Request was throttled: too many predictions in flight", title="Too many requests",
                        headers={"Retry-After": "1"}) from None
+    generations = []
     try:
-        generations = [predictions.generate(runner, settings, version, p, params) for p in prompts]
-        texts = [g.text() for g in generations]
+        for p in prompts:
+            generations.append(await run_in_threadpool(predictions.generate, runner, settings, version, p, params))
+        texts = [await g.atext() for g in generations]
     except Busy as e:
         raise ApiError(429, e.message, title="Too many requests", headers={"Retry-After": "1"}) from None
     except ServiceError as e:
@@ -85,27 +89,29 @@ def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str
     except (TuneryError, ValueError) as e:  # the engine refused it while generating
         raise invalid(str(e), [{"field": "input_data", "reason": str(e)}]) from None
     finally:
+        for g in generations:
+            g.cancel()  # a refused or abandoned request ends the others (no-op for those finished)
         for slot in slots:
             slot.release()
     return [{"0": (prompt + text) if full else text} for prompt, text in zip(prompts, texts, strict=True)]
 
 
 @router.post("/v1/models/{model_owner}/{model_name}/score")
-def score_latest(body: ScoreBody, model: PathModel, store: StoreDep, settings: SettingsDep,
-                 runner: RunnerDep) -> list[dict[str, str]]:
+async def score_latest(body: ScoreBody, model: PathModel, store: StoreDep, settings: SettingsDep,
+                       runner: RunnerDep) -> list[dict[str, str]]:
     """Azure ML's scoring request on the model's latest version."""
     try:
-        version = predictions.latest_version(store, model)
+        version = await run_in_threadpool(predictions.latest_version, store, model)
     except NotFound:
         raise ApiError(404, f"model {model.owner}/{model.name} has no version yet", title="Not found") from None
-    return _score(version, body, settings, runner)
+    return await _score(version, body, settings, runner)
 
 
 @router.post("/v1/models/{model_owner}/{model_name}/versions/{version_id}/score")
-def score_version(body: ScoreBody, model: PathModel, version_id: str, store: StoreDep, settings: SettingsDep,
-                  runner: RunnerDep) -> list[dict[str, str]]:
+async def score_version(body: ScoreBody, model: PathModel, version_id: str, store: StoreDep,
+                        settings: SettingsDep, runner: RunnerDep) -> list[dict[str, str]]:
     """Azure ML's scoring request on one version."""
-    version = store.get_version(model.id, version_id)
+    version = await run_in_threadpool(store.get_version, model.id, version_id)
     if version is None:
         raise ApiError(404, f"version {version_id} of {model.owner}/{model.name} not found", title="Not found")
-    return _score(version, body, settings, runner)
+    return await _score(version, body, settings, runner)

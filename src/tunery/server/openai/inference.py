@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -165,8 +166,9 @@ def _generate(runner, store, settings, owner: str, body: _Sampling, prompt_for) 
     return generation, slot
 
 
-def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_delta):
-    """The whole answer, or an SSE stream of chunks ending in `data: [DONE]`."""
+async def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_delta):
+    """The whole answer, or an SSE stream of chunks ending in `data: [DONE]`. Both wait on the
+    event loop (no thread is held while the engine generates)."""
     ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
     created = int(time.time())
     obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -178,10 +180,11 @@ def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_del
 
     if not body.stream:
         try:
-            text = generation.text()
+            text = await generation.atext()
         except Exception as e:
             raise OpenAIError(500, f"generation failed: {e}", type="server_error") from None
         finally:
+            generation.cancel()  # a client gone before the end ends the generation
             slot.release()
         reason = _finish_reason(generation.metrics.get("stop_reason"))
         return {"id": ident, "object": obj, "created": created, "model": body.model,
@@ -190,7 +193,7 @@ def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_del
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
         def chunk(choices: list, **extra: Any) -> str:
             return "data: " + json.dumps({"id": ident, "object": chunk_obj, "created": created, "model": body.model,
                                           "choices": choices, **extra}) + "\n\n"
@@ -198,7 +201,7 @@ def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_del
         try:
             if kind == "chat":
                 yield chunk([make_delta({"role": "assistant", "content": ""}, None)])
-            for piece in generation:
+            async for piece in generation:
                 yield chunk([make_delta({"content": piece} if kind == "chat" else piece, None)])
             reason = _finish_reason(generation.metrics.get("stop_reason"))
             yield chunk([make_delta({} if kind == "chat" else "", reason)])
@@ -215,7 +218,7 @@ def _respond(slot, generation, body: _Sampling, kind: str, make_choice, make_del
 
 
 @router.post("/chat/completions")
-def chat_completions(body: ChatBody, owner: Owner, store: StoreDep, settings: SettingsDep, runner: RunnerDep):
+async def chat_completions(body: ChatBody, owner: Owner, store: StoreDep, settings: SettingsDep, runner: RunnerDep):
     """A chat completion: the messages in the model's chat template, then the assistant's answer."""
     def prompt_for(tokenizer) -> str:
         if not getattr(tokenizer, "chat_template", None):
@@ -225,8 +228,8 @@ def chat_completions(body: ChatBody, owner: Owner, store: StoreDep, settings: Se
         return generation_prompt(tokenizer, messages)
 
     try:
-        generation, slot = _generate(runner, store, settings, owner, body, prompt_for)
-        return _respond(slot, generation, body, "chat",
+        generation, slot = await run_in_threadpool(_generate, runner, store, settings, owner, body, prompt_for)
+        return await _respond(slot, generation, body, "chat",
                         lambda text, reason: {"index": 0, "message": {"role": "assistant", "content": text},
                                               "finish_reason": reason, "logprobs": None},
                         lambda delta, reason: {"index": 0, "delta": delta, "finish_reason": reason,
@@ -243,11 +246,12 @@ def _content(message: dict[str, Any]) -> str:
 
 
 @router.post("/completions")
-def completions(body: CompletionBody, owner: Owner, store: StoreDep, settings: SettingsDep, runner: RunnerDep):
+async def completions(body: CompletionBody, owner: Owner, store: StoreDep, settings: SettingsDep, runner: RunnerDep):
     """A completion of a raw prompt."""
     try:
-        generation, slot = _generate(runner, store, settings, owner, body, lambda tokenizer: body.prompt)
-        return _respond(slot, generation, body, "completion",
+        generation, slot = await run_in_threadpool(_generate, runner, store, settings, owner, body,
+                                                   lambda tokenizer: body.prompt)
+        return await _respond(slot, generation, body, "completion",
                         lambda text, reason: {"index": 0, "text": text, "finish_reason": reason, "logprobs": None},
                         lambda text, reason: {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
     except OpenAIError as e:

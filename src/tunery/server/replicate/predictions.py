@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, RunnerDep, StoreDep
@@ -17,7 +18,7 @@ from tunery.server.replicate.shapes import prediction_json
 from tunery.service import predictions
 from tunery.service.errors import NotFound
 from tunery.service.prediction_runner import PredictionRunner
-from tunery.store.models import TERMINAL, Model, Version
+from tunery.store.models import TERMINAL, Model, Prediction, Version
 from tunery.store.store import Store
 
 router = APIRouter(tags=["predictions"])
@@ -31,7 +32,7 @@ PreferHeader = Annotated[
 
 
 @router.post("/v1/predictions", status_code=201)
-def create_prediction(
+async def create_prediction(
     body: PredictionCreate,
     owner: Owner,
     store: StoreDep,
@@ -40,12 +41,12 @@ def create_prediction(
     prefer: PreferHeader = None,
 ) -> dict[str, Any]:
     """Run `body.version` ("<id>", "owner/name:<id>" or "owner/name" for the latest version)."""
-    model, version = predictions.find_version(store, owner, body.version)
-    return _start(store, runner, owner, model, version, body, prefer, base)
+    model, version = await run_in_threadpool(predictions.find_version, store, owner, body.version)
+    return await _start(store, runner, owner, model, version, body, prefer, base)
 
 
 @router.post("/v1/models/{model_owner}/{model_name}/predictions", status_code=201)
-def create_model_prediction(
+async def create_model_prediction(
     body: PredictionCreate,
     model: PathModel,
     owner: Owner,
@@ -56,10 +57,10 @@ def create_model_prediction(
 ) -> dict[str, Any]:
     """Run the model's latest version."""
     try:
-        version = predictions.latest_version(store, model)
+        version = await run_in_threadpool(predictions.latest_version, store, model)
     except NotFound as exc:
         raise invalid(exc.message) from None
-    return _start(store, runner, owner, model, version, body, prefer, base)
+    return await _start(store, runner, owner, model, version, body, prefer, base)
 
 
 @router.get("/v1/predictions")
@@ -103,7 +104,7 @@ def stream_prediction(
     )
 
 
-def _start(
+async def _start(
     store: Store,
     runner: PredictionRunner,
     owner: str,
@@ -113,18 +114,20 @@ def _start(
     prefer: str | None,
     base: str,
 ) -> dict[str, Any]:
-    """Create and queue the prediction; with `Prefer: wait`, block until it ends or the wait
+    """Create and queue the prediction; with `Prefer: wait`, wait until it ends or the wait
     runs out. A prediction that has not ended is answered as "starting" with no output yet:
     the official client polls on "starting" but takes any other status of a waited request
     as final (and would return None)."""
-    row, channel = predictions.create_prediction(
-        store, runner, owner=owner, model=model, version=version, input=body.input, stream=body.stream,
-        webhook=body.webhook, webhook_events_filter=body.webhook_events_filter)
+    row, channel = await run_in_threadpool(
+        predictions.create_prediction, store, runner, owner=owner, model=model, version=version, input=body.input,
+        stream=body.stream, webhook=body.webhook, webhook_events_filter=body.webhook_events_filter)
     wait = _wait_seconds(prefer)
     if wait:
-        # Answer a little before the client's own read timeout (the wait + 0.5 s) runs out.
-        channel.finished.wait(max(0.0, wait - 1.0))
-        row = store.get_prediction(owner, row.id) or row
+        # Answer a little before the client's own read timeout (the wait + 0.5 s) runs out; the
+        # wait is on the event loop, so waiting requests hold no thread.
+        await sse.wait_done(channel, max(0.0, wait - 1.0))
+        found: Prediction | None = await run_in_threadpool(store.get_prediction, owner, row.id)
+        row = found or row
     answer = prediction_json(row, base)
     if answer["status"] not in TERMINAL:
         answer.update(status="starting", output=None)

@@ -80,3 +80,30 @@ async def stream(row: Prediction, channel: Channel | None) -> AsyncIterator[str]
                 return
     finally:
         channel.unsubscribe(listener)
+
+
+async def wait_done(channel: Channel, timeout: float) -> bool:
+    """Wait (on the event loop, holding no thread) until the prediction of `channel` is done, for
+    at most `timeout` seconds; True when it is."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def listener(event: Event) -> None:  # called on the runner's thread
+        if event.kind == "done":
+            try:
+                loop.call_soon_threadsafe(done.set)
+            except RuntimeError:  # the event loop has closed
+                pass
+
+    channel.subscribe(listener)
+    try:
+        if channel.finished.is_set():
+            return True
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            return channel.finished.is_set()
+        return True
+    finally:
+        channel.unsubscribe(listener)
+
