@@ -137,10 +137,19 @@ def generate(runner: PredictionRunner, settings: Settings, version: Version, pro
 def tokenizer_for(settings: Settings, version: Version) -> Any:
     """The tokenizer a version was trained with (its run's), or its base's; kept once loaded."""
     key = version.run_url or f"base:{version.base_name}"
-    with _TOKENIZERS_LOCK:
-        found = _TOKENIZERS.get(key)
+    found = _TOKENIZERS.get(key)
     if found is not None:
         return found
+    # One load at a time: requests arriving together at a fresh server would otherwise import
+    # transformers on several threads at once, which fails (its lazy module is half made).
+    with _TOKENIZERS_LOCK:
+        found = _TOKENIZERS.get(key)
+        if found is None:
+            found = _TOKENIZERS[key] = _load_tokenizer(settings, version)
+    return found
+
+
+def _load_tokenizer(settings: Settings, version: Version) -> Any:
     from tunery.infer.embedded import load_tokenizer_dir
     from tunery.infer.weights import resolve_weights
     from tunery.models.load import load_tokenizer
@@ -151,6 +160,4 @@ def tokenizer_for(settings: Settings, version: Version) -> Any:
         tokenizer = load_tokenizer_dir(weights.tokenizer, weights.source)
     else:
         tokenizer = load_tokenizer(resolve_base((weights.base if weights else None) or version.base_name, settings))
-    with _TOKENIZERS_LOCK:
-        _TOKENIZERS[key] = tokenizer
     return tokenizer

@@ -198,11 +198,17 @@ async def _respond(slot, generation, body: _Sampling, kind: str, make_choice, ma
             return "data: " + json.dumps({"id": ident, "object": chunk_obj, "created": created, "model": body.model,
                                           "choices": choices, **extra}) + "\n\n"
 
+        # The assistant's role goes with the first token (as OpenAI and vLLM send it), so a client
+        # timing its first chunk times the first token.
+        role = kind == "chat"
         try:
-            if kind == "chat":
-                yield chunk([make_delta({"role": "assistant", "content": ""}, None)])
             async for piece in generation:
+                if role:
+                    role = False
+                    yield chunk([make_delta({"role": "assistant", "content": ""}, None)])
                 yield chunk([make_delta({"content": piece} if kind == "chat" else piece, None)])
+            if role:
+                yield chunk([make_delta({"role": "assistant", "content": ""}, None)])
             reason = _finish_reason(generation.metrics.get("stop_reason"))
             yield chunk([make_delta({} if kind == "chat" else "", reason)])
             if include_usage:
