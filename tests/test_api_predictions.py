@@ -181,6 +181,15 @@ def test_cancel_one_of_two_running_predictions(alice):
     assert other["status"] == "succeeded" and len(other["output"]) == 40
 
 
+def test_a_cancel_asked_on_another_server_stops_it_and_output_is_written_while_it_runs(server, alice):
+    p = predict(alice, version=SLOW, wait=None)  # 40 pieces, 0.1 s apart
+    partial = wait_for(lambda: alice.get(p["urls"]["get"]).json(), lambda q: len(q["output"] or []) >= 5)
+    assert partial["status"] == "processing"  # the flusher writes the output while it streams
+    server.store.cancel_prediction("alice", p["id"])  # as another server sharing the database does
+    done = finished(alice, p["id"])
+    assert done["status"] == "canceled" and 5 <= len(done["output"]) < 40
+
+
 def test_stop_sequences(alice):
     p = predict(alice, stop_sequences="ond,xyz")
     assert "".join(p["output"]) == "Hello world,\nsec"

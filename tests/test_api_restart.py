@@ -20,7 +20,7 @@ def test_unfinished_predictions_run_again_after_a_restart(tmp_path, tiny_model_d
     running = store.create_prediction("alice", model="tunery/tiny", version_id=version,
                                       input={"prompt": "Item:", "max_new_tokens": 4, "temperature": 0})
     store.start_prediction(running.id)
-    store.set_prediction_output(running.id, ["half"])
+    store.set_predictions_output({running.id: ["half"]})
     queued = store.create_prediction("alice", model="tunery/tiny", version_id=version,
                                      input={"prompt": "Item:", "max_new_tokens": 4, "temperature": 0})
     doomed = store.create_prediction("alice", model="tunery/tiny", version_id=version,
@@ -72,7 +72,7 @@ def test_servers_sharing_a_database_run_each_prediction_once(tmp_path):
             lost = b.store.create_prediction("alice", model="tunery/slow", version_id=version,
                                              input={"prompt": "lost"}, runner="dead-server", lease_seconds=3.0)
             b.store.start_prediction(lost.id, "dead-server")
-            b.store.set_prediction_output(lost.id, ["half"], "dead-server")
+            b.store.set_predictions_output({lost.id: ["half"]}, "dead-server")
             assert b.runner.keep_leases() == 0 and a.runner.keep_leases() == 0  # not before its lease ends
 
             for pid in ids:  # ~6 s in all: many lease periods of A, renewed all along

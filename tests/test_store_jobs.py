@@ -178,10 +178,11 @@ def test_prediction_lifecycle(store):
     assert store.get_model("alice", "tunery", "smollm2-135m").run_count == 1
     assert store.start_prediction(p.id).status == "processing"
     assert store.start_prediction(p.id) is None  # only once
-    store.set_prediction_output(p.id, ["a", "b"])
+    assert store.set_predictions_output({p.id: ["a", "b"]}) == set()
     assert store.get_prediction("alice", p.id).output == ["a", "b"]
     assert store.cancel_prediction("alice", p.id).status == "processing"
     assert store.is_cancel_requested_prediction(p.id)
+    assert store.set_predictions_output({}, watch=[p.id, "unknown"]) == {p.id}  # the flusher learns of it
     row = store.finish_prediction(p.id, status="canceled", output=["a", "b", "c"],
                                   metrics={"predict_time": 0.1})
     assert (row.status, row.output, row.metrics["predict_time"]) == ("canceled", ["a", "b", "c"], 0.1)
@@ -243,7 +244,7 @@ def test_logs_and_output_webhooks_are_throttled(store):
     p = store.create_prediction("alice", model="m/n", version_id="v", input={}, webhook="http://hook.test/p")
     store.start_prediction(p.id)
     for i in range(4):
-        store.set_prediction_output(p.id, [str(j) for j in range(i + 1)])
+        store.set_predictions_output({p.id: [str(j) for j in range(i + 1)]})
     store.finish_prediction(p.id, status="succeeded", output=["0", "1", "2", "3", "4"])
     assert _events(store, p.id) == ["start", "output", "completed"]
     assert json.loads(store.webhook_deliveries(p.id)[-1].body)["output"] == ["0", "1", "2", "3", "4"]
@@ -286,7 +287,7 @@ def test_prediction_leases_are_taken_over_only_when_expired_and_by_one_server(st
                                       input={"prompt": "p"}, runner=runner, lease_seconds=lease_seconds)
         if start:
             store.start_prediction(row.id, runner)
-            store.set_prediction_output(row.id, ["half"], runner)
+            store.set_predictions_output({row.id: ["half"]}, runner)
         return row.id
 
     live = prediction("live-server", start=True)
@@ -299,7 +300,7 @@ def test_prediction_leases_are_taken_over_only_when_expired_and_by_one_server(st
     store.cancel_prediction("alice", canceled)
 
     # Another server's writes to a prediction it does not hold are ignored.
-    store.set_prediction_output(live, ["intruder"], "other-server")
+    store.set_predictions_output({live: ["intruder"]}, "other-server")
     assert store.finish_prediction(live, status="succeeded", runner="other-server") is None
 
     taken = _race(db_url, 4, lambda server, i: [row.id for row, _ in

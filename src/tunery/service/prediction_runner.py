@@ -6,9 +6,11 @@ API answers 429 before creating anything.
 
 Each prediction has a `Channel`: the events produced so far and the live listeners (the SSE
 streams), so a client that connects late gets the output so far and then the live events.
-The row is updated at most every FLUSH_SECONDS while text streams and once at the end; the end
-is committed to the store before the channel says "done", so a client that sees "done" and then
-GETs the prediction finds it finished. Nothing here imports torch until the first prediction.
+While text streams, one flusher writes the output of every running prediction that has new
+text, in one transaction every FLUSH_SECONDS (and learns of cancels asked on other servers);
+each prediction's end is committed to the store before its channel says "done", so a client
+that sees "done" and then GETs the prediction finds it finished. Nothing here imports torch
+until the first prediction.
 
 Several servers may share one database: each prediction is leased to the runner of the server
 that took it, and the lease is renewed every few seconds while that server lives. When a server
@@ -118,6 +120,9 @@ class _Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
     thread: threading.Thread | None = None
+    pieces: list[str] = field(default_factory=list)  # the output so far (appended on its thread)
+    running: bool = False  # started in the store ("processing"), not yet finished
+    flushed: int = 0  # how many pieces the store has
 
 
 class PredictionRunner:
@@ -135,6 +140,7 @@ class PredictionRunner:
         self._stopping = threading.Event()
         self._started = False
         self._lease_thread: threading.Thread | None = None
+        self._flush_thread: threading.Thread | None = None
         self._jobs: dict[str, _Running] = {}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
         self._engines: dict[str, Engine] = {}
@@ -152,6 +158,9 @@ class PredictionRunner:
             self._lease_thread = threading.Thread(target=self._lease_loop, name="tunery-prediction-leases",
                                                   daemon=True)
             self._lease_thread.start()
+            self._flush_thread = threading.Thread(target=self._flush_loop, name="tunery-prediction-output",
+                                                  daemon=True)
+            self._flush_thread.start()
 
     def keep_leases(self) -> int:
         """One round: renew this runner's leases, then take over and queue the predictions whose
@@ -175,14 +184,37 @@ class PredictionRunner:
             except Exception:  # the database went away, say: try again next round
                 log.exception("renewing prediction leases failed")
 
+    def flush(self) -> int:
+        """One round: write the new output of every running prediction in one transaction, and
+        stop those whose cancel was asked on another server. Returns how many were written."""
+        with self._lock:
+            running = [job for job in self._jobs.values() if job.running]
+            changed = {job.id: job.pieces[:] for job in running if len(job.pieces) > job.flushed}
+        canceled = self.store.set_predictions_output(changed, self.runner_id, watch=[job.id for job in running])
+        for job in running:
+            if job.id in changed:
+                job.flushed = len(changed[job.id])
+            if job.id in canceled:
+                self._cancel(job)
+        return len(changed)
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.wait(FLUSH_SECONDS):
+            try:
+                self.flush()
+            except Exception:  # the database went away, say: try again next round
+                log.exception("writing the predictions' output failed")
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop: what is running stops within a token and, with what is queued, is handed back
         (its lease released, so the next server to start, or another one on the same database,
         runs it again at once): a shutdown loses no prediction. Waits for the thread to end."""
         self._stopping.set()
-        if self._lease_thread is not None:
-            self._lease_thread.join(timeout)
-            self._lease_thread = None
+        for attr in ("_lease_thread", "_flush_thread"):
+            thread = getattr(self, attr)
+            if thread is not None:
+                thread.join(timeout)
+                setattr(self, attr, None)
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
@@ -272,10 +304,10 @@ class PredictionRunner:
         if job.cancel.is_set() or self.store.start_prediction(job.id, self.runner_id) is None:
             self._finish(job, "canceled", None, {})  # canceled (or gone, or taken over) before it started
             return
-        pieces: list[str] = []
+        job.running = True
+        pieces = job.pieces
         metrics: dict[str, Any] = {}
         channel = self.channel(job.id)
-        flushed = time.monotonic()
         try:
             from tunery.infer.generation import Request
 
@@ -284,14 +316,9 @@ class PredictionRunner:
             if job.cancel.is_set():
                 generation.cancel()
             for piece in generation:
-                pieces.append(piece)
+                pieces.append(piece)  # written to the store by the flusher
                 if channel is not None:
                     channel.publish("output", piece)
-                if time.monotonic() - flushed >= FLUSH_SECONDS:
-                    flushed = time.monotonic()
-                    self.store.set_prediction_output(job.id, pieces, self.runner_id)
-                    if self.store.is_cancel_requested_prediction(job.id):  # canceled by another process
-                        self._cancel(job)
             metrics = generation.metrics
         except Exception as exc:  # a bad adapter, a model that fails to load, ...
             log.warning("prediction %s failed: %s", job.id, exc)
@@ -312,6 +339,7 @@ class PredictionRunner:
         error: str | None = None,
     ) -> None:
         """Commit the end to the store, then tell the listeners."""
+        job.running = False
         row = self.store.finish_prediction(
             job.id,
             status=status,

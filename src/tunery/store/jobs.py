@@ -9,7 +9,7 @@ the one that took its job over.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -374,14 +374,25 @@ class JobsMixin:
             outbox.enqueue(s, row, "start", self.base_url, self.webhook_body)
             return row
 
-    def set_prediction_output(self, prediction_id: str, output: list[str], runner: str | None = None) -> None:
-        """Replace the output produced so far (a running prediction this runner holds only)."""
+    def set_predictions_output(self, outputs: dict[str, list[str]], runner: str | None = None, *,
+                               watch: Iterable[str] = ()) -> set[str]:
+        """Replace the output produced so far of several running predictions this runner holds, in
+        one transaction (a server streaming many predictions writes them all at once); returns
+        which of them, and of `watch`, have had a cancel asked for (by any server)."""
+        ids = set(outputs) | set(watch)
+        if not ids:
+            return set()
         with self.session() as s:
-            row = s.get(Prediction, prediction_id, with_for_update=True)
-            if row is None or not self._runs_here(row, runner) or row.status != "processing":
-                return
-            row.output = list(output)
-            outbox.enqueue(s, row, "output", self.base_url, self.webhook_body)
+            rows = s.scalars(select(Prediction).where(Prediction.id.in_(sorted(ids))).with_for_update()).all()
+            canceled = set()
+            for row in rows:
+                if row.cancel_requested:
+                    canceled.add(row.id)
+                if row.id not in outputs or not self._runs_here(row, runner) or row.status != "processing":
+                    continue
+                row.output = list(outputs[row.id])
+                outbox.enqueue(s, row, "output", self.base_url, self.webhook_body)
+            return canceled
 
     def finish_prediction(self, prediction_id: str, *, status: str, output: list[str] | None = None,
                           error: str | None = None, metrics: dict[str, Any] | None = None,
