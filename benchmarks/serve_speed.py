@@ -69,11 +69,11 @@ def tunery_command() -> list[str]:
 class Server:
     """`tunery serve` on a free loopback port with a fresh data directory, and a token for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="tunery-serve-speed-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TUNERY_HOME": str(self.home), "TUNERY_PUBLIC_URL": self.url}
+        self.env = {**os.environ, "TUNERY_HOME": str(self.home), "TUNERY_PUBLIC_URL": self.url, **(extra_env or {})}
         self.env.pop("TUNERY_DATABASE_URL", None)
         self.token = subprocess.run([*tunery_command(), "tokens", "create", "--owner", "bench"], env=self.env,
                                     check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -118,7 +118,7 @@ def train_adapters(server: Server, base: str, n: int = 2) -> list[str]:
 
     client = replicate.Client(api_token=server.token, base_url=server.url)
     data_path = server.home / "data.jsonl"
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in generate(make_example, 16, seed=3)))
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in generate(make_example, 32, seed=3)))
     with data_path.open("rb") as f:
         data = client.files.create(f)
     base_version = client.models.get(f"tunery/{base}").latest_version
@@ -127,7 +127,7 @@ def train_adapters(server: Server, base: str, n: int = 2) -> list[str]:
         client.models.create(owner="bench", name=f"adapter{i}", visibility="private", hardware="cpu")
         trainings.append(client.trainings.create(
             version=f"tunery/{base}:{base_version.id}", destination=f"bench/adapter{i}",
-            input={"train_data": data.urls["get"], "num_train_epochs": 1, "max_steps": 2, "train_batch_size": 4,
+            input={"train_data": data.urls["get"], "num_train_epochs": 1, "max_steps": 2, "train_batch_size": 4, "run_validation": False,
                    "seed": i}))
     refs = []
     for training in trainings:
@@ -312,6 +312,8 @@ def main() -> None:
     parser.add_argument("--routes", default=",".join(ROUTES))
     parser.add_argument("--no-adapters", action="store_true", help="the base only (no trainings)")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 and 4 at once, no adapters")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the server only (to try a setting)")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.levels, args.no_adapters = 16, "1,4", True
@@ -329,7 +331,7 @@ def main() -> None:
           f"tunery's engine {base_line['engine_tokens_per_second']:.1f} tok/s "
           f"({base_line['engine_predict_time_s']:.2f} s for {args.new_tokens} tokens)", flush=True)
 
-    server = Server()
+    server = Server(dict(kv.split("=", 1) for kv in args.server_env))
     try:
         mixes = {"base": [(base_version_id(args.base), f"tunery/{args.base}")]}
         if not args.no_adapters:
@@ -372,7 +374,7 @@ def main() -> None:
         server.stop()
     append_result({"benchmark": "serve_speed", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "commit": git_commit(), "base": args.base, "new_tokens": args.new_tokens, "machine": machine(),
-                   "versions": versions(), **base_line, "table": table, "get_latency": get_latency})
+                   "versions": versions(), "server_env": args.server_env, **base_line, "table": table, "get_latency": get_latency})
 
 
 if __name__ == "__main__":

@@ -403,3 +403,40 @@ def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, a
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the adapters do change the output
     for row in range(4):
         assert torch.allclose(got[row], expected[row], atol=1e-5), (names[row], (got[row] - expected[row]).abs().max())
+
+
+def test_top_k_top_p_sampling_draws_from_transformers_filtered_distribution():
+    """A batch's rows each draw, from their own seed, from the distribution transformers' warpers
+    (temperature, top-k, top-p) give for that row."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from tunery.infer.embedded import _sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 300) * 3
+    params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9), SamplingParams(temperature=1.2, top_k=50, top_p=0.5),
+              SamplingParams(temperature=0.7, top_k=20, top_p=1.0)]
+    reference = []
+    for row, p in zip(logits, params, strict=True):
+        scores = row.unsqueeze(0)
+        for warper in (TemperatureLogitsWarper(p.temperature), TopKLogitsWarper(p.top_k), TopPLogitsWarper(p.top_p)):
+            scores = warper(None, scores)
+        reference.append(torch.softmax(scores[0], -1))
+    counts = torch.zeros(3, 300)
+    draws = 600
+    for seed in range(draws):
+        rows = [SimpleNamespace(gen=SimpleNamespace(request=SimpleNamespace(params=p)), produced=1, eos=set(),
+                                generator=torch.Generator().manual_seed(seed * 3 + i)) for i, p in enumerate(params)]
+        for i, token in enumerate(_sample_rows(logits, rows)):
+            counts[i, token] += 1
+    for i in range(3):
+        assert (reference[i][counts[i] > 0] > 0).all(), f"row {i} drew a token the warpers filter out"
+        total_variation = 0.5 * (counts[i] / draws - reference[i]).abs().sum()
+        assert total_variation < 0.1, (i, total_variation)
