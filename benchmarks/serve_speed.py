@@ -22,7 +22,9 @@ One run, one machine (the CPU's flags come first):
    the ratio to one request alone;
 4. one request alone, per route: the client's wall time against the engine's own time for it
    (the prediction's `metrics.predict_time`, from the engine's submit to its last token);
-5. `GET /v1/predictions/{id}` p50/p99, every 20 ms, while 8 predictions generate.
+5. what the store costs one prediction: each write and read it makes (create, start, an output
+   flush, finish, GET, the token's lookup), timed on the server's database;
+6. `GET /v1/predictions/{id}` p50/p99, every 20 ms, while 8 predictions generate.
 
 Every request samples (temperature 0.8, top_p 0.9, top_k 50) with a fixed seed and generates
 exactly --new-tokens tokens (`min_new_tokens`; vLLM's `ignore_eos` on the OpenAI routes), as the
@@ -265,6 +267,38 @@ def prober(server: Server, route_version: str, stop: threading.Event, out: list[
     return thread
 
 
+def store_costs(server: Server, version: str, new_tokens: int, repeat: int = 20) -> dict:
+    """What the store costs one prediction, timed on the server's own database (SQLite file)
+    while it is idle: each write and read a prediction makes from its creation to its last GET,
+    median of `repeat`, in ms; the output flushes are those of one 64-token prediction at the
+    engine's rate (one every FLUSH_SECONDS)."""
+    from tunery.store.store import Store
+
+    store = Store(f"sqlite:///{server.home / 'tunery.db'}", migrate=False)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append((time.perf_counter() - start) * 1000)
+        return out
+
+    try:
+        for _ in range(repeat):
+            row = timed("create", lambda: store.create_prediction(
+                "bench", model="tunery/x", version_id=version, input={"prompt": PROMPTS[0]}, runner="r"))
+            timed("start", lambda row=row: store.start_prediction(row.id, "r"))
+            pieces = [f" w{j}" for j in range(new_tokens)]
+            timed("flush_output", lambda row=row, pieces=pieces: store.set_predictions_output({row.id: pieces}, "r"))
+            timed("finish", lambda row=row, pieces=pieces: store.finish_prediction(
+                row.id, status="succeeded", output=pieces, metrics={"predict_time": 1.0}, runner="r"))
+            timed("get", lambda row=row: store.get_prediction("bench", row.id))
+            timed("auth", lambda: store.owner_for_token(server.token))
+    finally:
+        store.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def baselines(base: str, new_tokens: int) -> dict:
     """Plain `generate` and the engine in process, one request at a time, the API's sampling."""
     import torch
@@ -361,6 +395,9 @@ def main() -> None:
                 print(f"{mix:4s} {route:16s} one alone: {one['vs_plain_generate']:.2f}x plain generate, "
                       f"{one['vs_engine']:.2f}x the engine in process{engine}", flush=True)
                 table += rows
+        costs = store_costs(server, mixes["base"][0][0], args.new_tokens)
+        print("the store, per prediction (median ms, SQLite): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()),
+              flush=True)
         gets: list[float] = []
         stop = threading.Event()
         probe_version = mixes["base"][0][0]
@@ -374,7 +411,8 @@ def main() -> None:
         server.stop()
     append_result({"benchmark": "serve_speed", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "commit": git_commit(), "base": args.base, "new_tokens": args.new_tokens, "machine": machine(),
-                   "versions": versions(), "server_env": args.server_env, **base_line, "table": table, "get_latency": get_latency})
+                   "versions": versions(), "server_env": args.server_env, **base_line, "table": table, "get_latency": get_latency,
+                   "store_ms": costs})
 
 
 if __name__ == "__main__":
