@@ -293,7 +293,7 @@ def store_costs(server: Server, version: str, new_tokens: int, repeat: int = 20)
             timed("finish", lambda row=row, pieces=pieces: store.finish_prediction(
                 row.id, status="succeeded", output=pieces, metrics={"predict_time": 1.0}, runner="r"))
             timed("get", lambda row=row: store.get_prediction("bench", row.id))
-            timed("auth", lambda: store.owner_for_token(server.token))
+            timed("auth", lambda: store.authenticate(server.token))
     finally:
         store.close()
     return {name: statistics.median(values) for name, values in times.items()}

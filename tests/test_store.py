@@ -35,14 +35,47 @@ def test_tokens_store_only_a_hash(store):
     token = store.create_token("alice", label="laptop")
     other = store.create_token("alice")
     assert token.startswith("tny_") and len(token) == 44 and token != other
-    assert store.owner_for_token(token) == "alice"
-    assert store.owner_for_token(other) == "alice"
-    assert store.owner_for_token("tny_" + "x" * 40) is None
-    assert store.owner_for_token("") is None
+    assert store.authenticate(token).owner == "alice"
+    assert store.authenticate(other).owner == "alice"
+    assert store.authenticate("tny_" + "x" * 40).refused == "unknown"
+    assert store.authenticate("").owner is None
     with store.session() as s:
         rows = list(s.scalars(select(ApiToken)))
     assert {r.token_hash for r in rows} == {hashlib.sha256(t.encode()).hexdigest() for t in (token, other)}
     assert all(token not in (r.token_hash, r.label) for r in rows)
+
+
+def test_token_scopes_expiry_and_revocation(store):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tunery.store.models import utcnow
+
+    full = store.create_token("alice")
+    reader = store.create_token("alice", "ci", scopes=["predict", "read"], expires_at=utcnow() + timedelta(days=1))
+    assert store.authenticate(full).scopes == {"read", "predict", "train", "admin"}
+    check = store.authenticate(reader)
+    assert (check.owner, check.scopes, check.refused) == ("alice", {"read", "predict"}, None)
+    for bad in ({"scopes": ["read", "root"]}, {"scopes": []}, {"expires_at": utcnow() - timedelta(seconds=1)}):
+        with pytest.raises(ValueError):
+            store.create_token("alice", **bad)
+
+    rows = store.list_tokens("alice")
+    assert [(r.prefix, r.scopes, r.label) for r in rows] == [(full[:10], "read,predict,train,admin", None),
+                                                               (reader[:10], "read,predict", "ci")]
+    assert store.list_tokens("bob") == [] and len(store.list_tokens()) == 2
+
+    with store.session() as s:  # the day passes
+        s.execute(update(ApiToken).where(ApiToken.id == rows[1].id).values(expires_at=utcnow() - timedelta(seconds=1)))
+    check = store.authenticate(reader)
+    assert check.owner is None and check.refused.startswith("expired at ")
+
+    assert store.revoke_token(rows[0].id, owner="bob") is None  # not bob's
+    revoked = store.revoke_token(rows[0].id)
+    assert revoked.revoked_at is not None and store.revoke_token(rows[0].id).revoked_at == revoked.revoked_at
+    assert store.authenticate(full).refused.startswith("revoked at ")
+    assert store.revoke_token(10_000) is None
 
 
 def test_owners_see_only_their_own_things(store):

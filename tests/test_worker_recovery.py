@@ -115,7 +115,7 @@ def test_worker_command_stops_on_sigterm_and_tokens_create_prints_a_token(tmp_pa
     worker = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     try:
         store = Store(db_url)
-        assert store.owner_for_token(token) == "alice"
+        assert store.authenticate(token).owner == "alice"
         store.close()
         # Signal it once it says it started (its handlers are in place by then), however slow the machine.
         seen: list[str] = []

@@ -357,10 +357,8 @@ def demo(
 # These modules import neither torch nor transformers at load, so the CLI stays quick to start.
 
 from tunery.client.commands import models_create, predictions_app, trainings_app  # noqa: E402
-from tunery.server.cli import bases_app, serve_command, tokens_create, worker_command  # noqa: E402
+from tunery.server.cli import bases_app, serve_command, tokens_app, worker_command  # noqa: E402
 
-tokens_app = typer.Typer(help="API tokens for the server.", no_args_is_help=True)
-tokens_app.command("create")(tokens_create)
 models_app.command("create")(models_create)
 app.command("serve")(serve_command)
 app.command("worker")(worker_command)

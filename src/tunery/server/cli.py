@@ -1,5 +1,5 @@
 """The service's commands, for `tunery` to register: `serve_command` (tunery serve),
-`worker_command` (tunery worker), `tokens_create` (tunery tokens create) and `bases_app`
+`worker_command` (tunery worker), `tokens_app` (tunery tokens) and `bases_app`
 (tunery bases): each opens the store with Replicate's webhook bodies."""
 
 from __future__ import annotations
@@ -113,16 +113,71 @@ def worker_command(
         store.close()
 
 
+tokens_app = typer.Typer(
+    help="API tokens, in the configured database (TUNERY_DATABASE_URL): create, list, revoke.",
+    no_args_is_help=True,
+)
+
+
+@tokens_app.command("create")
 def tokens_create(
     owner: Annotated[str, typer.Option("--owner", help="Who the token acts as (created if new).")],
     label: Annotated[str | None, typer.Option("--label", help="A note to tell tokens apart.")] = None,
+    scope: Annotated[list[str] | None, typer.Option(
+        "--scope", help="What it may do: read, predict, train, admin (repeat, or comma-separate; default: all).",
+    )] = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="When it stops working: a duration (90m, 12h, 30d, 2w) or a date or time "
+        "(2027-01-31; UTC unless it says). Default: until revoked.",
+    )] = None,
 ) -> None:
     """Create an API token and print it. Only its hash is stored: keep the printed token."""
+    from tunery.service import tokens
+    from tunery.service.errors import ServiceError
+
     store = open_store()
     try:
-        typer.echo(store.create_token(owner, label))
+        token, _ = tokens.create(store, owner, label=label, scopes=scope, expires=expires)
+    except ServiceError as exc:
+        _fail(exc)
     finally:
         store.close()
+    typer.echo(token)
+
+
+@tokens_app.command("list")
+def tokens_list(
+    owner: Annotated[str | None, typer.Option("--owner", help="Only this owner's tokens.")] = None,
+) -> None:
+    """Every token (or one owner's): id, owner, first characters, scopes, status and dates; never
+    the tokens themselves."""
+    from tunery.service import tokens
+
+    store = open_store()
+    try:
+        rows = [tokens.record(row) for row in store.list_tokens(owner)]
+    finally:
+        store.close()
+    for r in rows:
+        until = f"until {r['expires_at']}" if r["expires_at"] else "no expiry"
+        typer.echo(f"{r['id']:>4}  {r['owner']}  {r['prefix'] or '(no prefix)'}…  {','.join(r['scopes'])}  "
+                   f"{r['status']}  created {r['created_at']}  {until}  {r['label'] or ''}".rstrip())
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[int, typer.Argument(help="The token's ID (see `tunery tokens list`).")]) -> None:
+    """Revoke a token: every API refuses it from the next request on."""
+    from tunery.service import tokens
+    from tunery.service.errors import ServiceError
+
+    store = open_store()
+    try:
+        row = tokens.revoke(store, token_id)
+    except ServiceError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    typer.echo(f"revoked token {row.id} of {row.owner} ({row.prefix or 'no prefix'}…)")
 
 
 bases_app = typer.Typer(

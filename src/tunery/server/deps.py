@@ -4,6 +4,7 @@ path names. Routes take these and nothing global."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
@@ -52,28 +53,59 @@ BaseUrl = Annotated[str, Depends(public_base_url)]
 _SCHEMES = ("bearer", "token")
 
 
+#: Writes that only run a model (the `predict` scope); every other write needs `train`.
+_PREDICT = re.compile(r"^/v1/(predictions(/[^/]+/cancel)?|models/[^/]+/[^/]+/(predictions|score|versions/[^/]+/score))$"
+                      r"|^/openai/v1/(chat/)?completions$")
+
+
+def required_scope(method: str, path: str) -> str:
+    """The scope a request needs: `read` for GET and HEAD, `predict` to run a model (Replicate's
+    predictions and their cancel, OpenAI's completions, Azure's scoring), `train` for every other
+    write. Routes for operators need `admin` as well (AdminOwner)."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "read"
+    return "predict" if _PREDICT.match(path) else "train"
+
+
 def current_owner(request: Request, store: StoreDep) -> str:
     """The owner whose token authorizes this request (`Authorization: Bearer <token>` or
-    `Token <token>`). Raises a 401 problem when the header is missing, malformed or unknown."""
+    `Token <token>`). A missing, malformed, unknown, revoked or expired token is refused with a
+    401, a token without the scope the request needs (`required_scope`) with a 403, each in the
+    shape of the API asked (OpenAI's under /openai/)."""
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    owner = store.owner_for_token(token.strip()) if scheme.lower() in _SCHEMES and token.strip() else None
-    if owner is None:
-        raise ApiError(
-            401,
-            "You did not pass a valid authentication token: send 'Authorization: Bearer <token>' "
-            "(create one with `tunery tokens create --owner NAME`)",
-            title="Unauthenticated",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return owner
+    token = token.strip() if scheme.lower() in _SCHEMES else ""
+    check = store.authenticate(token) if token else None
+    if check is None or check.owner is None:
+        reason = "You did not pass an authentication token" if check is None else f"The token is {check.refused}"
+        message = (f"{reason}: send 'Authorization: Bearer <token>' (create one with "
+                   "`tunery tokens create --owner NAME`)")
+        raise _refusal(request, 401, message, "invalid_api_key", "Unauthenticated")
+    request.state.scopes = check.scopes
+    needed = required_scope(request.method, request.url.path)
+    if needed not in check.scopes:
+        raise _refusal(request, 403, f"This token may not {request.method} {request.url.path}: that needs the "
+                       f"{needed!r} scope, and the token has {', '.join(sorted(check.scopes))}",
+                       "insufficient_scope", "Forbidden")
+    return check.owner
+
+
+def _refusal(request: Request, status: int, message: str, code: str, title: str) -> Exception:
+    if request.url.path.startswith("/openai/"):
+        from tunery.server.openai.errors import OpenAIError
+
+        return OpenAIError(status, message, type="invalid_request_error", code=code,
+                           headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    return ApiError(status, message, title=title, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
 Owner = Annotated[str, Depends(current_owner)]
 
 
-def admin_owner(owner: Owner, settings: SettingsDep) -> str:
-    """The authenticated owner, if settings.admin_owners names it; else a 403 problem saying how an
-    operator makes someone an administrator."""
+def admin_owner(request: Request, owner: Owner, settings: SettingsDep) -> str:
+    """The authenticated owner, if settings.admin_owners names it and the token has the `admin`
+    scope; else a 403 problem saying how an operator makes someone an administrator."""
+    if "admin" not in getattr(request.state, "scopes", frozenset()):
+        raise ApiError(403, "this token lacks the 'admin' scope that operators' routes need", title="Forbidden")
     if owner not in settings.admins:
         configured = "it does not name you" if settings.admins else "none is set"
         raise ApiError(

@@ -101,8 +101,14 @@ class Owner(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+#: What a token may do: `read` (every GET), `predict` (predictions, completions, scoring),
+#: `train` (files, trainings, fine-tuning jobs, models: every other write), `admin` (the operator's
+#: routes, for an owner named in TUNERY_ADMIN_OWNERS).
+SCOPES = ("read", "predict", "train", "admin")
+
+
 class ApiToken(Base):
-    """An API token; only its sha256 is stored."""
+    """An API token; only its sha256 is stored, with its first characters to tell it apart."""
 
     __tablename__ = "api_tokens"
 
@@ -111,6 +117,14 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prefix: Mapped[str | None] = mapped_column(String(16))  # "tny_" and 6 characters; None before 0007
+    scopes: Mapped[str] = mapped_column(String(64), default=",".join(SCOPES), server_default=",".join(SCOPES))
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+    @property
+    def scope_set(self) -> frozenset[str]:
+        return frozenset(self.scopes.split(","))
 
 
 class Model(Base):

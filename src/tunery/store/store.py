@@ -11,7 +11,8 @@ import base64
 import contextlib
 import hashlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 from tunery.store import db, outbox
 from tunery.store.jobs import JobsMixin
 from tunery.store.models import (
+    SCOPES,
     ApiToken,
     File,
     Model,
@@ -35,6 +37,15 @@ from tunery.store.models import (
 from tunery.store.pages import Page, paginate
 
 BASE_OWNER = "tunery"
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """A token's check: the owner it acts for and its scopes, or (owner None) why it is refused."""
+
+    owner: str | None
+    scopes: frozenset[str]
+    refused: str | None
 
 
 class Conflict(Exception):
@@ -84,21 +95,58 @@ class Store(JobsMixin):
 
     # -- owners and tokens -------------------------------------------------------------------
 
-    def create_token(self, owner: str, label: str | None = None) -> str:
-        """Create an API token for `owner` (creating the owner if new); returns the token itself,
-        which is never stored: only its sha256 is."""
+    def create_token(self, owner: str, label: str | None = None, *, scopes: Iterable[str] = SCOPES,
+                     expires_at: datetime | None = None) -> str:
+        """Create an API token for `owner` (creating the owner if new) with `scopes` (of SCOPES),
+        valid until `expires_at` (None: until revoked); returns the token itself, which is never
+        stored: only its sha256 and its first characters are."""
+        chosen = [scope for scope in SCOPES if scope in set(scopes)]
+        unknown = set(scopes) - set(SCOPES)
+        if unknown or not chosen:
+            raise ValueError(f"scopes: {sorted(unknown) or 'none given'}; choose from {', '.join(SCOPES)}")
+        if expires_at is not None and expires_at <= utcnow():
+            raise ValueError(f"expires_at: {expires_at.isoformat()} is not in the future")
         token = "tny_" + secrets.token_urlsafe(30)
         with self.session() as s:
             if s.get(Owner, owner) is None:
                 s.add(Owner(name=owner))
                 s.flush()
-            s.add(ApiToken(owner=owner, token_hash=hash_token(token), label=label))
+            s.add(ApiToken(owner=owner, token_hash=hash_token(token), label=label, prefix=token[:10],
+                           scopes=",".join(chosen), expires_at=expires_at))
         return token
 
-    def owner_for_token(self, token: str) -> str | None:
-        """The owner a token belongs to; None for an unknown token."""
+    def authenticate(self, token: str) -> TokenCheck:
+        """Who a token acts for and what it may do, or why it is refused (unknown, revoked,
+        expired): the one check every API's requests pass."""
         with self._reading() as s:
-            return s.scalar(select(ApiToken.owner).where(ApiToken.token_hash == hash_token(token)))
+            row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token))) if token else None
+            if row is None:
+                return TokenCheck(None, frozenset(), "unknown")
+            if row.revoked_at is not None:
+                return TokenCheck(None, frozenset(), f"revoked at {row.revoked_at.isoformat(timespec='seconds')}")
+            if row.expires_at is not None and row.expires_at <= utcnow():
+                return TokenCheck(None, frozenset(), f"expired at {row.expires_at.isoformat(timespec='seconds')}")
+            return TokenCheck(row.owner, row.scope_set, None)
+
+    def list_tokens(self, owner: str | None = None) -> list[ApiToken]:
+        """The tokens of `owner` (every owner's with None), oldest first: their ids, labels,
+        prefixes, scopes and dates, never the tokens."""
+        with self._reading() as s:
+            query = select(ApiToken).order_by(ApiToken.id)
+            if owner is not None:
+                query = query.where(ApiToken.owner == owner)
+            return list(s.scalars(query))
+
+    def revoke_token(self, token_id: int, owner: str | None = None) -> ApiToken | None:
+        """Revoke a token (of `owner`, when given) from now on; the row is kept, to list. None when
+        there is no such token; revoking twice keeps the first time."""
+        with self.session() as s:
+            row = s.get(ApiToken, token_id, with_for_update=True)
+            if row is None or (owner is not None and row.owner != owner):
+                return None
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return row
 
     # -- models and versions -----------------------------------------------------------------
 
@@ -422,4 +470,4 @@ class Store(JobsMixin):
                                   .order_by(WebhookDelivery.id)))
 
 
-__all__ = ["BASE_OWNER", "Conflict", "Page", "Store", "base_version_id"]
+__all__ = ["BASE_OWNER", "Conflict", "Page", "Store", "TokenCheck", "base_version_id"]
