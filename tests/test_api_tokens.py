@@ -103,7 +103,8 @@ def test_operators_list_create_and_revoke_tokens_and_never_see_one_again(server)
 def test_the_cli_creates_lists_and_revokes(server, monkeypatch):
     from tunery.cli import app
 
-    monkeypatch.setenv("TUNERY_DATABASE_URL", server.settings.db_url)
+    # The CLI opens the server's database (its settings are read once per process: given here).
+    monkeypatch.setattr("tunery.server.cli.get_settings", lambda: server.settings)
     cli = CliRunner()
     made = cli.invoke(app, ["tokens", "create", "--owner", "carol", "--scope", "read", "--scope", "predict",
                             "--expires", "12h", "--label", "laptop"])

@@ -76,9 +76,10 @@ def current_owner(request: Request, store: StoreDep) -> str:
     token = token.strip() if scheme.lower() in _SCHEMES else ""
     check = store.authenticate(token) if token else None
     if check is None or check.owner is None:
-        reason = "You did not pass an authentication token" if check is None else f"The token is {check.refused}"
-        message = (f"{reason}: send 'Authorization: Bearer <token>' (create one with "
-                   "`tunery tokens create --owner NAME`)")
+        # Replicate's words first (clients and the dashboard know them), then why.
+        why = "" if check is None else f" (this token is {check.refused})"
+        message = (f"You did not pass a valid authentication token{why}: send 'Authorization: Bearer <token>' "
+                   "(create one with `tunery tokens create --owner NAME`)")
         raise _refusal(request, 401, message, "invalid_api_key", "Unauthenticated")
     request.state.scopes = check.scopes
     needed = required_scope(request.method, request.url.path)
