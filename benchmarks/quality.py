@@ -21,7 +21,8 @@ match and ROUGE-L — so precision or loss choices made while training cannot le
 Every tuned model's forgetting is measured the same way too (`tunery.eval.forgetting`: the loss
 on general web text, the loss on the base's own greedy answers to 24 general instructions, and
 how far its answers agree with the base's, chrF). Prints mean ± standard deviation per task and
-the difference, and appends the record to results.jsonl.
+the difference, and appends the record to results.jsonl (and each run as it ends, as a
+`quality_run` record, so a stopped invocation keeps what it finished).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main() -> None:
         print(f"base: general-text loss {reference.general_text_loss:.4f}, loss on its own answers "
               f"{reference.base_answer_loss:.4f}", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {t: {"base": [], "plain": [], **{v: [] for v in variants}} for t in tasks}
+    settings = {k: v for k, v in vars(args).items() if k != "variant"}
     for task in tasks:
         train_rows, test_rows = task_rows(task, args.n_train, args.n_test, args.data_seed)
         runs[task]["base"].append(run_base(base_model, base_tokenizer, test_rows, reference))
@@ -172,6 +174,14 @@ def main() -> None:
                      else run_tunery(args.base, train_rows, test_rows, args, seed, extra, reference))
                 r["seed"] = seed
                 runs[task][name].append(r)
+                # Each run is kept as it ends (a stopped invocation loses only the run under way):
+                # --summarize combines these with the invocation's final record.
+                append_result({
+                    "benchmark": "quality_run", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "commit": git_commit(), "label": args.label, "base": args.base, "settings": settings,
+                    "variants": {} if extra is None else {name: extra}, "task": task, "arm": name, "seed": seed,
+                    "run": r, "base_run": runs[task]["base"][0], "machine": machine(),
+                })
                 cost = (f"  general loss {r['general_text_loss']:.4f}  base-answer loss {r['base_answer_loss']:.4f}"
                         f"  agreement {r['answer_agreement']:.3f}" if "answer_agreement" in r else "")
                 print(f"{task:13} seed {seed}  {name:12} {_scores(r)}  "
@@ -202,7 +212,7 @@ def main() -> None:
     print("\n" + markdown_table(tasks, runs, list(variants)))
     append_result({
         "benchmark": "quality", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
-        "label": args.label, "base": args.base, "settings": {k: v for k, v in vars(args).items() if k != "variant"},
+        "label": args.label, "base": args.base, "settings": settings,
         "variants": variants, "machine": machine(), "versions": versions(), "table": table, "runs": runs,
     })
 
@@ -232,13 +242,14 @@ def markdown_table(tasks: list[str], runs: dict[str, dict[str, list[dict]]], var
 
 
 def summarize(label: str) -> str:
-    """Every quality record with this label, combined: per task and arm, one run per seed (a later
-    record's run replaces an earlier one's for the same seed). Records whose settings differ (rows,
+    """Every quality record with this label, and every run kept as it ended (`quality_run`),
+    combined: per task and arm, one run per seed (a later record's run replaces an earlier one's
+    for the same seed). Records whose settings differ (rows,
     epochs, batch, learning rate, base) are refused rather than mixed."""
     from common import RESULTS
 
     records = [json.loads(line) for line in Path(RESULTS).read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("benchmark") == "quality" and r.get("label") == label]
+    records = [r for r in records if r.get("benchmark") in ("quality", "quality_run") and r.get("label") == label]
     if not records:
         raise SystemExit(f"no quality record in {RESULTS} has the label {label!r}")
     budget = ("base", "n_train", "n_test", "data_seed", "epochs", "batch", "lr")
@@ -252,7 +263,10 @@ def summarize(label: str) -> str:
     variants: dict[str, dict] = {}
     for r in records:
         seeds = [int(s) for s in str(r["settings"]["seeds"]).split(",")]
-        for task, by_arm in r["runs"].items():
+        if r["benchmark"] == "quality_run":  # one run, kept as it ended
+            arms.setdefault(r["task"], {}).setdefault("base", {})[0] = r["base_run"]
+            arms[r["task"]].setdefault(r["arm"], {})[r["seed"]] = {**r["run"], "seed": r["seed"]}
+        for task, by_arm in r.get("runs", {}).items():
             for name, runs in by_arm.items():
                 if name == "base":
                     arms.setdefault(task, {}).setdefault("base", {})[0] = runs[0]
@@ -268,7 +282,9 @@ def summarize(label: str) -> str:
     runs = {t: {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in arms[t].items()} for t in tasks}
     for t in tasks:
         runs[t].setdefault("plain", [])
-    return (f"{len(records)} records labelled {label!r}: {first['n_train']} train / "
+    count = f"{sum(r['benchmark'] == 'quality' for r in records)} records and " \
+            f"{sum(r['benchmark'] == 'quality_run' for r in records)} single runs"
+    return (f"{count} labelled {label!r}: {first['n_train']} train / "
             f"{first['n_test']} test rows, {first['epochs']} epoch, batch {first['batch']}, lr {first['lr']}; "
             f"variants: " + "; ".join(f"{n} = {json.dumps(v)}" for n, v in variants.items()) + "\n\n"
             + markdown_table(tasks, runs, [v for v in variants if any(v in runs[t] for t in tasks)]))
