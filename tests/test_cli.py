@@ -135,7 +135,9 @@ def test_train_dpo_then_eval_the_preference_rate(tmp_path, tiny_model_dir):
         after_training = manifest["eval"]["metrics"][col]
         assert report["metrics"][col]["preference_rate"] == after_training["preference_rate"]
         assert report["metrics"][col]["logp_margin"] == pytest.approx(after_training["logp_margin"], abs=0.02)
-    table = tunery("eval", "--weights", run_dir, "--test-data", held_out, "--compare").stdout
+    from test_eval import rendered
+
+    table = rendered(report)  # what `tunery eval` prints without --json
     assert "preference_rate" in table and "logp_margin" in table and "non-preferred" in table
 
 
