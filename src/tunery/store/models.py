@@ -126,6 +126,14 @@ class ApiToken(Base):
     def scope_set(self) -> frozenset[str]:
         return frozenset(self.scopes.split(","))
 
+    def status(self, now: datetime | None = None) -> str:
+        """active, revoked or expired (a revoked token says so even once past its expiry)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            return "expired"
+        return "active"
+
 
 class Model(Base):
     """A model: a base model (owner "tunery", listed to everyone) or a user's destination model."""

@@ -122,10 +122,11 @@ class Store(JobsMixin):
             row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token))) if token else None
             if row is None:
                 return TokenCheck(None, frozenset(), "unknown")
-            if row.revoked_at is not None:
-                return TokenCheck(None, frozenset(), f"revoked at {row.revoked_at.isoformat(timespec='seconds')}")
-            if row.expires_at is not None and row.expires_at <= utcnow():
-                return TokenCheck(None, frozenset(), f"expired at {row.expires_at.isoformat(timespec='seconds')}")
+            status = row.status()
+            if status != "active":
+                when = row.revoked_at if status == "revoked" else row.expires_at
+                assert when is not None
+                return TokenCheck(None, frozenset(), f"{status} at {when.isoformat(timespec='seconds')}")
             return TokenCheck(row.owner, row.scope_set, None)
 
     def list_tokens(self, owner: str | None = None) -> list[ApiToken]:
