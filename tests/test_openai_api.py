@@ -93,6 +93,14 @@ def test_completions_and_a_trained_version_and_stops(server, client):
 
 
 def test_vllms_ignore_eos_and_min_tokens(client):
+    from tunery.server.openai.inference import ChatBody, _params
+
+    # What each asks of the engine (a tiny random model rarely samples eos, so the answers alone
+    # could not tell an ignored flag).
+    ask = {"model": "m", "messages": MESSAGES, "max_tokens": 12}
+    assert _params(ChatBody(**ask, ignore_eos=True)).min_new_tokens == 12
+    assert _params(ChatBody(**ask, min_tokens=5)).min_new_tokens == 5
+    assert _params(ChatBody(**ask)).min_new_tokens == 0
     for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
         reply = client.chat.completions.create(model="alice/dest", messages=MESSAGES, max_tokens=12, temperature=0.8,
                                                seed=5, extra_body=extra)
