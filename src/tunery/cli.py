@@ -357,12 +357,13 @@ def demo(
 # These modules import neither torch nor transformers at load, so the CLI stays quick to start.
 
 from tunery.client.commands import models_create, predictions_app, trainings_app  # noqa: E402
-from tunery.server.cli import bases_app, serve_command, tokens_app, worker_command  # noqa: E402
+from tunery.server.cli import bases_app, owners_app, serve_command, tokens_app, worker_command  # noqa: E402
 
 models_app.command("create")(models_create)
 app.command("serve")(serve_command)
 app.command("worker")(worker_command)
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(owners_app, name="owners")
 app.add_typer(trainings_app, name="trainings")
 app.add_typer(predictions_app, name="predictions")
 app.add_typer(bases_app, name="bases")

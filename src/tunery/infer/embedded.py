@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tunery.errors import TuneryError
-from tunery.infer.generation import EngineBusy, Generation, Request
+from tunery.infer.generation import EngineBusy, Generation, Request, Served, fair_index
 from tunery.infer.lora_batch import BatchedLora, Plan
 from tunery.infer.stops import StopCutter
 from tunery.infer.stream import PROMPT_CONTEXT, IncrementalDecoder
@@ -121,6 +121,7 @@ class EmbeddedEngine:
         self._full: dict[str, tuple] = {}  # model dir -> (stamp, batch, tokenizer); at most one
         self._base_batch: _Batch | None = None
         self._waiting: deque[Generation] = deque()
+        self._served = Served()  # when each owner last had a request admitted (fair share)
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -192,8 +193,15 @@ class EmbeddedEngine:
                 if self._closed:
                     break
                 admitted: list[Generation] = []
-                while self._waiting and self._running() + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.popleft())
+                if self._waiting and self._running() < self.max_batch:
+                    running = Counter(row.gen.request.owner for batch in self._batches() for row in batch.rows)
+                    while self._waiting and self._running() + len(admitted) < self.max_batch:
+                        pick = fair_index([gen.request.owner for gen in self._waiting], running, self._served)
+                        gen = self._waiting[pick]
+                        del self._waiting[pick]
+                        running[gen.request.owner] += 1
+                        self._served.mark(gen.request.owner)
+                        admitted.append(gen)
                 if admitted:
                     self._cond.notify_all()  # room in the queue for blocked submitters
             if admitted:

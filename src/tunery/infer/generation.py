@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,11 +98,13 @@ class SamplingParams:
 @dataclass
 class Request:
     """What to generate: a prompt (text, tokenized as training tokenized prompts, or token ids),
-    how, and on which weights (None: the bare base)."""
+    how, on which weights (None: the bare base), and for whom (`owner`: the engines start waiting
+    requests fairly between owners, `fair_index`; None is one owner like any other)."""
 
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     weights: Weights | None = None
+    owner: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.prompt, (str, list)):
@@ -113,12 +115,40 @@ class Request:
 
     @classmethod
     def make(cls, prompt: str | list[int], *, weights: str | Path | Weights | None = None,
-             params: SamplingParams | None = None, settings: Settings | None = None) -> Request:
+             params: SamplingParams | None = None, settings: Settings | None = None,
+             owner: str | None = None) -> Request:
         """A request with `weights` resolved now (a run in storage fetched through `settings`'
         storage options), so a bad path raises TuneryError here."""
         if weights is not None and not isinstance(weights, Weights):
             weights = resolve_weights(weights, settings)
-        return cls(prompt, params or SamplingParams(), weights)
+        return cls(prompt, params or SamplingParams(), weights, owner)
+
+
+def fair_index(owners: Sequence[str | None], running: Mapping[str | None, int],
+               served: Mapping[str | None, int]) -> int:
+    """Which waiting request starts next, given the owners of those waiting (oldest first), how
+    many requests each owner has running, and when each owner last had one started (a count that
+    grows; absent: never): the oldest request of the owner with the fewest running, and between
+    owners with as many, of the one served longest ago (round robin). A flood from one owner then
+    delays another owner's request by one slot at most: it starts in the first slot that frees."""
+    return min(range(len(owners)), key=lambda i: (running.get(owners[i], 0), served.get(owners[i], -1), i))
+
+
+class Served(dict):
+    """When each owner last had a request started: `mark(owner)` on each start; the oldest
+    entries go beyond `keep` owners (an owner not seen for that long counts as never served)."""
+
+    def __init__(self, keep: int = 4096):
+        super().__init__()
+        self.keep = keep
+        self.turn = 0
+
+    def mark(self, owner: str | None) -> None:
+        self.turn += 1
+        self.pop(owner, None)
+        self[owner] = self.turn  # re-inserted: the dict stays in serving order
+        while len(self) > self.keep:
+            del self[next(iter(self))]
 
 
 _DONE = object()

@@ -32,13 +32,14 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tunery.errors import TuneryError
-from tunery.infer.generation import EngineBusy, Generation, Request
+from tunery.infer.generation import EngineBusy, Generation, Request, Served, fair_index
 from tunery.infer.stops import StopCutter
 from tunery.infer.weights import Weights, weights_stamp
 from tunery.settings import Settings, get_settings
@@ -101,6 +102,39 @@ class VLLMServer:
                 self.process.kill()
 
 
+class FairSlots:
+    """`size` requests in flight to the server at once; a freed slot goes to the waiting request
+    `fair_index` picks (the oldest of the owner with the fewest in flight, round robin between
+    owners with as many), not to whichever thread wakes first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[object, str | None]] = []
+        self._running: Counter[str | None] = Counter()
+        self._served = Served()
+        self._used = 0
+
+    def acquire(self, owner: str | None) -> None:
+        ticket = object()
+        with self._cond:
+            self._waiting.append((ticket, owner))
+            while not (self._used < self.size and self._waiting[
+                    fair_index([o for _, o in self._waiting], self._running, self._served)][0] is ticket):
+                self._cond.wait()
+            self._waiting.remove((ticket, owner))
+            self._used += 1
+            self._running[owner] += 1
+            self._served.mark(owner)
+            self._cond.notify_all()  # another slot may be free for the next one
+
+    def release(self, owner: str | None) -> None:
+        with self._cond:
+            self._used -= 1
+            self._running[owner] -= 1
+            self._cond.notify_all()
+
+
 class VLLMEngine:
     """See the module docstring."""
 
@@ -115,7 +149,7 @@ class VLLMEngine:
         self._servers_lock = threading.Lock()
         self._zero_lock = threading.Lock()
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
-        self._slots = threading.BoundedSemaphore(max_batch)
+        self._slots = FairSlots(max_batch)
         self._waiting = 0
         self._running = 0
         self._count_lock = threading.Lock()
@@ -150,7 +184,7 @@ class VLLMEngine:
 
     # -- one request
     def _run(self, gen: Generation) -> None:
-        self._slots.acquire()
+        self._slots.acquire(gen.request.owner)
         with self._count_lock:
             self._waiting -= 1
             self._running += 1
@@ -165,7 +199,7 @@ class VLLMEngine:
         finally:
             with self._count_lock:
                 self._running -= 1
-            self._slots.release()
+            self._slots.release(gen.request.owner)
 
     def _complete(self, gen: Generation, *, retried: bool = False) -> None:
         request = gen.request

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tunery.server import azure, dashboard, errors, openai, replicate
 from tunery.server.replicate.shapes import webhook_body
 from tunery.service.exports import Exports
+from tunery.service.limits import RequestRate
 from tunery.service.prediction_runner import PredictionRunner
 from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
@@ -59,6 +60,7 @@ def create_app(
         runner.start()
         workers = _start_workers(the_store, settings, start_workers)
         app.state.store, app.state.runner = the_store, runner
+        app.state.rate = RequestRate()  # each owner's requests in the last minute, on this server
         try:
             yield
         finally:

@@ -1,6 +1,6 @@
 """The service's commands, for `tunery` to register: `serve_command` (tunery serve),
-`worker_command` (tunery worker), `tokens_app` (tunery tokens) and `bases_app`
-(tunery bases): each opens the store with Replicate's webhook bodies."""
+`worker_command` (tunery worker), `tokens_app` (tunery tokens), `owners_app` (tunery owners) and
+`bases_app` (tunery bases): each opens the store with Replicate's webhook bodies."""
 
 from __future__ import annotations
 
@@ -178,6 +178,69 @@ def tokens_revoke(token_id: Annotated[int, typer.Argument(help="The token's ID (
     finally:
         store.close()
     typer.echo(f"revoked token {row.id} of {row.owner} ({row.prefix or 'no prefix'}…)")
+
+
+owners_app = typer.Typer(
+    help="Owners' limits, in the configured database (TUNERY_DATABASE_URL): trainings running and queued, "
+    "predictions at once and requests per minute, for one owner or for everyone.",
+    no_args_is_help=True,
+)
+
+_LIMIT_HELP = "a whole number >= 0 (0: no limit), or 'default' to fall through to everyone's, then built in"
+
+
+@owners_app.command("set-limits")
+def owners_set_limits(
+    owner: Annotated[str, typer.Argument(help="The owner, or '*' for everyone's limits (an owner's own win).")],
+    trainings: Annotated[str | None, typer.Option(help=f"Trainings running at once: {_LIMIT_HELP}.")] = None,
+    queued_trainings: Annotated[str | None, typer.Option(help=f"Trainings queued at once: {_LIMIT_HELP}.")] = None,
+    predictions: Annotated[str | None, typer.Option(
+        help=f"Predictions at once on one server: {_LIMIT_HELP}.")] = None,
+    requests_per_minute: Annotated[str | None, typer.Option(
+        help=f"API requests per minute on one server: {_LIMIT_HELP}.")] = None,
+) -> None:
+    """Set an owner's limits (or everyone's, with '*'); prints what applies now. Running servers
+    and workers apply it within seconds."""
+    from tunery.service import limits
+    from tunery.service.errors import ServiceError
+
+    store = open_store()
+    try:
+        record = limits.set_limits(store, owner, {"trainings": trainings, "queued_trainings": queued_trainings,
+                                                  "predictions": predictions,
+                                                  "requests_per_minute": requests_per_minute})
+    except ServiceError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    _echo_limits(record)
+
+
+@owners_app.command("limits")
+def owners_limits(
+    owner: Annotated[str | None, typer.Argument(help="One owner (default: everyone's, then each owner's own).")] = None,
+) -> None:
+    """The limits that apply, and where each comes from (owner, everyone, built in)."""
+    from tunery.service import limits
+
+    store = open_store()
+    try:
+        records = [limits.record(store, owner)] if owner else limits.records(store)
+    finally:
+        store.close()
+    for record in records:
+        _echo_limits(record)
+
+
+def _echo_limits(record: dict) -> None:
+    from tunery.service.limits import DESCRIBE
+
+    parts = []
+    for name, value in record["limits"].items():
+        shown = "the server's max_queue" if value is None else "no limit" if value == 0 else str(value)
+        parts.append(f"{DESCRIBE[name]} {shown} ({record['source'][name]})")
+    who = "everyone" if record["owner"] == "*" else record["owner"]
+    typer.echo(f"{who}: " + "; ".join(parts))
 
 
 bases_app = typer.Typer(

@@ -12,6 +12,7 @@ from urllib.parse import urlencode, urlsplit
 from fastapi import Depends, Query, Request
 
 from tunery.server.errors import ApiError, not_found
+from tunery.service.errors import Busy
 from tunery.service.exports import Exports
 from tunery.service.prediction_runner import PredictionRunner
 from tunery.settings import Settings
@@ -67,11 +68,12 @@ def required_scope(method: str, path: str) -> str:
     return "predict" if _PREDICT.match(path) else "train"
 
 
-def current_owner(request: Request, store: StoreDep) -> str:
+def current_owner(request: Request, store: StoreDep, runner: RunnerDep) -> str:
     """The owner whose token authorizes this request (`Authorization: Bearer <token>` or
     `Token <token>`). A missing, malformed, unknown, revoked or expired token is refused with a
-    401, a token without the scope the request needs (`required_scope`) with a 403, each in the
-    shape of the API asked (OpenAI's under /openai/)."""
+    401, a token without the scope the request needs (`required_scope`) with a 403, and a request
+    beyond the owner's requests per minute with a 429 and Retry-After, each in the shape of the
+    API asked (OpenAI's under /openai/)."""
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
     token = token.strip() if scheme.lower() in _SCHEMES else ""
     check = store.authenticate(token) if token else None
@@ -87,16 +89,25 @@ def current_owner(request: Request, store: StoreDep) -> str:
         raise _refusal(request, 403, f"This token may not {request.method} {request.url.path}: that needs the "
                        f"{needed!r} scope, and the token has {', '.join(sorted(check.scopes))}",
                        "insufficient_scope", "Forbidden")
+    try:
+        request.app.state.rate.hit(check.owner, runner.limits.get(check.owner).requests_per_minute)
+    except Busy as exc:
+        raise _refusal(request, 429, exc.message, "rate_limit_exceeded", "Request was throttled",
+                       retry_after=exc.retry_after) from None
     return check.owner
 
 
-def _refusal(request: Request, status: int, message: str, code: str, title: str) -> Exception:
+def _refusal(request: Request, status: int, message: str, code: str, title: str, *,
+             retry_after: float | None = None) -> Exception:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))}
     if request.url.path.startswith("/openai/"):
         from tunery.server.openai.errors import OpenAIError
 
-        return OpenAIError(status, message, type="invalid_request_error", code=code,
-                           headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
-    return ApiError(status, message, title=title, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+        kind = "requests" if status == 429 else "invalid_request_error"
+        return OpenAIError(status, message, type=kind, code=code, headers=headers)
+    return ApiError(status, message, title=title, headers=headers)
 
 
 Owner = Annotated[str, Depends(current_owner)]

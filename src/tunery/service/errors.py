@@ -62,13 +62,15 @@ class Conflict(ServiceError):
 
 
 class Busy(ServiceError):
-    """The serving capacity is used up: try again after `retry_after` seconds."""
+    """The serving capacity, or one of the owner's limits (`code` "rate_limit_exceeded", OpenAI's
+    name), is used up: try again after `retry_after` seconds."""
 
     title = "Request was throttled"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0):
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.code = code
 
 
 class TooLarge(ServiceError):

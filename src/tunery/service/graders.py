@@ -30,15 +30,17 @@ def check(settings: Settings, obj: Any, *, has_model: Callable[[str], bool] | No
         raise Invalid(exc.reason, field=exc.field, title="Invalid grader") from None
 
 
-def served_judge(runner, settings: Settings, resolve: Callable[[str], tuple[Any, Any]]) -> Judge:
-    """A judge on this server's engines: `resolve(name)` gives the (model, version) a score_model
-    grader's `model` names. Greedy unless the grader's sampling_params say otherwise."""
+def served_judge(runner, settings: Settings, resolve: Callable[[str], tuple[Any, Any]],
+                 owner: str | None = None) -> Judge:
+    """A judge on this server's engines, counted as `owner`'s: `resolve(name)` gives the (model,
+    version) a score_model grader's `model` names. Greedy unless the grader's sampling_params say
+    otherwise."""
     from tunery.chat_templates import generation_prompt
     from tunery.infer.generation import SamplingParams
 
     def judge(name: str, messages: list[dict], sampling: dict) -> tuple[str, dict]:
         _, version = resolve(name)
-        [slot] = predictions.take_slots(runner)
+        [slot] = predictions.take_slots(runner, owner)
         try:
             tokenizer = predictions.tokenizer_for(settings, version)
             if not getattr(tokenizer, "chat_template", None):
@@ -47,7 +49,7 @@ def served_judge(runner, settings: Settings, resolve: Callable[[str], tuple[Any,
                                     temperature=sampling.get("temperature", 0.0), top_p=sampling.get("top_p", 1.0),
                                     top_k=0, seed=sampling.get("seed"))
             generation = predictions.generate(runner, settings, version, generation_prompt(tokenizer, messages),
-                                              params)
+                                              params, owner)
             text = generation.text()
         finally:
             slot.release()

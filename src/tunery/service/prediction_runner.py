@@ -26,11 +26,13 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tunery.service.errors import Busy
+from tunery.service.limits import OwnerLimitCache, prediction_limit, prediction_refusal
 from tunery.settings import Settings, get_settings
 from tunery.store.store import Store
 
@@ -117,6 +119,7 @@ class _Running:
     weights: str | None
     prompt: str
     params: SamplingParams
+    owner: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
     thread: threading.Thread | None = None
@@ -135,6 +138,8 @@ class PredictionRunner:
         self.lease_seconds = lease_seconds
         #: Predictions this runner holds at most (running or waiting); more are refused with 429.
         self.capacity = capacity or settings.max_batch + settings.max_queue
+        #: Each owner's limits (`predictions`: how many of the capacity one owner may hold).
+        self.limits = OwnerLimitCache(store)
         #: This runner's name on the predictions it holds (one per server process).
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
@@ -146,6 +151,7 @@ class PredictionRunner:
         self._engines: dict[str, Engine] = {}
         self._own_engines: set[str] = set()  # made here (closed on stop), not given by use_engine
         self._reserved = 0
+        self._held: Counter[str | None] = Counter()  # per owner: reserved, running and waiting
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -174,7 +180,8 @@ class PredictionRunner:
             except ValueError as exc:  # checked when it was created: only a hand-edited row gets here
                 self.store.finish_prediction(row.id, status="failed", error=str(exc), runner=self.runner_id)
                 continue
-            self.submit(row.id, base=version.base_name, weights=version.run_url, prompt=prompt, params=params)
+            self.submit(row.id, base=version.base_name, weights=version.run_url, prompt=prompt, params=params,
+                        owner=row.owner)
         return len(adopted)
 
     def _lease_loop(self) -> None:
@@ -235,30 +242,51 @@ class PredictionRunner:
             if released:
                 log.info("handed back %d unfinished predictions for another server to run", released)
 
-    def reserve(self) -> bool:
-        """Reserve room for one new prediction; False when `capacity` are already held. A
-        reservation is used by `submit(..., reserved=True)` or given back with `unreserve`."""
+    def reserve(self, owner: str | None = None) -> Busy | None:
+        """Reserve room for one new prediction of `owner`: None when reserved, else the refusal
+        (Busy) when `capacity` are already held, or as many of `owner`'s as their `predictions`
+        limit allows. A reservation is used by `submit(..., reserved=True)` or given back with
+        `unreserve(owner)`."""
+        limit = prediction_limit(self.limits.get(owner), self.settings.max_queue) if owner is not None else 0
         with self._lock:
             if len(self._jobs) + self._reserved >= self.capacity:
-                return False
+                return Busy(f"Request was throttled: this server already holds {self.capacity} predictions (its "
+                            "engine's batch and queue). Expected available in 1 second.")
+            if limit and self._held[owner] >= limit:
+                return prediction_refusal(str(owner), self._held[owner], limit)
             self._reserved += 1
-            return True
+            self._held[owner] += 1
+            return None
 
-    def unreserve(self) -> None:
+    def unreserve(self, owner: str | None = None) -> None:
         with self._lock:
             self._reserved = max(0, self._reserved - 1)
+            self._release(owner)
+
+    def _release(self, owner: str | None) -> None:  # with the lock held
+        if self._held[owner] <= 1:
+            self._held.pop(owner, None)
+        else:
+            self._held[owner] -= 1
+
+    def held(self, owner: str | None) -> int:
+        """How many predictions `owner` holds here now (reserved, waiting or running)."""
+        with self._lock:
+            return self._held[owner]
 
     def submit(self, prediction_id: str, *, base: str, weights: str | None, prompt: str, params: SamplingParams,
-               reserved: bool = False) -> Channel:
-        """Start a prediction (its row exists, status "starting") on a thread of its own; returns
-        its channel. The API reserves room first; a prediction taken over from a server that died
-        runs even beyond capacity (its engine queues it)."""
-        job = _Running(prediction_id, base, weights, prompt, params)
+               owner: str | None = None, reserved: bool = False) -> Channel:
+        """Start `owner`'s prediction (its row exists, status "starting") on a thread of its own;
+        returns its channel. The API reserves room first; a prediction taken over from a server
+        that died runs even beyond capacity and limits (its engine queues it)."""
+        job = _Running(prediction_id, base, weights, prompt, params, owner)
         job.thread = threading.Thread(target=self._thread_main, args=(job,),
                                       name=f"tunery-prediction-{prediction_id}", daemon=True)
         with self._lock:
             if reserved:
                 self._reserved = max(0, self._reserved - 1)
+            else:
+                self._held[owner] += 1
             self._jobs[prediction_id] = job
             channel = self._channels[prediction_id] = Channel()
         job.thread.start()
@@ -295,7 +323,8 @@ class PredictionRunner:
             self._finish(job, "failed", None, {}, "internal error in the prediction runner")
         finally:
             with self._lock:
-                self._jobs.pop(job.id, None)
+                if self._jobs.pop(job.id, None) is not None:
+                    self._release(job.owner)
                 self._forget_finished()
 
     def _run(self, job: _Running) -> None:
@@ -311,7 +340,8 @@ class PredictionRunner:
         try:
             from tunery.infer.generation import Request
 
-            request = Request.make(job.prompt, weights=job.weights, params=job.params, settings=self.settings)
+            request = Request.make(job.prompt, weights=job.weights, params=job.params, settings=self.settings,
+                                   owner=job.owner)
             job.generation = generation = self._engine(job.base).submit(request, block=True)
             if job.cancel.is_set():
                 generation.cancel()

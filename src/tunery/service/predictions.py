@@ -62,39 +62,36 @@ def model_version(store: Store, model: Model, version_id: str) -> Version:
     return version
 
 
-def _busy(runner: PredictionRunner) -> Busy:
-    return Busy(f"Request was throttled: this server already holds {runner.capacity} predictions (its engine's "
-                "batch and queue). Expected available in 1 second.")
-
-
 def create_prediction(store: Store, runner: PredictionRunner, *, owner: str, model: Model, version: Version,
                       input: dict[str, Any], stream: bool = False, webhook: str | None = None,
                       webhook_events_filter: Sequence[str] | None = None) -> tuple[Prediction, Channel]:
-    """Check the input, take room on the engine (Busy when there is none), record the prediction
-    and start it; (its row, its channel)."""
+    """Check the input, take room on the engine (Busy when there is none, or `owner` holds as many
+    as their limit allows), record the prediction and start it; (its row, its channel)."""
     try:
         prompt, params = sampling_from_input(input)
     except (TypeError, ValueError) as exc:
         raise Invalid(f"input: {exc}", field="input", errors=[{"field": "input", "reason": str(exc)}]) from None
-    if not runner.reserve():
-        raise _busy(runner)
+    refused = runner.reserve(owner)
+    if refused is not None:
+        raise refused
     try:
         row = store.create_prediction(owner, model=f"{model.owner}/{model.name}", version_id=version.id, input=input,
                                       stream=stream, webhook=webhook, webhook_events_filter=webhook_events_filter,
                                       runner=runner.runner_id, lease_seconds=runner.lease_seconds)
     except BaseException:
-        runner.unreserve()
+        runner.unreserve(owner)
         raise
     channel = runner.submit(row.id, base=version.base_name, weights=version.run_url, prompt=prompt, params=params,
-                            reserved=True)
+                            owner=owner, reserved=True)
     return row, channel
 
 
 class Slot:
-    """Room for one generation on the serving engines, held until `release()` (idempotent)."""
+    """Room for one generation of `owner` on the serving engines, held until `release()` (idempotent)."""
 
-    def __init__(self, runner: PredictionRunner):
+    def __init__(self, runner: PredictionRunner, owner: str | None):
         self._runner = runner
+        self.owner = owner
         self._held = True
         self._lock = threading.Lock()
 
@@ -102,31 +99,32 @@ class Slot:
         with self._lock:
             held, self._held = self._held, False
         if held:
-            self._runner.unreserve()
+            self._runner.unreserve(self.owner)
 
 
-def take_slots(runner: PredictionRunner, count: int = 1) -> list[Slot]:
-    """`count` slots at once, or Busy (and none held)."""
+def take_slots(runner: PredictionRunner, owner: str | None, count: int = 1) -> list[Slot]:
+    """`count` slots at once for `owner`, or Busy (and none held)."""
     slots: list[Slot] = []
     for _ in range(count):
-        if not runner.reserve():
+        refused = runner.reserve(owner)
+        if refused is not None:
             for slot in slots:
                 slot.release()
-            raise _busy(runner)
-        slots.append(Slot(runner))
+            raise refused
+        slots.append(Slot(runner, owner))
     return slots
 
 
 def generate(runner: PredictionRunner, settings: Settings, version: Version, prompt: str,
-             params: SamplingParams) -> Generation:
-    """Submit one generation (no prediction row: OpenAI's completions, Azure's scoring) to its base's
-    engine; the caller holds a Slot for it. Busy when the engine's queue is full, Invalid for a
-    request the engine refuses (a bad adapter, a prompt too long)."""
+             params: SamplingParams, owner: str | None = None) -> Generation:
+    """Submit one generation of `owner` (no prediction row: OpenAI's completions, Azure's scoring)
+    to its base's engine; the caller holds a Slot for it. Busy when the engine's queue is full,
+    Invalid for a request the engine refuses (a bad adapter, a prompt too long)."""
     from tunery.errors import TuneryError
     from tunery.infer.generation import EngineBusy, Request
 
     try:
-        request = Request.make(prompt, weights=version.run_url, params=params, settings=settings)
+        request = Request.make(prompt, weights=version.run_url, params=params, settings=settings, owner=owner)
         return runner.engine(version.base_name).submit(request)
     except EngineBusy as exc:
         raise Busy(str(exc)) from None

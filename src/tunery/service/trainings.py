@@ -30,6 +30,7 @@ from tunery.service.files import (
     local_copy,
     save_result_file,
 )
+from tunery.service.limits import check_queue
 from tunery.settings import Settings
 from tunery.spec import TrainingInputs, format_input_errors, input_errors
 from tunery.store.models import File, Model, Training, Version
@@ -317,7 +318,8 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
                     webhook_events_filter: Sequence[str] | None = None, openai: dict[str, Any] | None = None,
                     training_id: str | None = None, new_destination: str | None = None) -> Training:
     """Queue a training of `base` at `version`, pushed to `destination`, on the user's `inputs`
-    (tunery's names), once every check has passed; nothing is left behind when one fails.
+    (tunery's names), once every check has passed (the owner's queue first: Busy beyond
+    `queued_trainings`); nothing is left behind when one fails.
 
     The data comes from `data` (files already found, such as OpenAI's file ids) or else from the
     sources the inputs name (train_data, and validation_data when it validates). Data fetched now
@@ -325,6 +327,7 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
     of the caller's models, unless `new_destination` (its description) asks for a new private one."""
     from tunery.store.models import new_id
 
+    check_queue(store, owner)
     if new_destination is None:
         check_destination(store, owner, destination)
     check_trainable(settings, base, version)

@@ -13,11 +13,23 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunery.store import outbox
-from tunery.store.models import TERMINAL, UNFINISHED, Model, Prediction, Training, Version, utcnow
+from tunery.store.models import (
+    DEFAULT_OWNER,
+    TERMINAL,
+    UNFINISHED,
+    Limits,
+    Model,
+    Owner,
+    OwnerLimits,
+    Prediction,
+    Training,
+    Version,
+    utcnow,
+)
 from tunery.store.pages import Page, paginate
 
 # A job whose worker died this many times is failed rather than claimed again: it is
@@ -176,6 +188,24 @@ class JobsMixin:
         claimable = or_(Training.status == "starting",
                         and_(Training.status == "processing", Training.lease_expires_at < now))
         with self.session() as s:
+            # Each owner's running trainings, against their `trainings` limit (fair share: an
+            # owner at the limit waits, and the next owner's training goes first).
+            running = dict(s.execute(select(Training.owner, func.count()).where(
+                Training.status == "processing", Training.lease_expires_at >= now).group_by(Training.owner)).all())
+            limit_rows = {row.owner: row for row in s.scalars(select(OwnerLimits))}
+            everyone = limit_rows.get(DEFAULT_OWNER)
+
+            def at_limit(owner: str) -> bool:
+                limit = Limits.resolve(limit_rows.get(owner), everyone).trainings
+                if not limit or running.get(owner, 0) >= limit:
+                    return bool(limit)
+                # Under the limit: count again holding the owner's row, so that two workers
+                # claiming at once on PostgreSQL can not both take the owner's last place.
+                s.get(Owner, owner, with_for_update=True)
+                running[owner] = s.scalar(select(func.count()).select_from(Training).where(
+                    Training.owner == owner, Training.status == "processing", Training.lease_expires_at >= now)) or 0
+                return running[owner] >= limit
+
             while True:
                 rows = s.scalars(select(Training).where(claimable).order_by(Training.created_at, Training.id)
                                  .limit(CLAIM_WINDOW).with_for_update(skip_locked=True)).all()
@@ -189,7 +219,7 @@ class JobsMixin:
                     elif row.attempts >= MAX_TRAINING_ATTEMPTS:
                         lost = f"the worker running this training was lost {row.attempts} times"
                         self._end_training(s, row, "failed", error=lost)
-                    elif skip is None or not skip(row):
+                    elif not at_limit(row.owner) and (skip is None or not skip(row)):
                         first_start = row.started_at is None
                         row.status = "processing"
                         row.lease_owner = worker_id

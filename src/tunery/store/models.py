@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,6 +134,58 @@ class ApiToken(Base):
         if self.expires_at is not None and self.expires_at <= (now or utcnow()):
             return "expired"
         return "active"
+
+
+#: What one owner may hold at once, and their built-in values; 0 means no limit. An operator
+#: changes them for everyone (the DEFAULT_OWNER row) or for one owner (`tunery owners
+#: set-limits`); a field left unset falls through owner -> everyone -> built in.
+#: - trainings: trainings running at once (more wait in the queue: workers pass them over);
+#: - queued_trainings: trainings waiting for a worker (creating more is refused with 429);
+#: - predictions: predictions (and completions, scorings) one server runs or queues for the
+#:   owner at once, more are refused with 429; built in: the server's `max_queue`, so one owner
+#:   alone never takes the last batch's worth of room from the others;
+#: - requests_per_minute: authenticated API requests one server answers the owner per minute.
+LIMITS: dict[str, int | None] = {"trainings": 4, "queued_trainings": 32, "predictions": None,
+                                 "requests_per_minute": 3000}
+DEFAULT_OWNER = "*"
+
+
+class OwnerLimits(Base):
+    """An operator's limits for one owner, or for every owner (owner DEFAULT_OWNER); None: not set here."""
+
+    __tablename__ = "owner_limits"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trainings: Mapped[int | None] = mapped_column(Integer)
+    queued_trainings: Mapped[int | None] = mapped_column(Integer)
+    predictions: Mapped[int | None] = mapped_column(Integer)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An owner's limits as they apply (0: none; predictions None: the server's max_queue), and
+    where each came from (field -> "owner" | "everyone" | "built in")."""
+
+    trainings: int
+    queued_trainings: int
+    predictions: int | None
+    requests_per_minute: int
+    source: dict[str, str]
+
+    @classmethod
+    def resolve(cls, own: OwnerLimits | None, everyone: OwnerLimits | None) -> Limits:
+        values: dict[str, Any] = {}
+        source: dict[str, str] = {}
+        for name, built_in in LIMITS.items():
+            for row, origin in ((own, "owner"), (everyone, "everyone")):
+                if row is not None and getattr(row, name) is not None:
+                    values[name], source[name] = getattr(row, name), origin
+                    break
+            else:
+                values[name], source[name] = built_in, "built in"
+        return cls(source=source, **values)
 
 
 class Model(Base):

@@ -16,19 +16,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import CursorResult, and_, delete, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tunery.store import db, outbox
 from tunery.store.jobs import JobsMixin
 from tunery.store.models import (
+    DEFAULT_OWNER,
+    LIMITS,
     SCOPES,
     ApiToken,
     File,
+    Limits,
     Model,
     Owner,
+    OwnerLimits,
     Secret,
+    Training,
     Version,
     WebhookDelivery,
     WorkerPresence,
@@ -148,6 +153,52 @@ class Store(JobsMixin):
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             return row
+
+    # -- limits ------------------------------------------------------------------------------
+
+    def limits(self, owner: str) -> Limits:
+        """The limits that apply to `owner`: theirs where set, else everyone's, else built in."""
+        with self._reading() as s:
+            rows = {row.owner: row for row in s.scalars(
+                select(OwnerLimits).where(OwnerLimits.owner.in_([owner, DEFAULT_OWNER])))}
+        return Limits.resolve(rows.get(owner) if owner != DEFAULT_OWNER else None, rows.get(DEFAULT_OWNER))
+
+    def limit_rows(self) -> list[OwnerLimits]:
+        """The limits an operator set: everyone's row (if any) first, then each owner's by name."""
+        with self._reading() as s:
+            rows = list(s.scalars(select(OwnerLimits).order_by(OwnerLimits.owner)))
+        return sorted(rows, key=lambda row: (row.owner != DEFAULT_OWNER, row.owner))
+
+    def set_limits(self, owner: str, changes: dict[str, int | None]) -> Limits:
+        """Set (an int, 0: no limit) or unset (None: fall through to everyone's, then built in) the
+        named limits of `owner` (DEFAULT_OWNER: everyone's); the others stay. Returns what applies now."""
+        unknown = set(changes) - set(LIMITS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: not a limit; the limits are {', '.join(LIMITS)}")
+        for name, value in changes.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}: must be a whole number >= 0 (0: no limit), got {value!r}")
+        with self.session() as s:
+            row = s.get(OwnerLimits, owner, with_for_update=True)
+            if row is None:
+                row = OwnerLimits(owner=owner)
+                s.add(row)
+            for name, value in changes.items():
+                setattr(row, name, value)
+            row.updated_at = utcnow()
+            if all(getattr(row, name) is None for name in LIMITS):
+                s.delete(row)
+        return self.limits(owner)
+
+    def training_counts(self, owner: str) -> dict[str, int]:
+        """{"running": n, "queued": m}: `owner`'s trainings held by a live worker, and waiting for one."""
+        now = utcnow()
+        with self._reading() as s:
+            running = s.scalar(select(func.count()).select_from(Training).where(
+                Training.owner == owner, Training.status == "processing", Training.lease_expires_at >= now))
+            queued = s.scalar(select(func.count()).select_from(Training).where(
+                Training.owner == owner, Training.status == "starting"))
+        return {"running": int(running or 0), "queued": int(queued or 0)}
 
     # -- models and versions -----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import TuneryError
-from tunery.server.deps import PathModel, RunnerDep, SettingsDep, StoreDep
+from tunery.server.deps import Owner, PathModel, RunnerDep, SettingsDep, StoreDep
 from tunery.server.errors import ApiError, invalid
 from tunery.service import predictions
 from tunery.service.errors import Busy, NotFound, ServiceError
@@ -67,20 +67,21 @@ def _params(parameters: dict[str, Any]):
         raise invalid(f"input_data.parameters: {e}", [{"field": "input_data.parameters", "reason": str(e)}]) from None
 
 
-async def _score(version: Version, body: ScoreBody, settings, runner) -> list[dict[str, str]]:
+async def _score(version: Version, body: ScoreBody, settings, runner, owner: str) -> list[dict[str, str]]:
     """Generate for every prompt at once; waits on the event loop (no thread held meanwhile)."""
     params = _params(body.input_data.parameters)
     full = bool(body.input_data.parameters.get("return_full_text", True))
     prompts = body.input_data.input_string
     try:
-        slots = predictions.take_slots(runner, len(prompts))
-    except Busy:
-        raise ApiError(429, "Request was throttled: too many predictions in flight", title="Too many requests",
-                       headers={"Retry-After": "1"}) from None
+        slots = predictions.take_slots(runner, owner, len(prompts))
+    except Busy as e:
+        raise ApiError(429, e.message, title="Too many requests",
+                       headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     generations = []
     try:
         for p in prompts:
-            generations.append(await run_in_threadpool(predictions.generate, runner, settings, version, p, params))
+            generations.append(await run_in_threadpool(predictions.generate, runner, settings, version, p, params,
+                                                       owner))
         texts = [await g.atext() for g in generations]
     except Busy as e:
         raise ApiError(429, e.message, title="Too many requests", headers={"Retry-After": "1"}) from None
@@ -98,20 +99,20 @@ async def _score(version: Version, body: ScoreBody, settings, runner) -> list[di
 
 @router.post("/v1/models/{model_owner}/{model_name}/score")
 async def score_latest(body: ScoreBody, model: PathModel, store: StoreDep, settings: SettingsDep,
-                       runner: RunnerDep) -> list[dict[str, str]]:
+                       runner: RunnerDep, owner: Owner) -> list[dict[str, str]]:
     """Azure ML's scoring request on the model's latest version."""
     try:
         version = await run_in_threadpool(predictions.latest_version, store, model)
     except NotFound:
         raise ApiError(404, f"model {model.owner}/{model.name} has no version yet", title="Not found") from None
-    return await _score(version, body, settings, runner)
+    return await _score(version, body, settings, runner, owner)
 
 
 @router.post("/v1/models/{model_owner}/{model_name}/versions/{version_id}/score")
 async def score_version(body: ScoreBody, model: PathModel, version_id: str, store: StoreDep,
-                        settings: SettingsDep, runner: RunnerDep) -> list[dict[str, str]]:
+                        settings: SettingsDep, runner: RunnerDep, owner: Owner) -> list[dict[str, str]]:
     """Azure ML's scoring request on one version."""
     version = await run_in_threadpool(store.get_version, model.id, version_id)
     if version is None:
         raise ApiError(404, f"version {version_id} of {model.owner}/{model.name} not found", title="Not found")
-    return await _score(version, body, settings, runner)
+    return await _score(version, body, settings, runner, owner)

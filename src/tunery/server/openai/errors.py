@@ -36,8 +36,11 @@ def from_service(exc: service.ServiceError, *, param: str | None = None, code: s
     """A service error as OpenAI answers it (`param` and `code` in OpenAI's names where known)."""
     status = next(code for kind, code in STATUS if isinstance(exc, kind))
     if isinstance(exc, service.Busy):
+        retry = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        if exc.code is not None:  # one of the owner's limits, in OpenAI's words for a rate limit
+            return OpenAIError(429, message or exc.message, type="requests", code=exc.code, headers=retry)
         return OpenAIError(429, message or "Too many requests in flight: try again shortly",
-                           type="rate_limit_error", headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+                           type="rate_limit_error", headers=retry)
     return OpenAIError(status, message or exc.message, param=param, code=code)
 
 

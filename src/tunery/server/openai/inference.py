@@ -151,12 +151,12 @@ def _generate(runner, store, settings, owner: str, body: _Sampling, prompt_for) 
     model, version = resolve_model(store, owner, body.model)
     params = _params(body)
     try:
-        [slot] = predictions.take_slots(runner)
+        [slot] = predictions.take_slots(runner, owner)
     except ServiceError as e:
         raise from_service(e) from None
     try:
         prompt = prompt_for(predictions.tokenizer_for(settings, version))
-        generation = predictions.generate(runner, settings, version, prompt, params)
+        generation = predictions.generate(runner, settings, version, prompt, params, owner)
     except ServiceError as e:
         slot.release()
         raise from_service(e) from None
