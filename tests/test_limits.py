@@ -7,6 +7,7 @@ at most, on the engine and through the HTTP API with a real model."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 import time
 
@@ -157,8 +158,8 @@ def test_queued_trainings_beyond_the_limit_are_refused_before_anything_is_made(s
         assert "'gina' already has 1 training waiting for a worker" in body["detail"]
         assert "--queued-trainings" in body["detail"]
         assert refused.headers["Retry-After"] == "60" and server.counts() == before
-        rows = "".join('{"messages": [{"role": "user", "content": "hi %d"}, {"role": "assistant", "content": "ok"}]}\n'
-                       % i for i in range(12))
+        rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                {"role": "assistant", "content": "ok"}]}) + "\n" for i in range(12))
         uploaded = gina.post("/openai/v1/files", data={"purpose": "fine-tune"},
                              files={"file": ("train.jsonl", rows.encode(), "application/jsonl")})
         assert uploaded.status_code == 200, uploaded.text

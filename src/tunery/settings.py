@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "--gpus 0,1`). The embedded workers of `tunery serve` split them between themselves. Default: what "
         "the process sees."
     )
+    worker_labels: str = Field(
+        "", description="Labels of this machine's training workers, KEY=VALUE comma-separated (TUNERY_WORKER_LABELS; "
+        "`tunery worker --labels gpu=a100,mem=80g`). A training whose hardware (its destination model's, or "
+        "the training's own) names a SKU (`hardware=gpu-a100-large`) or labels runs only on workers that match."
+    )
     train_processes: int = Field(
         0, ge=0, description="Processes per service training (TUNERY_TRAIN_PROCESSES; 0: one per GPU in `gpus`, "
         "else 1). Several run under `accelerate launch`: DDP, or FSDP with the training input fsdp; on a CPU, "

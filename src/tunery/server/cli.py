@@ -66,10 +66,12 @@ def serve_command(
     settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
     from tunery.artifacts import check_storage
     from tunery.errors import TuneryError
+    from tunery.store.models import parse_labels
 
     try:  # uploads, fetched data and runs all go there: refuse to start without it
+        parse_labels(settings.worker_labels)  # the embedded workers' (TUNERY_WORKER_LABELS)
         check_storage(settings.storage, settings.storage_options)
-    except TuneryError as exc:
+    except (TuneryError, ValueError) as exc:
         _fail(exc)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
@@ -86,6 +88,10 @@ def worker_command(
     processes: Annotated[int | None, typer.Option(
         "--processes", min=1, help="Processes per training (default: one per GPU in --gpus, else 1; on a CPU, "
         "several run over gloo).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="What this worker offers, KEY=VALUE comma-separated, e.g. gpu=a100,mem=80g (default: "
+        "TUNERY_WORKER_LABELS). A `hardware=SKU` label names it as Replicate's models do (gpu-a100-large); "
+        "trainings that ask for a SKU or labels it lacks are left to other workers.")] = None,
 ) -> None:
     """Run a training worker (and a webhook sender) until Ctrl-C or SIGTERM.
 
@@ -94,14 +100,16 @@ def worker_command(
     """
     from tunery.artifacts import check_storage
     from tunery.errors import TuneryError
+    from tunery.store.models import parse_labels
     from tunery.worker.service import run_worker
 
     settings = get_settings()
-    overrides = {"gpus": gpus, "train_processes": processes}
+    overrides = {"gpus": gpus, "train_processes": processes, "worker_labels": labels}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     try:  # a storage that cannot be written stops the worker here, not each training later
+        parse_labels(settings.worker_labels)
         check_storage(settings.storage, settings.storage_options)
-    except TuneryError as exc:
+    except (TuneryError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if not logging.getLogger().handlers:

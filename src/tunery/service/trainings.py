@@ -30,10 +30,11 @@ from tunery.service.files import (
     local_copy,
     save_result_file,
 )
+from tunery.service.hardware import check_hardware
 from tunery.service.limits import check_queue
 from tunery.settings import Settings
 from tunery.spec import TrainingInputs, format_input_errors, input_errors
-from tunery.store.models import File, Model, Training, Version
+from tunery.store.models import File, Model, Training, Version, hardware_matches
 from tunery.store.store import Store
 
 _FILE_PATH = re.compile(r"^/v1/files/([A-Za-z0-9]+)(?:/download)?/?$")
@@ -221,8 +222,9 @@ def check_grader_and_rows(settings: Settings, inputs: TrainingInputs, files: lis
 FIT_SAMPLE = 64
 
 
-def check_fits(store: Store, settings: Settings, inputs: TrainingInputs, base_name: str, train: Data) -> dict[str, int]:
-    """The training's estimated peak memory per device on each kind of running worker
+def check_fits(store: Store, settings: Settings, inputs: TrainingInputs, base_name: str, train: Data,
+               hardware: str | None = None) -> dict[str, int]:
+    """The training's estimated peak memory per device on each kind of running worker that offers `hardware`
     (models.memory.check_training: {Devices.key(): bytes}); Invalid with the one-line reason and
     what to change when it fits none of them. Nothing is estimated (an empty answer) while no
     worker runs, or when the base is not on this server as a folder (a storage URL not downloaded
@@ -231,7 +233,7 @@ def check_fits(store: Store, settings: Settings, inputs: TrainingInputs, base_na
     from tunery.models import memory
     from tunery.models.resolve import local_base
 
-    workers = store.live_workers(settings.lease_seconds)
+    workers = [w for w in store.live_workers(settings.lease_seconds) if hardware_matches(hardware, w.offers())]
     folder = local_base(base_name, settings) if workers else None
     if folder is None:
         return {}
@@ -316,7 +318,8 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
                     destination: str, inputs: dict[str, Any], data: dict[str, Data] | None = None,
                     own_hosts: set[str] = frozenset(), webhook: str | None = None,  # type: ignore[assignment]
                     webhook_events_filter: Sequence[str] | None = None, openai: dict[str, Any] | None = None,
-                    training_id: str | None = None, new_destination: str | None = None) -> Training:
+                    training_id: str | None = None, new_destination: str | None = None,
+                    hardware: str | None = None) -> Training:
     """Queue a training of `base` at `version`, pushed to `destination`, on the user's `inputs`
     (tunery's names), once every check has passed (the owner's queue first: Busy beyond
     `queued_trainings`); nothing is left behind when one fails.
@@ -324,12 +327,16 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
     The data comes from `data` (files already found, such as OpenAI's file ids) or else from the
     sources the inputs name (train_data, and validation_data when it validates). Data fetched now
     goes into the storage, where a worker on another machine reads it. `destination` must be one
-    of the caller's models, unless `new_destination` (its description) asks for a new private one."""
+    of the caller's models, unless `new_destination` (its description) asks for a new private one.
+    `hardware` (default: the destination's) must be offered by a running worker, unless it asks for
+    nothing in particular (store.models.ANY_HARDWARE)."""
     from tunery.store.models import new_id
 
     check_queue(store, owner)
     if new_destination is None:
-        check_destination(store, owner, destination)
+        model = check_destination(store, owner, destination)
+        hardware = model.hardware if hardware is None else hardware
+    hardware = check_hardware(store, settings, hardware)
     check_trainable(settings, base, version)
     typed = parse_inputs(inputs)
     training_id = training_id or new_id()
@@ -341,7 +348,7 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
             data = {f: fetch_data(store, settings, owner, f, getattr(typed, f), own_hosts=own_hosts,
                                   downloads=downloads) for f in fields}
         check_training_data(settings, typed, data["train_data"], data.get("validation_data"))
-        needs = check_fits(store, settings, typed, version.base_name, data["train_data"])
+        needs = check_fits(store, settings, typed, version.base_name, data["train_data"], hardware)
         urls: dict[str, str] = {}
         for field, found in data.items():
             url = found.url
@@ -351,7 +358,9 @@ def create_training(store: Store, settings: Settings, *, owner: str, base: Model
             urls[field] = url
         return store.create_training(
             owner, training_id=training_id, model=f"{base.owner}/{base.name}", version_id=version.id,
-            destination=destination, input=inputs, job={"data": urls, "base": version.base_name, **({"memory": needs} if needs else {})},
+            destination=destination, input=inputs, job={"data": urls, "base": version.base_name,
+                                                        **({"memory": needs} if needs else {}),
+                                                        **({"hardware": hardware} if hardware else {})},
             webhook=webhook, webhook_events_filter=webhook_events_filter, openai=openai,
             new_destination=new_destination)
     except BaseException:

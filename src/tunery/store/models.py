@@ -7,6 +7,7 @@ Ids are Replicate-style: 26 lowercase base32 characters for trainings, predictio
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -343,11 +344,67 @@ class WorkerPresence(Base):
     precision: Mapped[str] = mapped_column(String(8))  # what `precision auto` resolves to there
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    labels: Mapped[dict[str, Any] | None] = mapped_column()  # the operator's (`tunery worker --labels`)
 
     def devices(self):
         from tunery.models.memory import Devices
 
         return Devices(self.kind, int(self.memory), self.description, int(self.processes), self.precision)
+
+    def offers(self) -> dict[str, str]:
+        """Its labels with the built-in ones: `kind` (cpu | cuda) and `hardware` (see worker_hardware)."""
+        return worker_labels(self.labels or {}, self.kind, self.description)
+
+
+#: A hardware choice that asks for nothing in particular: any worker takes the training. "cpu"
+#: is Replicate's cheapest SKU, and what its clients (and tunery's) give a training's destination model.
+ANY_HARDWARE = ("", "cpu")
+_LABEL = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_GPU_NAMES = re.compile(r"\b(h200|h100|gh200|b200|a100|a40|a10g?|l40s?|l4|t4|v100|rtx\s?\d{4}|\d{4})\b", re.I)
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    """`gpu=a100,mem=80g` as {"gpu": "a100", "mem": "80g"}; ValueError naming the bad part (keys:
+    lowercase letters, digits, `_.-`; values: letters, digits, `_.-`)."""
+    labels: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not _LABEL.match(key) or not _VALUE.match(value):
+            raise ValueError(f"labels: {part.strip()!r} is not KEY=VALUE (keys: lowercase letters, digits and "
+                             "_.-; values: letters, digits and _.-), as in gpu=a100,mem=80g")
+        labels[key] = value
+    return labels
+
+
+def worker_labels(labels: dict[str, str], kind: str, description: str = "") -> dict[str, str]:
+    """A worker's labels with the built-in ones: `kind` (its device kind) and `hardware`, its SKU
+    in Replicate's style: the operator's `hardware` label if given; else `cpu` on a CPU, and on a
+    GPU `gpu-` and its `gpu` label or the model in its description (`gpu-h100`), else `gpu`."""
+    out = dict(labels)
+    out.setdefault("kind", kind)
+    if "hardware" not in out:
+        if kind != "cuda":
+            out["hardware"] = "cpu"
+        else:
+            found = _GPU_NAMES.search(description)
+            name = labels.get("gpu") or (found.group(1).replace(" ", "").lower() if found else "")
+            out["hardware"] = f"gpu-{name}" if name else "gpu"
+    return out
+
+
+def hardware_matches(wanted: str | None, offered: dict[str, str]) -> bool:
+    """Whether a worker offering `offered` (worker_labels) runs a training that asks for `wanted`:
+    anything for ANY_HARDWARE; every KEY=VALUE of a selector (`gpu=a100,mem=80g`); else the SKU
+    (`gpu-a100-large`) equal to its `hardware` label."""
+    wanted = (wanted or "").strip()
+    if wanted in ANY_HARDWARE:
+        return True
+    if "=" in wanted:
+        return all(offered.get(k) == v for k, v in parse_labels(wanted).items())
+    return offered.get("hardware") == wanted
 
 
 class WebhookDelivery(Base):

@@ -414,13 +414,13 @@ class Store(JobsMixin):
 
     # -- running workers ----------------------------------------------------------------------
 
-    def register_worker(self, worker_id: str, devices, *, host: str) -> None:
-        """Record (or renew) a running worker and its devices (a models.memory.Devices); rows of
-        workers unseen for a day (they died without a word) go."""
+    def register_worker(self, worker_id: str, devices, *, host: str, labels: dict[str, str] | None = None) -> None:
+        """Record (or renew) a running worker, its devices (a models.memory.Devices) and its
+        operator's labels; rows of workers unseen for a day (they died without a word) go."""
         now = utcnow()
         fields = {"host": host, "kind": devices.kind, "memory": int(devices.memory),
                   "description": devices.description, "processes": int(devices.processes),
-                  "precision": devices.precision}
+                  "precision": devices.precision, "labels": dict(labels or {})}
         with self.session() as s:
             s.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < now - timedelta(days=1)))
             row = s.get(WorkerPresence, worker_id)

@@ -29,7 +29,7 @@ from typing import Any
 from tunery.artifacts.run import TrainingJob
 from tunery.models.memory import Devices, available_memory, gib
 from tunery.settings import Settings
-from tunery.store.models import Training
+from tunery.store.models import Training, hardware_matches, parse_labels, worker_labels
 from tunery.store.store import Store
 from tunery.worker.child import ChildArgs
 from tunery.worker.progress import Progress
@@ -114,6 +114,7 @@ class Worker:
         self.kill_grace = kill_grace
         self.child: subprocess.Popen | None = None  # the training process running now, if any
         self.devices: Devices | None = None  # what its trainings get, once probed (run_forever)
+        self.labels = parse_labels(settings.worker_labels)  # the operator's (ValueError when malformed)
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """Run trainings until `stop_event` is set. A training still running then is stopped and
@@ -155,7 +156,7 @@ class Worker:
                     self.devices = dataclasses.replace(
                         self.devices, memory=available, description=f"the available memory of {host} ({gib(available)})")
                 try:
-                    self.store.register_worker(self.worker_id, self.devices, host=host)
+                    self.store.register_worker(self.worker_id, self.devices, host=host, labels=self.labels)
                 except Exception:  # a database hiccup: the next renewal comes before the lease lapses
                     log.exception("worker %s: registering its devices failed", self.worker_id)
                 if stop_event.wait(interval):
@@ -167,15 +168,19 @@ class Worker:
                 log.exception("worker %s: unregistering failed", self.worker_id)
 
     def _skip(self) -> Callable[[Training], bool]:
-        """Which claimable trainings to leave to other workers: those whose estimated peak memory
+        """Which claimable trainings to leave to other workers: those whose hardware (recorded on
+        the job) this worker's labels do not match, and those whose estimated peak memory
         (trainings.check_fits, recorded on the job) is more than this worker's devices hold, when
         a running worker's devices hold it. One nobody's devices hold is claimed, and refused by
         the training's own check with the reason."""
         mine = self.devices
+        offered = worker_labels(self.labels, mine.kind if mine else "cpu", mine.description if mine else "")
         others: list | None = None
 
         def skip(row: Training) -> bool:
             nonlocal others
+            if not hardware_matches((row.job or {}).get("hardware"), offered):
+                return True
             needs = (row.job or {}).get("memory") or {}
             if mine is None or needs.get(mine.key(), 0) <= mine.memory:
                 return False

@@ -1,4 +1,4 @@
-"""The caller's account and the webhook signing secret."""
+"""The caller's account, the webhook signing secret, and the hardware the running workers offer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from tunery.server.deps import Owner, StoreDep
+from tunery.server.deps import Owner, SettingsDep, StoreDep
+from tunery.service import hardware
 
 router = APIRouter(tags=["account"])
 
@@ -21,3 +22,11 @@ def get_account(owner: Owner) -> dict[str, Any]:
 def webhook_secret(owner: Owner, store: StoreDep) -> dict[str, str]:
     """The key webhooks are signed with, for `replicate.webhooks.validate`."""
     return {"key": store.webhook_secret()}
+
+
+@router.get("/v1/hardware")
+def list_hardware(owner: Owner, store: StoreDep, settings: SettingsDep) -> list[dict[str, Any]]:
+    """What the running workers offer, as Replicate lists hardware (`[{"name", "sku"}]`, what
+    `replicate.hardware.list()` reads), with how many workers offer each and their labels. A
+    model's or training's `hardware` names one of these SKUs, or labels (`gpu=a100,mem=80g`)."""
+    return hardware.offered(store, settings)

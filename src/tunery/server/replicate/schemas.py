@@ -59,6 +59,9 @@ class TrainingCreate(_Webhooks):
 
     destination: str = Field(description="The model ('owner/name') the trained version is pushed to.")
     input: dict[str, Any] = Field(default_factory=dict, description="The training inputs (TrainingInputs).")
+    hardware: str | None = Field(None, max_length=200, description=(
+        "Where it runs: a SKU that GET /v1/hardware lists (gpu-a100-large), or worker labels (gpu=a100,mem=80g); "
+        "default: the destination model's hardware ('cpu', Replicate's default, lets any worker run it)."))
 
 
 class PredictionCreate(_Webhooks):

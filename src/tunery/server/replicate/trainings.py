@@ -44,7 +44,8 @@ def create_training(
     first, and a bad request leaves nothing behind."""
     row = trainings.create_training(
         store, settings, owner=owner, base=model, version=version, destination=body.destination, inputs=body.input,
-        own_hosts=hosts, webhook=body.webhook, webhook_events_filter=body.webhook_events_filter)
+        own_hosts=hosts, webhook=body.webhook, webhook_events_filter=body.webhook_events_filter,
+        hardware=body.hardware)
     return training_json(row, base)
 
 
