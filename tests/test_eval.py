@@ -76,6 +76,33 @@ def test_training_with_test_data_evaluates_at_the_end(tmp_path, split, tiny_mode
     assert succeeded["metrics"]["eval"]["tuned"]["loss"] == report["metrics"]["tuned"]["loss"]
 
 
+def test_the_held_out_evaluation_keeps_within_its_time_budget(tiny_model_dir, qa_rows):
+    """A service training's evaluation times a first batch and scores as many held-out rows as
+    fit its budget (10% of the training's time): the first 8 when nothing more fits, every row
+    when all do; a log line says when rows were left out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.data.jsonl import Dataset
+    from tunery.spec import parse_inputs
+    from tunery.train.events import EventSink
+    from tunery.train.recipe import _evaluate_after_training
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = (qa_rows * 3)[:20]
+    held = Dataset(path="t.jsonl", name="the last rows of t.jsonl, held out", format="prompt_completion", rows=rows,
+                   lines=[], sha256="0" * 64)
+    inputs = parse_inputs({"train_data": "t.jsonl", "peft_method": "full"})
+    for budget, expected in ((0.0, 8), (1e6, 20)):
+        sink = EventSink()
+        logs: list[str] = []
+        sink.listen(lambda event: logs.append(event.get("message", "")) if event["type"] == "log" else None)
+        report = _evaluate_after_training(model, tokenizer, held, inputs, sink, False, budget)
+        assert report["rows"] == expected and report["eval_seconds"] > 0
+        cut = [line for line in logs if line.startswith("evaluated the first 8 of the 20 held-out rows")]
+        assert bool(cut) == (expected < 20), logs
+
+
 def rendered(report: dict) -> str:
     """The terminal table `tunery eval` prints for `report` (the CLI calls the same `render`)."""
     from rich.console import Console

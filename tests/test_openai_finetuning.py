@@ -127,6 +127,9 @@ def test_the_fine_tuning_guide(server, client, chat_file):
     assert all(0.0 <= e.data["train_mean_token_accuracy"] <= 1.0 for e in metrics)
     assert [e.data["step"] for e in metrics if "valid_mean_token_accuracy" in e.data] == [3]
     assert any(e.message == f"New fine-tuned model created: {job.fine_tuned_model}" for e in events)
+    # Evaluated, base against tuned, on the rows held out for validation (the validation file's).
+    [evaluated] = [e for e in events if e.message.startswith("Evaluated on the held-out rows, base → tuned: loss ")]
+    assert set(evaluated.data["eval"]) == {"base", "tuned"} and evaluated.data["eval_seconds"] > 0
     page = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert [e.id for e in page.data] == [e.id for e in events[:2]] and page.has_more
     older = client.fine_tuning.jobs.list_events(job.id, limit=2, after=page.data[-1].id)

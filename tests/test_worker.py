@@ -194,6 +194,26 @@ def test_validation_data_is_evaluated_into_the_training_metrics(store, settings,
     ev = done.metrics["eval"]
     assert set(ev) == {"base", "tuned"} and "exact_match" in ev["tuned"] and "loss" in ev["base"]
     assert "evaluation on" in done.logs and "exact_match" in done.logs
+    assert f"evaluation on the first rows of {val_file.name}, held out (4 rows)" in done.logs
+
+
+def test_a_training_without_validation_data_is_evaluated_on_its_held_out_tail(store, settings, tmp_path, qa_rows,
+                                                                                tiny_model_dir):
+    """Every service training is evaluated, base against tuned: without validation_data, on the
+    last num_validation_samples rows of train_data (never trained on); with none held out, a log
+    line says why there is no evaluation."""
+    train_file = write_jsonl(tmp_path / "t.jsonl", qa_rows)
+    held = queue(store, train_file, tiny_model_dir, max_steps=2)  # num_validation_samples 4
+    none = queue(store, train_file, tiny_model_dir, max_steps=2, run_validation=False)
+    worker = Worker(store, settings, worker_id="w", poll_interval=0.1)
+    assert worker.run_once() and worker.run_once()
+    done = store.load_training(held.id)
+    assert done.status == "succeeded", done.error
+    assert set(done.metrics["eval"]) == {"base", "tuned"} and done.metrics["eval_seconds"] > 0
+    assert f"evaluation on the last rows of {train_file.name}, held out (4 rows)" in done.logs
+    skipped = store.load_training(none.id)
+    assert skipped.status == "succeeded" and "eval" not in skipped.metrics
+    assert "no rows were held out for validation" in skipped.logs
 
 
 def test_progress_keeps_data_stats_samples_and_step_times():

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from tunery.models.registry import DEFAULT_BASE
 from tunery.settings import Settings, get_settings
 from tunery.spec import TrainingInputs
 from tunery.train.events import EventSink
+
+#: The held-out evaluation after a service training takes at most this share of the training's time.
+EVAL_SHARE = 0.10
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PreparedData:
     stats: dict[str, Any]
     files: dict[str, Any]
     examples: list  # the training sequences as token ids and labels (DPO: each pair's two), for the memory check
+    held_out: list = field(default_factory=list)  # the validation rows as read (evaluate_held_out's test set)
 
 
 def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink: EventSink | None = None,
@@ -104,7 +108,7 @@ def prepare_data(inputs: TrainingInputs, tokenizer, *, settings: Settings, sink:
     files = {"train_data": file_info(train_ds)}
     if val_ds is not None:
         files["validation_data"] = file_info(val_ds)
-    return PreparedData(train_seq, val_seq, stats, files, train_seq)
+    return PreparedData(train_seq, val_seq, stats, files, train_seq, val_rows)
 
 
 def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
@@ -154,7 +158,7 @@ def prepare_preferences(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
     files = {"train_data": file_info(train_ds)}
     if val_ds is not None:
         files["validation_data"] = file_info(val_ds)
-    return PreparedData(train_rows, val_rows, stats, files, train_examples)
+    return PreparedData(train_rows, val_rows, stats, files, train_examples, val_rows)
 
 
 def prepare_prompts(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
@@ -193,7 +197,7 @@ def prepare_prompts(inputs: TrainingInputs, tokenizer, train_ds, val_ds, *,
     files = {"train_data": file_info(train_ds)}
     if val_ds is not None:
         files["validation_data"] = file_info(val_ds)
-    return PreparedData(train_rows, val_rows, stats, files, examples)
+    return PreparedData(train_rows, val_rows, stats, files, examples, val_rows)
 
 
 def check_grader_and_rows(inputs: TrainingInputs, datasets: list, settings: Settings) -> None:
@@ -256,6 +260,7 @@ def train(
     test_data: str | Path | None = None,
     given: dict | None = None,
     pause_file: str | Path | None = None,
+    evaluate_held_out: bool = False,
 ) -> TrainResult:
     """Fine-tune `base` on `inputs.train_data` and write a run (see module docstring, and
     artifacts.Run for what is inside one).
@@ -266,7 +271,9 @@ def train(
     (default: those set in `inputs`). Emits events to `events` and always to the run's event file. `callbacks` are extra
     transformers TrainerCallbacks (e.g. a notebook's own logging). With `test_data` (a JSONL
     path or URL) the tuned model is evaluated against the base after the last step (eval.json,
-    eval.md, loss.png, and the manifest's "eval"). Once the file `pause_file` exists, the training
+    eval.md, loss.png, and the manifest's "eval"); without one, `evaluate_held_out` does the same on
+    the rows held out for validation (validation_data's, or train_data's tail: what the service
+    does for every training). Once the file `pause_file` exists, the training
     saves a checkpoint after the current step and raises `Paused` (a `paused` event, not `failed`).
     """
     from tunery.spec import parse_inputs
@@ -290,7 +297,7 @@ def train(
     try:
         try:
             result = _train(inputs, given, base, run, resume, sink, progress, settings, callbacks or [], test_data,
-                            pause_file)
+                            pause_file, evaluate_held_out)
         except Exception as exc:
             if isinstance(exc, (Paused, TuneryError)) or not is_out_of_memory(exc):
                 raise
@@ -381,7 +388,7 @@ class Paused(Exception):
 
 def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: bool, sink: EventSink,
            progress: bool, settings: Settings, callbacks: list, test_data: str | Path | None,
-           pause_file: str | Path | None = None) -> TrainResult:
+           pause_file: str | Path | None = None, evaluate_held_out: bool = False) -> TrainResult:
     from tunery.models.load import adapt, load_model, load_tokenizer, pick_device
     from tunery.models.resolve import resolve_base
 
@@ -400,6 +407,8 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     resolved = resolve_base(base, settings)
     tokenizer = load_tokenizer(resolved, inputs.chat_template)
     data = prepare_data(inputs, tokenizer, settings=settings, sink=sink, datasets=datasets)
+    if test_ds is None and evaluate_held_out:
+        test_ds = _held_out_set(datasets, data, sink)
     sink.emit("data", **data.stats)
     sink.emit("log", message=_describe_data(data.stats))
     if inputs.early_stopping_patience and not data.validation:
@@ -552,7 +561,10 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         sink.emit("warning", message="no evaluation after an FSDP training (its model is sharded over the "
                   f"processes): run `tunery eval {test_ds.name} --weights {run.url} --compare`")
     elif test_ds is not None:
-        report = _evaluate_after_training(trainer.model, tokenizer, test_ds, inputs, sink, progress)
+        # The held-out evaluation every service training gets keeps within EVAL_SHARE of the
+        # training's own time; a test set the user gave is evaluated whole.
+        budget = EVAL_SHARE * (time.time() - started) if test_data is None else None
+        report = _evaluate_after_training(trainer.model, tokenizer, test_ds, inputs, sink, progress, budget)
     train_losses = [h["loss"] for h in events_cb.history if h.get("loss") is not None]
     metrics = {
         "train_loss": train_losses[-1] if train_losses else None,
@@ -615,6 +627,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
     final = {k: v for k, v in metrics.items() if k != "history"}
     if report is not None:
         final["eval"] = report["metrics"]
+        final["eval_seconds"] = report["eval_seconds"]
     run.publish()  # to storage, the archive last; `succeeded` only once all of it is there
     sink.emit("succeeded", run_dir=run.url, weights=str(archive), adapter=str(out_dir), metrics=final)
     run.push_events()
@@ -622,10 +635,30 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
                        report=report)
 
 
+def _held_out_set(datasets, data: PreparedData, sink: EventSink):
+    """The rows held out for validation as a test set (the first rows of validation_data, or the
+    last of train_data), or None, said in a log line, when none were held out."""
+    from tunery.data.jsonl import Dataset
+
+    train_ds, val_ds = datasets
+    if not data.held_out:
+        sink.emit("log", message="no evaluation after training: no rows were held out for validation "
+                  "(run_validation is false or num_validation_samples is 0)")
+        return None
+    source = val_ds or train_ds
+    where = "first" if val_ds is not None else "last"
+    file = source.name.rstrip("/").rsplit("/", 1)[-1]
+    return Dataset(path=source.path, name=f"the {where} rows of {file}, held out",
+                   format=source.format, rows=list(data.held_out), lines=[], sha256=source.sha256)
+
+
 def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, sink: EventSink,
-                             progress: bool) -> dict:
+                             progress: bool, budget: float | None = None) -> dict:
     """Tuned vs base on the test set, from the model in memory (the base column runs with the
-    adapter disabled; a full fine-tune has no base in memory, so only its own column)."""
+    adapter disabled; a full fine-tune has no base in memory, so only its own column). With a
+    `budget` (seconds), a first batch of rows is timed and the evaluation covers as many of the
+    rows, from the first, as fit the budget (all of them when they do): said in the log and the
+    report's `rows`."""
     import contextlib
 
     from tunery.eval.evaluate import Column, evaluate_model
@@ -633,18 +666,38 @@ def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, 
     columns: list[Column] = [("tuned", contextlib.nullcontext)]
     if inputs.peft_method != "full":
         columns.insert(0, ("base", model.disable_adapter))
-    sink.emit("log", message=f"evaluating on {test_ds.name} ({len(test_ds.rows)} rows)")
     scoring: dict[str, Any] = {}
     if test_ds.format == "rft":
         from tunery.graders import load_grader
 
         scoring = {"grader": load_grader(inputs.grader_json, check=False), "response_format": inputs.response_schema,
                    "max_new_tokens": inputs.max_completion_length}
-    report = evaluate_model(model, tokenizer, test_ds.rows, test_ds.format, columns=columns,
-                            batch_size=max(8, inputs.validation_batch_size), max_length=inputs.max_length,
-                            progress=progress, **scoring)
-    report.update({"test_data": test_ds.name, "test_sha256": test_ds.sha256})
-    sink.emit("eval", test_data=test_ds.name, rows=report["rows"], metrics=report["metrics"])
+    batch = max(8, inputs.validation_batch_size)
+
+    def run(rows: list[dict]) -> dict:
+        return evaluate_model(model, tokenizer, rows, test_ds.format, columns=columns, batch_size=batch,
+                              max_length=inputs.max_length, progress=progress, **scoring)
+
+    rows = test_ds.rows
+    started = time.perf_counter()
+    if budget is None or len(rows) <= batch:
+        sink.emit("log", message=f"evaluating on {test_ds.name} ({len(rows)} rows)")
+        report = run(rows)
+    else:
+        sink.emit("log", message=f"evaluating on {test_ds.name} ({len(rows)} rows; timing the first {batch} "
+                  f"against a budget of {budget:.0f} s, {EVAL_SHARE:.0%} of the training's time)")
+        report = run(rows[:batch])
+        spent = time.perf_counter() - started
+        affordable = int((budget - spent) / (spent / batch))
+        if affordable > batch:
+            report = run(rows[:min(len(rows), affordable)])
+        if report["rows"] < len(rows):
+            sink.emit("log", message=f"evaluated the first {report['rows']} of the {len(rows)} held-out rows: the "
+                      f"evaluation keeps within {EVAL_SHARE:.0%} of the training's time (`tunery eval` scores them "
+                      "all)")
+    seconds = round(time.perf_counter() - started, 2)
+    report.update({"test_data": test_ds.name, "test_sha256": test_ds.sha256, "eval_seconds": seconds})
+    sink.emit("eval", test_data=test_ds.name, rows=report["rows"], metrics=report["metrics"], seconds=seconds)
     return report
 
 

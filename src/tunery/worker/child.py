@@ -87,9 +87,10 @@ def main(argv: list[str]) -> int:
             events=args.events,
             progress=False,
             settings=settings,
-            # As on Azure's fine-tune + evaluate: a training given validation_data is also evaluated on
-            # it (tuned vs base) after the last step; the numbers land in training.metrics["eval"].
-            test_data=inputs.validation_data,
+            # As on Azure's fine-tune + evaluate, and for every training: tuned vs base after the last
+            # step, on the rows held out for validation (validation_data's, else train_data's tail);
+            # the numbers land in training.metrics["eval"].
+            evaluate_held_out=True,
             pause_file=args.pause,
         )
     except Paused:  # the checkpoint of the step it stopped at is saved (and in the storage)
