@@ -96,7 +96,7 @@ def test_the_held_out_evaluation_keeps_within_its_time_budget(tiny_model_dir, qa
     for budget, expected in ((0.0, 8), (1e6, 20)):
         sink = EventSink()
         logs: list[str] = []
-        sink.listen(lambda event: logs.append(event.get("message", "")) if event["type"] == "log" else None)
+        sink.listen(lambda event, logs=logs: logs.append(event.get("message", "")) if event["type"] == "log" else None)
         report = _evaluate_after_training(model, tokenizer, held, inputs, sink, False, budget)
         assert report["rows"] == expected and report["eval_seconds"] > 0
         cut = [line for line in logs if line.startswith("evaluated the first 8 of the 20 held-out rows")]

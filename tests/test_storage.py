@@ -206,6 +206,15 @@ def test_the_cli_trains_into_the_bucket_and_predicts_and_evaluates_from_it(tmp_p
     tunery("eval", "--test-data", test, "--weights", url, "--compare", "--json", home=other)
     report = json.loads(run.read_bytes("eval.json"))
     assert report["rows"] == 4 and {"base", "tuned"} <= set(report["columns"])
+    # One checkpoint of the run, by its URL: its adapter and the run's tokenizer, fetched alone.
+    from tunery.infer.weights import resolve_weights
+    from tunery.settings import Settings
+
+    name = run.checkpoint_names()[-1]
+    weights = resolve_weights(f"{url}/checkpoints/{name}", Settings(home=tmp_path / "third",
+                                                                   storage_options=options))
+    assert weights.kind == "adapter" and weights.path.name == name and (weights.path / "adapter_config.json").is_file()
+    assert weights.tokenizer is not None and weights.tokenizer.name == "tokenizer" and weights.base_sha256
 
 
 def test_wrong_credentials_stop_the_worker_at_start(tmp_path):

@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,48 @@ def test_a_training_without_validation_data_is_evaluated_on_its_held_out_tail(st
     skipped = store.load_training(none.id)
     assert skipped.status == "succeeded" and "eval" not in skipped.metrics
     assert "no rows were held out for validation" in skipped.logs
+
+
+def test_checkpoints_kept_as_versions_are_servable_and_the_final_weights_stay_latest(store, settings, data_file,
+                                                                                     tiny_model_dir):
+    """keep_checkpoints_as_versions: each checkpoint the run keeps becomes a version of the
+    destination, older than the final one; each resolves to its checkpoint's adapter with the
+    run's tokenizer and base, and generates on the engine."""
+    from tunery.artifacts.run import checkpoint_step
+    from tunery.infer.embedded import EmbeddedEngine
+    from tunery.infer.generation import Request, SamplingParams
+    from tunery.infer.weights import resolve_weights
+    from tunery.server.replicate.shapes import version_json
+    from tunery.store.models import Model, Version
+
+    training = queue(store, data_file, tiny_model_dir, max_steps=3, save_steps=1, save_total_limit=2,
+                     keep_checkpoints_as_versions=True, learning_rate=1e-2)
+    assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
+    done = store.load_training(training.id)
+    assert done.status == "succeeded", done.error
+    with store.session() as s:
+        dest = s.query(Model).filter_by(owner="alice", name="dest").one()
+        versions = s.query(Version).filter_by(model_id=dest.id).order_by(Version.created_at).all()
+    assert [checkpoint_step(v.run_url) for v in versions] == [2, 3, None]  # the two kept, then the final
+    assert store.latest_version(dest.id).id == versions[-1].id
+    assert done.output["version"].endswith(versions[-1].id)
+    assert done.output["checkpoint_versions"] == [f"alice/dest:{v.id}" for v in versions[:2]]
+    assert version_json(versions[0])["training"] == {"id": training.id, "checkpoint_step": 2}
+    assert version_json(versions[-1])["training"] == {"id": training.id, "checkpoint_step": None}
+    weights = resolve_weights(versions[0].run_url, settings)
+    assert weights.kind == "adapter" and weights.path.name == "checkpoint-2"
+    assert weights.tokenizer is not None and weights.tokenizer.name == "tokenizer" and weights.base_sha256
+    engine = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32")
+    try:
+        for v in versions:
+            gen = engine.submit(Request("Item: the red cat.\nAnimal:", SamplingParams(max_new_tokens=4, temperature=0),
+                                        resolve_weights(v.run_url, settings)))
+            gen.text()
+            assert gen.stop_reason in ("eos", "max_new_tokens") and gen.output_tokens >= 1
+        loaded = {Path(name).name for name in engine.loaded_adapters}
+    finally:
+        engine.close()
+    assert {"checkpoint-2", "checkpoint-3", "adapter"} <= loaded  # each version ran on its own weights
 
 
 def test_progress_keeps_data_stats_samples_and_step_times():

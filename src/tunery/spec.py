@@ -172,6 +172,12 @@ class TrainingInputs(BaseModel):
         "(lowest validation loss; with method=grpo, highest validation reward), checkpointed when it happens, "
         "and the training says which step it kept. false: the last step's weights.",
     )
+    keep_checkpoints_as_versions: bool = Field(
+        False,
+        description="Service trainings: besides the final weights, add each checkpoint the run keeps "
+        "(save_total_limit of them, and the best) to the destination model as a version of its own, oldest "
+        "first, so an earlier step can be served or rolled back to. The final weights stay the latest version.",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1,
         description="With a validation set: stop once this many evaluations in a row have not improved on the "

@@ -65,6 +65,15 @@ REPORT = (EVAL_JSON, EVAL_MD, LOSS_PLOT)
 WEIGHTS = (ADAPTER, MODEL)
 
 
+def checkpoint_step(url: str | None) -> int | None:
+    """The step of a checkpoint's URL (`<run>/checkpoints/checkpoint-<step>`); None for anything else."""
+    tail = (url or "").rstrip("/").rsplit("/", 2)
+    if len(tail) == 3 and tail[1] == CHECKPOINTS and tail[2].startswith(CHECKPOINT_PREFIX) \
+            and tail[2][len(CHECKPOINT_PREFIX):].isdigit():
+        return int(tail[2][len(CHECKPOINT_PREFIX):])
+    return None
+
+
 def checkpoint_name(step: int) -> str:
     """The folder the Trainer saves step `step`'s checkpoint in (transformers' naming)."""
     return f"{CHECKPOINT_PREFIX}{step}"

@@ -11,7 +11,9 @@ Accepted forms:
   `<home>/weights/<sha256 of the archive>` so every later request reuses the extracted copy;
 - a bare adapter directory (adapter_config.json), whose base then comes from the adapter
   config's `base_model_name_or_path`;
-- a whole model directory (config.json), e.g. a run's model/ passed on its own.
+- a whole model directory (config.json), e.g. a run's model/ passed on its own;
+- one checkpoint of a run, `<run>/checkpoints/checkpoint-<step>` (a folder, or a URL in storage):
+  its adapter or model, with the run's manifest (the base, checked as for the run) and tokenizer.
 
 Nothing here imports torch; resolving is cheap enough to do on every request.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -27,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from tunery.artifacts.run import ADAPTER, MANIFEST, MODEL, TOKENIZER, is_url
+from tunery.artifacts.run import ADAPTER, CHECKPOINT_PREFIX, CHECKPOINTS, MANIFEST, MODEL, TOKENIZER, is_url
 from tunery.data.sources import sha256_file
 from tunery.errors import TuneryError
 from tunery.settings import Settings, get_settings
 
 RUN_MARKERS = (MANIFEST, ADAPTER, MODEL)
+_CHECKPOINT = re.compile(rf"^(.+)/{CHECKPOINTS}/({CHECKPOINT_PREFIX}\d+)$")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,19 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
     raw = str(weights)
     if not raw.strip():
         raise TuneryError("weights: empty path (leave weights unset to use the base model alone)")
+    checkpoint = _CHECKPOINT.match(raw.rstrip("/"))
+    if checkpoint is not None and is_url(raw):
+        run = (settings or get_settings()).run(checkpoint.group(1))
+        name = f"{CHECKPOINTS}/{checkpoint.group(2)}"
+        try:
+            folder = run.pull(name)
+            run.pull(MANIFEST)
+            if run.exists(TOKENIZER):
+                run.pull(TOKENIZER)
+        except (OSError, ValueError, TuneryError) as e:
+            raise TuneryError(f"weights {raw!r}: cannot read the checkpoint from storage ({e}); the training "
+                              "keeps only its newest checkpoints") from e
+        return _from_checkpoint(folder, raw)
     if is_url(raw):
         run = (settings or get_settings()).run(raw)
         try:
@@ -83,6 +100,8 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
         root = _run_root(_extract_archive(path, settings or get_settings()))
         return _from_run_dir(root, raw, where=f"weights archive {raw!r}", at=" at its root")
     path = path.resolve()
+    if path.parent.name == CHECKPOINTS and (path.parent.parent / MANIFEST).is_file():
+        return _from_checkpoint(path, raw)
     # A run's adapter/ or model/ passed directly: use the run, whose manifest names the base
     # as the user gave it and whose tokenizer/ is the one training used.
     if path.name in (ADAPTER, MODEL) and (path.parent / MANIFEST).is_file():
@@ -128,6 +147,22 @@ def _from_run_dir(run: Path, raw: str, *, where: str, at: str = "") -> Weights:
         "base_model_name_or_path"
     )
     return Weights("adapter", adapter, tokenizer, base, base_info.get("sha256"), raw)
+
+
+def _from_checkpoint(folder: Path, raw: str) -> Weights:
+    """Weights of one checkpoint of a run (`<run>/checkpoints/checkpoint-<step>`): the adapter or
+    model the Trainer saved there, the run's tokenizer and the base its manifest names."""
+    run = folder.parent.parent
+    manifest = _read_json(run / MANIFEST, raw)
+    base_entry = manifest.get("base")
+    base_info = base_entry if isinstance(base_entry, dict) else {}
+    tokenizer = run / TOKENIZER if (run / TOKENIZER).is_dir() else _tokenizer_in(folder)
+    if (folder / "adapter_config.json").is_file():
+        base = base_info.get("name") or _read_json(folder / "adapter_config.json", raw).get("base_model_name_or_path")
+        return Weights("adapter", folder, tokenizer, base, base_info.get("sha256"), raw)
+    if (folder / "config.json").is_file():
+        return Weights("full", folder, tokenizer, base_info.get("name"), base_info.get("sha256"), raw)
+    raise TuneryError(f"weights {raw!r}: checkpoint {folder.name} holds no adapter or model{_listing(folder)}")
 
 
 def _run_root(folder: Path) -> Path:

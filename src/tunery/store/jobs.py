@@ -326,11 +326,13 @@ class JobsMixin:
             return row
 
     def succeed_training(self, training_id: str, worker_id: str, *, run_url: str, weights_url: str,
-                         metrics: dict[str, Any]) -> tuple[Training, Version] | None:
+                         metrics: dict[str, Any], checkpoint_urls: Sequence[str] = ()
+                         ) -> tuple[Training, Version] | None:
         """In one transaction: add a version (the weights of the run at `run_url`) to the destination model,
         set the output to {"weights": weights_url, "version": "owner/name:id"} and mark the training
-        succeeded. None, and nothing changed, when `worker_id` does not hold the lease; LookupError
-        when the destination model is gone."""
+        succeeded. Each of `checkpoint_urls` (a checkpoint of the run) becomes a version too, older
+        than the final one, listed in the output's "checkpoint_versions". None, and nothing changed,
+        when `worker_id` does not hold the lease; LookupError when the destination model is gone."""
         with self.session() as s:
             row = self._held(s, training_id, worker_id)
             if row is None:
@@ -341,11 +343,17 @@ class JobsMixin:
                 raise LookupError(f"destination model {row.destination} does not exist")
             trained = s.get(Version, row.version_id)
             base_name = trained.base_name if trained is not None else str(row.job.get("base", ""))
-            version = Version(model_id=dest.id, base_name=base_name, run_url=run_url, training_id=row.id)
-            s.add(version)
+            now = utcnow()
+            earlier = [Version(model_id=dest.id, base_name=base_name, run_url=url, training_id=row.id,
+                               created_at=now - timedelta(milliseconds=len(checkpoint_urls) - i))
+                       for i, url in enumerate(checkpoint_urls)]  # oldest first; the final one stays the latest
+            version = Version(model_id=dest.id, base_name=base_name, run_url=run_url, training_id=row.id, created_at=now)
+            s.add_all([*earlier, version])
             s.flush()
             row.run_url = run_url
             row.output = {"weights": weights_url, "version": f"{dest.owner}/{dest.name}:{version.id}"}
+            if earlier:
+                row.output["checkpoint_versions"] = [f"{dest.owner}/{dest.name}:{v.id}" for v in earlier]
             if metrics:
                 row.metrics = {**(row.metrics or {}), **metrics}
             self._end_training(s, row, "succeeded")

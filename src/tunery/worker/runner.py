@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunery.artifacts.run import TrainingJob
+from tunery.artifacts.run import CHECKPOINTS, TrainingJob
 from tunery.models.memory import Devices, available_memory, gib
 from tunery.settings import Settings
 from tunery.store.models import Training, hardware_matches, parse_labels, worker_labels
@@ -401,10 +401,15 @@ class Attempt:
             metrics: dict[str, Any] = {**progress.metrics(), **(progress.succeeded.get("metrics") or {})}
             if self.training.openai is not None:  # a fine-tuning job's results file, there when it succeeds
                 self._save_results(metrics)
+            checkpoints: list[str] = []
+            if (self.training.input or {}).get("keep_checkpoints_as_versions"):
+                checkpoints = [f"{self.artifacts.url}/{CHECKPOINTS}/{name}" for name in self.artifacts.checkpoint_names()
+                               if self.artifacts.checkpoint_complete(name)]
             try:
                 done = self.store.succeed_training(
                     self.id, worker.worker_id, run_url=self.artifacts.url,
-                    weights_url=f"{self.store.base_url}/v1/trainings/{self.id}/weights", metrics=metrics)
+                    weights_url=f"{self.store.base_url}/v1/trainings/{self.id}/weights", metrics=metrics,
+                    checkpoint_urls=checkpoints)
             except LookupError as exc:
                 self.store.finish_training(self.id, worker.worker_id, status="failed", error=str(exc))
                 return

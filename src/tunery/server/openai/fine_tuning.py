@@ -549,8 +549,8 @@ def list_events(job_id: str, owner: Owner, store: StoreDep, after: str | None = 
 
 def job_checkpoints(job: Training, settings) -> list[dict[str, Any]]:
     """The job's checkpoints, oldest first: those its run holds (the Trainer keeps the newest few),
-    and for a succeeded job its final weights, each with the metrics of its step. Only the final
-    one is served (as the job's fine_tuned_model, or its ckpt-step name)."""
+    and for a succeeded job its final weights, each with the metrics of its step. Each is served
+    by its ckpt-step name (the final one also as the job's fine_tuned_model)."""
     history: dict[int, dict[str, Any]] = {}
     for h in (job.metrics or {}).get("history") or []:  # a step's training and validation records, merged
         if isinstance(h.get("step"), int):

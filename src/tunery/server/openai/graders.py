@@ -61,7 +61,7 @@ def validate(body: ValidateBody, owner: Owner, store: StoreDep, settings: Settin
 @router.post("/run")
 def run(body: RunBody, owner: Owner, store: StoreDep, settings: SettingsDep, runner: RunnerDep) -> dict[str, Any]:
     grader = _checked(store, settings, owner, body.grader)
-    judge = graders.served_judge(runner, settings, lambda name: resolve_model(store, owner, name), owner)
+    judge = graders.served_judge(runner, settings, lambda name: resolve_model(store, owner, name, settings), owner)
     try:
         out = graders.run(settings, grader, body.model_sample, body.item, judge=judge)
     except ServiceError as exc:

@@ -108,9 +108,9 @@ def list_models(owner: Owner, store: StoreDep) -> dict[str, Any]:
 
 
 @router.get("/models/{model_id:path}")
-def get_model(model_id: str, owner: Owner, store: StoreDep):
+def get_model(model_id: str, owner: Owner, store: StoreDep, settings: SettingsDep):
     try:
-        model, version = resolve_model(store, owner, model_id)
+        model, version = resolve_model(store, owner, model_id, settings)
     except OpenAIError as e:
         return e.response()
     return _model_json(model_id, model.owner, version.created_at)
@@ -148,7 +148,7 @@ def _finish_reason(stop_reason: str | None) -> str:
 def _generate(runner, store, settings, owner: str, body: _Sampling, prompt_for) -> tuple[Any, Any]:
     """(generation, slot): the request submitted to its base's engine, in a slot of the runner's
     capacity (the caller releases it when the answer is sent)."""
-    model, version = resolve_model(store, owner, body.model)
+    model, version = resolve_model(store, owner, body.model, settings)
     params = _params(body)
     try:
         [slot] = predictions.take_slots(runner, owner)

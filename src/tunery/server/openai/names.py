@@ -1,10 +1,12 @@
 """OpenAI's names for tunery's models: a fine-tuning job's model `ft:<base>:<owner>:<suffix>:<job>`
-(and its final checkpoint `...:ckpt-step-<N>`), and Replicate's names ("owner/name",
+(and each checkpoint its run keeps, `...:ckpt-step-<N>`), and Replicate's names ("owner/name",
 "owner/name:<version>") for every other model."""
 
 from __future__ import annotations
 
+from tunery.artifacts.run import CHECKPOINTS, checkpoint_name
 from tunery.server.openai.errors import OpenAIError
+from tunery.settings import Settings
 from tunery.store.models import Model, Training, Version
 from tunery.store.store import Store
 
@@ -18,10 +20,13 @@ def fine_tuned_name(job: Training) -> str | None:
     return (job.openai or {}).get("fine_tuned_model")
 
 
-def resolve_fine_tuned(store: Store, owner: str, model_id: str) -> tuple[Training, Model, Version]:
+def resolve_fine_tuned(store: Store, owner: str, model_id: str,
+                       settings: Settings | None = None) -> tuple[Training, Model, Version]:
     """(training, model row, version row) of a fine-tuned model: `ft:<base>:<owner>:<suffix>:<job>`
-    (the job's id is the training's), or its final checkpoint `...:ckpt-step-<N>`. OpenAIError 404
-    when there is no such model of the caller's (not succeeded, deleted, or another checkpoint)."""
+    (the job's id is the training's), or one of its checkpoints `...:ckpt-step-<N>`: the final
+    one is the job's version; an earlier one the run still keeps is served from the run's
+    checkpoint folder (a version row made for the request, not stored). OpenAIError 404 when
+    there is no such model of the caller's (not succeeded, deleted, or a checkpoint not kept)."""
     missing = OpenAIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
                           param="model", code="model_not_found")
     parts = model_id.split(":")
@@ -33,14 +38,19 @@ def resolve_fine_tuned(store: Store, owner: str, model_id: str) -> tuple[Trainin
     job = store.get_training(owner, parts[-1])
     if job is None or fine_tuned_name(job) != ":".join(parts) or job.status != "succeeded" or not job.output:
         raise missing
-    if step is not None and step != final_step(job):
-        raise OpenAIError(404, f"The model '{model_id}' is an intermediate checkpoint: tunery serves a job's "
-                          "final checkpoint (its fine_tuned_model) only", param="model", code="model_not_found")
     dest_owner, _, dest_name = job.destination.partition("/")
     model = store.get_model(owner, dest_owner, dest_name)
     version = store.get_version(model.id, str(job.output.get("version", "")).rpartition(":")[2]) if model else None
     if model is None or version is None:
         raise missing
+    if step is not None and step != final_step(job):
+        name = checkpoint_name(step)
+        if not job.run_url or (settings is not None and not settings.run(job.run_url).checkpoint_complete(name)):
+            raise OpenAIError(404, f"The model '{model_id}' does not exist: the job's run keeps only its newest "
+                              "checkpoints (GET /fine_tuning/jobs/{id}/checkpoints lists them)", param="model",
+                              code="model_not_found")
+        version = Version(id=version.id, model_id=model.id, base_name=version.base_name, training_id=job.id,
+                          run_url=f"{job.run_url}/{CHECKPOINTS}/{name}", created_at=version.created_at)
     return job, model, version
 
 
@@ -50,11 +60,11 @@ def final_step(job: Training) -> int | None:
     return max(steps) if steps else (job.metrics or {}).get("step")
 
 
-def resolve_model(store: Store, owner: str, model_id: str) -> tuple[Model, Version]:
+def resolve_model(store: Store, owner: str, model_id: str, settings: Settings | None = None) -> tuple[Model, Version]:
     """(model row, version row) of "owner/name" (its latest version) or "owner/name:version", or a
-    fine-tuned model's `ft:` name."""
+    fine-tuned model's `ft:` name (`settings` finds its checkpoints in storage)."""
     if model_id.startswith("ft:"):
-        _, model, version = resolve_fine_tuned(store, owner, model_id)
+        _, model, version = resolve_fine_tuned(store, owner, model_id, settings)
         return model, version
     name, _, version_id = model_id.partition(":")
     model_owner, slash, model_name = name.partition("/")

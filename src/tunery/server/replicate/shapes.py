@@ -13,6 +13,7 @@ import dataclasses
 from functools import lru_cache
 from typing import Any
 
+from tunery.artifacts.run import checkpoint_step
 from tunery.store.models import File, Model, Prediction, Training, Version, iso
 from tunery.version import __version__
 
@@ -137,13 +138,17 @@ def prediction_json(row: Prediction, base_url: str) -> dict[str, Any]:
 
 
 def version_json(row: Version) -> dict[str, Any]:
-    """Replicate's version object, with the OpenAPI schema `replicate.run` reads."""
-    return {
+    """Replicate's version object, with the OpenAPI schema `replicate.run` reads, and (tunery's) the
+    training that made it and, for a checkpoint kept as a version, its step."""
+    out: dict[str, Any] = {
         "id": row.id,
         "created_at": iso(row.created_at),
         "cog_version": COG_VERSION,
         "openapi_schema": openapi_schema(),
     }
+    if row.training_id:
+        out["training"] = {"id": row.training_id, "checkpoint_step": checkpoint_step(row.run_url)}
+    return out
 
 
 def model_json(row: Model, latest: Version | None, base_url: str) -> dict[str, Any]:
