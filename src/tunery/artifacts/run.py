@@ -299,8 +299,20 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
 
+    def delete(self) -> None:
+        """Remove the whole run: from storage, and its local folder or cached copy."""
+        if self.remote:
+            with _storage(self.url, "delete it"):
+                if self.fs.exists(self.root):
+                    self.fs.rm(self.root, recursive=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+
     def remove(self, name: str) -> None:
-        shutil.rmtree(self.work / name, ignore_errors=True)
+        """Remove the file or folder `name`, here and in storage."""
+        local = self.work / name
+        if local.is_file() or local.is_symlink():
+            local.unlink()
+        shutil.rmtree(local, ignore_errors=True)
         if self.remote and self.fs.exists(self._remote(name)):
             self.fs.rm(self._remote(name), recursive=True)
 

@@ -122,6 +122,7 @@ class EmbeddedEngine:
         self._base_batch: _Batch | None = None
         self._waiting: deque[Generation] = deque()
         self._served = Served()  # when each owner last had a request admitted (fair share)
+        self._unloads: set[str] = set()  # weights folders to unload once no row uses them
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -171,6 +172,35 @@ class EmbeddedEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
 
+    def unload(self, weights: Weights) -> None:
+        """Unload `weights` (an adapter or a full model) once no running request uses them (their
+        version was deleted); the scheduler does it between two steps."""
+        with self._cond:
+            if self._thread is None:
+                return  # nothing was ever loaded
+            self._unloads.add(str(weights.path))
+            self._cond.notify_all()
+
+    def _apply_unloads(self) -> None:
+        with self._cond:
+            pending = set(self._unloads)
+        done = set()
+        for key in pending:
+            entry = self._adapters.get(key)
+            if entry is not None:
+                if self._in_use(entry.name):
+                    continue
+                del self._adapters[key]
+                self._unload(entry.name)
+            full = self._full.get(key)
+            if full is not None:
+                if full[1].rows:
+                    continue
+                del self._full[key]
+            done.add(key)
+        with self._cond:
+            self._unloads -= done
+
     @property
     def loaded_adapters(self) -> list[str]:
         """Adapter directories currently loaded, least recently used first."""
@@ -188,7 +218,7 @@ class EmbeddedEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and self._running() == 0:
+                while not self._closed and not self._waiting and self._running() == 0 and not self._unloads:
                     self._cond.wait()
                 if self._closed:
                     break
@@ -207,6 +237,8 @@ class EmbeddedEngine:
             if admitted:
                 self._admit_all(admitted)
             self._step()
+            if self._unloads:
+                self._apply_unloads()
         for batch in self._batches():
             for row in batch.rows:
                 row.gen.cancel()

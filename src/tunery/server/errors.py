@@ -90,7 +90,7 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 #: The HTTP status of each kind of service error, in a problem.
 STATUS: list[tuple[type[service.ServiceError], int]] = [
-    (service.NotFound, 404), (service.Conflict, 409), (service.Busy, 429), (service.TooLarge, 413),
+    (service.NotFound, 404), (service.Forbidden, 403), (service.Conflict, 409), (service.Busy, 429), (service.TooLarge, 413),
     (service.Invalid, 422), (service.ServiceError, 422),
 ]
 

@@ -55,6 +55,12 @@ class Unavailable(Invalid):
     title = "Base model unavailable"
 
 
+class Forbidden(ServiceError):
+    """The caller may see the object but not do this to it (delete a base model, say)."""
+
+    title = "Forbidden"
+
+
 class Conflict(ServiceError):
     """The object's state does not allow this (export an unfinished training, a taken name, ...)."""
 

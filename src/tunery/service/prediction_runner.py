@@ -297,6 +297,19 @@ class PredictionRunner:
         loaded elsewhere, or a scripted one in tests."""
         self._engines[base] = engine
 
+    def forget_weights(self, weights: Any) -> None:
+        """Unload trained weights (an infer.weights.Weights) from every engine that holds them, once
+        no running request uses them: their version was deleted."""
+        with self._lock:
+            engines = list(self._engines.values())
+        for engine in engines:
+            unload = getattr(engine, "unload", None)
+            if unload is not None:
+                try:
+                    unload(weights)
+                except Exception:  # an engine that can not unload keeps them until it evicts them
+                    log.exception("unloading %s failed", weights.source)
+
     def channel(self, prediction_id: str) -> Channel | None:
         """The live channel of a prediction submitted since this server started; None otherwise."""
         with self._lock:

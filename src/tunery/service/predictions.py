@@ -147,6 +147,12 @@ def tokenizer_for(settings: Settings, version: Version) -> Any:
     return found
 
 
+def forget_tokenizer(version: Version) -> None:
+    """Drop the tokenizer kept for a version (it was deleted)."""
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS.pop(version.run_url or f"base:{version.base_name}", None)
+
+
 def _load_tokenizer(settings: Settings, version: Version) -> Any:
     from tunery.infer.embedded import load_tokenizer_dir
     from tunery.infer.weights import resolve_weights

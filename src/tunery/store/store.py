@@ -26,12 +26,14 @@ from tunery.store.models import (
     DEFAULT_OWNER,
     LIMITS,
     SCOPES,
+    TERMINAL,
     ApiToken,
     File,
     Limits,
     Model,
     Owner,
     OwnerLimits,
+    Prediction,
     Secret,
     Training,
     Version,
@@ -284,13 +286,45 @@ class Store(JobsMixin):
             raise Conflict(f"model {owner}/{name} already exists") from exc
         return model
 
-    def delete_model(self, owner: str, name: str) -> bool:
-        """Delete the caller's own model `owner/name` and its versions (the runs they point at stay in
-        the storage, their trainings keep them); False when there is no such model of `owner`'s."""
+    def all_versions(self, model_id: int) -> list[Version]:
+        """Every version of a model, oldest first."""
+        with self._reading() as s:
+            return list(s.scalars(select(Version).where(Version.model_id == model_id)
+                                  .order_by(Version.created_at, Version.id)))
+
+    def versions_of_runs(self, run_urls: Iterable[str]) -> list[Version]:
+        """The versions (of any model) whose weights are in one of these runs: the run itself or one
+        of its checkpoints."""
+        urls = [u.rstrip("/") for u in run_urls]
+        if not urls:
+            return []
+        with self._reading() as s:
+            return list(s.scalars(select(Version).where(or_(*(
+                or_(Version.run_url == u, Version.run_url.startswith(u + "/")) for u in urls)))))
+
+    def blocking_deletion(self, destination: str, version_ids: list[str], owner: str) -> tuple[list[Training], int]:
+        """What stops deleting these versions of the model `destination` ("owner/name"): the
+        trainings not yet ended that write to it or train from one of them, and how many
+        predictions other owners ran on them."""
+        with self._reading() as s:
+            writing = list(s.scalars(select(Training).where(
+                Training.status.not_in(TERMINAL),
+                or_(Training.destination == destination, Training.version_id.in_(version_ids or [""])))))
+            foreign = s.scalar(select(func.count()).select_from(Prediction).where(
+                Prediction.version_id.in_(version_ids or [""]), Prediction.owner != owner)) or 0
+        return writing, int(foreign)
+
+    def delete_versions(self, model_id: int, version_ids: list[str], *, drop_model: bool = False) -> None:
+        """Delete these versions of the model, with their predictions, and the model too when
+        `drop_model`; one transaction."""
         with self.session() as s:
-            model = s.scalar(select(Model).where(Model.owner == owner, Model.name == name,
-                                                 Model.is_base.is_(False)))
-            return self._drop_model(s, model)
+            if version_ids:
+                s.execute(delete(Prediction).where(Prediction.version_id.in_(version_ids)))
+                s.execute(delete(Version).where(Version.model_id == model_id, Version.id.in_(version_ids)))
+            if drop_model:
+                model = s.get(Model, model_id)
+                if model is not None:
+                    s.delete(model)
 
     @staticmethod
     def _drop_model(s, model: Model | None) -> bool:

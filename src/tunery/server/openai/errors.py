@@ -27,7 +27,7 @@ class OpenAIError(Exception):
 
 #: The HTTP status of each kind of service error, as OpenAI answers it.
 STATUS: list[tuple[type[service.ServiceError], int]] = [
-    (service.NotFound, 404), (service.Busy, 429), (service.TooLarge, 413), (service.ServiceError, 400),
+    (service.NotFound, 404), (service.Forbidden, 403), (service.Busy, 429), (service.TooLarge, 413), (service.ServiceError, 400),
 ]
 
 

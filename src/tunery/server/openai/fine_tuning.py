@@ -24,11 +24,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunery.server.deps import Owner, SettingsDep, StoreDep
+from tunery.server.deps import Owner, RunnerDep, SettingsDep, StoreDep
 from tunery.server.openai.errors import OpenAIError, from_service
 from tunery.server.openai.files import FILE, file_row, ts
 from tunery.server.openai.names import FT_MODEL_PREFIX, final_step, fine_tuned_name, resolve_fine_tuned
-from tunery.service import graders, trainings
+from tunery.service import graders, models, trainings
 from tunery.service.errors import InvalidData, ServiceError, Unavailable
 from tunery.service.files import RESULTS
 from tunery.service.trainings import reward_columns
@@ -598,9 +598,11 @@ def list_checkpoints(job_id: str, owner: Owner, store: StoreDep, settings: Setti
 # -- models ----------------------------------------------------------------------------------------------
 
 @router.delete("/models/{model_id:path}")
-def delete_model(model_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
-    """Delete a fine-tuned model (`ft:...`): its job stays, its weights stay in the job's run, and
-    the name is no longer served or listed. Base models can not be deleted (403)."""
+def delete_model(model_id: str, owner: Owner, store: StoreDep, settings: SettingsDep,
+                 runner: RunnerDep) -> dict[str, Any]:
+    """Delete a fine-tuned model (`ft:...`) as Replicate's DELETE does (service.models): its weights
+    and checkpoints go, the name is no longer served or listed, the job stays. Base models can not
+    be deleted (403)."""
     if not model_id.startswith("ft:"):
         model_owner, slash, name = model_id.partition("/")
         if slash and model_owner == BASE_OWNER:
@@ -609,6 +611,9 @@ def delete_model(model_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]
         raise OpenAIError(400, f"'{model_id}' is not a fine-tuned model: only ft: models can be deleted here",
                           param="model", code="model_not_deletable")
     job, model, _ = resolve_fine_tuned(store, owner, model_id)
-    store.delete_model(owner, model.name)
+    try:
+        models.delete_model(store, settings, runner, owner, model)
+    except ServiceError as exc:
+        raise from_service(exc, param="model") from None
     store.set_training_openai(job.id, {"deleted": True})
     return {"id": model_id, "object": "model", "deleted": True}

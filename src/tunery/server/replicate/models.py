@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
-from tunery.server.deps import BaseUrl, Owner, PagingDep, PathModel, PathVersion, StoreDep
+from tunery.server.deps import (
+    BaseUrl,
+    Owner,
+    PagingDep,
+    PathModel,
+    PathVersion,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+)
 from tunery.server.errors import ApiError, invalid
 from tunery.server.replicate.schemas import ModelCreate
 from tunery.server.replicate.shapes import model_json, version_json
+from tunery.service import models
 from tunery.store.store import Conflict
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -54,3 +64,22 @@ def list_versions(model: PathModel, store: StoreDep, paging: PagingDep) -> dict[
 @router.get("/{model_owner}/{model_name}/versions/{version_id}")
 def get_version(version: PathVersion) -> dict[str, Any]:
     return version_json(version)
+
+
+@router.delete("/{model_owner}/{model_name}", status_code=204)
+def delete_model(model: PathModel, owner: Owner, store: StoreDep, settings: SettingsDep,
+                 runner: RunnerDep) -> Response:
+    """Delete one of your models, with its versions, their predictions and their weights (in
+    storage and on the serving engines). Unlike Replicate, which asks for the versions to be
+    deleted first, the versions go with it; refused (409) while a training writes to it."""
+    models.delete_model(store, settings, runner, owner, model)
+    return Response(status_code=204)
+
+
+@router.delete("/{model_owner}/{model_name}/versions/{version_id}", status_code=202)
+def delete_version(model: PathModel, version: PathVersion, owner: Owner, store: StoreDep, settings: SettingsDep,
+                   runner: RunnerDep) -> Response:
+    """Delete a version of one of your models, with its predictions and its weights; refused (409)
+    while a training writes to the model or trains from the version, or when other owners ran it."""
+    models.delete_version(store, settings, runner, owner, model, version)
+    return Response(status_code=202)
