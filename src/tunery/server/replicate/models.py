@@ -76,10 +76,11 @@ def delete_model(model: PathModel, owner: Owner, store: StoreDep, settings: Sett
     return Response(status_code=204)
 
 
-@router.delete("/{model_owner}/{model_name}/versions/{version_id}", status_code=202)
+@router.delete("/{model_owner}/{model_name}/versions/{version_id}", status_code=204)
 def delete_version(model: PathModel, version: PathVersion, owner: Owner, store: StoreDep, settings: SettingsDep,
                    runner: RunnerDep) -> Response:
     """Delete a version of one of your models, with its predictions and its weights; refused (409)
-    while a training writes to the model or trains from the version, or when other owners ran it."""
+    while a training writes to the model or trains from the version, or when other owners ran it.
+    204, which the official client reads as done (Replicate's schema says 202)."""
     models.delete_version(store, settings, runner, owner, model, version)
-    return Response(status_code=202)
+    return Response(status_code=204)
