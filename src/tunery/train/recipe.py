@@ -28,6 +28,7 @@ from tunery.train.events import EventSink
 
 #: The held-out evaluation after a service training takes at most this share of the training's time.
 EVAL_SHARE = 0.10
+EVAL_MARGIN = 0.5
 
 
 @dataclass
@@ -688,7 +689,9 @@ def _evaluate_after_training(model, tokenizer, test_ds, inputs: TrainingInputs, 
                   f"against a budget of {budget:.0f} s, {EVAL_SHARE:.0%} of the training's time)")
         report = run(rows[:batch])
         spent = time.perf_counter() - started
-        affordable = int((budget - spent) / (spent / batch))
+        # Half of what the first batch's pace says fits: measured, a longer run of rows cost up to
+        # 1.9× the first batch's pace a row (the longest answer sets a batch's decoding length).
+        affordable = int(EVAL_MARGIN * (budget - spent) / (spent / batch))
         if affordable > batch:
             report = run(rows[:min(len(rows), affordable)])
         if report["rows"] < len(rows):
