@@ -22,11 +22,14 @@ from tunery.store.store import base_version_id
 from tunery.worker.runner import Worker
 
 
-def test_deleting_versions_then_the_model_removes_their_weights_everywhere(store, settings, data_file,  # noqa: F811
-                                                                            tiny_model_dir):
+def test_checkpoint_versions_serve_then_deleting_removes_their_weights_everywhere(
+        store, settings, data_file, tiny_model_dir):  # noqa: F811
     from tunery.infer.embedded import EmbeddedEngine
     from tunery.infer.weights import resolve_weights
+    from tunery.server.replicate.shapes import version_json
 
+    # keep_checkpoints_as_versions: each checkpoint the run keeps becomes a version, older than the
+    # final one, which stays the latest; each resolves to its checkpoint with the run's tokenizer.
     training = queue(store, data_file, tiny_model_dir, max_steps=3, save_steps=1, save_total_limit=2,
                      keep_checkpoints_as_versions=True)
     assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
@@ -35,6 +38,13 @@ def test_deleting_versions_then_the_model_removes_their_weights_everywhere(store
     dest = store.get_model("alice", "alice", "dest")
     ckpt2, ckpt3, final = store.all_versions(dest.id)
     assert [checkpoint_step(v.run_url) for v in (ckpt2, ckpt3, final)] == [2, 3, None]
+    assert store.latest_version(dest.id).id == final.id and done.output["version"].endswith(final.id)
+    assert done.output["checkpoint_versions"] == [f"alice/dest:{v.id}" for v in (ckpt2, ckpt3)]
+    assert version_json(ckpt2)["training"] == {"id": training.id, "checkpoint_step": 2}
+    assert version_json(final)["training"] == {"id": training.id, "checkpoint_step": None}
+    weights = resolve_weights(ckpt2.run_url, settings)
+    assert weights.kind == "adapter" and weights.path.name == "checkpoint-2"
+    assert weights.tokenizer is not None and weights.tokenizer.name == "tokenizer" and weights.base_sha256
     run = settings.run(final.run_url)
     engine = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32")
     runner = PredictionRunner(store, settings=settings)
@@ -43,8 +53,10 @@ def test_deleting_versions_then_the_model_removes_their_weights_everywhere(store
         from tunery.infer.generation import Request, SamplingParams
 
         for v in (ckpt2, final):
-            engine.submit(Request("hi", SamplingParams(max_new_tokens=2), resolve_weights(v.run_url, settings))).text()
-        assert {Path(k).name for k in engine.loaded_adapters} == {"checkpoint-2", "adapter"}
+            gen = engine.submit(Request("hi", SamplingParams(max_new_tokens=2), resolve_weights(v.run_url, settings)))
+            gen.text()
+            assert gen.stop_reason in ("eos", "max_new_tokens") and gen.output_tokens >= 1
+        assert {Path(k).name for k in engine.loaded_adapters} == {"checkpoint-2", "adapter"}  # each its own
 
         # A queued training into the model blocks deleting it, and its versions.
         blocker = queue(store, data_file, tiny_model_dir)

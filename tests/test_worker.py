@@ -8,7 +8,6 @@ import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -203,60 +202,21 @@ def test_a_training_without_validation_data_is_evaluated_on_its_held_out_tail(st
     """Every service training is evaluated, base against tuned: without validation_data, on the
     last num_validation_samples rows of train_data (never trained on); with none held out, a log
     line says why there is no evaluation."""
+    from tunery.train.events import EventSink
+    from tunery.train.recipe import PreparedData, _held_out_set
+
     train_file = write_jsonl(tmp_path / "t.jsonl", qa_rows)
     held = queue(store, train_file, tiny_model_dir, max_steps=2)  # num_validation_samples 4
-    none = queue(store, train_file, tiny_model_dir, max_steps=2, run_validation=False)
-    worker = Worker(store, settings, worker_id="w", poll_interval=0.1)
-    assert worker.run_once() and worker.run_once()
+    assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
     done = store.load_training(held.id)
     assert done.status == "succeeded", done.error
     assert set(done.metrics["eval"]) == {"base", "tuned"} and done.metrics["eval_seconds"] > 0
     assert f"evaluation on the last rows of {train_file.name}, held out (4 rows)" in done.logs
-    skipped = store.load_training(none.id)
-    assert skipped.status == "succeeded" and "eval" not in skipped.metrics
-    assert "no rows were held out for validation" in skipped.logs
-
-
-def test_checkpoints_kept_as_versions_are_servable_and_the_final_weights_stay_latest(store, settings, data_file,
-                                                                                     tiny_model_dir):
-    """keep_checkpoints_as_versions: each checkpoint the run keeps becomes a version of the
-    destination, older than the final one; each resolves to its checkpoint's adapter with the
-    run's tokenizer and base, and generates on the engine."""
-    from tunery.artifacts.run import checkpoint_step
-    from tunery.infer.embedded import EmbeddedEngine
-    from tunery.infer.generation import Request, SamplingParams
-    from tunery.infer.weights import resolve_weights
-    from tunery.server.replicate.shapes import version_json
-    from tunery.store.models import Model, Version
-
-    training = queue(store, data_file, tiny_model_dir, max_steps=3, save_steps=1, save_total_limit=2,
-                     keep_checkpoints_as_versions=True, learning_rate=1e-2)
-    assert Worker(store, settings, worker_id="w", poll_interval=0.1).run_once()
-    done = store.load_training(training.id)
-    assert done.status == "succeeded", done.error
-    with store.session() as s:
-        dest = s.query(Model).filter_by(owner="alice", name="dest").one()
-        versions = s.query(Version).filter_by(model_id=dest.id).order_by(Version.created_at).all()
-    assert [checkpoint_step(v.run_url) for v in versions] == [2, 3, None]  # the two kept, then the final
-    assert store.latest_version(dest.id).id == versions[-1].id
-    assert done.output["version"].endswith(versions[-1].id)
-    assert done.output["checkpoint_versions"] == [f"alice/dest:{v.id}" for v in versions[:2]]
-    assert version_json(versions[0])["training"] == {"id": training.id, "checkpoint_step": 2}
-    assert version_json(versions[-1])["training"] == {"id": training.id, "checkpoint_step": None}
-    weights = resolve_weights(versions[0].run_url, settings)
-    assert weights.kind == "adapter" and weights.path.name == "checkpoint-2"
-    assert weights.tokenizer is not None and weights.tokenizer.name == "tokenizer" and weights.base_sha256
-    engine = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32")
-    try:
-        for v in versions:
-            gen = engine.submit(Request("Item: the red cat.\nAnimal:", SamplingParams(max_new_tokens=4, temperature=0),
-                                        resolve_weights(v.run_url, settings)))
-            gen.text()
-            assert gen.stop_reason in ("eos", "max_new_tokens") and gen.output_tokens >= 1
-        loaded = {Path(name).name for name in engine.loaded_adapters}
-    finally:
-        engine.close()
-    assert {"checkpoint-2", "checkpoint-3", "adapter"} <= loaded  # each version ran on its own weights
+    said: list[str] = []
+    sink = EventSink()
+    sink.listen(lambda event: said.append(event.get("message", "")))
+    assert _held_out_set((None, None), PreparedData([], [], {}, {}, [], held_out=[]), sink) is None
+    assert said and "no rows were held out for validation" in said[0]
 
 
 def test_progress_keeps_data_stats_samples_and_step_times():
