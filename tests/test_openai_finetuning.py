@@ -287,16 +287,18 @@ def test_pause_then_resume_from_a_checkpoint_reaches_succeeded(server, client, c
     assert client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                           messages=[{"role": "user", "content": "hi"}]).choices
     # An earlier checkpoint the run keeps is a model of its own, served from that checkpoint's
-    # weights; one the run rotated out (step 1) is not found.
+    # weights; a step the run did not keep is not found.
+    kept_steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(done.id).data]
     earlier = [c for c in client.fine_tuning.jobs.checkpoints.list(done.id).data if c.step_number < 300]
-    assert earlier and all(1 < c.step_number < 300 for c in earlier)
+    assert earlier and 300 in kept_steps
+    gone = next(step for step in range(1, 300) if step not in kept_steps)
     hi = [{"role": "user", "content": "Item: the red cat."}]
     then = client.chat.completions.create(model=earlier[0].fine_tuned_model_checkpoint, max_tokens=4,
                                           temperature=0, messages=hi)
     assert then.model == earlier[0].fine_tuned_model_checkpoint and then.choices[0].message.role == "assistant"
     assert client.models.retrieve(earlier[0].fine_tuned_model_checkpoint).id == earlier[0].fine_tuned_model_checkpoint
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model=f"{done.fine_tuned_model}:ckpt-step-1", max_tokens=2, messages=hi)
+        client.chat.completions.create(model=f"{done.fine_tuned_model}:ckpt-step-{gone}", max_tokens=2, messages=hi)
 
 
 def test_cancel_and_list_filters(server, client, chat_file):
