@@ -190,8 +190,11 @@ class EmbeddedEngine:
             if entry is not None:
                 if self._in_use(entry.name):
                     continue
-                del self._adapters[key]
-                self._unload(entry.name)
+                # peft keeps pointing at its last adapter: the last one loaded stays (as LRU
+                # eviction keeps it) until another is loaded and evicts it.
+                if len(self._adapters) > 1:
+                    del self._adapters[key]
+                    self._unload(entry.name)
             full = self._full.get(key)
             if full is not None:
                 if full[1].rows:
