@@ -65,13 +65,25 @@ REPORT = (EVAL_JSON, EVAL_MD, LOSS_PLOT)
 WEIGHTS = (ADAPTER, MODEL)
 
 
-def checkpoint_step(url: str | None) -> int | None:
-    """The step of a checkpoint's URL (`<run>/checkpoints/checkpoint-<step>`); None for anything else."""
-    tail = (url or "").rstrip("/").rsplit("/", 2)
+def checkpoint_url(run_url: str, name: str) -> str:
+    """The URL (or path) of the checkpoint `name` of the run at `run_url`."""
+    return f"{run_url.rstrip('/')}/{CHECKPOINTS}/{name}"
+
+
+def split_checkpoint(url: str | Path | None) -> tuple[str, str, int] | None:
+    """(run URL, checkpoint name, step) of a checkpoint's URL or path (`<run>/checkpoints/
+    checkpoint-<step>`); None for anything else."""
+    tail = str(url or "").rstrip("/").rsplit("/", 2)
     if len(tail) == 3 and tail[1] == CHECKPOINTS and tail[2].startswith(CHECKPOINT_PREFIX) \
             and tail[2][len(CHECKPOINT_PREFIX):].isdigit():
-        return int(tail[2][len(CHECKPOINT_PREFIX):])
+        return tail[0], tail[2], int(tail[2][len(CHECKPOINT_PREFIX):])
     return None
+
+
+def checkpoint_step(url: str | None) -> int | None:
+    """The step of a checkpoint's URL; None for anything else."""
+    found = split_checkpoint(url)
+    return found[2] if found else None
 
 
 def checkpoint_name(step: int) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 import zipfile
@@ -30,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from tunery.artifacts.run import ADAPTER, CHECKPOINT_PREFIX, CHECKPOINTS, MANIFEST, MODEL, TOKENIZER, is_url
+from tunery.artifacts.run import ADAPTER, CHECKPOINTS, MANIFEST, MODEL, TOKENIZER, is_url, split_checkpoint
 from tunery.data.sources import sha256_file
 from tunery.errors import TuneryError
 from tunery.settings import Settings, get_settings
 
 RUN_MARKERS = (MANIFEST, ADAPTER, MODEL)
-_CHECKPOINT = re.compile(rf"^(.+)/{CHECKPOINTS}/({CHECKPOINT_PREFIX}\d+)$")
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,10 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
     raw = str(weights)
     if not raw.strip():
         raise TuneryError("weights: empty path (leave weights unset to use the base model alone)")
-    checkpoint = _CHECKPOINT.match(raw.rstrip("/"))
+    checkpoint = split_checkpoint(raw)
     if checkpoint is not None and is_url(raw):
-        run = (settings or get_settings()).run(checkpoint.group(1))
-        name = f"{CHECKPOINTS}/{checkpoint.group(2)}"
+        run = (settings or get_settings()).run(checkpoint[0])
+        name = f"{CHECKPOINTS}/{checkpoint[1]}"
         try:
             folder = run.pull(name)
             run.pull(MANIFEST)
@@ -100,7 +98,7 @@ def resolve_weights(weights: str | Path, settings: Settings | None = None) -> We
         root = _run_root(_extract_archive(path, settings or get_settings()))
         return _from_run_dir(root, raw, where=f"weights archive {raw!r}", at=" at its root")
     path = path.resolve()
-    if path.parent.name == CHECKPOINTS and (path.parent.parent / MANIFEST).is_file():
+    if split_checkpoint(path) is not None and (path.parent.parent / MANIFEST).is_file():
         return _from_checkpoint(path, raw)
     # A run's adapter/ or model/ passed directly: use the run, whose manifest names the base
     # as the user gave it and whose tokenizer/ is the one training used.

@@ -123,26 +123,21 @@ class RequestRate:
 
 
 def parse_changes(given: dict[str, str | int | None]) -> dict[str, int | None]:
-    """The limits to change from what a user typed: a whole number >= 0 (0: no limit) sets one,
-    `default` unsets it (it falls through to everyone's, then the built-in value); None: untouched.
-    Invalid naming the field otherwise."""
+    """The limits to change from what a user typed: a number (text or not) sets one, `default`
+    unsets it (it falls through to everyone's, then the built-in value); None: untouched. Invalid
+    naming the field for text that is neither; the store checks the names and the range."""
     changes: dict[str, int | None] = {}
     for name, value in given.items():
-        if name not in LIMITS:
-            raise Invalid(f"{name}: not a limit; the limits are {', '.join(LIMITS)}", field=name)
         if value is None:
             continue
-        if isinstance(value, str) and value.strip().lower() == "default":
-            changes[name] = None
-            continue
-        number = -1
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, str) and value.strip().isdigit():
-            number = int(value)
-        if number < 0:
-            raise Invalid(f"{name}: {value!r} is not a whole number >= 0 (0: no limit) or 'default'", field=name)
-        changes[name] = number
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text != "default" and not text.isdigit():
+                raise Invalid(f"{name}: {value!r} is not a whole number >= 0 (0: no limit) or 'default'",
+                              field=name)
+            changes[name] = None if text == "default" else int(text)
+        else:
+            changes[name] = value
     return changes
 
 
@@ -153,7 +148,10 @@ def set_limits(store: Store, owner: str, given: dict[str, Any]) -> dict[str, Any
     changes = parse_changes(given)
     if not changes:
         raise Invalid(f"nothing to change: give at least one of {', '.join(LIMITS)}", field="limits")
-    store.set_limits(owner, changes)
+    try:
+        store.set_limits(owner, changes)
+    except ValueError as exc:  # not a limit, or not a whole number >= 0
+        raise Invalid(str(exc), field=str(exc).partition(":")[0]) from None
     return record(store, owner)
 
 

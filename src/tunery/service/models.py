@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from tunery.artifacts.run import ADAPTER, ARCHIVE, MODEL, checkpoint_step
+from tunery.artifacts.run import ADAPTER, ARCHIVE, CHECKPOINTS, MODEL, is_url, split_checkpoint
 from tunery.service import predictions
 from tunery.service.errors import Conflict, Forbidden
 from tunery.settings import Settings
@@ -65,8 +65,12 @@ def _delete(store: Store, settings: Settings, runner: PredictionRunner | None, o
 
 
 def _local_weights(settings: Settings, version: Version):
-    """The version's weights as the engines hold them (None when there are none, or they are gone)."""
+    """The version's weights as the engines hold them (None when there are none, or they are gone).
+    A run in storage that this server never fetched is on none of its engines: not fetched now."""
     if not version.run_url:
+        return None
+    checkpoint = split_checkpoint(version.run_url)
+    if is_url(version.run_url) and not settings.run(checkpoint[0] if checkpoint else version.run_url).work.exists():
         return None
     from tunery.errors import TuneryError
     from tunery.infer.weights import resolve_weights
@@ -80,18 +84,18 @@ def _local_weights(settings: Settings, version: Version):
 def _delete_weights(store: Store, settings: Settings, url: str) -> None:
     """Remove what only this version used: a checkpoint folder, or the run (its final weights only,
     while checkpoint versions of it remain)."""
-    step = checkpoint_step(url)
-    root = url.rsplit("/", 2)[0] if step is not None else url
+    checkpoint = split_checkpoint(url)
+    root = checkpoint[0] if checkpoint else url
     run = settings.run(root)
     try:
-        if step is not None:
-            run.remove(url[len(root) + 1:])
-        elif any(v.run_url for v in store.versions_of_runs([root])):
+        if checkpoint is not None:
+            run.remove(f"{CHECKPOINTS}/{checkpoint[1]}")
+        elif store.versions_in_run(root):
             for name in (ADAPTER, MODEL, ARCHIVE):
                 run.remove(name)
         else:
             run.delete()
-        if step is not None and not store.versions_of_runs([root]) and not run.exists(ADAPTER) \
+        if checkpoint is not None and not store.versions_in_run(root) and not run.exists(ADAPTER) \
                 and not run.exists(MODEL):
             run.delete()  # its last checkpoint version went, and its final weights went before
     except Exception as exc:  # the rows are gone already; say what is left behind

@@ -39,6 +39,11 @@ MAX_TRAINING_ATTEMPTS = 5
 CLAIM_WINDOW = 64
 
 
+def _running(now: datetime):
+    """A training a live worker holds (processing, its lease not yet expired)."""
+    return and_(Training.status == "processing", Training.lease_expires_at >= now)
+
+
 class JobsMixin:
     """Trainings and predictions; mixed into Store, whose sessions and base_url it uses."""
 
@@ -190,8 +195,8 @@ class JobsMixin:
         with self.session() as s:
             # Each owner's running trainings, against their `trainings` limit (fair share: an
             # owner at the limit waits, and the next owner's training goes first).
-            running = dict(s.execute(select(Training.owner, func.count()).where(
-                Training.status == "processing", Training.lease_expires_at >= now).group_by(Training.owner)).all())
+            running = dict(s.execute(select(Training.owner, func.count()).where(_running(now))
+                                     .group_by(Training.owner)).all())
             limit_rows = {row.owner: row for row in s.scalars(select(OwnerLimits))}
             everyone = limit_rows.get(DEFAULT_OWNER)
 
@@ -203,7 +208,7 @@ class JobsMixin:
                 # claiming at once on PostgreSQL can not both take the owner's last place.
                 s.get(Owner, owner, with_for_update=True)
                 running[owner] = s.scalar(select(func.count()).select_from(Training).where(
-                    Training.owner == owner, Training.status == "processing", Training.lease_expires_at >= now)) or 0
+                    Training.owner == owner, _running(now))) or 0
                 return running[owner] >= limit
 
             while True:
@@ -234,6 +239,16 @@ class JobsMixin:
                     settled = True
                 if not settled:  # nothing left, or all of it for other workers
                     return None
+
+    def training_counts(self, owner: str) -> dict[str, int]:
+        """{"running": n, "queued": m}: `owner`'s trainings held by a live worker, and waiting for one."""
+        now = utcnow()
+        with self._reading() as s:
+            running = s.scalar(select(func.count()).select_from(Training).where(Training.owner == owner,
+                                                                                _running(now)))
+            queued = s.scalar(select(func.count()).select_from(Training).where(
+                Training.owner == owner, Training.status == "starting"))
+        return {"running": int(running or 0), "queued": int(queued or 0)}
 
     def _held(self, s: Session, training_id: str, worker_id: str) -> Training | None:
         """The training, locked, if `worker_id` holds its lease and it is still running."""

@@ -192,16 +192,6 @@ class Store(JobsMixin):
                 s.delete(row)
         return self.limits(owner)
 
-    def training_counts(self, owner: str) -> dict[str, int]:
-        """{"running": n, "queued": m}: `owner`'s trainings held by a live worker, and waiting for one."""
-        now = utcnow()
-        with self._reading() as s:
-            running = s.scalar(select(func.count()).select_from(Training).where(
-                Training.owner == owner, Training.status == "processing", Training.lease_expires_at >= now))
-            queued = s.scalar(select(func.count()).select_from(Training).where(
-                Training.owner == owner, Training.status == "starting"))
-        return {"running": int(running or 0), "queued": int(queued or 0)}
-
     # -- models and versions -----------------------------------------------------------------
 
     def ensure_base_models(self, entries: list[tuple[str, str | None, str]]) -> None:
@@ -292,15 +282,13 @@ class Store(JobsMixin):
             return list(s.scalars(select(Version).where(Version.model_id == model_id)
                                   .order_by(Version.created_at, Version.id)))
 
-    def versions_of_runs(self, run_urls: Iterable[str]) -> list[Version]:
-        """The versions (of any model) whose weights are in one of these runs: the run itself or one
-        of its checkpoints."""
-        urls = [u.rstrip("/") for u in run_urls]
-        if not urls:
-            return []
+    def versions_in_run(self, run_url: str) -> list[Version]:
+        """The versions (of any model) whose weights are in this run: the run itself or one of its
+        checkpoints."""
+        url = run_url.rstrip("/")
         with self._reading() as s:
-            return list(s.scalars(select(Version).where(or_(*(
-                or_(Version.run_url == u, Version.run_url.startswith(u + "/")) for u in urls)))))
+            return list(s.scalars(select(Version).where(
+                or_(Version.run_url == url, Version.run_url.startswith(url + "/")))))
 
     def blocking_deletion(self, destination: str, version_ids: list[str], owner: str) -> tuple[list[Training], int]:
         """What stops deleting these versions of the model `destination` ("owner/name"): the

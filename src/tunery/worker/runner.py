@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunery.artifacts.run import CHECKPOINTS, TrainingJob
+from tunery.artifacts.run import TrainingJob, checkpoint_url
 from tunery.models.memory import Devices, available_memory, gib
 from tunery.settings import Settings
 from tunery.store.models import Training, hardware_matches, parse_labels, worker_labels
@@ -403,7 +403,7 @@ class Attempt:
                 self._save_results(metrics)
             checkpoints: list[str] = []
             if (self.training.input or {}).get("keep_checkpoints_as_versions"):
-                checkpoints = [f"{self.artifacts.url}/{CHECKPOINTS}/{name}" for name in self.artifacts.checkpoint_names()
+                checkpoints = [checkpoint_url(self.artifacts.url, name) for name in self.artifacts.checkpoint_names()
                                if self.artifacts.checkpoint_complete(name)]
             try:
                 done = self.store.succeed_training(

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from tunery.artifacts.run import CHECKPOINTS, checkpoint_name
+from tunery.artifacts.run import checkpoint_name, checkpoint_url
 from tunery.server.openai.errors import OpenAIError
 from tunery.settings import Settings
 from tunery.store.models import Model, Training, Version
@@ -50,7 +50,7 @@ def resolve_fine_tuned(store: Store, owner: str, model_id: str,
                               "checkpoints (GET /fine_tuning/jobs/{id}/checkpoints lists them)", param="model",
                               code="model_not_found")
         version = Version(id=version.id, model_id=model.id, base_name=version.base_name, training_id=job.id,
-                          run_url=f"{job.run_url}/{CHECKPOINTS}/{name}", created_at=version.created_at)
+                          run_url=checkpoint_url(job.run_url, name), created_at=version.created_at)
     return job, model, version
 
 
