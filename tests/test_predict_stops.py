@@ -17,9 +17,14 @@ def run_cutter(stops, pieces):
     return outs, cutter.flush(), cutter
 
 
-def expected_cut(text: str, stops) -> str:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else text
+def expected_cut(text: str, stops, bounds=None) -> str:
+    """The text before the earliest stop in the shortest streamed prefix (ending at one of
+    `bounds`, default: the whole text) that holds a complete stop: generation ends there."""
+    for end in bounds or [len(text)]:
+        hits = [text.find(s, 0, end) for s in stops if s and s in text[:end]]
+        if hits:
+            return text[: min(hits)]
+    return text
 
 
 def test_stop_split_across_pieces_is_held_then_cut():
@@ -63,6 +68,15 @@ def test_overlapping_stops_cut_at_the_earliest_start():
     assert "".join(outs) + tail == "x"
 
 
+def test_a_stop_that_completes_first_ends_the_text_though_a_longer_one_started_earlier():
+    # Generation ends when "<" appears; "><<" would have started earlier but never completes.
+    outs, tail, cutter = run_cutter(["<", "><<"], ["><", "<"])
+    assert "".join(outs) + tail == ">" and cutter.stop == "<"
+    # Given whole, both are complete at once and the earlier start wins.
+    outs, tail, cutter = run_cutter(["<", "><<"], ["><<"])
+    assert "".join(outs) + tail == "" and cutter.stop == "><<"
+
+
 def test_no_stops_pass_everything_through():
     outs, tail, _ = run_cutter([], ["a", "", "b"])
     assert outs == ["a", "", "b"] and tail == ""
@@ -78,7 +92,7 @@ def test_any_split_gives_the_text_before_the_first_stop(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     outs, tail, _ = run_cutter(stops, pieces)
-    want = expected_cut(text, stops)
+    want = expected_cut(text, stops, bounds[1:])
     assert "".join(outs) + tail == want
     # Every released prefix is a prefix of the final output: nothing is ever taken back, so a
     # client never sees a partial stop or anything after one.

@@ -40,8 +40,11 @@ class StopCutter:
 
     Promises, for any way the text is split into pieces:
 
-    - the concatenation of everything returned by `feed` and `flush` equals the full text up to,
-      not including, the earliest stop sequence (or the full text when none occurs);
+    - the concatenation of everything returned by `feed` and `flush` equals the text up to, not
+      including, the earliest-starting stop sequence in the first fed prefix that holds a
+      complete one (or the full text when none occurs). Generation ends as soon as a stop
+      appears, as OpenAI's and vLLM's do: a longer stop that started earlier but would complete
+      only in a later piece ("><<" against "<", fed "><" then "<") is never reached;
     - no returned piece ever contains a stop sequence, part of one that later completes, or
       anything after one: text that could be the start of a stop is held back until the next
       pieces show it is not one;
