@@ -2,6 +2,9 @@
 #   make demo   set up, then fine-tune the default base on the bundled sample and compare predictions
 #   make test   set up with test tools, then run the test suite
 PY := $(shell [ -n "$$VIRTUAL_ENV$$CONDA_PREFIX" ] && command -v python || echo .venv/bin/python)
+# Test files run in this many pytest-xdist workers (one file stays on one worker, so its
+# module-scoped servers and trained runs are built once); each computes on one thread.
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-dev demo test test-fast lint web
 
@@ -15,10 +18,10 @@ demo: setup
 	$(PY) -m tunery.cli demo
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup-dev
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup-dev
 	$(PY) -m ruff check src tests

@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process it
+# starts, computes on one thread: two workers each spinning two OpenMP threads on two cores run
+# slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Each test session gets its own data directory; converted base models are cached across
 # sessions (converting SmolLM2's GGUF takes ~30 s) in the repo's ignored .cache folder.
