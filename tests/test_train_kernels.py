@@ -26,6 +26,21 @@ def test_fast_dropout_drops_p_of_the_elements_and_keeps_the_expectation():
     assert abs(both - 0.05**2) < 4e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_mask_is_the_comparison_of_the_drawn_uniforms(dtype):
+    # The mask is built in float arithmetic; it must be exactly "uniform >= threshold" of the same draws.
+    drop = FastDropout(0.05).train()
+    x = torch.ones(96, 200, dtype=dtype)
+    torch.manual_seed(3)
+    mask = drop.mask(x)
+    torch.manual_seed(3)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    uniform = words.view(torch.int16)[: x.numel()].view(x.shape)
+    keep = uniform >= (round(0.05 * 65536) - 32768)
+    assert mask.dtype == dtype
+    assert torch.equal(mask, keep.to(dtype) * torch.tensor(65536 / (65536 - round(0.05 * 65536)), dtype=dtype))
+
+
 def test_fast_dropout_is_seeded_identity_in_eval_and_passes_gradients_through_the_mask():
     drop = FastDropout(0.3).train()
     torch.manual_seed(1)
