@@ -6,6 +6,8 @@ manifest can never drift apart: same names (with dashes), same defaults, same he
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
 import json
 import sys
@@ -24,6 +26,12 @@ from tunery.models.registry import DEFAULT_BASE
 # Deprecation chatter from the libraries is for their developers, not for our users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+# Registered first, so it runs last: the objects alive at exit move to the collector's permanent
+# generation, and the interpreter's final collection skips them. With torch, transformers and
+# peft loaded that final collection took 1.3 s of every command's 1.8 s exit; nothing it would
+# free matters once the process ends (open files are flushed and closed regardless).
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     name="tunery",
