@@ -73,8 +73,16 @@ def test_a_worker_passes_over_an_owner_at_their_running_limit(store):
     assert store.claim_training("w2", 60).id == b1.id
     assert store.claim_training("w3", 60) is None
     assert store.training_counts("alice") == {"running": 1, "queued": 1}
+    # The one held back says why, once, however often workers pass it over.
+    assert store.claim_training("w4", 60) is None
+    waiting = ("waiting: alice has 1 training running, the most at once for this owner (limit trainings=1); "
+               "this one starts when one of them ends\n")
+    assert store.get_training("alice", a2.id).logs == waiting
+    assert not store.get_training("bob", b1.id).logs
     store.finish_training(a1.id, "w1", status="failed", error="x")
     assert store.claim_training("w3", 60).id == a2.id
+    store.append_training_logs(a2.id, "w3", "step 1\n")
+    assert store.get_training("alice", a2.id).logs == waiting + "step 1\n"
 
 
 def test_two_workers_claiming_at_once_keep_the_running_limit(store, db_url):

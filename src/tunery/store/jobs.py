@@ -200,16 +200,17 @@ class JobsMixin:
             limit_rows = {row.owner: row for row in s.scalars(select(OwnerLimits))}
             everyone = limit_rows.get(DEFAULT_OWNER)
 
-            def at_limit(owner: str) -> bool:
+            def at_limit(owner: str) -> int:
+                """The owner's `trainings` limit when they are at it, else 0."""
                 limit = Limits.resolve(limit_rows.get(owner), everyone).trainings
                 if not limit or running.get(owner, 0) >= limit:
-                    return bool(limit)
+                    return limit
                 # Under the limit: count again holding the owner's row, so that two workers
                 # claiming at once on PostgreSQL can not both take the owner's last place.
                 s.get(Owner, owner, with_for_update=True)
                 running[owner] = s.scalar(select(func.count()).select_from(Training).where(
                     Training.owner == owner, _running(now))) or 0
-                return running[owner] >= limit
+                return limit if running[owner] >= limit else 0
 
             while True:
                 rows = s.scalars(select(Training).where(claimable).order_by(Training.created_at, Training.id)
@@ -224,7 +225,15 @@ class JobsMixin:
                     elif row.attempts >= MAX_TRAINING_ATTEMPTS:
                         lost = f"the worker running this training was lost {row.attempts} times"
                         self._end_training(s, row, "failed", error=lost)
-                    elif not at_limit(row.owner) and (skip is None or not skip(row)):
+                    elif limit := at_limit(row.owner):
+                        if row.started_at is None and not row.logs:  # say once why it waits
+                            n = running[row.owner]
+                            row.logs = (f"waiting: {row.owner} has {n} training{'s' * (n != 1)} running, "
+                                        f"the most at once for this owner (limit trainings={limit}); "
+                                        "this one starts when one of them ends\n")
+                            outbox.enqueue(s, row, "logs", self.base_url, self.webhook_body)
+                        continue
+                    elif skip is None or not skip(row):
                         first_start = row.started_at is None
                         row.status = "processing"
                         row.lease_owner = worker_id
