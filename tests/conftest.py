@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Each test session gets its own data directory; converted base models are cached across
-# sessions (converting SmolLM2's GGUF takes ~30 s) in the repo's ignored .cache folder.
+# sessions (converting SmolLM2's GGUF takes ~20 s) in the repo's ignored .cache folder.
 os.environ["TUNERY_HOME"] = tempfile.mkdtemp(prefix="tunery-test-home-")
 os.environ.setdefault("TUNERY_MODEL_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "models"))
 

@@ -259,3 +259,26 @@ def test_qlora_computes_in_the_models_dtype(tiny_model_dir, precision, compute):
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and {str(m.compute_dtype).removeprefix("torch.") for m in layers} == {compute}
     assert model.config.quantization_config.bnb_4bit_compute_dtype == getattr(torch, compute)
+
+
+def test_one_gguf_parse_reads_the_file_once_for_config_and_tokenizer(monkeypatch):
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    made = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            made.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    path = smollm2_gguf_path()
+    with resolve.one_gguf_parse():
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert made == [str(path)]
+    assert config.num_hidden_layers == 30 and len(tok) == 49152
+    assert gguf.GGUFReader is Counting  # the package's own names are back after the block
+    AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert len(made) == 2

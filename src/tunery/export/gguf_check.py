@@ -178,11 +178,11 @@ class _Transformers:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from tunery.models.resolve import quiet_transformers
+        from tunery.models.resolve import one_gguf_parse, quiet_transformers
 
         folder, name = str(path.parent), path.name
         try:
-            with quiet_transformers():
+            with quiet_transformers(), one_gguf_parse():
                 config = AutoConfig.from_pretrained(folder, gguf_file=name)
                 divisors = _apply_llama_cpp_keys(config, file)
                 self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config,

@@ -16,12 +16,16 @@ under the model cache, keyed by the file's path, size and modification time: a 7
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -346,7 +350,7 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.time()
-    with quiet_transformers():
+    with quiet_transformers(), one_gguf_parse():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -453,3 +457,39 @@ class quiet_transformers:
         hf_logging.set_verbosity(self._level)
         hf_logging.enable_progress_bar()
         return False
+
+
+_GGUF_PARSE = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Inside the block, transformers' GGUF loader parses each file once, not once per call.
+
+    Loading a config, a model and a tokenizer from a GGUF file calls transformers'
+    `load_gguf_checkpoint` three times, and each builds a new `gguf.GGUFReader` — a parse of
+    every metadata field, SmolLM2's 49k-token vocabulary included — and, per tensor, a new
+    `gguf.TensorNameMap` for the architecture. Here the package's `GGUFReader` and
+    `get_tensor_name_map` (which transformers imports from `gguf` at each call) answer from a
+    memo for the duration: the reader is read-only (its tensors are views of one memory map)
+    and the name map depends only on the architecture and the layer count. One block at a time
+    per process (the names are the package's globals).
+    """
+    import gguf
+
+    with _GGUF_PARSE:
+        reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
+
+        def reader(path, mode="r"):
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = reader_class(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader = reader
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
