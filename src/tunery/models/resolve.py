@@ -477,8 +477,9 @@ def one_gguf_parse() -> Iterator[None]:
     """
     import gguf
 
+    package: Any = gguf  # its names are replaced for the block, which mypy's view of the module forbids
     with _GGUF_PARSE:
-        reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        reader_class, name_map = package.GGUFReader, package.get_tensor_name_map
         readers: dict[tuple[str, str], Any] = {}
 
         def reader(path, mode="r"):
@@ -487,9 +488,9 @@ def one_gguf_parse() -> Iterator[None]:
                 readers[key] = reader_class(path, mode)
             return readers[key]
 
-        gguf.GGUFReader = reader
-        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+        package.GGUFReader = reader
+        package.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
         try:
             yield
         finally:
-            gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+            package.GGUFReader, package.get_tensor_name_map = reader_class, name_map
