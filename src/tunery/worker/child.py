@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from tunery import freeze_at_exit
 from tunery.settings import Settings
 
 PAUSED = 75  # EX_TEMPFAIL: stopped on request, to be resumed
@@ -101,4 +102,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     # An exception's traceback goes to stderr, which the worker keeps; the `failed` event has
     # already been written by train() itself.
+    freeze_at_exit()
     sys.exit(main(sys.argv[1:]))
