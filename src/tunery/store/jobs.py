@@ -226,12 +226,13 @@ class JobsMixin:
                         lost = f"the worker running this training was lost {row.attempts} times"
                         self._end_training(s, row, "failed", error=lost)
                     elif limit := at_limit(row.owner):
-                        if row.started_at is None and not row.logs:  # say once why it waits
+                        # Say once why it waits, on the training itself (no webhook: Replicate's
+                        # come from "start" on, and the first after it carries these logs).
+                        if row.started_at is None and not row.logs:
                             n = running[row.owner]
                             row.logs = (f"waiting: {row.owner} has {n} training{'s' * (n != 1)} running, "
                                         f"the most at once for this owner (limit trainings={limit}); "
                                         "this one starts when one of them ends\n")
-                            outbox.enqueue(s, row, "logs", self.base_url, self.webhook_body)
                         continue
                     elif skip is None or not skip(row):
                         first_start = row.started_at is None
