@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Lowest first. A module may import modules of its own floor or of lower ones.
 FLOORS = [
-    ["tunery.version", "tunery.errors", "tunery.spec", "tunery.chat_templates"],
+    ["tunery.version", "tunery.errors", "tunery.spec", "tunery.chat_templates", "tunery.process"],
     ["tunery.artifacts"],
     ["tunery.settings"],
     ["tunery.data"],

@@ -31,19 +31,6 @@ for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     logging.getLogger(_logger).addFilter(_NoKernelHubNotice())
 
 
-def freeze_at_exit() -> None:
-    """Make this process's exit skip the interpreter's final garbage collection over the objects
-    alive then (`gc.freeze`, registered now, runs after the exit handlers registered later). With
-    torch, transformers and peft loaded that collection took 1.3 s of a command's 1.8 s exit, and
-    a worker waits for its training's child process to end; nothing it would free matters once
-    the process ends (open files are flushed and closed regardless). For the entry points only:
-    the CLI and the worker's child process."""
-    import atexit
-    import gc
-
-    atexit.register(gc.freeze)
-
-
 def __getattr__(name: str):
     if name == "train":
         from tunery.train.recipe import train

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from tunery import freeze_at_exit
 from tunery.errors import TuneryError
 from tunery.infer.generation import SamplingParams
 from tunery.models.registry import DEFAULT_BASE
+from tunery.process import freeze_at_exit
 
 # Deprecation chatter from the libraries is for their developers, not for our users.
 warnings.filterwarnings("ignore", category=FutureWarning)

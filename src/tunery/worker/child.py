@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tunery import freeze_at_exit
+from tunery.process import freeze_at_exit
 from tunery.settings import Settings
 
 PAUSED = 75  # EX_TEMPFAIL: stopped on request, to be resumed
