@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process it
+# Under pytest-xdist (`make test` runs two workers, TEST_WORKERS) each worker, and every process it
 # starts, computes on one thread: two workers each spinning two OpenMP threads on two cores run
 # slower than one.
 if os.environ.get("PYTEST_XDIST_WORKER"):
