@@ -230,7 +230,7 @@ class JobsMixin:
                         # come from "start" on, and the first after it carries these logs).
                         if row.started_at is None and not row.logs:
                             n = running[row.owner]
-                            row.logs = (f"waiting: {row.owner} has {n} training{'s' * (n != 1)} running, "
+                            row.logs = (f"waiting: {row.owner} has {n} training{'s' if n != 1 else ''} running, "
                                         f"the most at once for this owner (limit trainings={limit}); "
                                         "this one starts when one of them ends\n")
                         continue
