@@ -440,3 +440,27 @@ def test_top_k_top_p_sampling_draws_from_transformers_filtered_distribution():
         assert (reference[i][counts[i] > 0] > 0).all(), f"row {i} drew a token the warpers filter out"
         total_variation = 0.5 * (counts[i] / draws - reference[i]).abs().sum()
         assert total_variation < 0.1, (i, total_variation)
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 2.0, 0.05])  # the nucleus in the top 64, in the top 1024, beyond
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_without_top_k_keeps_what_transformers_keeps_without_a_sort(sharpness, top_p):
+    """OpenAI's requests carry top_p and no top_k: the kept tokens, found from the largest 64 or
+    1024 scores (or the whole sort when the nucleus is wider), are transformers' top-p set."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from tunery.infer.embedded import _NUCLEUS_HEADS, _nucleus, _sample
+
+    torch.manual_seed(int(sharpness * 100 + top_p * 10))
+    scores = torch.randn(6000) * sharpness
+    kept = TopPLogitsWarper(top_p)(None, scores.unsqueeze(0).clone())[0] > float("-inf")
+    nucleus = _nucleus(scores, top_p)
+    if nucleus is None:
+        assert int(kept.sum()) > _NUCLEUS_HEADS[-1] * 0.5, "the fallback sort was taken for a narrow nucleus"
+    else:
+        values, indices = nucleus
+        assert set(indices.tolist()) == set(kept.nonzero().flatten().tolist())
+        assert torch.equal(values, scores[indices]) and bool((values[:-1] >= values[1:]).all())
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=top_p)
+    drawn = {_sample(scores, params, torch.Generator().manual_seed(seed)) for seed in range(200)}
+    assert all(bool(kept[t]) for t in drawn)

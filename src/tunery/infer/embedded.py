@@ -584,11 +584,14 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / float(params.temperature)
+    nucleus = None
     if params.top_k and params.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, params.top_k)  # sorted, largest first
+    elif params.top_p < 1.0 and (nucleus := _nucleus(scores, float(params.top_p))) is not None:
+        values, indices = nucleus
     else:
         values, indices = torch.sort(scores, descending=True)
-    if params.top_p < 1.0:
+    if params.top_p < 1.0 and nucleus is None:
         probs = torch.softmax(values, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (at least one token), as transformers does.
         cumulative = torch.cumsum(probs, dim=-1)
@@ -597,6 +600,29 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     probs = torch.softmax(values, dim=-1)
     choice = torch.multinomial(probs, 1, generator=generator)
     return int(indices[choice])
+
+
+_NUCLEUS_HEADS = (64, 1024)
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-p's kept tokens (values and indices, largest first) without sorting the vocabulary: the
+    largest 64 (then 1024) by `topk`, whose probabilities under the whole softmax hold the
+    smallest prefix reaching `top_p` whenever their mass reaches it; None when it does not. The
+    same prefix as the sort's (ties at the cut aside), at a few percent of its cost: sorting
+    49k scores was ~2.5 ms a row, a third of a decode step at 8 rows (OpenAI's requests carry
+    top_p without top_k)."""
+    vocab = scores.shape[-1]
+    log_total = torch.logsumexp(scores, dim=-1)
+    for k in _NUCLEUS_HEADS:
+        if k >= vocab:
+            return None
+        values, indices = torch.topk(scores, k)
+        cumulative = torch.cumsum(torch.exp(values - log_total), dim=-1)
+        if float(cumulative[-1]) >= top_p:
+            cut = min(int(torch.searchsorted(cumulative, torch.tensor(top_p))) + 1, k)
+            return values[:cut], indices[:cut]
+    return None
 
 
 def _keep_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
