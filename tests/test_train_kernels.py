@@ -70,6 +70,59 @@ def test_install_swaps_every_lora_dropout_of_a_peft_model(tiny_model_dir):
     assert install(model) == 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_lora_forward_is_peft_s_term_in_bf16(tiny_model_dir, dropout, monkeypatch):
+    """Under CPU bf16 autocast over a frozen bf16 base, the lean LoRA term (bf16 throughout, both
+    scales on the r-wide product) gives peft's loss and adapter gradients, with the same masks."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunery.models.dropout import lean_forward
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn_like(p, dtype=torch.float32) * 0.05
+    lean = copy.deepcopy(model)
+    install(model)
+    for m in model.modules():  # the reference: peft's own forward, with the same FastDropout masks
+        m.__dict__.pop("forward", None)
+    install(lean)
+    assert all(m.forward.__func__ is lean_forward for m in lean.modules() if "forward" in m.__dict__)
+    ids = torch.randint(0, 100, (3, 12))
+
+    def run(m):
+        m.train()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    peft_calls = []
+    peft_forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: peft_calls.append(1) or peft_forward(*a, **k))
+    loss, grads = run(model)
+    assert len(peft_calls) == 2 * 7
+    lean_loss, lean_grads = run(lean)
+    assert len(peft_calls) == 2 * 7  # the lean run never fell back to peft's forward
+    assert torch.allclose(lean_loss, loss, rtol=1e-2), (lean_loss, loss)
+    assert grads.keys() == lean_grads.keys() and grads
+    for name, g in grads.items():
+        rel = (lean_grads[name] - g).norm() / g.norm()
+        assert rel < 0.03, (name, rel)
+    # Out of autocast (generation inside a training, eval) it is peft's forward, bit for bit.
+    lean.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(lean(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def _llama(attn: str, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

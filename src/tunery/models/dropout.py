@@ -10,6 +10,14 @@ with a threshold: ~5× cheaper, seeded and reproducible like any torch random dr
 The drop probability is Replicate's `lora_dropout` rounded to 1/65536 (0.05 → 0.050003), and
 kept elements are scaled by the exact inverse of the kept fraction, so the expected output
 equals the input, as with `nn.Dropout`. On GPUs, and in eval mode, it is `F.dropout`.
+
+Under bf16 autocast on a CPU (a frozen bf16 base), peft's LoRA term casts each layer's bf16 input
+to the adapter's fp32, masks and scales it in fp32, lets autocast cast it back to bf16 for the A
+product, and scales the full-width output: four passes over activation-sized tensors, forward
+and again backward, that change nothing the bf16 product sees. `lean_forward` computes the same
+term as `B(A(x ⊙ keep)) · (scaling / kept fraction)` in bf16: the 0/1 mask is exact in bf16 and
+both scales go on the r-wide product. Every other case (eval, fp32, GPUs, DoRA, mixed adapter
+batches) is peft's own forward.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ class FastDropout(nn.Dropout):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """A CPU mask shaped like `x`, in its dtype: 0 where dropped, 1 / (kept fraction) where kept."""
+        return self.keep(x, torch.float32).to(x.dtype).mul_(self._scale)
+
+    def keep(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The CPU mask's 0 (dropped) or 1 (kept) shaped like `x`, in `dtype` (default: x's)."""
         n = x.numel()
         words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64)
         uniform = words.view(torch.int16)[:n].view(x.shape)  # each in [-32768, 32767], uniform
@@ -47,12 +59,37 @@ class FastDropout(nn.Dropout):
         # of the cost of a boolean compare and its conversion on a CPU (the same mask, bit for bit).
         threshold = self._drop_levels - (_LEVELS // 2)
         keep = uniform.to(torch.float32).sub_(threshold - 1).clamp_(0, 1)
-        return keep.to(x.dtype).mul_(self._scale)
+        return keep.to(dtype or x.dtype)
+
+
+def lean_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft `lora.Linear`'s forward, with its LoRA term kept in bf16 under CPU autocast (see the
+    module docstring); peft's own forward in every other case."""
+    name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
+    if (args or kwargs or not layer.training or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or not torch.is_autocast_enabled("cpu") or layer.disable_adapters or layer.merged
+            or name not in layer.lora_A or name in layer.lora_variant):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    drop = layer.lora_dropout[name]
+    scaling = layer.scaling[name]
+    if isinstance(drop, FastDropout) and 0 < drop.p < 1:
+        x = x * drop.keep(x)
+        scaling = scaling * drop._scale
+    else:
+        x = drop(x)
+    h = F.linear(x, layer.lora_A[name].weight) * scaling
+    return result + F.linear(h, layer.lora_B[name].weight)
 
 
 def install(model) -> int:
     """Swap every peft LoRA dropout module (`lora_dropout[adapter]`, an `nn.Dropout`) of `model`
-    for a `FastDropout` of the same probability; returns how many were swapped."""
+    for a `FastDropout` of the same probability, and give every plain `lora.Linear` the lean
+    forward; returns how many dropouts were swapped."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
     swapped = 0
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
@@ -62,4 +99,6 @@ def install(model) -> int:
             if type(drop) is nn.Dropout and drop.p > 0:
                 table[name] = FastDropout(drop.p)
                 swapped += 1
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(lean_forward, module)
     return swapped
