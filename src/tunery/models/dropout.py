@@ -47,10 +47,10 @@ class FastDropout(nn.Dropout):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """A CPU mask shaped like `x`, in its dtype: 0 where dropped, 1 / (kept fraction) where kept."""
-        return self.keep(x, torch.float32).to(x.dtype).mul_(self._scale)
+        return self.keep(x).mul_(self._scale)
 
-    def keep(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The CPU mask's 0 (dropped) or 1 (kept) shaped like `x`, in `dtype` (default: x's)."""
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU mask's 0 (dropped) or 1 (kept) shaped like `x`, in its dtype."""
         n = x.numel()
         words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64)
         uniform = words.view(torch.int16)[:n].view(x.shape)  # each in [-32768, 32767], uniform
@@ -59,7 +59,7 @@ class FastDropout(nn.Dropout):
         # of the cost of a boolean compare and its conversion on a CPU (the same mask, bit for bit).
         threshold = self._drop_levels - (_LEVELS // 2)
         keep = uniform.to(torch.float32).sub_(threshold - 1).clamp_(0, 1)
-        return keep.to(dtype or x.dtype)
+        return keep.to(x.dtype)
 
 
 def lean_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
