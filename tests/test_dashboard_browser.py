@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import write_jsonl
 from test_api_support import LiveServer
+from tunery.worker.runner import Attempt
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -94,6 +96,26 @@ def sign_in(page, server, owner: str = "alice") -> None:
     page.wait_for_selector(f"[data-owner={owner}]")
 
 
+def wait_or_explain(page, server, training_id: str, condition: str, timeout: int = 240_000) -> None:
+    """Wait for `condition` in the page; when it does not come, fail with what the server and the
+    page show of the training (status, error, the end of its logs) rather than a bare timeout."""
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except sync_api.TimeoutError:
+        with server.client("alice") as client:
+            training = client.get(f"/v1/trainings/{training_id}").json()
+        shown = page.evaluate(
+            """() => [document.querySelector('[data-status]')?.dataset.status,
+                      document.querySelector('[data-chart=loss]')?.dataset.points,
+                      document.querySelector('[role=alert]')?.textContent]"""
+        )
+        raise AssertionError(
+            f"the page never met {condition!r}: the server says status {training['status']!r}, "
+            f"error {training['error']!r}, {len(training['metrics'].get('history') or [])} history points; "
+            f"the page shows (status, loss points, alert) {shown}; logs end:\n{training['logs'][-2000:]}"
+        ) from None
+
+
 def test_sign_in_keeps_the_token_in_the_tab_only(page, server):
     page.goto(server.url + "/")
     shot(page, "0-sign-in")
@@ -142,7 +164,18 @@ def test_the_form_shows_bad_lines_and_bad_inputs_where_they_are(page, server, tm
     assert page.url.endswith("#/new")
 
 
-def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows):
+def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows, monkeypatch):
+    # The worker holds the training's end (its status stays processing, every step's metrics
+    # written) until the page has shown the running chart: 12 tiny steps can finish between two
+    # of the page's polls on a fast machine.
+    seen_running = threading.Event()
+    finish = Attempt._finish
+
+    def finish_when_seen(attempt, *args, **kwargs):
+        seen_running.wait(300)
+        return finish(attempt, *args, **kwargs)
+
+    monkeypatch.setattr(Attempt, "_finish", finish_when_seen)
     sign_in(page, server)
     page.click("[data-nav=new]")
     page.wait_for_selector("#base option[value='tunery/tiny']", state="attached")
@@ -177,11 +210,16 @@ def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows
     page.wait_for_url(re.compile(r"#/trainings/\w+$"))
     training_id = page.url.rsplit("/", 1)[1]
     # Live: the chart draws points while the training is still running, without a reload.
-    page.wait_for_function(
-        """() => document.querySelector('[data-status]')?.dataset.status === 'processing'
-              && Number(document.querySelector('[data-chart=loss]').dataset.points) >= 2""",
-        timeout=240_000,
-    )
+    try:
+        wait_or_explain(
+            page,
+            server,
+            training_id,
+            """() => document.querySelector('[data-status]')?.dataset.status === 'processing'
+                  && Number(document.querySelector('[data-chart=loss]').dataset.points) >= 2""",
+        )
+    finally:
+        seen_running.set()
     shot(page, "3-training-running")
     page.click("[data-nav=trainings]")
     row = page.wait_for_selector(f"tr[data-training='{training_id}']")
@@ -189,7 +227,7 @@ def test_train_from_the_form_watch_it_and_try_it(page, server, tmp_path, qa_rows
         assert f"/{STEPS}" in row.inner_text()
         shot(page, "3b-trainings-running")
     row.click()
-    page.wait_for_selector(".title [data-status=succeeded]", timeout=240_000)
+    wait_or_explain(page, server, training_id, "() => !!document.querySelector('.title [data-status=succeeded]')")
     page.wait_for_selector("[data-section=eval]")
     page.wait_for_timeout(300)  # let the charts finish their last draw
     shot(page, "4-training-succeeded")

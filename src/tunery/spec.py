@@ -211,7 +211,9 @@ class TrainingInputs(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Precision = Field(
-        "auto", description="Compute precision: fp32, bf16, fp16 or auto (bf16 on a bf16-capable GPU)."
+        "auto",
+        description="Compute precision: fp32, bf16, fp16 or auto (bf16 on a bf16-capable GPU; bf16 autocast on "
+        "a CPU with bf16 instructions that a start-up probe measures faster; else fp32).",
     )
     loss_computation: Literal["labelled", "full"] = Field(
         "labelled",

@@ -214,8 +214,12 @@ async function request<T>(path: string, opts: Options = {}, auth: string | null 
   return (response.status === 204 ? null : await response.json()) as T;
 }
 
+/** How long a read may take before it is given up (a poll that never answered would stop the
+ * page's live updates: `every` waits for each run before it schedules the next). */
+export const GET_TIMEOUT_MS = 30_000;
+
 export const api = {
-  get: <T>(path: string, signal?: AbortSignal) => request<T>(path, { signal }),
+  get: <T>(path: string, signal: AbortSignal = AbortSignal.timeout(GET_TIMEOUT_MS)) => request<T>(path, { signal }),
   post: <T>(path: string, json?: unknown, headers?: Record<string, string>) =>
     request<T>(path, { method: "POST", json: json ?? {}, headers }),
   upload: (file: File) => {
