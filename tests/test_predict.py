@@ -219,6 +219,37 @@ def test_adapters_switch_without_reloading_the_base(engine, adapters, outputs):
     assert engine.loaded_adapters[-2:] == [str(adapters["b"].resolve()), str(adapters["a"].resolve())]
 
 
+def test_column_major_linears_keep_every_value_and_every_logit(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    from tunery.models.load import column_major_linears
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 1, 4]])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # q, k, v, o, gate, up, down in each of the 2 layers; the LM head is tied to the embedding.
+    assert column_major_linears(model) == 2 * 7 + 1
+    for m in linears:
+        out_features, in_features = m.weight.shape
+        assert m.weight.stride() == (1, out_features), m
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-5)
+    assert column_major_linears(model) == 0  # already laid out
+
+
+def test_the_engine_serves_its_base_column_major_and_adapters_on_top(engine, adapters, outputs):
+    q = engine.base_model.model.layers[0].self_attn.q_proj  # a peft LoRA layer once adapters are loaded
+    weight = getattr(q, "base_layer", q).weight
+    assert weight.stride() == (1, weight.shape[0])
+    assert text(engine, weights=adapters["a"]) == outputs["a"]
+
+
 def test_lru_evicts_beyond_max_adapters(tiny_model_dir, adapters, outputs):
     small = EmbeddedEngine(str(tiny_model_dir), device="cpu", precision="fp32", max_adapters=2)
     try:

@@ -441,13 +441,14 @@ class EmbeddedEngine:
         if self._base_batch is not None:
             return
         if self.base_model is None:
-            from tunery.models.load import load_model, load_tokenizer
+            from tunery.models.load import column_major_linears, load_model, load_tokenizer
             from tunery.models.precision import resolve_precision
             from tunery.models.resolve import resolve_base
 
             self.resolved = self.resolved or resolve_base(self.base)
             self.base_tokenizer = load_tokenizer(self.resolved)
             self.base_model = load_model(self.resolved, precision=self.precision, device=self.device).eval()
+            column_major_linears(self.base_model)
             self.base_loads += 1
             chosen = resolve_precision(self.precision, self.device)
             logger.info("predictions on %s run in %s on %s (%s)", self.base, chosen.name, self.device, chosen.reason)
@@ -522,7 +523,7 @@ class EmbeddedEngine:
             )
 
     def _full_model(self, weights: Weights) -> tuple:
-        from tunery.models.load import load_model
+        from tunery.models.load import column_major_linears, load_model
         from tunery.models.resolve import ResolvedBase
 
         key, stamp = str(weights.path), weights_stamp(weights.path)
@@ -540,6 +541,7 @@ class EmbeddedEngine:
         # the weights stamp already tells a retrained copy apart).
         folder = ResolvedBase(name=key, kind="dir", path=key, source=key, sha256=None)
         model = load_model(folder, precision=self.precision, device=self.device).eval()
+        column_major_linears(model)
         self.full_loads += 1
         self._full[key] = (stamp, _Batch(model), tokenizer)
         return self._full[key]
