@@ -61,16 +61,24 @@ class BatchedLora:
         self.max_cached = max_cached
         self._layers = [m for m in model.modules() if isinstance(m, Linear)]
         self._cache: OrderedDict[tuple[str, ...], dict[int, tuple]] = OrderedDict()
+        self._supports: dict[str, bool] = {}
         for layer in self._layers:
             layer.forward = types.MethodType(  # type: ignore[method-assign]  # per instance, on purpose
                 _forward_with(self, type(layer).forward), layer)
 
     def supports(self, adapter: str) -> bool:
-        return all(adapter not in layer.lora_variant and not layer.lora_bias.get(adapter, False)
-                   for layer in self._layers if adapter in layer.lora_A)
+        """Whether `adapter` is plain LoRA everywhere (no DoRA or other variant, no LoRA bias);
+        asked every step, answered once per adapter (its layers do not change once loaded)."""
+        known = self._supports.get(adapter)
+        if known is None:
+            known = self._supports[adapter] = all(
+                adapter not in layer.lora_variant and not layer.lora_bias.get(adapter, False)
+                for layer in self._layers if adapter in layer.lora_A)
+        return known
 
     def forget(self, adapter: str) -> None:
         """An adapter was unloaded or replaced: drop every cached concatenation that has it."""
+        self._supports.pop(adapter, None)
         for key in [k for k in self._cache if adapter in k]:
             del self._cache[key]
 
@@ -122,11 +130,12 @@ def _forward_with(batched: BatchedLora, peft_forward):
             return result
         a32, b32, a, b, owners = entry
         if x.numel() <= FEW_ROWS * x.shape[-1]:  # a decoding step: fp32 products, then back
-            out = result.float()
-            h = torch.matmul(x.float(), a32)  # [batch, length, R]
+            fp32 = result.dtype == torch.float32
+            out = result if fp32 else result.float()
+            h = torch.matmul(x if x.dtype == torch.float32 else x.float(), a32)  # [batch, length, R]
             h.mul_(plan.mask(owners, h.dtype, h.dim()))  # zero the columns of other rows' adapters
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b32)
-            return out.to(result.dtype)
+            return out if fp32 else out.to(result.dtype)
         h = torch.matmul(x.to(a.dtype), a)
         h.mul_(plan.mask(owners, h.dtype, h.dim()))
         if result.dtype == b.dtype and result.is_contiguous():
