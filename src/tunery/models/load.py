@@ -144,10 +144,10 @@ def column_major_linears(model) -> int:
     """Store every fp32 CPU linear weight of `model` (`nn.Linear`'s [out, in]) column-major: the
     same values and shape, laid out as its transpose. `F.linear(x, W)` is `x @ Wᵀ`; with Wᵀ
     contiguous, oneDNN/MKL run it as a plain product, which on CPUs for the few rows of a decoding
-    step is 2–9× faster than the transposed one (AVX2, 2 threads, 8 rows: SmolLM2-135M's
-    projections 56 → 21 ms a step, one row 12.7 → 12.1 ms; benchmarks/NOTES.md). Meant for models
-    that only infer: a tied input embedding then gathers rows across the layout (8 tokens:
-    0.07 ms). Returns how many weights were re-laid."""
+    step is 2–9× faster than the transposed one (AVX2, 2 threads: SmolLM2-135M's products for 8
+    rows 69 → 50 ms a step, one row's unchanged; benchmarks/NOTES.md). Meant for models that only
+    infer: a tied input embedding then gathers rows across the layout (8 tokens: 0.07 ms).
+    Returns how many weights were re-laid."""
     import torch
     from torch import nn
 
