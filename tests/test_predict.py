@@ -231,7 +231,7 @@ def test_column_major_linears_keep_every_value_and_every_logit(tiny_model_dir):
         logits = model(input_ids=ids).logits
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     # q, k, v, o, gate, up, down in each of the 2 layers; the LM head is tied to the embedding.
-    assert column_major_linears(model) == 2 * 7 + 1
+    assert len(column_major_linears(model)) == 2 * 7 + 1
     for m in linears:
         out_features, in_features = m.weight.shape
         assert m.weight.stride() == (1, out_features), m
@@ -240,7 +240,21 @@ def test_column_major_linears_keep_every_value_and_every_logit(tiny_model_dir):
         assert torch.equal(p, before[n]), n
     with torch.inference_mode():
         assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-5)
-    assert column_major_linears(model) == 0  # already laid out
+    assert column_major_linears(model) == []  # already laid out
+
+
+def test_column_major_for_a_block_lays_the_weights_back(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    from tunery.models.load import column_major
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    before = q.detach().clone()
+    with column_major(model):
+        assert q.stride() == (1, q.shape[0])
+    assert q.is_contiguous() and torch.equal(q, before)
+    assert model.lm_head.weight.is_contiguous() and model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_the_engine_serves_its_base_column_major_and_adapters_on_top(engine, adapters, outputs):

@@ -78,18 +78,22 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, params, max_new_
 
     from tunery.infer.embedded import EmbeddedEngine
     from tunery.infer.generation import Request
+    from tunery.models.load import column_major
 
     if not prompts:
         return []
     engine = EmbeddedEngine("evaluation", model=model, tokenizer=tokenizer, max_batch=batch_size,
                             max_queue=len(prompts))
-    try:
-        row_params = replace(params, max_new_tokens=max_new_tokens, stop_sequences=stops)
-        generations = engine.submit_many([Request(p, replace(row_params)) for p in prompts])
-        outputs = []
-        for gen in generations:
-            outputs.append(gen.text().strip())
-            advance(1)
-    finally:
-        engine.close()
+    # fp32 CPU weights column-major while generating (few-row products: 24 extraction prompts,
+    # 8 at a time, 32 tokens on SmolLM2 went 10.7-12.2 -> 8.7-9.6 s on AVX2), laid back after.
+    with column_major(model):
+        try:
+            row_params = replace(params, max_new_tokens=max_new_tokens, stop_sequences=stops)
+            generations = engine.submit_many([Request(p, replace(row_params)) for p in prompts])
+            outputs = []
+            for gen in generations:
+                outputs.append(gen.text().strip())
+                advance(1)
+        finally:
+            engine.close()
     return outputs

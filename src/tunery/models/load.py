@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,26 +141,39 @@ def load_model(
     return model
 
 
-def column_major_linears(model) -> int:
+def column_major_linears(model) -> list:
     """Store every fp32 CPU linear weight of `model` (`nn.Linear`'s [out, in]) column-major: the
     same values and shape, laid out as its transpose. `F.linear(x, W)` is `x @ Wᵀ`; with Wᵀ
     contiguous, oneDNN/MKL run it as a plain product, which on CPUs for the few rows of a decoding
     step is 2–9× faster than the transposed one (AVX2, 2 threads: SmolLM2-135M's products for 8
     rows 69 → 50 ms a step, one row's unchanged; benchmarks/NOTES.md). Meant for models that only
     infer: a tied input embedding then gathers rows across the layout (8 tokens: 0.07 ms).
-    Returns how many weights were re-laid."""
+    Returns the weights it re-laid."""
     import torch
     from torch import nn
 
-    relaid = 0
+    relaid = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
                 and weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
                 and weight.shape[0] > 1 and weight.shape[1] > 1):
             weight.data = weight.data.t().contiguous().t()
-            relaid += 1
+            relaid.append(weight)
     return relaid
+
+
+@contextlib.contextmanager
+def column_major(model):
+    """`column_major_linears` for the length of a block (an evaluation's or a rollout's
+    generation on a model that is trained or saved afterwards): the weights it re-laid are laid
+    back row-major after it."""
+    relaid = column_major_linears(model)
+    try:
+        yield
+    finally:
+        for weight in relaid:
+            weight.data = weight.data.contiguous()
 
 
 def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_modules, gradient_checkpointing: bool,
