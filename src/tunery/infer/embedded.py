@@ -594,17 +594,22 @@ def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> int:
     else:
         values, indices = torch.sort(scores, descending=True)
     if params.top_p < 1.0 and nucleus is None:
-        probs = torch.softmax(values, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (at least one token), as transformers does.
-        cumulative = torch.cumsum(probs, dim=-1)
-        cut = int(torch.searchsorted(cumulative, torch.tensor(float(params.top_p)))) + 1
-        values, indices = values[:cut], indices[:cut]
+        values, indices = _top_p_prefix(values, indices, torch.cumsum(torch.softmax(values, dim=-1), dim=-1),
+                                        float(params.top_p))
     probs = torch.softmax(values, dim=-1)
     choice = torch.multinomial(probs, 1, generator=generator)
     return int(indices[choice])
 
 
 _NUCLEUS_HEADS = (64, 1024)
+
+
+def _top_p_prefix(values: torch.Tensor, indices: torch.Tensor, cumulative: torch.Tensor,
+                  top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest prefix of `values` (largest first; `cumulative` their running probability)
+    whose mass reaches top_p, at least one token: what transformers' top-p keeps."""
+    cut = int(torch.searchsorted(cumulative, torch.tensor(top_p))) + 1
+    return values[:cut], indices[:cut]
 
 
 def _nucleus(scores: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -622,8 +627,7 @@ def _nucleus(scores: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Te
         values, indices = torch.topk(scores, k)
         cumulative = torch.cumsum(torch.exp(values - log_total), dim=-1)
         if float(cumulative[-1]) >= top_p:
-            cut = min(int(torch.searchsorted(cumulative, torch.tensor(top_p))) + 1, k)
-            return values[:cut], indices[:cut]
+            return _top_p_prefix(values, indices, cumulative, top_p)
     return None
 
 

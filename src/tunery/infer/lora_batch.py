@@ -130,12 +130,11 @@ def _forward_with(batched: BatchedLora, peft_forward):
             return result
         a32, b32, a, b, owners = entry
         if x.numel() <= FEW_ROWS * x.shape[-1]:  # a decoding step: fp32 products, then back
-            fp32 = result.dtype == torch.float32
-            out = result if fp32 else result.float()
-            h = torch.matmul(x if x.dtype == torch.float32 else x.float(), a32)  # [batch, length, R]
+            out = result.float()  # the tensor itself when the base is fp32
+            h = torch.matmul(x.float(), a32)  # [batch, length, R]
             h.mul_(plan.mask(owners, h.dtype, h.dim()))  # zero the columns of other rows' adapters
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b32)
-            return out if fp32 else out.to(result.dtype)
+            return out.to(result.dtype)
         h = torch.matmul(x.to(a.dtype), a)
         h.mul_(plan.mask(owners, h.dtype, h.dim()))
         if result.dtype == b.dtype and result.is_contiguous():

@@ -154,10 +154,13 @@ def column_major_linears(model) -> list:
 
     relaid = []
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
-                and weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
-                and weight.shape[0] > 1 and weight.shape[1] > 1):
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = module.weight
+        # A tied weight is met twice and re-laid once (it is no longer contiguous the second time);
+        # one with a single row or column is both layouts at once.
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+                and min(weight.shape) > 1):
             weight.data = weight.data.t().contiguous().t()
             relaid.append(weight)
     return relaid
