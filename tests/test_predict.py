@@ -448,6 +448,36 @@ def test_batched_lora_computes_what_peft_computes_for_each_row(tiny_model_dir, a
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the adapters do change the output
     for row in range(4):
         assert torch.allclose(got[row], expected[row], atol=1e-5), (names[row], (got[row] - expected[row]).abs().max())
+    # q/k/v and gate/up share one A product per decoder layer; o and down have their own.
+    sizes = sorted(len(group) for group in batched._groups)
+    layers = len(model.base_model.model.model.layers)
+    assert sizes == [1] * (2 * layers) + [2] * layers + [3] * layers, sizes
+
+
+def test_batched_lora_layers_of_a_group_fed_other_inputs_compute_their_own(tiny_model_dir, adapters):
+    """The shared A product is reused only for the very input it was computed from."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from tunery.infer.lora_batch import BatchedLora, Plan
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), str(adapters["a"]),
+                                      adapter_name="a").eval()
+    attention = model.base_model.model.model.layers[0].self_attn
+    hidden = attention.q_proj.in_features
+    x, other = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(1)).unbind(0)
+    x, other = x[None], other[None]
+    with torch.no_grad():
+        expected_q, expected_k = attention.q_proj(x), attention.k_proj(other)
+        expected_v = attention.v_proj(x.clone().mul_(2))
+        assert not torch.allclose(expected_k, attention.k_proj.base_layer(other), atol=1e-4)  # LoRA adds something
+        batched = BatchedLora(model)
+        batched.plan = Plan(("a",), torch.tensor([0]))
+        assert torch.allclose(attention.q_proj(x), expected_q, atol=1e-5)
+        assert torch.allclose(attention.k_proj(other), expected_k, atol=1e-5)  # another tensor
+        x.mul_(2)  # the same tensor, changed in place since q's product
+        assert torch.allclose(attention.v_proj(x), expected_v, atol=1e-5)
+        batched.plan = None
 
 
 def test_top_k_top_p_sampling_draws_from_transformers_filtered_distribution():

@@ -19,6 +19,16 @@ in fp32 (oneDNN's bf16 path has a fixed cost), and the layer's few output rows a
 convert. A prefill's (hundreds of rows) run in the base's dtype, adding into the base layer's
 output in place: there the conversions would cost more than the products. The masks are built
 once per forward for each distinct layout of columns (every layer usually has the same one).
+
+Layers that read the same input share one A product: a Llama's q/k/v projections all read the
+attention's normed input, its gate/up projections the MLP's. Their A matrices (every adapter's,
+layer after layer) are concatenated once, the first of them to run computes and masks
+`x @ A_groupᵀ` for all, and each adds its own columns' slice times its B: per decoder layer 4 A
+products and 4 masks instead of 7 (S-LoRA and vLLM's punica kernels fuse the same way, on
+q/k/v and gate/up packed into one weight). Whether a layer's input is the one its group's
+product was computed from is checked on the tensor itself (the same object, unchanged since),
+so a model that feeds them different inputs gets its own products, only slower (under
+`torch.inference_mode`, which keeps no version counters, on the object alone).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ class Plan:
     adapters: tuple[str, ...]
     rows: torch.Tensor  # [batch] int64
     masks: dict | None = None  # per column layout (its owners tensor, shared by layers alike) and dtype: [batch, 1.., R] 0/1
+    shared: dict | None = None  # per group of layers (its Group): (the input, its version, the masked x @ A_groupᵀ rows)
 
     def mask(self, owners: torch.Tensor, dtype: torch.dtype, dims: int) -> torch.Tensor:
         """1 where a row's adapter owns the column; computed once per layout of columns per forward."""
@@ -52,6 +63,34 @@ class Plan:
 
 
 FEW_ROWS = 64  # LoRA products over at most this many rows (tokens) run in fp32
+
+# Sibling projections that read one input, by their module names in a decoder layer (Llama,
+# Mistral, Qwen, Gemma and the other families that name them so).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(eq=False)
+class Group:
+    """The concatenated A matrices of layers that read one input, for one set of adapters:
+    A_groupᵀ [in, R_group] in fp32 and in the base's dtype, and the column → adapter index."""
+
+    a32: torch.Tensor
+    a: torch.Tensor
+    owners: torch.Tensor
+
+
+@dataclass(eq=False)
+class Entry:
+    """One layer's part of a set of adapters: its group, its columns [start, stop) there, and
+    its B_catᵀ [R, out] (scaling folded in) in fp32 and in the base's dtype."""
+
+    group: Group
+    start: int
+    stop: int
+    b32: torch.Tensor
+    b: torch.Tensor
+
+
 class BatchedLora:
     def __init__(self, model, max_cached: int = 16):
         from peft.tuners.lora.layer import Linear
@@ -59,8 +98,10 @@ class BatchedLora:
         self.model = model
         self.plan: Plan | None = None
         self.max_cached = max_cached
-        self._layers = [m for m in model.modules() if isinstance(m, Linear)]
-        self._cache: OrderedDict[tuple[str, ...], dict[int, tuple]] = OrderedDict()
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+        self._layers = [m for _, m in named]
+        self._groups = _sibling_groups(named)
+        self._cache: OrderedDict[tuple[str, ...], dict[int, Entry]] = OrderedDict()
         self._supports: dict[str, bool] = {}
         for layer in self._layers:
             layer.forward = types.MethodType(  # type: ignore[method-assign]  # per instance, on purpose
@@ -82,39 +123,66 @@ class BatchedLora:
         for key in [k for k in self._cache if adapter in k]:
             del self._cache[key]
 
-    def weights(self, adapters: tuple[str, ...]) -> dict[int, tuple]:
-        """Per layer (by id): A_catᵀ [in, R] and B_catᵀ [R, out] (scaling folded in), contiguous, in
-        fp32 and in the base layer's dtype, and the column → adapter index [R] (layers with the
-        same layout share one tensor)."""
+    def weights(self, adapters: tuple[str, ...]) -> dict[int, Entry]:
+        """Per layer (by id) that any of `adapters` adapts: its Entry. Groups whose columns are
+        laid out alike share one owners tensor (so one mask per forward serves them all)."""
         cached = self._cache.get(adapters)
         if cached is not None:
             self._cache.move_to_end(adapters)
             return cached
-        out: dict[int, tuple] = {}
+        out: dict[int, Entry] = {}
         layouts: dict[tuple, torch.Tensor] = {}
-        for layer in self._layers:
-            a_parts, b_parts, owners = [], [], []
-            for index, name in enumerate(adapters):
-                if name not in layer.lora_A:
-                    continue
-                a = cast(torch.Tensor, layer.lora_A[name].weight)
-                b = cast(torch.Tensor, layer.lora_B[name].weight) * layer.scaling[name]
-                a_parts.append(a.float())
-                b_parts.append(b.float())
-                owners.append(torch.full((a.shape[0],), index, dtype=torch.long, device=a.device))
-            if a_parts:
-                owner = torch.cat(owners)
-                owner = layouts.setdefault((str(owner.device), tuple(owner.tolist())), owner)
-                a32 = torch.cat(a_parts).t().contiguous()
-                b32 = torch.cat(b_parts, dim=1).t().contiguous()
-                base_dtype = cast(torch.Tensor, layer.get_base_layer().weight).dtype
-                # A quantized base (uint8 storage) computes the products in fp32 here.
-                dtype = base_dtype if base_dtype.is_floating_point else a32.dtype
-                out[id(layer)] = (a32, b32, a32.to(dtype), b32.to(dtype), owner)
+        for layers in self._groups:
+            a_parts, b_parts, owners, spans = [], [], [], []
+            width = 0
+            for layer in layers:
+                begin = width
+                layer_b = []
+                for index, name in enumerate(adapters):
+                    if name not in layer.lora_A:
+                        continue
+                    a = cast(torch.Tensor, layer.lora_A[name].weight)
+                    a_parts.append(a.float())
+                    layer_b.append((cast(torch.Tensor, layer.lora_B[name].weight) * layer.scaling[name]).float())
+                    owners.append(torch.full((a.shape[0],), index, dtype=torch.long, device=a.device))
+                    width += a.shape[0]
+                if layer_b:
+                    spans.append((layer, begin, width))
+                    b_parts.append(torch.cat(layer_b, dim=1).t().contiguous())
+            if not a_parts:
+                continue
+            owner = torch.cat(owners)
+            owner = layouts.setdefault((str(owner.device), tuple(owner.tolist())), owner)
+            a32 = torch.cat(a_parts).t().contiguous()
+            base_dtype = cast(torch.Tensor, layers[0].get_base_layer().weight).dtype
+            # A quantized base (uint8 storage) computes the products in fp32 here.
+            dtype = base_dtype if base_dtype.is_floating_point else a32.dtype
+            group = Group(a32, a32.to(dtype), owner)
+            for (layer, begin, stop), b32 in zip(spans, b_parts, strict=True):
+                out[id(layer)] = Entry(group, begin, stop, b32, b32.to(dtype))
         self._cache[adapters] = out
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
         return out
+
+
+def _sibling_groups(named: list[tuple[str, Any]]) -> list[tuple[Any, ...]]:
+    """The LoRA layers in groups that read one input (SIBLINGS under one parent, in that order);
+    every other layer a group of its own."""
+    by_name = dict(named)
+    grouped: set[int] = set()
+    groups: list[tuple[Any, ...]] = []
+    for name, _ in named:
+        parent, _, leaf = name.rpartition(".")
+        for siblings in SIBLINGS:
+            if leaf == siblings[0]:
+                members = [by_name.get(f"{parent}.{s}" if parent else s) for s in siblings]
+                found = tuple(m for m in members if m is not None)
+                if len(found) > 1:
+                    groups.append(found)
+                    grouped.update(id(m) for m in found)
+    groups.extend((layer,) for _, layer in named if id(layer) not in grouped)
+    return groups
 
 
 def _forward_with(batched: BatchedLora, peft_forward):
@@ -128,18 +196,35 @@ def _forward_with(batched: BatchedLora, peft_forward):
         entry = batched.weights(plan.adapters).get(id(self))
         if entry is None:
             return result
-        a32, b32, a, b, owners = entry
         if x.numel() <= FEW_ROWS * x.shape[-1]:  # a decoding step: fp32 products, then back
             out = result.float()  # the tensor itself when the base is fp32
-            h = torch.matmul(x.float(), a32)  # [batch, length, R]
-            h.mul_(plan.mask(owners, h.dtype, h.dim()))  # zero the columns of other rows' adapters
-            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b32)
+            h = _group_product(plan, entry.group, x, fp32=True)[:, entry.start:entry.stop]
+            out.view(-1, out.shape[-1]).addmm_(h, entry.b32)
             return out.to(result.dtype)
-        h = torch.matmul(x.to(a.dtype), a)
-        h.mul_(plan.mask(owners, h.dtype, h.dim()))
-        if result.dtype == b.dtype and result.is_contiguous():
-            result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b)
+        h = _group_product(plan, entry.group, x, fp32=False)[:, entry.start:entry.stop]
+        if result.dtype == entry.b.dtype and result.is_contiguous():
+            result.view(-1, result.shape[-1]).addmm_(h, entry.b)
             return result
-        return result + torch.matmul(h, b).to(result.dtype)
+        return result + torch.matmul(h, entry.b).view(*result.shape[:-1], -1).to(result.dtype)
 
     return forward
+
+
+def _group_product(plan: Plan, group: Group, x: torch.Tensor, *, fp32: bool) -> torch.Tensor:
+    """`x @ A_groupᵀ` over x's rows flattened ([rows, R_group]), the columns of other rows'
+    adapters zeroed: computed by the group's first layer to run, reused by the others while
+    their input is the same tensor, unchanged."""
+    if plan.shared is None:
+        plan.shared = {}
+    # Inference tensors keep no version counter: there the same object is taken as unchanged
+    # (no model of the SIBLINGS families writes into a projection's input).
+    version = -1 if x.is_inference() else x._version
+    found = plan.shared.get(group)
+    if found is not None and found[0] is x and found[1] == version:
+        return found[2]
+    rows = x.reshape(-1, x.shape[-1])
+    h = torch.matmul(rows.float(), group.a32) if fp32 else torch.matmul(rows.to(group.a.dtype), group.a)
+    # zero the columns of other rows' adapters (x is [batch, length.., in]: a row's tokens share its mask)
+    h.view(x.shape[0], -1, h.shape[-1]).mul_(plan.mask(group.owners, h.dtype, 3))
+    plan.shared[group] = (x, version, h)
+    return h

@@ -183,7 +183,11 @@ def adapt(model, *, method: str, rank: int, alpha: int, dropout: float, target_m
           use_rslora: bool = False, use_dora: bool = False):
     """Wrap `model` for training: a peft LoRA adapter (lora, qlora) or all weights trainable (full)."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers' rename
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if method == "full":
         for p in model.parameters():

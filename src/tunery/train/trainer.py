@@ -44,6 +44,18 @@ def training_precision(inputs: TrainingInputs, device: str) -> Precision:
     return resolve_precision(inputs.precision, device, quantized=inputs.peft_method == "qlora")
 
 
+def _no_activation_checkpointing() -> dict[str, bool]:
+    """The Trainer's own activation checkpointing off, under the name this transformers reads
+    (`activation_checkpointing` since 5.x's rename; `gradient_checkpointing`, before it, now
+    warns as a deprecated alias)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
 def training_arguments(model, data, inputs: TrainingInputs, *, run, device: str,
                        run_name: str | None = None) -> dict[str, Any]:
     """The TrainingArguments values every method's trainer takes from the spec (each method's
@@ -87,7 +99,8 @@ def training_arguments(model, data, inputs: TrainingInputs, *, run, device: str,
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu",
         optim="adamw_torch",
-        gradient_checkpointing=False,  # already enabled by models.load.adapt when asked for (TRL's default is on)
+        # Already enabled by models.load.adapt when asked for (TRL's default is on).
+        **_no_activation_checkpointing(),
         # Every trainable parameter (LoRA's or, in full fine-tuning, all) is used in each forward:
         # spare DDP the extra graph traversal that looking for unused ones costs every step.
         ddp_find_unused_parameters=False,
