@@ -68,13 +68,36 @@ def score(model, tokenizer, test_rows: list[dict]) -> dict:
     import contextlib
 
     from tunery.eval.evaluate import evaluate_model
+    from tunery.eval.metrics import exact_match, is_label_like, label_accuracy, rouge
 
     report = evaluate_model(model, tokenizer, test_rows, "prompt_completion",
-                            columns=[("tuned", contextlib.nullcontext)], batch_size=16, n_examples=0,
-                            progress=False)
+                            columns=[("tuned", contextlib.nullcontext)], batch_size=16,
+                            n_examples=len(test_rows), progress=False)
     m = report["metrics"]["tuned"]
+    # Each test row's own scores, for intervals over the test rows (quality.py's paired bootstrap).
+    pairs = [(e["tuned"], e["reference"]) for e in report["examples"]]
+    per_row = {"exact_match": [exact_match([p], [r]) for p, r in pairs],
+               "rougeL": [rouge([p], [r])["rougeL"] for p, r in pairs]}
+    if is_label_like([r for _, r in pairs]):
+        per_row["accuracy"] = [label_accuracy([p], [r]) for p, r in pairs]
     # accuracy: label accuracy (case and punctuation aside), where the references are labels
-    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"], "accuracy": m.get("accuracy")}
+    return {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "loss": m["loss"], "accuracy": m.get("accuracy"),
+            "per_row": per_row}
+
+
+def paired_interval(arm: list[list[float]], plain: list[list[float]], *, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """95 % interval of mean(arm) − mean(plain) over the test rows (a paired bootstrap: the test
+    rows resampled, each row's score averaged over the seeds both arms ran). `arm` and `plain`:
+    per seed, per test row. It measures what the choice of test rows leaves uncertain, which the
+    spread over seeds does not."""
+    import random
+
+    rows = len(plain[0])
+    diff = [sum(a[i] for a in arm) / len(arm) - sum(p[i] for p in plain) / len(plain) for i in range(rows)]
+    rng = random.Random(seed)
+    means = sorted(sum(diff[rng.randrange(rows)] for _ in range(rows)) / rows for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def summary(values: list[float], sign: str = "") -> str:
