@@ -36,3 +36,18 @@ def test_real_task_splits(task, tmp_path):
         assert len({_passage(r["prompt"]) for r in test}) >= 10
     if task == "headlines":
         assert len({r["completion"] for r in test}) == 50
+
+
+def test_paired_interval_over_test_rows():
+    """The quality benchmark's interval for a difference to the plain script: over test rows,
+    paired, each row averaged over the seeds both arms ran."""
+    from common import paired_interval
+
+    plain = [[1.0, 0.0, 1.0, 0.0] * 25, [1.0, 0.0, 0.0, 0.0] * 25]
+    assert paired_interval(plain, plain) == (0.0, 0.0)
+    better = [[1.0] * 100, [1.0] * 100]
+    assert paired_interval(better, [[0.0] * 100]) == (1.0, 1.0)
+    low, high = paired_interval([[1.0, 1.0, 1.0, 0.0] * 25], plain)
+    mean = 0.75 - (0.5 + 0.25) / 2
+    assert low < mean < high and high - low < 0.4
+    assert paired_interval([[1.0, 1.0, 1.0, 0.0] * 25], plain) == (low, high)  # a fixed resampling seed
