@@ -178,7 +178,7 @@ def _sibling_groups(named: list[tuple[str, Any]]) -> list[tuple[Any, ...]]:
             if leaf == siblings[0]:
                 members = [by_name.get(f"{parent}.{s}" if parent else s) for s in siblings]
                 found = tuple(m for m in members if m is not None)
-                if len(found) > 1:
+                if len(found) > 1 and len({m.in_features for m in found}) == 1:  # one input: one width
                     groups.append(found)
                     grouped.update(id(m) for m in found)
     groups.extend((layer,) for _, layer in named if id(layer) not in grouped)
