@@ -66,13 +66,15 @@ def test_grpo_trains_on_a_multi_grader_and_reports_its_scores(tmp_path, rft, tin
     assert resolved["lora_dropout"] == 0.0 and resolved["loraplus_lr_ratio"] == 1.0
 
 
-def test_grpo_dropout_default_and_a_given_one():
+def test_lora_dropout_is_off_by_default_for_every_method_and_a_given_one_wins():
     from tunery.spec import TrainingInputs
 
     grpo = {"train_data": "d.jsonl", "method": "grpo", "grader": json.dumps(MULTI)}
-    assert TrainingInputs(**grpo).dropout == 0.0
-    assert TrainingInputs(**grpo, lora_dropout=0.05).dropout == 0.05
-    assert TrainingInputs(train_data="d.jsonl").dropout == 0.05  # Replicate's default for sft
+    assert TrainingInputs(**grpo).lora_dropout == 0.0
+    assert TrainingInputs(train_data="d.jsonl").lora_dropout == 0.0
+    assert TrainingInputs(train_data="d.jsonl", method="dpo").lora_dropout == 0.0
+    assert TrainingInputs(**grpo, lora_dropout=0.05).lora_dropout == 0.05  # Replicate's trainer's value, when given
+    assert TrainingInputs(train_data="d.jsonl", lora_dropout=0.05).model_dump()["lora_dropout"] == 0.05
 
 
 def test_a_failing_grader_scores_zero_and_the_training_goes_on(tmp_path, rft, tiny_model_dir):

@@ -56,7 +56,7 @@ def test_loraplus_is_off_by_default_for_every_method_and_an_explicit_ratio_wins(
         extra = {"grader": '{"type": "string_check", "name": "g", "input": "{{sample.output_text}}", '
                            '"reference": "x", "operation": "eq"}'} if method == "grpo" else {}
         inputs = parse_inputs({"train_data": "d.jsonl", "method": method, **extra})
-        assert inputs.loraplus_lr_ratio == 1 and inputs.in_force()["loraplus_lr_ratio"] == 1
+        assert inputs.loraplus_lr_ratio == 1 and inputs.model_dump()["loraplus_lr_ratio"] == 1
     assert parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 16}).loraplus_lr_ratio == 16
     with pytest.raises(SpecError, match="loraplus_lr_ratio"):
         parse_inputs({"train_data": "d.jsonl", "loraplus_lr_ratio": 0.5})

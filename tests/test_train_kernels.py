@@ -73,7 +73,8 @@ def test_install_swaps_every_lora_dropout_of_a_peft_model(tiny_model_dir):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lean_lora_forward_is_peft_s_term_in_bf16(tiny_model_dir, dropout, monkeypatch):
     """Under CPU bf16 autocast over a frozen bf16 base, the lean LoRA term (bf16 throughout, both
-    scales on the r-wide product) gives peft's loss and adapter gradients, with the same masks."""
+    scales on the r-wide product) gives peft's loss and adapter gradients, with the same masks.
+    Without dropout, q/k/v and gate/up share one A product per input (`SharedA`)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -110,8 +111,26 @@ def test_lean_lora_forward_is_peft_s_term_in_bf16(tiny_model_dir, dropout, monke
     monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: peft_calls.append(1) or peft_forward(*a, **k))
     loss, grads = run(model)
     assert len(peft_calls) == 2 * 7
+    from tunery.models.dropout import SharedA
+
+    taken, computed = [], []
+    columns = SharedA.columns
+
+    def counted(self, layer, name, x):
+        before = self._h
+        out = columns(self, layer, name, x)
+        taken.append(1)
+        if self._left == len(self.members) - 1 and (before is None or self._h is not before):
+            computed.append(1)
+        return out
+
+    monkeypatch.setattr(SharedA, "columns", counted)
     lean_loss, lean_grads = run(lean)
     assert len(peft_calls) == 2 * 7  # the lean run never fell back to peft's forward
+    # Per layer q, k, v and gate, up take their columns: 2 products (one per input) without
+    # dropout; with dropout each layer masks its own input and no product is shared.
+    assert (len(taken), len(computed)) == ((2 * 5, 2 * 2) if dropout == 0 else (0, 0))
+    assert all(s._x is None for m in lean.modules() if (s := getattr(m, "_lora_shared", None)))
     assert torch.allclose(lean_loss, loss, rtol=1e-2), (lean_loss, loss)
     assert grads.keys() == lean_grads.keys() and grads
     for name, g in grads.items():

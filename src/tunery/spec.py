@@ -92,10 +92,11 @@ class TrainingInputs(BaseModel):
     lora_rank: int = Field(8, ge=1, description="Rank of the LoRA matrices.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha; weights are scaled by alpha/rank.")
     lora_dropout: float = Field(
-        0.05, ge=0, lt=1,
-        description="Dropout on the LoRA input. With method=grpo, 0 unless given: answers are sampled from the "
-        "model without dropout, and a dropout in training would learn from another policy than the one sampled "
-        "(benchmarks/rl_quality.py).",
+        0.0, ge=0, lt=1,
+        description="Dropout on the LoRA input. 0 by default, as in peft, LLaMA-Factory and unsloth: at the same "
+        "quality a LoRA step trains 20-25 % faster without it (benchmarks/NOTES.md, 2026-12-07, sixth sitting); "
+        "Replicate's trainer uses 0.05, honoured when given. GRPO samples its answers without dropout, so a "
+        "dropout there would learn from another policy than the one sampled (benchmarks/rl_quality.py).",
     )
 
     # -- Practitioner knobs (SWIFT / axolotl / LLaMA-Factory) -------------------------
@@ -303,18 +304,6 @@ class TrainingInputs(BaseModel):
         import json
 
         return json.loads(self.response_format) if self.response_format else None
-
-    @property
-    def dropout(self) -> float:
-        """lora_dropout as given, else its default for the method (Replicate's 0.05; 0 for GRPO)."""
-        if self.method == "grpo" and "lora_dropout" not in self.model_fields_set:
-            return 0.0
-        return self.lora_dropout
-
-    def in_force(self) -> dict:
-        """Every input, with the method default above (LoRA dropout) as it applies: what a run
-        records as its configuration."""
-        return {**self.model_dump(), "lora_dropout": self.dropout}
 
     @property
     def max_length(self) -> int:

@@ -36,7 +36,7 @@ def build_manifest(*, inputs, given: dict, base: str, resolved, files: dict, dat
         "method": inputs.method,
         **({"dpo_beta": inputs.dpo_beta} if inputs.method == "dpo" else {}),
         "inputs": given,
-        "resolved_inputs": inputs.in_force(),
+        "resolved_inputs": inputs.model_dump(),
         "data": files,
         "data_stats": data_stats,
         "metrics": metrics,

@@ -40,6 +40,8 @@ from typing import Any, cast
 
 import torch
 
+from tunery.models.dropout import sibling_groups
+
 
 @dataclass
 class Plan:
@@ -66,9 +68,6 @@ FEW_ROWS = 64  # LoRA products over at most this many rows (tokens) run in fp32
 
 # Sibling projections that read one input, by their module names in a decoder layer (Llama,
 # Mistral, Qwen, Gemma and the other families that name them so).
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 @dataclass(eq=False)
 class Group:
     """The concatenated A matrices of layers that read one input, for one set of adapters:
@@ -100,7 +99,7 @@ class BatchedLora:
         self.max_cached = max_cached
         named = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
         self._layers = [m for _, m in named]
-        self._groups = _sibling_groups(named)
+        self._groups = sibling_groups(named)
         self._cache: OrderedDict[tuple[str, ...], dict[int, Entry]] = OrderedDict()
         self._supports: dict[str, bool] = {}
         for layer in self._layers:
@@ -166,25 +165,6 @@ class BatchedLora:
         return out
 
 
-def _sibling_groups(named: list[tuple[str, Any]]) -> list[tuple[Any, ...]]:
-    """The LoRA layers in groups that read one input (SIBLINGS under one parent, in that order);
-    every other layer a group of its own."""
-    by_name = dict(named)
-    grouped: set[int] = set()
-    groups: list[tuple[Any, ...]] = []
-    for name, _ in named:
-        parent, _, leaf = name.rpartition(".")
-        for siblings in SIBLINGS:
-            if leaf == siblings[0]:
-                members = [by_name.get(f"{parent}.{s}" if parent else s) for s in siblings]
-                found = tuple(m for m in members if m is not None)
-                if len(found) > 1 and len({m.in_features for m in found}) == 1:  # one input: one width
-                    groups.append(found)
-                    grouped.update(id(m) for m in found)
-    groups.extend((layer,) for _, layer in named if id(layer) not in grouped)
-    return groups
-
-
 def _forward_with(batched: BatchedLora, peft_forward):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = batched.plan
@@ -217,7 +197,7 @@ def _group_product(plan: Plan, group: Group, x: torch.Tensor, *, fp32: bool) -> 
     if plan.shared is None:
         plan.shared = {}
     # Inference tensors keep no version counter: there the same object is taken as unchanged
-    # (no model of the SIBLINGS families writes into a projection's input).
+    # (no model of the `models.dropout.SIBLINGS` families writes into a projection's input).
     version = -1 if x.is_inference() else x._version
     found = plan.shared.get(group)
     if found is not None and found[0] is x and found[1] == version:

@@ -22,6 +22,8 @@ batches) is peft's own forward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -62,6 +64,67 @@ class FastDropout(nn.Dropout):
         return keep.to(x.dtype)
 
 
+# Projections that read one input in a Llama-style decoder: their LoRA A products can be one.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(named: list[tuple[str, Any]]) -> list[tuple[Any, ...]]:
+    """The LoRA layers in groups that read one input (SIBLINGS under one parent, in that order);
+    every other layer a group of its own."""
+    by_name = dict(named)
+    grouped: set[int] = set()
+    groups: list[tuple[Any, ...]] = []
+    for name, _ in named:
+        parent, _, leaf = name.rpartition(".")
+        for siblings in SIBLINGS:
+            if leaf == siblings[0]:
+                members = [by_name.get(f"{parent}.{s}" if parent else s) for s in siblings]
+                found = tuple(m for m in members if m is not None)
+                if len(found) > 1 and len({m.in_features for m in found}) == 1:  # one input: one width
+                    groups.append(found)
+                    grouped.update(id(m) for m in found)
+    groups.extend((layer,) for _, layer in named if id(layer) not in grouped)
+    return groups
+
+
+class SharedA:
+    """One A product for sibling LoRA layers that read the same input, in training without
+    dropout: `x @ [A_q; A_k; A_v]ᵀ` once, each layer taking its own columns (unsloth's fused
+    q/k/v LoRA; the backward then also adds one input gradient per group instead of one per
+    layer). Computed by the first sibling that sees `x` and kept until every sibling has taken
+    its columns; recomputed for another tensor, the same tensor changed in place, or another
+    adapter."""
+
+    def __init__(self, members: tuple[Any, ...]):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+        self._key: tuple = ()
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._left = 0
+
+    def usable(self, name: str) -> bool:
+        return all(name in m.lora_A and isinstance(m.lora_dropout[name], nn.Identity)
+                   and m.active_adapters == [name] and not m.disable_adapters and not m.merged
+                   and name not in m.lora_variant for m in self.members)
+
+    def columns(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or self._key != (x._version, name) or self._left == 0:
+            weights = [m.lora_A[name].weight for m in self.members]
+            self._h = F.linear(x, torch.cat(weights))
+            self._x, self._key, self._left = x, (x._version, name), len(self.members)
+            begin = 0
+            for m, w in zip(self.members, weights, strict=True):
+                self._spans[id(m)] = (begin, begin + w.shape[0])
+                begin += w.shape[0]
+        begin, stop = self._spans[id(layer)]
+        h = self._h[..., begin:stop]  # type: ignore[index]
+        self._left -= 1
+        if self._left == 0:  # every sibling has its columns: hold no activation past the layer
+            self._x = self._h = None
+        return h
+
+
 def lean_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft `lora.Linear`'s forward, with its LoRA term kept in bf16 under CPU autocast (see the
     module docstring); peft's own forward in every other case."""
@@ -73,6 +136,10 @@ def lean_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = layer.base_layer(x)
     drop = layer.lora_dropout[name]
     scaling = layer.scaling[name]
+    shared = getattr(layer, "_lora_shared", None)
+    if shared is not None and shared.usable(name):
+        h = shared.columns(layer, name, x) * scaling
+        return result + F.linear(h, layer.lora_B[name].weight)
     if isinstance(drop, FastDropout) and 0 < drop.p < 1:
         x = x * drop.keep(x)
         scaling = scaling * drop._scale
@@ -91,6 +158,12 @@ def install(model) -> int:
     from peft.tuners.lora import Linear as LoraLinear
 
     swapped = 0
+    named = [(n, m) for n, m in model.named_modules() if type(m) is LoraLinear]
+    for group in sibling_groups(named):
+        if len(group) > 1:
+            shared = SharedA(group)
+            for member in group:
+                member._lora_shared = shared
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
         if not isinstance(table, nn.ModuleDict):

@@ -96,7 +96,7 @@ def weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 def estimate_training(model_dir: str | Path, *, method: str, tokens_per_micro_batch: int,
                       gradient_checkpointing: bool, weight_bytes: int, compute_bytes: int, lora_rank: int = 8,
-                      lora_targets: str = "all-linear", lora_dropout: float = 0.05,
+                      lora_targets: str = "all-linear", lora_dropout: float = 0.0,
                       labelled_tokens: int | None = None, device: str = "cpu") -> Estimate:
     """The peak memory of one training process on `device` ("cuda" or "cpu") for the base in
     `model_dir`. `tokens_per_micro_batch` counts every position of one micro batch (padding
@@ -262,7 +262,7 @@ def check_training(inputs: Any, model_dir: str | Path, sequences: list, devices:
     estimate = estimate_training(
         model_dir, method=inputs.peft_method, tokens_per_micro_batch=rows * longest,
         gradient_checkpointing=inputs.gradient_checkpointing, weight_bytes=weight_bytes, compute_bytes=compute,
-        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.dropout,
+        lora_rank=inputs.lora_rank, lora_targets=inputs.lora_target_modules, lora_dropout=inputs.lora_dropout,
         labelled_tokens=rows * labelled if labelled_only else None, device=devices.kind)
     world = devices.processes
     if inputs.fsdp and world > 1:  # FSDP shards the weights, gradients and optimizer state

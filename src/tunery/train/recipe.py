@@ -456,7 +456,7 @@ def _train(inputs: TrainingInputs, given: dict, base: str, run: Run, resume: boo
         method=inputs.peft_method,
         rank=inputs.lora_rank,
         alpha=inputs.lora_alpha,
-        dropout=inputs.dropout,
+        dropout=inputs.lora_dropout,
         target_modules=inputs.target_modules,
         gradient_checkpointing=inputs.gradient_checkpointing,
         use_rslora=inputs.use_rslora,

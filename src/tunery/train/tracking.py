@@ -27,7 +27,7 @@ PROJECT = "tunery"  # W&B project and MLflow experiment unless WANDB_PROJECT / M
 
 def tracked_inputs(inputs: TrainingInputs, base: str) -> dict[str, Any]:
     """What a tracker records as the run's configuration: every training input in force and the base."""
-    return {**inputs.in_force(), "base": base}
+    return {**inputs.model_dump(), "base": base}
 
 
 @contextlib.contextmanager
