@@ -305,11 +305,11 @@ def _validations(events_file) -> list[tuple[int, float]]:
 
 def test_the_best_evaluation_is_kept_and_said(tmp_path, data_file, tiny_model_dir):
     """With a validation set the run ends with the weights of its lowest validation loss (a high
-    learning rate, LoRA+ 16, makes the last step worse than an earlier one), checkpointed when it happened
+    learning rate, LoRA+ 16 and Replicate's dropout 0.05 make the last step worse than an earlier one), checkpointed when it happened
     and named in a log event; the evaluation after training is that checkpoint's."""
     events = tmp_path / "events.jsonl"
     spec = {"train_data": str(data_file), "num_validation_samples": 4, "eval_steps": 1, "max_steps": 10,
-            "learning_rate": 0.05, "loraplus_lr_ratio": 16, "logging_steps": 1, "save_steps": 1000,
+            "learning_rate": 0.05, "loraplus_lr_ratio": 16, "lora_dropout": 0.05, "logging_steps": 1, "save_steps": 1000,
             "save_total_limit": 1}
     result = train(spec, base=str(tiny_model_dir), output_dir=tmp_path / "r", progress=False, events=events)
     vals = _validations(events)
@@ -332,7 +332,7 @@ def test_early_stopping_and_keeping_the_last_step(tmp_path, data_file, tiny_mode
     """early_stopping_patience: the training stops after that many evaluations without a new best;
     keep_best_checkpoint=false ends with the last step's weights."""
     base = {"train_data": str(data_file), "num_validation_samples": 4, "eval_steps": 1, "max_steps": 10,
-            "learning_rate": 0.05, "loraplus_lr_ratio": 16, "logging_steps": 1, "save_steps": 1000}
+            "learning_rate": 0.05, "loraplus_lr_ratio": 16, "lora_dropout": 0.05, "logging_steps": 1, "save_steps": 1000}
     events = tmp_path / "events.jsonl"
     result = train({**base, "early_stopping_patience": 2}, base=str(tiny_model_dir), output_dir=tmp_path / "r",
                    progress=False, events=events)
