@@ -66,8 +66,6 @@ class Plan:
 
 FEW_ROWS = 64  # LoRA products over at most this many rows (tokens) run in fp32
 
-# Sibling projections that read one input, by their module names in a decoder layer (Llama,
-# Mistral, Qwen, Gemma and the other families that name them so).
 @dataclass(eq=False)
 class Group:
     """The concatenated A matrices of layers that read one input, for one set of adapters:

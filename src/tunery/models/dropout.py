@@ -16,8 +16,9 @@ to the adapter's fp32, masks and scales it in fp32, lets autocast cast it back t
 product, and scales the full-width output: four passes over activation-sized tensors, forward
 and again backward, that change nothing the bf16 product sees. `lean_forward` computes the same
 term as `B(A(x ⊙ keep)) · (scaling / kept fraction)` in bf16: the 0/1 mask is exact in bf16 and
-both scales go on the r-wide product. Every other case (eval, fp32, GPUs, DoRA, mixed adapter
-batches) is peft's own forward.
+both scales go on the r-wide product. Without dropout, sibling projections that read one input
+(q/k/v, gate/up) share one A product (`SharedA`). Every other case (eval, fp32, GPUs, DoRA,
+mixed adapter batches) is peft's own forward.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class FastDropout(nn.Dropout):
         return keep.to(x.dtype)
 
 
-# Projections that read one input in a Llama-style decoder: their LoRA A products can be one.
+# Sibling projections that read one input, by their module names in a decoder layer (Llama,
+# Mistral, Qwen, Gemma and the other families that name them so): their LoRA A products can be one.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
