@@ -115,12 +115,14 @@ def _probe_tokens_per_second(resolved, sequences, tokenizer, micro_batch_size: i
     from tunery.data import Collator
     from tunery.models.load import adapt, load_model
     from tunery.models.precision import resolve_precision
+    from tunery.spec import TrainingInputs
 
     model = load_model(resolved, quantize_4bit=peft_method == "qlora", training=True,
                        trainable_base=peft_method == "full")
     model.config.use_cache = False
-    model = adapt(model, method=peft_method, rank=8, alpha=16, dropout=0.05, target_modules="all-linear",
-                  gradient_checkpointing=False)
+    defaults = TrainingInputs.model_construct(train_data="")  # the probe trains as a training on the defaults does
+    model = adapt(model, method=peft_method, rank=defaults.lora_rank, alpha=defaults.lora_alpha,
+                  dropout=defaults.lora_dropout, target_modules=defaults.target_modules, gradient_checkpointing=False)
     model.train()
     device = next(model.parameters()).device
     # Computed as `precision auto` trains: bf16 autocast where the training would take it.
